@@ -1,0 +1,73 @@
+"""Shared fixtures. Nothing here talks to anything but 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+# Read by Ray at import time, so set before anything imports ray:
+# bind Ray's node to 127.0.0.1 instead of the address of the default route,
+# and never send usage stats home.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest  # noqa: E402
+
+# ---------------------------------------------------------------------------- S3 on loopback
+
+_S3_ENV = {
+    # Fake credentials for moto, in the standard variables the real code reads.
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    # Never fall back to a developer's real ~/.aws profile or the EC2 metadata endpoint.
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "AWS_EC2_METADATA_DISABLED": "true",
+    # A configured HTTP proxy must not see loopback traffic.
+    "NO_PROXY": "127.0.0.1,localhost",
+    "no_proxy": "127.0.0.1,localhost",
+}
+_S3_ENV_UNSET = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Endpoint URL (``http://127.0.0.1:<port>``) of an in-process moto S3 server.
+
+    Sets fake AWS credentials in the environment for the whole session (Ray workers started
+    afterwards inherit them) and restores the previous environment afterwards.
+    """
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in _S3_ENV.items():
+            mp.setenv(k, v)
+        for k in _S3_ENV_UNSET:
+            mp.delenv(k, raising=False)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def s3_opts(s3_server):
+    """``raytrain.storage.StorageOptions`` pointing at the moto server."""
+    from raytrain.storage import StorageOptions
+
+    return StorageOptions(endpoint_url=s3_server, region="us-east-1")
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """``s3://<fresh bucket>`` on the moto server; a new unique bucket for every test."""
+    import boto3
+
+    name = f"raytrain-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    yield f"s3://{name}"
+    # Nothing to clean up: the bucket lives in the server's memory and dies with the session.
