@@ -1,0 +1,285 @@
+"""Typed experiment configuration: nested dataclasses, loaded from YAML, with dotted overrides.
+
+Defaults live here and nowhere else. Each field's docstring-comment is its help text. Only recipes
+and launchers read an `Experiment`; components take plain arguments.
+
+    cfg = load("jobs/tiny/shapes.yaml", ["train.steps=200", "scale.num_workers=1"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class StorageConfig:
+    root: str = "checkpoints"
+    """Where runs, shards and presets live: a local directory or an s3:// URI."""
+    endpoint_url: str | None = None
+    """S3 endpoint (e.g. a local moto server http://127.0.0.1:9000); None means AWS. Credentials come
+    only from the standard AWS environment variables or the instance role, never from config."""
+    region: str | None = None
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    """'synthetic' (generate the shapes dataset into `uri` if absent) or 'shards' (already prepared)."""
+    uri: str = ""
+    """Shard location (local dir or s3://). Empty: <storage.root>/data/<experiment name>."""
+    num_images: int = 6000
+    """Synthetic only: images to generate (all splits together)."""
+    image_size: int = 64
+    """Synthetic only: source image side in pixels."""
+    shapes_per_image: int = 1
+    """Synthetic only: 1 is the default task; 2-3 is the harder variant (label must pick the shape)."""
+    seed: int = 0
+    splits: dict[str, float] = field(default_factory=lambda: {"train": 0.9, "val": 0.05, "test": 0.05})
+    tasks: list[str] = field(default_factory=lambda: ["point", "detect"])
+    """Tasks rendered from each image's objects: 'point' -> 'point to <label>', 'detect' -> 'detect <label>'."""
+    max_seq_len: int = 48
+    """Tokens per example (image tokens + prefix + suffix); longer examples are counted and skipped."""
+    rows_per_shard: int = 1000
+    allow_convert: bool = True
+    """Convert grayscale/RGBA/CMYK/palette images to RGB (counted); False drops them (counted)."""
+    cache_preprocessed: bool = True
+    """Materialize the tokenized train split in the object store once (small datasets); False streams
+    and re-preprocesses every epoch."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "paligemma"
+    name_or_path: str = "tiny:paligemma"
+    """Hub id (google/paligemma2-3b-pt-224), local dir, or 'tiny:<family>' for the offline preset."""
+    dtype: str = "float32"
+    """float32 | bfloat16 (compute dtype of the trainable model)."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 8
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Linear layers of the LANGUAGE model to adapt (the vision tower is never adapted unless named)."""
+
+
+@dataclass
+class LossConfig:
+    loc_sigma: float = 60.0
+    """Std (in <loc> bins) of the Gaussian soft target over neighbouring bins; 0 = plain cross-entropy."""
+    loc_weight: float = 1.0
+    """Weight of <loc> positions relative to the other suffix tokens."""
+
+
+@dataclass
+class TrainConfig:
+    strategy: str = "full"
+    """full | lora."""
+    steps: int = 2000
+    """Optimizer steps."""
+    micro_batch_size: int = 16
+    """Examples per worker per forward/backward."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (global batch = micro * accum * workers)."""
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    """cosine | linear | constant (after warmup)."""
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 500
+    """Steps between checkpoints (a final one is always written)."""
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    seed: int = 0
+    fail_at_step: int = -1
+    """Testing aid: rank 0 raises once at this step (first attempt only) to exercise failure recovery."""
+
+
+@dataclass
+class ScaleConfig:
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5
+    """Fractional CPUs so Ray Data keeps cores for preprocessing on small machines."""
+    use_gpu: bool = False
+    max_failures: int = 2
+    """Worker-group restarts from the latest checkpoint before the run fails."""
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    batch_size: int = 64
+    max_new_tokens: int = 16
+    num_actors: int = 2
+    """Predictor actors in the Ray Data evaluation pool."""
+    cpus_per_actor: float = 0.5
+    baselines: bool = True
+    """Also score the untrained model and the blind centre baselines."""
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None
+    """None: join RAY_ADDRESS if set, else start a local cluster bound to 127.0.0.1."""
+    num_cpus: int | None = None
+    object_store_mb: int = 1024
+
+
+@dataclass
+class Experiment:
+    name: str = "shapes"
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check/convert a YAML value to the dataclass field type `tp`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError("; ".join(errors))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        k_t, v_t = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k_t, k, where): _coerce(v_t, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any:
+        return value
+    if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _build(cls: type, values: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where or 'top level'}; known: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    """`["train.steps=10", "data.tasks=[point]"]` -> nested dict; values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like a.b=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def from_dict(values: dict) -> Experiment:
+    return _build(Experiment, values)
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Experiment:
+    """Load an experiment YAML (None = all defaults) and apply dotted overrides."""
+    values: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        values = yaml.safe_load(text) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: top level must be a mapping")
+    values = _merge(values, parse_overrides(overrides))
+    return from_dict(values)
+
+
+def dumps(cfg: Experiment) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+
+
+def field_help(cls: type = Experiment, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, help) for every leaf field, for the CLI's --help-config."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
+    except (OSError, TypeError):
+        pass
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(field_help(hints[f.name], name + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append((name, repr(default), docs.get(f.name, "")))
+    return rows

@@ -1,0 +1,258 @@
+"""Driver side of `raytrain train` (what `ray job submit` runs on the head node).
+
+    connect/start Ray -> prepare data (synthetic default) -> model preset -> Ray Data datasets
+    -> TorchTrainer(recipes.lora.train_fn_per_worker) -> evaluate trained / untrained / blind
+    baseline on the held-out split -> metrics JSON (its path is the last line printed)
+
+A rerun with the same experiment name and storage root resumes from the run's latest checkpoint
+(Ray Train restores its checkpoint state from storage).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from raytrain import config as config_mod
+from raytrain import storage
+from raytrain.config import Experiment
+
+log = logging.getLogger("raytrain.launch.train")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray
+
+
+def init_ray(cfg: Experiment):
+    """Join the cluster named by ray.address / RAY_ADDRESS, or start a local one on 127.0.0.1."""
+    # Bind a local cluster to loopback rather than the machine's external address.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=cfg.ray.num_cpus,
+            object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
+            include_dashboard=False,
+            runtime_env=env,
+        )
+    return ray
+
+
+def storage_opts(cfg: Experiment) -> storage.StorageOptions:
+    return storage.StorageOptions(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+
+
+def data_uri(cfg: Experiment) -> str:
+    return cfg.data.uri or storage.join(cfg.storage.root, "data", cfg.name)
+
+
+def runs_root(cfg: Experiment) -> str:
+    """Ray Train's storage_path: local runs get an absolute path (Ray requires it)."""
+    root = storage.join(cfg.storage.root, "runs")
+    return root if storage.is_s3(root) else os.path.abspath(root)
+
+
+# ----------------------------------------------------------------------------------------------
+# steps
+
+
+def prepare_data(cfg: Experiment) -> str:
+    """Synthetic source: generate shards once (idempotent); 'shards': check they exist."""
+    from raytrain.data import shards
+
+    uri = data_uri(cfg)
+    opts = storage_opts(cfg)
+    if cfg.data.source == "synthetic":
+        report = shards.prepare_synthetic(
+            uri,
+            n=cfg.data.num_images,
+            seed=cfg.data.seed,
+            image_size=cfg.data.image_size,
+            shapes_per_image=cfg.data.shapes_per_image,
+            splits=cfg.data.splits,
+            rows_per_shard=cfg.data.rows_per_shard,
+            opts=opts,
+        )
+        print(f"data: {uri}\n{report.format_table()}", flush=True)
+    elif cfg.data.source == "shards":
+        if not shards.shard_paths(uri, "train", opts):
+            raise FileNotFoundError(f"data.source=shards but no train shards under {uri} (run `raytrain prepare`)")
+    else:
+        raise ValueError(f"data.source must be synthetic | shards, not {cfg.data.source!r}")
+    return uri
+
+
+def model_path(cfg: Experiment) -> str:
+    from raytrain.models import family
+
+    return family(cfg.model.family).resolve(cfg.model.name_or_path)
+
+
+def fit(cfg: Experiment, uri: str, base_path: str, counter):
+    """Train with TorchTrainer; returns the Ray Train Result."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raytrain.data import pipeline
+    from raytrain.models import family
+    from raytrain.recipes import lora
+
+    fam = family(cfg.model.family)
+    processor = fam.load_processor(base_path)
+    train_ds = pipeline.train_dataset(
+        uri,
+        "train",
+        tasks=cfg.data.tasks,
+        model_path=base_path,
+        image_hw=fam.image_size(processor),
+        max_len=cfg.data.max_seq_len,
+        allow_convert=cfg.data.allow_convert,
+        opts=storage_opts(cfg),
+        counter=counter,
+    )
+    if cfg.data.cache_preprocessed:
+        train_ds = train_ds.materialize()  # tokenized once; every epoch re-reads the object store
+
+    trainer = TorchTrainer(
+        lora.train_fn_per_worker,
+        train_loop_config={"experiment": cfg.to_dict(), "model_path": base_path},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scale.num_workers,
+            use_gpu=cfg.scale.use_gpu,
+            resources_per_worker={"CPU": cfg.scale.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=runs_root(cfg),
+            storage_filesystem=storage.pyarrow_fs(runs_root(cfg), storage_opts(cfg))[0] if storage.is_s3(runs_root(cfg)) else None,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scale.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+        datasets={"train": train_ds},
+    )
+    return trainer.fit()
+
+
+def checkpoint_uri(result) -> str:
+    """URI of the result's checkpoint (local path, or s3://bucket/key for S3 storage)."""
+    ckpt = result.checkpoint
+    if ckpt is None:
+        raise RuntimeError("training finished without a checkpoint")
+    fs_type = type(ckpt.filesystem).__name__
+    return ("s3://" + ckpt.path) if "S3" in fs_type else ckpt.path
+
+
+def evaluate(cfg: Experiment, uri: str, base_path: str, ckpt_uri: str | None, counter) -> tuple[dict, list[dict]]:
+    """Metrics for trained / untrained / centre_baseline on the eval split; plus trained rows."""
+    from raytrain.data import pipeline
+    from raytrain.eval import batch as eval_batch
+    from raytrain.models import family
+
+    fam = family(cfg.model.family)
+    processor = fam.load_processor(base_path)
+    examples = pipeline.examples_dataset(
+        uri,
+        cfg.eval.split,
+        tasks=cfg.data.tasks,
+        image_hw=fam.image_size(processor),
+        allow_convert=cfg.data.allow_convert,
+        opts=storage_opts(cfg),
+        counter=counter,
+    ).materialize()
+    common = dict(
+        family=cfg.model.family,
+        model_path=base_path,
+        storage={"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region},
+        dtype=cfg.model.dtype,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+        num_actors=cfg.eval.num_actors,
+        cpus_per_actor=cfg.eval.cpus_per_actor,
+    )
+    results: dict = {}
+    t = time.perf_counter()
+    trained_rows = eval_batch.run_predictions(examples, checkpoint_uri=ckpt_uri, **common)
+    results["trained"] = eval_batch.aggregate(trained_rows)
+    results["trained"]["eval_seconds"] = round(time.perf_counter() - t, 2)
+    if cfg.eval.baselines:
+        results["untrained"] = eval_batch.aggregate(eval_batch.run_predictions(examples, checkpoint_uri=None, **common))
+        mean_wh = eval_batch.mean_box_size(pipeline.train_box_sizes(uri, "train", storage_opts(cfg)))
+        results["centre_baseline"] = eval_batch.aggregate(eval_batch.run_baseline(examples, mean_box_wh=mean_wh, batch_size=cfg.eval.batch_size))
+    return results, trained_rows
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+
+
+def main(cfg: Experiment) -> str:
+    """Run the whole job; returns the metrics JSON URI (also printed as the last line)."""
+    from raytrain.data import pipeline
+    from raytrain.eval import batch as eval_batch
+    from raytrain.eval.metrics.table import format_table
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    t0 = time.perf_counter()
+    ray = init_ray(cfg)
+    uri = prepare_data(cfg)
+    base_path = model_path(cfg)
+    counter = pipeline.drop_counter()
+
+    result = fit(cfg, uri, base_path, counter)
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}")
+    ckpt = checkpoint_uri(result)
+    train_seconds = time.perf_counter() - t0
+    print(f"checkpoint: {ckpt}", flush=True)
+
+    metrics, rows = evaluate(cfg, uri, base_path, ckpt, counter)
+    run = storage.run_dir(runs_root(cfg), cfg.name)
+    eval_dir = storage.join(run, "eval")
+    opts = storage_opts(cfg)
+    if not storage.is_s3(eval_dir):
+        os.makedirs(eval_dir, exist_ok=True)
+    eval_batch.write_predictions(rows, storage.join(eval_dir, f"predictions_{cfg.eval.split}.jsonl"), opts)
+
+    metrics["run"] = {
+        "name": cfg.name,
+        "checkpoint": ckpt,
+        "final_step": (result.metrics or {}).get("step"),
+        "train_metrics": result.metrics,
+        "data": uri,
+        "split": cfg.eval.split,
+        "data_counts": ray.get(counter.get.remote()),
+        "seconds_to_checkpoint": round(train_seconds, 1),
+        "seconds_total": round(time.perf_counter() - t0, 1),
+        "config": cfg.to_dict(),
+    }
+    out = storage.write_json(storage.join(eval_dir, "metrics.json"), metrics, opts)
+
+    cols = {k: metrics[k] for k in ("trained", "untrained", "centre_baseline") if k in metrics}
+    keys = ["n", "valid_rate", "mean_norm_distance", "median_norm_distance", "mean_distance", "median_distance",
+            "std_distance", "mse_x", "mse_y", "mae_x", "mae_y", "success_rate", "success_rate_all"]
+    print(f"\npointing ({cfg.eval.split} split, distances in source pixels):")
+    print(format_table(cols, keys))
+    box_cols = {k: v["boxes"] for k, v in cols.items() if "boxes" in v}
+    if box_cols:
+        print(f"\nboxes ({cfg.eval.split} split, IoU 0.5):")
+        print(format_table(box_cols))
+    print(f"\nfinal step {metrics['run']['final_step']}, {metrics['run']['seconds_total']} s total")
+    print(json.dumps({"data_counts": metrics["run"]["data_counts"]}))
+    print(out, flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(config_mod.load(sys.argv[1] if len(sys.argv) > 1 else None, sys.argv[2:]))

@@ -1,0 +1,148 @@
+"""PaliGemma 1/2 family: loading, LoRA targets, batch encoding for training and prompting, generation.
+
+Every model family module exposes the same function names (see DESIGN.md):
+`load`, `load_processor`, `lora_target_modules`, `encode_train`, `encode_prompts`, `generate`,
+`loc_token_ids`. Arguments are plain values; nothing here reads the experiment config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from raytrain.formats.paligemma import NUM_LOC, loc_token
+
+IGNORE_INDEX = -100  # label value the loss skips (prefix, image and padding positions)
+
+
+def resolve(name_or_path: str, cache_dir: str | None = None) -> str:
+    """'tiny:paligemma' -> local path of the offline preset (built once); anything else unchanged
+    (a hub id such as google/paligemma2-3b-pt-224, or a local directory)."""
+    if name_or_path.startswith("tiny:"):
+        from raytrain.models.tiny import ensure_preset
+
+        return str(ensure_preset(name_or_path, cache_dir))
+    return name_or_path
+
+
+def load_processor(name_or_path: str, cache_dir: str | None = None):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(resolve(name_or_path, cache_dir))
+
+
+def load(name_or_path: str, dtype: str = "float32", cache_dir: str | None = None, device: str | None = None):
+    """(model, processor) through `from_pretrained`, for hub ids and saved presets alike."""
+    import torch
+    from transformers import PaliGemmaForConditionalGeneration
+
+    path = resolve(name_or_path, cache_dir)
+    model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
+    if device:
+        model.to(device)
+    return model, load_processor(path)
+
+
+def lora_target_modules(names: Sequence[str], include_vision: bool = False) -> str:
+    """peft `target_modules` regex: the named linear layers of the LANGUAGE model only (the vision
+    tower and projector are adapted only when asked). Module names are transformers 5's:
+    model.language_model.layers.N.self_attn.q_proj, model.vision_tower.encoder.layers.N...."""
+    alt = "|".join(sorted(set(names)))
+    towers = "language_model|vision_tower" if include_vision else "language_model"
+    return rf"^model\.({towers})\..*\.({alt})$"
+
+
+def loc_token_ids(tokenizer) -> np.ndarray:
+    """Vocabulary ids of <loc0000>..<loc1023>, in bin order (they are contiguous in real PaliGemma
+    vocabularies and in the tiny preset, but nothing here relies on it)."""
+    ids = np.array(tokenizer.convert_tokens_to_ids([loc_token(i) for i in range(NUM_LOC)]), dtype=np.int64)
+    if (ids == tokenizer.unk_token_id).any():
+        raise ValueError("tokenizer lacks <locNNNN> tokens: not a PaliGemma tokenizer")
+    return ids
+
+
+def image_size(processor) -> tuple[int, int]:
+    """(height, width) the processor feeds the vision tower."""
+    size = processor.image_processor.size
+    return int(size["height"]), int(size["width"])
+
+
+def _prompt(prefix: str) -> str:
+    # One <image> placeholder: the processor expands it to image_seq_length tokens and adds
+    # <bos> after it and "\n" after the prefix, as big_vision's PaliGemma format does.
+    return "<image>" + prefix
+
+
+def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes: Sequence[str], max_len: int) -> dict:
+    """Tokenize a batch for teacher-forced training, padded/truncated to exactly `max_len`.
+
+    Returns numpy arrays: input_ids, attention_mask, token_type_ids (0 = prefix: image + prompt,
+    attended bidirectionally; 1 = suffix), labels (suffix ids, IGNORE_INDEX elsewhere),
+    pixel_values (B, 3, H, W) float32, and `length` (untruncated tokens) so callers can count and
+    drop examples that would not fit instead of silently cutting their targets.
+    """
+    enc = processor(
+        text=[_prompt(p) for p in prefixes],
+        images=list(images),
+        suffix=list(suffixes),
+        padding="longest",
+        return_tensors="np",
+    )
+    length = enc["attention_mask"].sum(axis=1).astype(np.int32)
+    pad_id = processor.tokenizer.pad_token_id
+
+    def fit(a: np.ndarray, fill) -> np.ndarray:
+        b, n = a.shape
+        if n >= max_len:
+            return a[:, :max_len]
+        return np.concatenate([a, np.full((b, max_len - n), fill, dtype=a.dtype)], axis=1)
+
+    return {
+        "input_ids": fit(enc["input_ids"].astype(np.int32), pad_id),
+        "attention_mask": fit(enc["attention_mask"].astype(np.int8), 0),
+        "token_type_ids": fit(enc["token_type_ids"].astype(np.int8), 0),
+        "labels": fit(enc["labels"].astype(np.int32), IGNORE_INDEX),
+        "pixel_values": enc["pixel_values"].astype(np.float32),
+        "length": length,
+    }
+
+
+def encode_prompts(processor, images: Sequence, prefixes: Sequence[str]) -> dict:
+    """Left-padded prompt batch for generation (torch tensors)."""
+    tok = processor.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "left"  # generation appends on the right: pad on the left
+    try:
+        enc = processor(text=[_prompt(p) for p in prefixes], images=list(images), padding="longest", return_tensors="pt")
+    finally:
+        tok.padding_side = side
+    enc.pop("labels", None)
+    return dict(enc)
+
+
+def generate(model, processor, images: Sequence, prefixes: Sequence[str], max_new_tokens: int = 16, **decoding) -> list[str]:
+    """Decode a batch; returns the generated suffix text per example with special tokens removed
+    (<loc>/<seg> are ordinary added tokens in PaliGemma vocabularies, so they are kept)."""
+    import torch
+
+    enc = encode_prompts(processor, images, prefixes)
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    decoding.setdefault("do_sample", False)
+    with torch.inference_mode():
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=processor.tokenizer.pad_token_id,
+            eos_token_id=processor.tokenizer.eos_token_id,
+            **decoding,
+        )
+    new = out[:, enc["input_ids"].shape[1] :]
+    return processor.tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def save_inference_files(processor, out_dir: str | Path) -> None:
+    """The processor travels with every full checkpoint so inference uses the training settings."""
+    processor.save_pretrained(str(out_dir))

@@ -1,0 +1,251 @@
+"""Recipe: data-parallel fine-tuning — full fine-tuning or LoRA — one function per worker.
+
+Runs inside Ray Train `TorchTrainer` workers (`train_fn_per_worker`), where DDP (gloo on CPU, NCCL
+on GPU) is already set up. The loop itself (`train`) only needs a `Session` (rank, world size,
+checkpoint in, report out) and an iterable of batches per epoch, so it also runs without Ray.
+
+Reads top to bottom: setup -> model -> optimizer -> resume -> loop (accumulate, step, log,
+checkpoint) -> final checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from raytrain import config as config_mod
+from raytrain.models import family as model_family
+from raytrain.models.losses import suffix_loss
+from raytrain.training import checkpointing, optim
+
+log = logging.getLogger("raytrain.recipes.lora")
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+
+
+@dataclass
+class Session:
+    """What the loop needs from its runner (Ray Train, or a plain torchrun process)."""
+
+    rank: int
+    world_size: int
+    checkpoint_dir: Callable[[], "contextlib.AbstractContextManager[str] | None"]  # noqa: F821
+    report: Callable[[dict, str | None], None]  # (metrics, checkpoint dir or None); every rank calls it
+    epoch_batches: Callable[[int, int], Iterable[dict]]  # (epoch, micro_batch_size) -> batches of tensors
+    attempt_resumed: bool = False
+
+
+# ----------------------------------------------------------------------------------------------
+# model setup
+
+
+def build_model(cfg: config_mod.Experiment, model_path: str):
+    """Model + processor for the configured strategy; returns (model, processor, trainable count)."""
+    fam = model_family(cfg.model.family)
+    model, processor = fam.load(model_path, dtype=cfg.model.dtype)
+    if cfg.train.strategy == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        lcfg = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=fam.lora_target_modules(cfg.lora.target_modules),
+            bias="none",
+        )
+        model = get_peft_model(model, lcfg)
+    elif cfg.train.strategy != "full":
+        raise ValueError(f"recipes/lora.py runs strategy full | lora, not {cfg.train.strategy!r}")
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model, processor, n_train
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg: config_mod.Experiment, model_path: str, session: Session, device: torch.device, wrap_ddp: Callable) -> dict:
+    torch.manual_seed(cfg.train.seed)  # same init on every rank (DDP also broadcasts from rank 0)
+    model, processor, n_train = build_model(cfg, model_path)
+    n_total = sum(p.numel() for p in model.parameters())
+    if session.rank == 0:
+        log.info("strategy=%s trainable params %d / %d (%.2f%%)", cfg.train.strategy, n_train, n_total, 100 * n_train / n_total)
+    fam = model_family(cfg.model.family)
+    loc_ids = torch.as_tensor(fam.loc_token_ids(processor.tokenizer), device=device)
+    model.to(device)
+    model.train()
+
+    optimizer = optim.build_optimizer(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = optim.build_scheduler(optimizer, warmup=cfg.train.warmup_steps, total=cfg.train.steps, kind=cfg.train.schedule)
+
+    # ---- resume: weights, optimizer, scheduler, RNG and the data position ---------------------
+    step, epoch, skip_batches, resumed_from = 0, 0, 0, None
+    ctx = session.checkpoint_dir()
+    if ctx is not None:
+        with ctx as ckpt_dir:
+            state = checkpointing.load_training_state(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+        step, epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
+        resumed_from = step
+        if session.rank == 0:
+            log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, skip_batches)
+    model = wrap_ddp(model)
+
+    def save_and_report(metrics: dict, batch_in_epoch: int) -> None:
+        if session.rank != 0:
+            session.report(metrics, None)
+            return
+        with tempfile.TemporaryDirectory(prefix="raytrain-ckpt-") as d:
+            state = {
+                "step": step,
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "strategy": cfg.train.strategy,
+                "base_model": cfg.model.name_or_path,
+                "family": cfg.model.family,
+                "metrics": metrics,
+            }
+            checkpointing.save(d, model=model, optimizer=optimizer, scheduler=scheduler, state=state, processor=processor)
+            session.report(metrics, d)
+
+    accum = cfg.train.grad_accum
+    micro = cfg.train.micro_batch_size
+    window_loss, window_ce, window_n, t_window = 0.0, 0.0, 0, time.perf_counter()
+    first_step_logged = False
+    while step < cfg.train.steps:
+        batch_in_epoch = 0
+        micro_in_step = 0
+        for batch in session.epoch_batches(epoch, micro):
+            if batch_in_epoch < skip_batches:  # resuming mid-epoch: skip what the checkpoint consumed
+                batch_in_epoch += 1
+                continue
+            batch_in_epoch += 1
+            inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
+            for k in ("input_ids", "attention_mask", "token_type_ids"):
+                inputs[k] = inputs[k].long()
+            labels = batch["labels"].to(device).long()
+            # Trim padding columns shared by the whole batch: fixed-length rows, variable work.
+            width = int(inputs["attention_mask"].sum(1).max())
+            for k in ("input_ids", "attention_mask", "token_type_ids"):
+                inputs[k] = inputs[k][:, :width]
+            labels = labels[:, :width]
+
+            micro_in_step += 1
+            sync = micro_in_step == accum
+            # Only all-reduce gradients on the last micro-batch of an optimizer step.
+            no_sync = getattr(model, "no_sync", None)
+            ctx_sync = no_sync() if (no_sync is not None and not sync) else _null()
+            with ctx_sync:
+                out = model(**inputs, use_cache=False)
+                loss, stats = suffix_loss(out.logits, labels, loc_ids, cfg.loss.loc_sigma, cfg.loss.loc_weight)
+                del out  # free logits before backward: they dominate activation memory
+                (loss / accum).backward()  # each backward sums grads => normalise by accumulation here
+            window_loss += float(loss.detach())
+            window_ce += stats["ce"]
+            window_n += 1
+            if not sync:
+                continue
+
+            micro_in_step = 0
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            if cfg.train.fail_at_step == step and session.rank == 0 and resumed_from is None:
+                raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
+
+            is_ckpt = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
+            is_log = step % cfg.train.log_every == 0 or not first_step_logged
+            if is_log or is_ckpt:
+                dt = time.perf_counter() - t_window
+                metrics = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": window_loss / max(1, window_n),
+                    "ce": window_ce / max(1, window_n),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "samples_per_s": window_n * micro * session.world_size / max(dt, 1e-9),
+                    "trainable_params": n_train,
+                    "resumed_from": -1 if resumed_from is None else resumed_from,
+                }
+                first_step_logged = True
+                if session.rank == 0:
+                    log.info("step %d loss %.4f ce %.4f lr %.2e %.1f samples/s", step, metrics["loss"], metrics["ce"], metrics["lr"], metrics["samples_per_s"])
+                if is_ckpt:
+                    save_and_report(metrics, batch_in_epoch)
+                else:
+                    session.report(metrics, None)
+                window_loss, window_ce, window_n, t_window = 0.0, 0.0, 0, time.perf_counter()
+            if step >= cfg.train.steps:
+                break
+        skip_batches = 0
+        if batch_in_epoch == 0:
+            raise RuntimeError("the training split produced no batches: check the data (drop report) and micro_batch_size")
+        if step < cfg.train.steps:
+            epoch += 1
+    return {"step": step, "epoch": epoch}
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray Train entry point
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """TorchTrainer's train_loop_per_worker: config = {"experiment": dict, "model_path": str}."""
+    import ray.train
+    import ray.train.torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = config_mod.from_dict(config["experiment"])
+    ctx = ray.train.get_context()
+    # Fractional CPUs per worker: one intra-op thread each, or workers fight over the cores.
+    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+    shard = ray.train.get_dataset_shard("train")
+
+    def epoch_batches(epoch: int, micro: int):
+        return shard.iter_torch_batches(
+            batch_size=micro,
+            drop_last=True,
+            local_shuffle_buffer_size=micro * 8,
+            local_shuffle_seed=cfg.train.seed * 100_003 + epoch,
+        )
+
+    def checkpoint_dir():
+        ckpt = ray.train.get_checkpoint()
+        return ckpt.as_directory() if ckpt is not None else None
+
+    def report(metrics: dict, ckpt_dir: str | None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    session = Session(
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        checkpoint_dir=checkpoint_dir,
+        report=report,
+        epoch_batches=epoch_batches,
+    )
+    device = ray.train.torch.get_device()
+    train(cfg, config["model_path"], session, device, wrap_ddp=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+
+
+if __name__ == "__main__":
+    raise SystemExit(f"run through `raytrain train` (this module is the worker side); cwd={os.getcwd()}")

@@ -1,0 +1,150 @@
+"""The one checkpoint layout, written by rank 0 into a directory that Ray Train then persists to
+local disk or S3 (`ray.train.report(..., checkpoint=Checkpoint.from_directory(d))`).
+
+    <ckpt>/
+      model/             full fine-tuning: `save_pretrained` output (safetensors) + processor files
+      adapter/           LoRA/QLoRA: peft `save_pretrained` output (adapter weights + config)
+      trainer_state.pt   optimizer + scheduler + torch RNG  (tensors only: loads with weights_only=True)
+      state.json         step, epoch, batch position in the epoch, strategy, base model, metrics
+
+Weights are safetensors; the torch file loads with `weights_only=True`. No credentials are ever
+written here (storage options hold endpoints only; keys come from the environment).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_JSON = "state.json"
+TRAINER_STATE = "trainer_state.pt"
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") and not hasattr(model, "peft_config") else model
+
+
+def is_peft(model) -> bool:
+    return hasattr(_unwrap(model), "peft_config")
+
+
+def save(ckpt_dir: str | Path, *, model, optimizer, scheduler, state: dict, processor=None) -> Path:
+    """Write a complete training checkpoint into ckpt_dir (call on rank 0 only)."""
+    d = Path(ckpt_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    m = _unwrap(model)
+    if is_peft(m):
+        m.save_pretrained(str(d / "adapter"))
+    else:
+        m.save_pretrained(str(d / "model"), safe_serialization=True)
+        if processor is not None:
+            processor.save_pretrained(str(d / "model"))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "torch_rng": torch.get_rng_state(),
+        },
+        d / TRAINER_STATE,
+    )
+    full_state = dict(state)
+    full_state["python_rng"] = _py_rng_to_json(random.getstate())
+    full_state["numpy_rng"] = _np_rng_to_json(np.random.get_state())
+    (d / STATE_JSON).write_text(json.dumps(full_state, indent=2, sort_keys=True))
+    return d
+
+
+def read_state(ckpt_dir: str | Path) -> dict:
+    return json.loads((Path(ckpt_dir) / STATE_JSON).read_text())
+
+
+def load_weights(ckpt_dir: str | Path, model) -> None:
+    """Load the checkpoint's trainable weights into an already-built (unwrapped or DDP) model."""
+    from safetensors.torch import load_file
+
+    d = Path(ckpt_dir)
+    m = _unwrap(model)
+    if (d / "adapter").exists():
+        from peft import set_peft_model_state_dict
+
+        sd = load_file(str(d / "adapter" / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(m, sd)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise RuntimeError(f"adapter checkpoint has keys the model lacks: {unexpected[:5]}")
+        return
+    files = sorted((d / "model").glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no model weights under {d / 'model'}")
+    sd = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    # Tied weights (lm_head <- embed_tokens) are not stored separately; anything else is an error.
+    missing = [k for k in missing if not k.startswith("lm_head.")]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint/model mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
+
+
+def load_training_state(ckpt_dir: str | Path, *, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG; return state.json (step, epoch, position)."""
+    d = Path(ckpt_dir)
+    load_weights(d, model)
+    blob = torch.load(d / TRAINER_STATE, weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(blob["optimizer"])
+    if scheduler is not None and blob["scheduler"] is not None:
+        scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"])
+    state = read_state(d)
+    random.setstate(_py_rng_from_json(state["python_rng"]))
+    np.random.set_state(_np_rng_from_json(state["numpy_rng"]))
+    return state
+
+
+def load_for_inference(ckpt_dir: str | Path, base_model_path: str, family_module, dtype: str = "float32"):
+    """(model, processor) ready for generation from a checkpoint directory: full weights, or the
+    base model plus the adapter merged for speed."""
+    d = Path(ckpt_dir)
+    if (d / "adapter").exists():
+        from peft import PeftModel
+
+        base, processor = family_module.load(base_model_path, dtype=dtype)
+        model = PeftModel.from_pretrained(base, str(d / "adapter")).merge_and_unload()
+    else:
+        model, processor = family_module.load(str(d / "model"), dtype=dtype)
+    model.eval()
+    return model, processor
+
+
+def local_copy(checkpoint_uri: str, opts=None) -> Path:
+    """A local directory holding the checkpoint (downloaded from S3 when needed)."""
+    import tempfile
+
+    from raytrain import storage
+
+    if not storage.is_s3(checkpoint_uri):
+        return Path(checkpoint_uri)
+    dst = Path(tempfile.mkdtemp(prefix="raytrain-ckpt-"))
+    fs = storage.fsspec_fs(checkpoint_uri, opts)
+    fs.get(storage.strip_scheme(checkpoint_uri).rstrip("/") + "/", str(dst), recursive=True)
+    return dst
+
+
+def _py_rng_to_json(st):
+    return [st[0], list(st[1]), st[2]]
+
+
+def _py_rng_from_json(st):
+    return (st[0], tuple(st[1]), st[2])
+
+
+def _np_rng_to_json(st):
+    return [st[0], st[1].tolist(), int(st[2]), int(st[3]), float(st[4])]
+
+
+def _np_rng_from_json(st):
+    return (st[0], np.array(st[1], dtype=np.uint32), st[2], st[3], st[4])
