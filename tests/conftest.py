@@ -71,3 +71,32 @@ def s3_bucket(s3_server):
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
     yield f"s3://{name}"
     # Nothing to clean up: the bucket lives in the server's memory and dies with the session.
+
+
+# ---------------------------------------------------------------------------- Ray on loopback
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One local Ray instance (127.0.0.1, 2 CPUs, capped object store) shared by the session's
+    integration tests. Started after `s3_server` so that workers inherit its fake credentials."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=400 * 1024**2,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory):
+    """The offline tiny PaliGemma preset, built once per session into a temp cache."""
+    from raytrain.models.tiny import ensure_preset
+
+    return str(ensure_preset("tiny:paligemma", tmp_path_factory.mktemp("presets")))

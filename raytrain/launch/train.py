@@ -62,6 +62,10 @@ def runs_root(cfg: Experiment) -> str:
     return root if storage.is_s3(root) else os.path.abspath(root)
 
 
+def history_uri(cfg: Experiment) -> str:
+    return storage.join(storage.run_dir(runs_root(cfg), cfg.name), "history.jsonl")
+
+
 # ----------------------------------------------------------------------------------------------
 # steps
 
@@ -106,6 +110,7 @@ def fit(cfg: Experiment, uri: str, base_path: str, counter):
     from raytrain.data import pipeline
     from raytrain.models import family
     from raytrain.recipes import lora
+    from raytrain.training.metrics import HistoryCallback
 
     fam = family(cfg.model.family)
     processor = fam.load_processor(base_path)
@@ -137,6 +142,7 @@ def fit(cfg: Experiment, uri: str, base_path: str, counter):
             storage_filesystem=storage.pyarrow_fs(runs_root(cfg), storage_opts(cfg))[0] if storage.is_s3(runs_root(cfg)) else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scale.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=[HistoryCallback(history_uri(cfg), storage_opts(cfg))],
         ),
         datasets={"train": train_ds},
     )

@@ -25,13 +25,9 @@ def target(request, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ray_local(s3_server):
-    # After s3_server: the workers inherit its fake AWS credentials from the environment.
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+def ray_local(ray_cluster):
+    # The session's Ray (conftest), started after s3_server: workers inherit its fake credentials.
+    return ray_cluster
 
 
 def _rows(n=25, seed=0):
