@@ -47,7 +47,7 @@ PARSE_REASONS = (
     "unknown_label",  # label not in allowed_labels
     "invalid_box",  # y2 < y1 or x2 < x1 (a zero-size box is returned, not rejected)
     "garbage",  # non-empty text with no loc token (a whole ";" segment, or text before the first loc)
-    "empty_output",  # nothing but whitespace / special-token remnants
+    "empty_output",  # nothing but whitespace, ";" and special-token remnants
 )
 
 _N_LOCS = {"point": 2, "box": 4}
@@ -184,7 +184,7 @@ def parse(
     terminated = end is not None
     if end is not None:
         body = body[: end.start()]
-    if not body.strip():
+    if not body.replace(";", "").strip():  # " ; " alone says nothing either
         return ParseResult([], [ParseError("empty_output", text)])
 
     # A partial loc token at the very end means the text was cut inside it.

@@ -77,6 +77,7 @@ def bv_render(o, w, h):
 def check_invariants(res, text, w, h, kind, allowed=None):
     """What must hold for ANY text: the parser's contract."""
     assert isinstance(res, ParseResult)
+    assert res.objects or res.errors  # nothing is dropped without a counted reason
     for e in res.errors:
         assert e.reason in PARSE_REASONS, e
         assert isinstance(e.text, str)
@@ -207,7 +208,7 @@ def test_render_prefix():
 # ---------------------------------------------------------------------------- round trips
 
 
-@fast(300)
+@fast(200)
 @given(image_and_points())
 def test_points_round_trip(case):
     w, h, pts = case
@@ -220,7 +221,7 @@ def test_points_round_trip(case):
         assert abs(got.y - want.y) <= 0.5 * h / 1023 + 1e-9
 
 
-@fast(300)
+@fast(200)
 @given(image_and_boxes())
 def test_boxes_round_trip(case):
     w, h, boxes = case
@@ -283,6 +284,7 @@ B = L(100) + L(200) + L(300) + L(400)  # a box
         ("point", " \n\t ", None, 0, ["empty_output"]),
         ("box", "<eos>", None, 0, ["empty_output"]),
         ("box", "<pad><pad> </s>", None, 0, ["empty_output"]),
+        ("box", " ; ;; ", None, 0, ["empty_output"]),  # separators alone: still a counted reason
         ("point", "<eos>" + P + " cat", None, 0, ["empty_output"]),  # nothing before the end of output
         # wrong_token_count
         ("point", L(100) + " cat", None, 0, ["wrong_token_count"]),
@@ -439,7 +441,7 @@ _SOUP = [L(0), L(5), L(1023), "<loc5000>", "<loc12>", "<loc", "<lo", "<", ">", "
          "cat", "red circle", "<eos>", "</s>", "<pad>", "<bos>", "٣", "<loc٠١٢٣>", "\x00", "é"]
 
 
-@fast(1200)
+@fast(1000)
 @given(
     st.one_of(
         st.text(max_size=200),
@@ -490,5 +492,3 @@ def test_parser_never_raises_on_mutated_outputs(case, rng):
         allowed = labels if n % 2 else None
         res = parse(bad, w, h, kind, allowed_labels=allowed)
         check_invariants(res, bad, w, h, kind, allowed)
-        # every output yields something: an object or a reason
-        assert len(res.objects) + len(res.errors) >= 1
