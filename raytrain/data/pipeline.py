@@ -69,7 +69,8 @@ def _report(counter, split: str, counts: Counter) -> None:
 
 def examples_for(objs: Sequence, tasks: Sequence[str], width: int, height: int) -> list[dict]:
     """One example per task and distinct label: the target is every object of that label and of
-    the task's kind (points for 'point', boxes for 'detect'), rendered in PaliGemma format."""
+    the task's kind (points for 'point', boxes for 'detect'), rendered in PaliGemma format.
+    Raises ValueError for labels the format cannot carry (empty, or holding ';' / '<')."""
     out = []
     labels = sorted({o.label for o in objs})
     for task in tasks:
@@ -116,7 +117,11 @@ def decode_and_expand(
         if note:
             counts[f"converted:{note}"] += 1
         objs = objects_from_json(row["objects"]) if isinstance(row["objects"], str) else row["objects"]
-        exs = examples_for(objs, tasks, checked["width"], checked["height"])
+        try:
+            exs = examples_for(objs, tasks, checked["width"], checked["height"])
+        except ValueError:
+            counts["dropped:unrenderable_label"] += 1
+            continue
         if not exs:
             counts["dropped:no_target_for_tasks"] += 1
             continue
@@ -180,7 +185,9 @@ def read_split(uri: str, split: str, opts: storage.StorageOptions | None = None)
     paths, fs = shards.shard_source(uri, split, opts)
     if not paths:
         raise FileNotFoundError(f"no shards for split {split!r} under {uri}")
-    return ray.data.read_parquet(paths, filesystem=fs, columns=["id", "image", "width", "height", "objects"])
+    # At least a few blocks per CPU, or small splits become one block and one preprocessing task.
+    blocks = max(len(paths), 4 * int(ray.cluster_resources().get("CPU", 1)))
+    return ray.data.read_parquet(paths, filesystem=fs, columns=["id", "image", "width", "height", "objects"], override_num_blocks=blocks)
 
 
 def examples_dataset(uri: str, split: str, *, tasks, image_hw, allow_convert=True, opts=None, counter=None, batch_size=64):

@@ -40,6 +40,7 @@ def init_ray(cfg: Experiment):
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
         ray.init(
+            address="local",  # a fresh local cluster, never silently joining another one
             num_cpus=cfg.ray.num_cpus,
             object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
             include_dashboard=False,

@@ -77,15 +77,12 @@ def load_weights(ckpt_dir: str | Path, model) -> None:
         if unexpected:
             raise RuntimeError(f"adapter checkpoint has keys the model lacks: {unexpected[:5]}")
         return
-    files = sorted((d / "model").glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no model weights under {d / 'model'}")
-    sd = {}
-    for f in files:
-        sd.update(load_file(str(f)))
-    missing, unexpected = m.load_state_dict(sd, strict=False)
-    # Tied weights (lm_head <- embed_tokens) are not stored separately; anything else is an error.
-    missing = [k for k in missing if not k.startswith("lm_head.")]
+    if not (d / "model").exists():
+        raise FileNotFoundError(f"no model/ or adapter/ under {d}")
+    # Load through from_pretrained, not raw safetensors: save_pretrained may store legacy key
+    # names (transformers 5 converts them on load), so the file keys need not match state_dict().
+    ref = type(m).from_pretrained(str(d / "model"), dtype=next(m.parameters()).dtype)
+    missing, unexpected = m.load_state_dict(ref.state_dict(), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"checkpoint/model mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
 

@@ -44,12 +44,13 @@ def _bad_rows():
         row("out_of_range", base["image"], objects=objects_to_json([Point(1000.0, 5.0, "red circle")])),
         row("bad_json", base["image"], objects="{not json"),
         row("degenerate", base["image"], objects=json.dumps([{"type": "box", "x1": 30, "y1": 5, "x2": 10, "y2": 20, "label": "red circle"}])),
+        row("bad_label", base["image"], objects=objects_to_json([Point(5.0, 5.0, "a ; b")])),
     ]
     return rows, [g["id"] for g in good] + ["gray", "rgba", "cmyk"]
 
 
 EXPECTED = {
-    "rows_read": 15,
+    "rows_read": 16,
     "rows_kept": 9,
     "examples": 18,  # 9 images x 2 tasks, one label each
     "tokenized": 18,
@@ -58,6 +59,7 @@ EXPECTED = {
     "dropped:coords_out_of_range": 1,
     "dropped:bad_annotations": 1,
     "dropped:degenerate_box": 1,
+    "dropped:unrenderable_label": 1,  # ';' would split the target into two objects
     "converted:converted_from_L": 1,
     "converted:converted_from_RGBA": 1,
     "converted:converted_from_CMYK": 1,
