@@ -22,8 +22,8 @@ from PIL import Image
 
 from raytrain import storage
 from raytrain.data import shards, validate
-from raytrain.formats import paligemma as pg_format
 from raytrain.formats.annotations import Box, Point, objects_from_json, objects_to_json
+from raytrain.models import family as model_family
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,11 @@ def _report(counter, split: str, counts: Counter) -> None:
 # stage 1: decode, validate, resize, expand into (task, label) examples
 
 
-def examples_for(objs: Sequence, tasks: Sequence[str], width: int, height: int) -> list[dict]:
+def examples_for(objs: Sequence, tasks: Sequence[str], width: int, height: int, family: str = "paligemma", image_hw=None) -> list[dict]:
     """One example per task and distinct label: the target is every object of that label and of
-    the task's kind (points for 'point', boxes for 'detect'), rendered in PaliGemma format.
-    Raises ValueError for labels the format cannot carry (empty, or holding ';' / '<')."""
+    the task's kind (points for 'point', boxes for 'detect'), rendered in the family's format.
+    Raises ValueError for labels the format cannot carry (e.g. PaliGemma: empty, ';' or '<')."""
+    fam = model_family(family)
     out = []
     labels = sorted({o.label for o in objs})
     for task in tasks:
@@ -79,15 +80,8 @@ def examples_for(objs: Sequence, tasks: Sequence[str], width: int, height: int) 
             targets = [o for o in objs if o.label == label and isinstance(o, kind)]
             if not targets:
                 continue
-            out.append(
-                {
-                    "task": task,
-                    "query": label,
-                    "prefix": pg_format.render_prefix(task, label),
-                    "suffix": pg_format.render_objects(targets, width, height),
-                    "targets": objects_to_json(targets),
-                }
-            )
+            prefix, suffix = fam.render_example(task, label, targets, width, height, image_hw)
+            out.append({"task": task, "query": label, "prefix": prefix, "suffix": suffix, "targets": objects_to_json(targets)})
     return out
 
 
@@ -97,6 +91,7 @@ def decode_and_expand(
     split: str,
     tasks: Sequence[str],
     image_hw: tuple[int, int],
+    family: str = "paligemma",
     allow_convert: bool = True,
     counter=None,
 ) -> dict:
@@ -118,7 +113,7 @@ def decode_and_expand(
             counts[f"converted:{note}"] += 1
         objs = objects_from_json(row["objects"]) if isinstance(row["objects"], str) else row["objects"]
         try:
-            exs = examples_for(objs, tasks, checked["width"], checked["height"])
+            exs = examples_for(objs, tasks, checked["width"], checked["height"], family, image_hw)
         except ValueError:
             counts["dropped:unrenderable_label"] += 1
             continue
@@ -149,24 +144,20 @@ def decode_and_expand(
 
 
 @functools.lru_cache(maxsize=2)
-def _processor(model_path: str):
+def _processor(family: str, model_path: str):
     # Cached per worker process: Ray reuses task workers, so the processor loads once per process.
-    from raytrain.models import paligemma
-
-    return paligemma.load_processor(model_path)
+    return model_family(family).load_processor(model_path)
 
 
-def tokenize(batch: dict, *, split: str, model_path: str, max_len: int, counter=None) -> dict:
+def tokenize(batch: dict, *, split: str, model_path: str, max_len: int, family: str = "paligemma", counter=None) -> dict:
     """Examples -> fixed-length model inputs. Examples longer than max_len are dropped and counted
     (cutting them would teach the model truncated objects)."""
-    from raytrain.models import paligemma
-
     n = len(batch["prefix"])
     if n == 0:
         return {}
-    proc = _processor(model_path)
+    proc = _processor(family, model_path)
     images = [Image.fromarray(a) for a in batch["image"]]
-    enc = paligemma.encode_train(proc, images, list(batch["prefix"]), list(batch["suffix"]), max_len)
+    enc = model_family(family).encode_train(proc, images, list(batch["prefix"]), list(batch["suffix"]), max_len)
     fits = enc.pop("length") <= max_len
     counts = Counter({"tokenized": int(fits.sum())})
     if (~fits).any():
@@ -190,25 +181,26 @@ def read_split(uri: str, split: str, opts: storage.StorageOptions | None = None)
     return ray.data.read_parquet(paths, filesystem=fs, columns=["id", "image", "width", "height", "objects"], override_num_blocks=blocks)
 
 
-def examples_dataset(uri: str, split: str, *, tasks, image_hw, allow_convert=True, opts=None, counter=None, batch_size=64):
+def examples_dataset(uri: str, split: str, *, tasks, image_hw, family="paligemma", allow_convert=True, opts=None, counter=None, batch_size=64):
     """Validated, resized, expanded examples of one split (no tokens): the eval input."""
     ds = read_split(uri, split, opts)
     return ds.map_batches(
         decode_and_expand,
         batch_size=batch_size,
         batch_format="numpy",
-        fn_kwargs={"split": split, "tasks": list(tasks), "image_hw": tuple(image_hw), "allow_convert": allow_convert, "counter": counter},
+        fn_kwargs={"split": split, "tasks": list(tasks), "image_hw": tuple(image_hw), "family": family,
+                   "allow_convert": allow_convert, "counter": counter},
     )
 
 
-def train_dataset(uri: str, split: str, *, tasks, model_path: str, image_hw, max_len: int, allow_convert=True, opts=None, counter=None, batch_size=64):
+def train_dataset(uri: str, split: str, *, tasks, model_path: str, image_hw, max_len: int, family="paligemma", allow_convert=True, opts=None, counter=None, batch_size=64):
     """Tokenized training examples of one split."""
-    ds = examples_dataset(uri, split, tasks=tasks, image_hw=image_hw, allow_convert=allow_convert, opts=opts, counter=counter, batch_size=batch_size)
+    ds = examples_dataset(uri, split, tasks=tasks, image_hw=image_hw, family=family, allow_convert=allow_convert, opts=opts, counter=counter, batch_size=batch_size)
     return ds.map_batches(
         tokenize,
         batch_size=batch_size,
         batch_format="numpy",
-        fn_kwargs={"split": split, "model_path": model_path, "max_len": max_len, "counter": counter},
+        fn_kwargs={"split": split, "model_path": model_path, "max_len": max_len, "family": family, "counter": counter},
     )
 
 

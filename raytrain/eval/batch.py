@@ -18,13 +18,9 @@ from PIL import Image
 
 from raytrain.eval.metrics import boxes as box_metrics
 from raytrain.eval.metrics import pointing as point_metrics
-from raytrain.formats import paligemma as pg_format
 from raytrain.formats.annotations import Box, Point, objects_from_json, objects_to_json
 
 log = logging.getLogger(__name__)
-
-KIND_OF_TASK = {"point": "point", "detect": "box"}
-
 
 def score_example(task: str, pred: Sequence | None, targets_json: str, width: int, height: int) -> dict:
     """Per-example metrics for one task; pred None = the output did not parse."""
@@ -38,12 +34,12 @@ def score_example(task: str, pred: Sequence | None, targets_json: str, width: in
     raise ValueError(f"no metrics for task {task!r}")
 
 
-def _rows_from_predictions(batch: dict, texts: list[str], divisor: int) -> dict:
+def _rows_from_predictions(batch: dict, texts: list[str], fam, image_hw) -> dict:
     out = {"id": [], "task": [], "query": [], "text": [], "objects": [], "errors": [], "score": []}
     for i, text in enumerate(texts):
         task = str(batch["task"][i])
         w, h = int(batch["width"][i]), int(batch["height"][i])
-        res = pg_format.parse(text, w, h, KIND_OF_TASK[task], divisor=divisor)
+        res = fam.parse_output(text, task, w, h, image_hw)
         # An output counts as valid when at least one object parsed; rejected fragments are
         # reported (errors) but do not void the objects that did parse.
         pred = res.objects if res.objects else None
@@ -62,7 +58,7 @@ class Predictor:
     """Ray Data actor: one model per actor, greedy decoding over numpy batches of examples."""
 
     def __init__(self, *, family: str, model_path: str, checkpoint_uri: str | None = None, storage: dict | None = None,
-                 dtype: str = "float32", max_new_tokens: int = 16, divisor: int = 1023, threads: int = 1):
+                 dtype: str = "float32", max_new_tokens: int = 16, threads: int = 1):
         import torch
 
         from raytrain import storage as storage_mod
@@ -78,17 +74,20 @@ class Predictor:
             self.model, self.processor = self.fam.load(model_path, dtype=dtype)
             self.model.eval()
         self.max_new_tokens = max_new_tokens
-        self.divisor = divisor
 
     def __call__(self, batch: dict) -> dict:
         images = [Image.fromarray(a) for a in batch["image"]]
         texts = self.fam.generate(self.model, self.processor, images, list(batch["prefix"]), max_new_tokens=self.max_new_tokens)
-        return _rows_from_predictions(batch, texts, self.divisor)
+        return _rows_from_predictions(batch, texts, self.fam, tuple(batch["image"].shape[1:3]))
 
 
-def centre_baseline(batch: dict, *, mean_box_wh: tuple[float, float] | None, divisor: int = 1023) -> dict:
+def centre_baseline(batch: dict, *, mean_box_wh: tuple[float, float] | None, family: str = "paligemma") -> dict:
     """Blind baseline through the same render -> parse -> score path: always the image centre for
     points, a centred box of the training set's mean size for detection."""
+    from raytrain.models import family as model_family
+
+    fam = model_family(family)
+    image_hw = tuple(batch["image"].shape[1:3])
     texts = []
     for i in range(len(batch["id"])):
         w, h = int(batch["width"][i]), int(batch["height"][i])
@@ -99,8 +98,8 @@ def centre_baseline(batch: dict, *, mean_box_wh: tuple[float, float] | None, div
         else:
             b = box_metrics.centred_mean_box([mean_box_wh or (0.5, 0.5)], w, h)
             obj = Box(b.x1, b.y1, b.x2, b.y2, label)
-        texts.append(pg_format.render_objects([obj], w, h))
-    return _rows_from_predictions(batch, texts, divisor)
+        texts.append(fam.render_example(str(batch["task"][i]), label, [obj], w, h, image_hw)[1])
+    return _rows_from_predictions(batch, texts, fam, image_hw)
 
 
 def aggregate(rows: list[dict]) -> dict:
@@ -144,8 +143,8 @@ def run_predictions(examples, *, family: str, model_path: str, checkpoint_uri: s
     return ds.take_all()
 
 
-def run_baseline(examples, *, mean_box_wh, batch_size: int) -> list[dict]:
-    return examples.map_batches(centre_baseline, fn_kwargs={"mean_box_wh": mean_box_wh}, batch_size=batch_size, batch_format="numpy").take_all()
+def run_baseline(examples, *, mean_box_wh, batch_size: int, family: str = "paligemma") -> list[dict]:
+    return examples.map_batches(centre_baseline, fn_kwargs={"mean_box_wh": mean_box_wh, "family": family}, batch_size=batch_size, batch_format="numpy").take_all()
 
 
 def write_predictions(rows: list[dict], path_uri: str, opts=None) -> str:

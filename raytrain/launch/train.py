@@ -121,6 +121,7 @@ def fit(cfg: Experiment, uri: str, base_path: str, counter):
         tasks=cfg.data.tasks,
         model_path=base_path,
         image_hw=fam.image_size(processor),
+        family=cfg.model.family,
         max_len=cfg.data.max_seq_len,
         allow_convert=cfg.data.allow_convert,
         opts=storage_opts(cfg),
@@ -172,6 +173,7 @@ def evaluate(cfg: Experiment, uri: str, base_path: str, ckpt_uri: str | None, co
         cfg.eval.split,
         tasks=cfg.data.tasks,
         image_hw=fam.image_size(processor),
+        family=cfg.model.family,
         allow_convert=cfg.data.allow_convert,
         opts=storage_opts(cfg),
         counter=counter,
@@ -194,7 +196,7 @@ def evaluate(cfg: Experiment, uri: str, base_path: str, ckpt_uri: str | None, co
     if cfg.eval.baselines:
         results["untrained"] = eval_batch.aggregate(eval_batch.run_predictions(examples, checkpoint_uri=None, **common))
         mean_wh = eval_batch.mean_box_size(pipeline.train_box_sizes(uri, "train", storage_opts(cfg)))
-        results["centre_baseline"] = eval_batch.aggregate(eval_batch.run_baseline(examples, mean_box_wh=mean_wh, batch_size=cfg.eval.batch_size))
+        results["centre_baseline"] = eval_batch.aggregate(eval_batch.run_baseline(examples, mean_box_wh=mean_wh, batch_size=cfg.eval.batch_size, family=cfg.model.family))
     return results, trained_rows
 
 

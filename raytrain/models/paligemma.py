@@ -1,8 +1,9 @@
-"""PaliGemma 1/2 family: loading, LoRA targets, batch encoding for training and prompting, generation.
+"""PaliGemma 1/2 family: loading, LoRA targets, target text, batch encoding, generation, parsing.
 
-Every model family module exposes the same function names (see DESIGN.md):
-`load`, `load_processor`, `lora_target_modules`, `encode_train`, `encode_prompts`, `generate`,
-`loc_token_ids`. Arguments are plain values; nothing here reads the experiment config.
+Every model family module exposes the same names (see DESIGN.md and raytrain/models/__init__.py):
+`resolve`, `load`, `load_processor`, `image_size`, `lora_target_modules`, `render_example`,
+`parse_output`, `encode_train`, `encode_prompts`, `generate`, `loc_token_ids`, `SEQ_KEYS`.
+Arguments are plain values; nothing here reads the experiment config.
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ from typing import Sequence
 
 import numpy as np
 
+from raytrain.formats import paligemma as fmt
 from raytrain.formats.paligemma import NUM_LOC, loc_token
 
 IGNORE_INDEX = -100  # label value the loss skips (prefix, image and padding positions)
+# Per-token (B, T) arrays of encode_train: the recipe trims their shared padding per batch.
+# Every other key (pixel_values, ...) is passed to the model as is.
+SEQ_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+KIND_OF_TASK = {"point": "point", "detect": "box"}
 
 
 def resolve(name_or_path: str, cache_dir: str | None = None) -> str:
@@ -61,6 +67,18 @@ def loc_token_ids(tokenizer) -> np.ndarray:
     if (ids == tokenizer.unk_token_id).any():
         raise ValueError("tokenizer lacks <locNNNN> tokens: not a PaliGemma tokenizer")
     return ids
+
+
+def render_example(task: str, query: str, targets: Sequence, width: int, height: int, image_hw: tuple[int, int] | None = None) -> tuple[str, str]:
+    """(prefix, suffix) text for one example; targets in source pixels. PaliGemma's <loc> bins are
+    normalised, so the model input size (image_hw) does not enter."""
+    return fmt.render_prefix(task, query), fmt.render_objects(targets, width, height)
+
+
+def parse_output(text: str, task: str, width: int, height: int, image_hw: tuple[int, int] | None = None, divisor: int = 1023):
+    """Model text -> ParseResult with objects in source pixels (never raises on text).
+    divisor 1023 inverts big_vision's encoder exactly; 1024 is supervision's / Google's demo parser."""
+    return fmt.parse(text, width, height, KIND_OF_TASK[task], divisor=divisor)
 
 
 def image_size(processor) -> tuple[int, int]:

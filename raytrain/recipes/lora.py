@@ -26,8 +26,6 @@ from raytrain.training import checkpointing, optim
 
 log = logging.getLogger("raytrain.recipes.lora")
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
-
 
 @dataclass
 class Session:
@@ -127,14 +125,14 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
                 batch_in_epoch += 1
                 continue
             batch_in_epoch += 1
-            inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
-            for k in ("input_ids", "attention_mask", "token_type_ids"):
-                inputs[k] = inputs[k].long()
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             labels = batch["labels"].to(device).long()
             # Trim padding columns shared by the whole batch: fixed-length rows, variable work.
+            # (Padding is on the right in training batches.)
             width = int(inputs["attention_mask"].sum(1).max())
-            for k in ("input_ids", "attention_mask", "token_type_ids"):
-                inputs[k] = inputs[k][:, :width]
+            for k in fam.SEQ_KEYS:
+                if k in inputs:
+                    inputs[k] = inputs[k][:, :width].long()
             labels = labels[:, :width]
 
             micro_in_step += 1
