@@ -62,6 +62,24 @@ class ModelConfig:
     """Hub id (google/paligemma2-3b-pt-224), local dir, or 'tiny:<family>' for the offline preset."""
     dtype: str = "float32"
     """float32 | bfloat16 (compute dtype of the trainable model)."""
+    freeze_vision: bool = True
+    """Freeze the vision tower (SigLIP). The tiny from-scratch job sets False."""
+    unfreeze_vision_layers: int = 0
+    """Train the last N vision encoder layers even when the tower is frozen (seed 004: 5)."""
+    train_projector: bool = False
+    """Train the multi-modal projector (frozen by default with the vision tower)."""
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class QuantConfig:
+    bits: int = 0
+    """0 = no quantization; 4 (QLoRA nf4/fp4) or 8 (LLM.int8) via bitsandbytes. Needs strategy lora."""
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    skip_modules: list[str] = field(default_factory=lambda: ["model.vision_tower", "model.multi_modal_projector", "lm_head"])
+    """Full module prefixes kept in full precision (bitsandbytes matches prefixes, not leaf names)."""
 
 
 @dataclass
@@ -86,7 +104,7 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     strategy: str = "full"
-    """full | lora."""
+    """full | lora (quant.bits 4/8 makes it QLoRA)."""
     steps: int = 2000
     """Optimizer steps."""
     micro_batch_size: int = 16
@@ -145,6 +163,7 @@ class Experiment:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
@@ -191,6 +210,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return {_coerce(k_t, k, where): _coerce(v_t, v, f"{where}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "2e-3" (no dot) as a string; accept what float() accepts
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is Any:
         return value
     if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):

@@ -32,6 +32,8 @@ def init_ray(cfg: Experiment):
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
+    import ray.data
+
     if ray.is_initialized():
         return ray
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -46,6 +48,11 @@ def init_ray(cfg: Experiment):
             include_dashboard=False,
             runtime_env=env,
         )
+    # Progress bars and per-dataset execution banners drown the job's own output.
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray
 
 

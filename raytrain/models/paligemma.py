@@ -39,16 +39,80 @@ def load_processor(name_or_path: str, cache_dir: str | None = None):
     return AutoProcessor.from_pretrained(resolve(name_or_path, cache_dir))
 
 
-def load(name_or_path: str, dtype: str = "float32", cache_dir: str | None = None, device: str | None = None):
-    """(model, processor) through `from_pretrained`, for hub ids and saved presets alike."""
+def quantization_config(quant: dict | None):
+    """transformers BitsAndBytesConfig from raytrain's quant settings (None = full precision)."""
+    if not quant or not quant.get("bits"):
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    skip = list(quant.get("skip_modules") or [])
+    if quant["bits"] == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.get("quant_type", "nf4"),
+            bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
+            bnb_4bit_compute_dtype=getattr(torch, quant.get("compute_dtype", "bfloat16")),
+            llm_int8_skip_modules=skip,
+        )
+    if quant["bits"] == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    raise ValueError(f"quant.bits must be 0, 4 or 8, not {quant['bits']}")
+
+
+def _cpu_4bit_fix(model) -> None:
+    # bitsandbytes 0.50 on CPUs with AVX512-BF16 takes a fused inference path in Linear4bit that,
+    # once any no-grad forward ran (evaluation, generation), breaks later backward passes.
+    # The plain dequantize+matmul path is correct for training; force it on CPU.
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for mod in model.modules():
+        if isinstance(mod, Linear4bit):
+            mod.support_avx512bf16_for_cpu = False
+
+
+def load(name_or_path: str, dtype: str = "float32", cache_dir: str | None = None, device: str | None = None, quant: dict | None = None):
+    """(model, processor) through `from_pretrained`, for hub ids and saved presets alike.
+    `quant` ({"bits": 4|8, ...}, see config.QuantConfig) loads the weights through bitsandbytes."""
     import torch
     from transformers import PaliGemmaForConditionalGeneration
 
     path = resolve(name_or_path, cache_dir)
-    model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
-    if device:
+    kwargs = {"dtype": getattr(torch, dtype)}
+    qcfg = quantization_config(quant)
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+        kwargs["device_map"] = {"": device or ("cuda" if torch.cuda.is_available() else "cpu")}
+    model = PaliGemmaForConditionalGeneration.from_pretrained(path, **kwargs)
+    if qcfg is not None:
+        _cpu_4bit_fix(model)
+    elif device:
         model.to(device)
     return model, load_processor(path)
+
+
+VISION_LAYERS = "model.vision_tower.encoder.layers."
+PROJECTOR = "model.multi_modal_projector."
+VISION = "model.vision_tower."
+
+
+def apply_freeze_policy(model, *, freeze_vision: bool = True, unfreeze_vision_layers: int = 0, train_projector: bool = False,
+                        train_language: bool = True) -> None:
+    """requires_grad per part: language model (train_language), vision tower (frozen unless
+    freeze_vision=False; the last `unfreeze_vision_layers` encoder layers trainable either way),
+    projector (train_projector, or whenever the vision tower trains). Names are matched on the
+    unwrapped HF model (strip a peft 'base_model.model.' prefix before calling, or pass the HF model)."""
+    n_layers = len(model.model.vision_tower.encoder.layers)
+    keep = {f"{VISION_LAYERS}{i}." for i in range(max(0, n_layers - unfreeze_vision_layers), n_layers)}
+    for name, p in model.named_parameters():
+        if name.startswith(VISION):
+            p.requires_grad_((not freeze_vision) or any(name.startswith(k) for k in keep))
+        elif name.startswith(PROJECTOR):
+            p.requires_grad_(train_projector or not freeze_vision)
+        else:
+            p.requires_grad_(train_language)
 
 
 def lora_target_modules(names: Sequence[str], include_vision: bool = False) -> str:

@@ -10,6 +10,7 @@ checkpoint) -> final checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -44,14 +45,38 @@ class Session:
 
 
 def build_model(cfg: config_mod.Experiment, model_path: str):
-    """Model + processor for the configured strategy; returns (model, processor, trainable count)."""
-    fam = model_family(cfg.model.family)
-    model, processor = fam.load(model_path, dtype=cfg.model.dtype)
-    if cfg.train.strategy == "lora":
-        from peft import LoraConfig, get_peft_model
+    """Model + processor for the configured strategy; returns (model, processor, trainable count).
 
-        for p in model.parameters():
-            p.requires_grad_(False)
+    full: the freeze policy decides which parts train. lora: the base is frozen (quantized by
+    bitsandbytes when quant.bits is 4/8: QLoRA), LoRA adapters go on the language model's linear
+    layers, and the freeze policy can additionally unfreeze the last vision layers / projector."""
+    fam = model_family(cfg.model.family)
+    quant = dataclasses.asdict(cfg.quant) if cfg.quant.bits else None
+    if quant and cfg.train.strategy != "lora":
+        raise ValueError("quant.bits needs train.strategy=lora (QLoRA): quantized weights cannot be fully fine-tuned")
+    model, processor = fam.load(model_path, dtype=cfg.model.dtype, quant=quant)
+    policy = dict(
+        freeze_vision=cfg.model.freeze_vision,
+        unfreeze_vision_layers=cfg.model.unfreeze_vision_layers,
+        train_projector=cfg.model.train_projector,
+    )
+    if cfg.train.strategy == "full":
+        fam.apply_freeze_policy(model, **policy)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.train.strategy == "lora":
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if quant:
+            # casts norms/embeddings to fp32 for stability and freezes the quantized base
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        fam.apply_freeze_policy(model, **policy, train_language=False)
+        extra = {n for n, p in model.named_parameters() if p.requires_grad}  # unfrozen vision layers / projector
         lcfg = LoraConfig(
             r=cfg.lora.r,
             lora_alpha=cfg.lora.alpha,
@@ -59,8 +84,11 @@ def build_model(cfg: config_mod.Experiment, model_path: str):
             target_modules=fam.lora_target_modules(cfg.lora.target_modules),
             bias="none",
         )
-        model = get_peft_model(model, lcfg)
-    elif cfg.train.strategy != "full":
+        model = get_peft_model(model, lcfg)  # marks only adapter weights trainable...
+        for n, p in model.base_model.model.named_parameters():
+            if n in extra:
+                p.requires_grad_(True)  # ...so re-enable what the freeze policy asked for
+    else:
         raise ValueError(f"recipes/lora.py runs strategy full | lora, not {cfg.train.strategy!r}")
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model, processor, n_train
@@ -78,8 +106,11 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
         log.info("strategy=%s trainable params %d / %d (%.2f%%)", cfg.train.strategy, n_train, n_total, 100 * n_train / n_total)
     fam = model_family(cfg.model.family)
     loc_ids = torch.as_tensor(fam.loc_token_ids(processor.tokenizer), device=device)
-    model.to(device)
+    if not cfg.quant.bits:
+        model.to(device)  # quantized models are placed by from_pretrained's device_map
     model.train()
+    # images enter in the vision tower's dtype (bf16 runs; QLoRA keeps the tower in fp32)
+    pixel_dtype = next(p.dtype for n, p in model.named_parameters() if "patch_embed" in n)
 
     optimizer = optim.build_optimizer(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = optim.build_scheduler(optimizer, warmup=cfg.train.warmup_steps, total=cfg.train.steps, kind=cfg.train.schedule)
@@ -134,6 +165,8 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
                 if k in inputs:
                     inputs[k] = inputs[k][:, :width].long()
             labels = labels[:, :width]
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(pixel_dtype)
 
             micro_in_step += 1
             sync = micro_in_step == accum

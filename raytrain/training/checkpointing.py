@@ -22,6 +22,25 @@ import torch
 
 STATE_JSON = "state.json"
 TRAINER_STATE = "trainer_state.pt"
+EXTRA = "extra_trainable.safetensors"
+
+
+def _extra_trainable(peft_model) -> dict:
+    return {n: p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n}
+
+
+def _load_extra(peft_model, adapter_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    f = adapter_dir / EXTRA
+    if not f.exists():
+        return
+    params = dict(peft_model.named_parameters())
+    for k, v in load_file(str(f)).items():
+        if k not in params:
+            raise RuntimeError(f"checkpoint has trainable base weight {k} the model lacks")
+        with torch.no_grad():
+            params[k].copy_(v)
 
 
 def _unwrap(model):
@@ -39,6 +58,11 @@ def save(ckpt_dir: str | Path, *, model, optimizer, scheduler, state: dict, proc
     m = _unwrap(model)
     if is_peft(m):
         m.save_pretrained(str(d / "adapter"))
+        extra = _extra_trainable(m)
+        if extra:  # base weights the freeze policy unfroze next to LoRA (vision layers, projector)
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(d / "adapter" / EXTRA))
     else:
         m.save_pretrained(str(d / "model"), safe_serialization=True)
         if processor is not None:
@@ -76,6 +100,7 @@ def load_weights(ckpt_dir: str | Path, model) -> None:
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise RuntimeError(f"adapter checkpoint has keys the model lacks: {unexpected[:5]}")
+        _load_extra(m, d / "adapter")
         return
     if not (d / "model").exists():
         raise FileNotFoundError(f"no model/ or adapter/ under {d}")
@@ -110,7 +135,9 @@ def load_for_inference(ckpt_dir: str | Path, base_model_path: str, family_module
         from peft import PeftModel
 
         base, processor = family_module.load(base_model_path, dtype=dtype)
-        model = PeftModel.from_pretrained(base, str(d / "adapter")).merge_and_unload()
+        peft_model = PeftModel.from_pretrained(base, str(d / "adapter"))
+        _load_extra(peft_model, d / "adapter")
+        model = peft_model.merge_and_unload()
     else:
         model, processor = family_module.load(str(d / "model"), dtype=dtype)
     model.eval()
