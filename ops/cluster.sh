@@ -23,6 +23,10 @@
 # writes ~/.ray/auth_token, which ray.init() and other clusters on this machine may use.
 # Clients (`ray job submit`, `ray status`, a driver that joins with ray.init) need the same two
 # variables; `env` prints them together with the addresses.
+#
+# Ray's temp dir is private to this cluster ($RAYTRAIN_CLUSTER_DIR/ray), so a bare ray.init()
+# elsewhere on the machine does not attach to this cluster by accident (e.g. other people's
+# tests). A driver that should join it sets RAY_ADDRESS, which `env` also prints.
 set -euo pipefail
 
 DIR="${RAYTRAIN_CLUSTER_DIR:-/tmp/raytrain-cluster}"
