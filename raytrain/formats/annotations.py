@@ -54,29 +54,240 @@ class Box:
         return Point((self.x1 + self.x2) / 2, (self.y1 + self.y2) / 2, self.label)
 
 
-Obj = Point | Box
+@dataclass(frozen=True)
+class Mask:
+    """A binary mask over the WHOLE source image, stored as COCO compressed RLE.
+
+    ``size`` is ``(height, width)`` of the image in pixels (COCO's order), ``counts`` the
+    compressed RLE string that ``pycocotools.mask.encode`` writes (column-major runs,
+    starting with a run of zeros). Pixel ``(c, r)`` set means the object covers
+    ``[c, c+1) x [r, r+1)``, the same continuous convention as :class:`Box`.
+    """
+
+    size: tuple[int, int]
+    counts: str
+    label: str = ""
+
+    @property
+    def height(self) -> int:
+        return int(self.size[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.size[1])
+
+    @property
+    def rle(self) -> dict:
+        """``{"size": [h, w], "counts": str}``: what ``pycocotools.mask`` functions take."""
+        return {"size": [self.height, self.width], "counts": self.counts}
+
+    @classmethod
+    def from_rle(cls, rle: dict, label: str = "") -> "Mask":
+        """From a COCO RLE dict: compressed (``counts`` str/bytes) or uncompressed (a list of
+        run lengths, as COCO stores ``iscrowd`` annotations). Raises ValueError if malformed."""
+        from pycocotools import mask as mask_utils
+
+        if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+            raise ValueError(f"RLE must be a dict with 'size' and 'counts', got {rle!r:.80}")
+        h, w = _check_size(rle["size"])
+        counts = rle["counts"]
+        if isinstance(counts, list):
+            if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts) or sum(counts) != h * w:
+                raise ValueError(f"uncompressed RLE counts must be non-negative ints summing to {h}*{w}")
+            counts = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)["counts"]
+        if isinstance(counts, bytes):
+            counts = counts.decode("ascii", errors="replace")
+        if not isinstance(counts, str):
+            raise ValueError(f"RLE counts must be a string or a list, got {type(counts).__name__}")
+        _check_counts(counts, h, w)
+        return cls((h, w), counts, label)
+
+    @classmethod
+    def from_array(cls, mask, label: str = "") -> "Mask":
+        """From a 2-D array (bool or 0/1), shape ``(height, width)``."""
+        import numpy as np
+        from pycocotools import mask as mask_utils
+
+        arr = np.asarray(mask)
+        if arr.ndim != 2:
+            raise ValueError(f"mask must be 2-D (height, width), got shape {arr.shape}")
+        rle = mask_utils.encode(np.asfortranarray(arr.astype(bool).astype(np.uint8)))
+        return cls((int(arr.shape[0]), int(arr.shape[1])), rle["counts"].decode("ascii"), label)
+
+    @classmethod
+    def from_polygons(cls, polygons: Sequence[Sequence[float]], height: int, width: int, label: str = "") -> "Mask":
+        """Rasterise COCO polygons (each a flat ``[x1, y1, x2, y2, ...]`` in pixels) into one mask,
+        the way COCO does (``pycocotools.mask.frPyObjects`` + ``merge``)."""
+        from pycocotools import mask as mask_utils
+
+        h, w = _check_size([height, width])
+        polys = []
+        for p in polygons:
+            p = [float(v) for v in p]
+            # frPyObjects reads a 4-number list as a bbox, not a polygon: demand >= 3 vertices
+            if len(p) < 6 or len(p) % 2 or not all(math.isfinite(v) for v in p):
+                raise ValueError(f"a polygon needs >= 3 finite (x, y) pairs, got {len(p)} numbers")
+            polys.append(p)
+        if not polys:
+            raise ValueError("no polygons")
+        rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
+        return cls((h, w), rle["counts"].decode("ascii"), label)
+
+    def to_array(self):
+        """Boolean array of shape ``(height, width)``."""
+        from pycocotools import mask as mask_utils
+
+        _check_counts(self.counts, self.height, self.width)  # pycocotools decodes without bounds checks
+        return mask_utils.decode(self._coco()).astype(bool)
+
+    @property
+    def area(self) -> int:
+        """Number of pixels set."""
+        counts = _check_counts(self.counts, self.height, self.width)
+        return int(sum(counts[1::2]))
+
+    @property
+    def box(self) -> Box:
+        """Tight box around the set pixels (continuous convention: x2 = last column + 1),
+        carrying the mask's label; ``Box(0, 0, 0, 0)`` for an empty mask."""
+        from pycocotools import mask as mask_utils
+
+        if self.area == 0:
+            return Box(0.0, 0.0, 0.0, 0.0, self.label)
+        x, y, w, h = (float(v) for v in mask_utils.toBbox(self._coco()))
+        return Box(x, y, x + w, y + h, self.label)
+
+    def _coco(self) -> dict:
+        return {"size": [self.height, self.width], "counts": self.counts.encode("ascii")}
+
+
+@dataclass(frozen=True)
+class Caption:
+    """A caption of the whole image."""
+
+    text: str
+
+    @property
+    def label(self) -> str:
+        """Always "": a caption is not about one labelled object (kept so every object has ``label``)."""
+        return ""
+
+
+@dataclass(frozen=True)
+class Region:
+    """A described region (dense captioning, Visual Genome): a box in source pixels + a phrase."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    phrase: str
+
+    @property
+    def box(self) -> Box:
+        """The region's box, labelled with its phrase."""
+        return Box(self.x1, self.y1, self.x2, self.y2, self.phrase)
+
+    @property
+    def label(self) -> str:
+        """The phrase (so every object has ``label``)."""
+        return self.phrase
+
+
+def _check_size(size) -> tuple[int, int]:
+    if (
+        not isinstance(size, (list, tuple))
+        or len(size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in size)
+    ):
+        raise ValueError(f"mask size must be [height, width] as non-negative ints, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def _check_counts(counts: str, h: int, w: int) -> list[int]:
+    """Run lengths of a compressed COCO RLE string; ValueError unless they cover exactly h*w pixels.
+
+    Same decoding as pycocotools' ``rleFrString`` (6-bit groups from chr(48), 0x20 = more,
+    0x10 = sign, runs after the second stored as differences), done here first because
+    pycocotools writes past its buffer on counts that do not add up to the size.
+    """
+    runs: list[int] = []
+    p, n = 0, len(counts)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n:
+                raise ValueError("RLE counts string ends inside a number")
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"invalid character {counts[p]!r} in RLE counts")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        if x < 0:
+            raise ValueError("negative run length in RLE counts")
+        runs.append(x)
+    if sum(runs) != h * w:
+        raise ValueError(f"RLE runs cover {sum(runs)} pixels, size {h}x{w} has {h * w}")
+    return runs
+
+
+Obj = Point | Box | Mask | Caption | Region
 
 # ---------------------------------------------------------------------------- JSON
 # Shards store annotations as one JSON string per image, so the schema stays flat.
 
-_FIELDS = {"point": ("x", "y"), "box": ("x1", "y1", "x2", "y2")}
+_FIELDS = {
+    "point": ("x", "y"),
+    "box": ("x1", "y1", "x2", "y2"),
+    "region": ("x1", "y1", "x2", "y2"),
+    "caption": (),
+    "mask_rle": (),
+}
+"""Numeric fields of each JSON ``type``."""
+_STRINGS = {
+    "point": {"label": False},
+    "box": {"label": False},
+    "region": {"phrase": True},
+    "caption": {"text": True},
+    "mask_rle": {"counts": True, "label": False},
+}
+"""String fields of each JSON ``type``: name -> required (optional ones default to "")."""
+_OTHER = {"mask_rle": ("size",)}
+_TYPES = ", ".join(repr(t) for t in _FIELDS)
+
+
+def _to_dict(o: Obj) -> dict[str, Any]:
+    if isinstance(o, Point):
+        return {"type": "point", "x": float(o.x), "y": float(o.y), "label": o.label}
+    if isinstance(o, Box):
+        xyxy = {"x1": float(o.x1), "y1": float(o.y1), "x2": float(o.x2), "y2": float(o.y2)}
+        return {"type": "box", **xyxy, "label": o.label}
+    if isinstance(o, Region):
+        xyxy = {"x1": float(o.x1), "y1": float(o.y1), "x2": float(o.x2), "y2": float(o.y2)}
+        return {"type": "region", **xyxy, "phrase": o.phrase}
+    if isinstance(o, Caption):
+        return {"type": "caption", "text": o.text}
+    if isinstance(o, Mask):
+        return {"type": "mask_rle", "size": [int(o.size[0]), int(o.size[1])], "counts": o.counts, "label": o.label}
+    raise TypeError(f"expected Point, Box, Mask, Caption or Region, got {type(o).__name__}")
 
 
 def objects_to_json(objs: Sequence[Obj]) -> str:
-    """JSON list of ``{"type": "point", "x", "y", "label"}`` / ``{"type": "box", "x1", ..., "label"}``.
+    """JSON list with one dict per object, tagged by ``type``:
+
+    ``{"type": "point", "x", "y", "label"}``, ``{"type": "box", "x1", "y1", "x2", "y2", "label"}``,
+    ``{"type": "region", "x1", "y1", "x2", "y2", "phrase"}``, ``{"type": "caption", "text"}``,
+    ``{"type": "mask_rle", "size": [h, w], "counts", "label"}`` (COCO compressed RLE).
 
     Raises ValueError on non-finite coordinates (NaN / inf are not JSON).
     """
-    out: list[dict[str, Any]] = []
-    for o in objs:
-        if isinstance(o, Point):
-            out.append({"type": "point", "x": float(o.x), "y": float(o.y), "label": o.label})
-        elif isinstance(o, Box):
-            xyxy = {"x1": float(o.x1), "y1": float(o.y1), "x2": float(o.x2), "y2": float(o.y2)}
-            out.append({"type": "box", **xyxy, "label": o.label})
-        else:
-            raise TypeError(f"expected Point or Box, got {type(o).__name__}")
-    return json.dumps(out, allow_nan=False)
+    return json.dumps([_to_dict(o) for o in objs], allow_nan=False)
 
 
 def _reject_constant(name: str) -> float:
@@ -87,7 +298,7 @@ def objects_from_json(s: str) -> list[Obj]:
     """Inverse of ``objects_to_json``. Raises ValueError saying what is wrong on malformed input.
 
     ``label`` may be absent (read as ""); any other missing, extra or non-numeric field
-    is an error, as is NaN / Infinity.
+    is an error, as is NaN / Infinity, and a mask whose RLE runs do not cover its size.
     """
     try:
         data = json.loads(s, parse_constant=_reject_constant)
@@ -100,10 +311,10 @@ def objects_from_json(s: str) -> list[Obj]:
         if not isinstance(d, dict):
             raise ValueError(f"object {i}: expected a JSON object, got {type(d).__name__}")
         kind = d.get("type")
-        if kind not in _FIELDS:
-            raise ValueError(f"object {i}: unknown type {kind!r} (expected 'point' or 'box')")
+        if not isinstance(kind, str) or kind not in _FIELDS:
+            raise ValueError(f"object {i}: unknown type {kind!r} (expected one of {_TYPES})")
         names = _FIELDS[kind]
-        extra = set(d) - set(names) - {"type", "label"}
+        extra = set(d) - set(names) - set(_STRINGS[kind]) - set(_OTHER.get(kind, ())) - {"type"}
         if extra:
             raise ValueError(f"object {i}: unexpected fields {sorted(extra)}")
         coords = []
@@ -121,31 +332,59 @@ def objects_from_json(s: str) -> list[Obj]:
             if not math.isfinite(f):  # 1e999 parses to inf without going through parse_constant
                 raise ValueError(f"object {i}: field {n!r} is not a finite number")
             coords.append(f)
-        label = d.get("label", "")
-        if not isinstance(label, str):
-            raise ValueError(f"object {i}: label must be a string, got {label!r}")
-        objs.append(Point(*coords, label=label) if kind == "point" else Box(*coords, label=label))
+        text: dict[str, str] = {}
+        for n, required in _STRINGS[kind].items():
+            if n not in d and required:
+                raise ValueError(f"object {i}: missing field {n!r}")
+            v = d.get(n, "")
+            if not isinstance(v, str):
+                raise ValueError(f"object {i}: {n} must be a string, got {v!r}")
+            text[n] = v
+        if kind == "point":
+            objs.append(Point(*coords, label=text["label"]))
+        elif kind == "box":
+            objs.append(Box(*coords, label=text["label"]))
+        elif kind == "region":
+            objs.append(Region(*coords, phrase=text["phrase"]))
+        elif kind == "caption":
+            objs.append(Caption(text["text"]))
+        else:
+            if "size" not in d:
+                raise ValueError(f"object {i}: missing field 'size'")
+            try:
+                h, w = _check_size(d["size"])
+                _check_counts(text["counts"], h, w)
+            except ValueError as e:
+                raise ValueError(f"object {i}: {e}") from None
+            objs.append(Mask((h, w), text["counts"], text["label"]))
     return objs
 
 
 # ---------------------------------------------------------------------------- validation
 
 REASONS_INVALID_OBJECTS = ("empty_annotations", "coords_out_of_range", "degenerate_box")
+REASONS_INVALID_OBJECTS_MORE = ("mask_size_mismatch", "empty_mask", "empty_text")
+"""Reasons that only masks, captions and regions can give."""
+ALL_REASONS_INVALID_OBJECTS = REASONS_INVALID_OBJECTS + REASONS_INVALID_OBJECTS_MORE
 
 
 def _coords(o: Obj) -> tuple[tuple[float, float], ...]:
     """(value, limit-axis) pairs: axis 0 is x, 1 is y."""
     if isinstance(o, Point):
         return ((o.x, 0), (o.y, 1))
-    return ((o.x1, 0), (o.y1, 1), (o.x2, 0), (o.y2, 1))
+    if isinstance(o, (Box, Region)):
+        return ((o.x1, 0), (o.y1, 1), (o.x2, 0), (o.y2, 1))
+    return ()  # masks are checked by size, captions have no geometry
 
 
 def check_objects(objs: Sequence[Obj], width: int, height: int) -> str | None:
     """None if the objects are usable on a ``width`` x ``height`` pixel image, else one reason.
 
-    Reasons (``REASONS_INVALID_OBJECTS``), first failing object wins, coordinates checked
+    Reasons (``ALL_REASONS_INVALID_OBJECTS``), first failing object wins, coordinates checked
     before geometry: "empty_annotations" (no objects), "coords_out_of_range" (a coordinate
-    is non-finite, < 0, or > width / height), "degenerate_box" (x2 <= x1 or y2 <= y1).
+    is non-finite, < 0, or > width / height), "degenerate_box" (a box or region with
+    x2 <= x1 or y2 <= y1), "mask_size_mismatch" (mask size != (height, width)),
+    "empty_mask" (no pixel set), "empty_text" (blank caption or region phrase).
     """
     if len(objs) == 0:
         return "empty_annotations"
@@ -154,8 +393,17 @@ def check_objects(objs: Sequence[Obj], width: int, height: int) -> str | None:
         for v, axis in _coords(o):
             if not math.isfinite(v) or v < 0 or v > limits[axis]:
                 return "coords_out_of_range"
-        if isinstance(o, Box) and (o.x2 <= o.x1 or o.y2 <= o.y1):
+        if isinstance(o, (Box, Region)) and (o.x2 <= o.x1 or o.y2 <= o.y1):
             return "degenerate_box"
+        if isinstance(o, Mask):
+            if (o.height, o.width) != (height, width):
+                return "mask_size_mismatch"
+            if o.area == 0:
+                return "empty_mask"
+        if isinstance(o, Caption) and not o.text.strip():
+            return "empty_text"
+        if isinstance(o, Region) and not o.phrase.strip():
+            return "empty_text"
     return None
 
 
