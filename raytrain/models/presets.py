@@ -1,0 +1,368 @@
+"""Real-size architecture presets, built in code (no hub download).
+
+Each preset names a released checkpoint (`hub_id`) and rebuilds its architecture config by hand, so
+that we can count parameters, estimate memory (`raytrain.models.memory`) and build random-weight
+models of the real shape for GPU benchmarks without fetching gigabytes of weights.
+
+Families and the numbers behind them (checked against the checkpoints' config.json and published
+parameter counts; see tests/unit/models/test_presets.py):
+
+PaliGemma (`family="paligemma"`): SigLIP-So400m/14 encoder (27 layers, width 1152, MLP 4304,
+16 heads, 14x14-pixel patches, no pooling head) -> one linear projector (1152 -> LM width) ->
+Gemma decoder, vocabulary 257216 (256000 text + 1024 <loc> + 128 <seg> + 64 spare).
+Image tokens = (image_size / 14)**2: 224 -> 256, 448 -> 1024, 896 -> 4096.
+
+    decoder            width  layers  heads  kv  head_dim  MLP     published total
+    Gemma 2B (PG1 3B)  2048   18      8      1   256       16384   2.92B
+    Gemma 2 2B (3B)    2304   26      8      4   256       9216    3.03B
+    Gemma 2 9B (10B)   3584   42      16     8   256       14336   9.66B
+    Gemma 2 27B (28B)  4608   46      32     16  128       36864   27.65B
+
+Qwen2.5-VL (`family="qwen2_5_vl"`): window-attention ViT (32 blocks, width 1280, 16 heads,
+SwiGLU MLP 3420 for 3B/7B and 3456 for 32B/72B, RMSNorm, 14x14 patches x 2 frames, full attention in
+blocks 7/15/23/31, window 112 px) -> patch merger (2x2 patches -> 5120 -> MLP -> LM width) ->
+Qwen2.5 decoder (M-RoPE sections 16/24/24, rope theta 1e6, QKV bias).
+
+    decoder       width  layers  heads  kv  MLP     vocab   tied  published total
+    Qwen2.5 3B    2048   36      16     2   11008   151936  yes   3.75B
+    Qwen2.5 7B    3584   28      28     4   18944   152064  no    8.29B
+    Qwen2.5 32B   5120   64      40     8   27648   152064  no    33.5B
+    Qwen2.5 72B   8192   80      64     8   29568   152064  no    73.4B
+
+Qwen2.5-VL reads images at their own resolution (`smart_resize` to multiples of 28 px), so its
+image token count varies per image. The Qwen presets use a nominal 448x448 image:
+(448 / 14)**2 = 1024 patches, merged 2x2 -> 256 LM tokens. That is what memory estimates and
+benchmarks assume; the training pipeline decides the real resolution.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+PALIGEMMA_VOCAB = 257216
+PALIGEMMA_IMAGE_TOKEN_ID = 257152  # "<image>", the first id after the 256000-word Gemma vocabulary + 1152 loc/seg
+SIGLIP_PATCH = 14
+QWEN_PATCH = 14
+QWEN_MERGE = 2
+QWEN_NOMINAL_IMAGE = 448
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    """Short name, the key in PRESETS (e.g. 'paligemma2-3b-224', 'qwen2.5-vl-7b')."""
+    family: str
+    """'paligemma' | 'qwen2_5_vl' (the raytrain.models.<family> module that loads it)."""
+    hub_id: str
+    """Hugging Face repository of the released weights."""
+    image_size: int
+    """Square input side in pixels (nominal for Qwen2.5-VL, which resizes dynamically)."""
+    image_tokens: int
+    """Tokens one image occupies in the language model's sequence."""
+    config_fn: Callable[[], object]
+    """Builds a fresh transformers config for this checkpoint."""
+
+
+# ---------------------------------------------------------------------------- PaliGemma
+
+# Decoder shapes: (width, layers, heads, kv heads, head_dim, MLP width, query_pre_attn_scalar)
+_GEMMA = {
+    "gemma-2b": (2048, 18, 8, 1, 256, 16384, None),
+    "gemma2-2b": (2304, 26, 8, 4, 256, 9216, 256),
+    "gemma2-9b": (3584, 42, 16, 8, 256, 14336, 256),
+    # Gemma 2 27B scales queries by 1/sqrt(width / heads) = 1/sqrt(144), not 1/sqrt(head_dim).
+    "gemma2-27b": (4608, 46, 32, 16, 128, 36864, 144),
+}
+
+
+def _siglip_so400m(image_size: int, projection_dim: int):
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        num_channels=3,
+        image_size=image_size,
+        patch_size=SIGLIP_PATCH,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+        vision_use_head=False,  # PaliGemma uses the patch tokens, not SigLIP's pooled embedding
+        projection_dim=projection_dim,
+    )
+
+
+def _paligemma_config(decoder: str, image_size: int):
+    from transformers import Gemma2Config, GemmaConfig, PaliGemmaConfig
+
+    width, layers, heads, kv, head_dim, mlp, qscale = _GEMMA[decoder]
+    common = {
+        "vocab_size": PALIGEMMA_VOCAB,
+        "hidden_size": width,
+        "intermediate_size": mlp,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-6,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "bos_token_id": 2,
+    }
+    if decoder.startswith("gemma2"):
+        text = Gemma2Config(
+            **common,
+            query_pre_attn_scalar=qscale,
+            sliding_window=4096,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+        )
+    else:
+        text = GemmaConfig(**common)
+    return PaliGemmaConfig(
+        vision_config=_siglip_so400m(image_size, width),
+        text_config=text,
+        image_token_index=PALIGEMMA_IMAGE_TOKEN_ID,
+        vocab_size=PALIGEMMA_VOCAB,
+        projection_dim=width,
+        hidden_size=width,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+    )
+
+
+# ---------------------------------------------------------------------------- Qwen2.5-VL
+
+# (width, layers, heads, kv heads, MLP width, vocab, tied embeddings, ViT MLP width)
+_QWEN = {
+    "3b": (2048, 36, 16, 2, 11008, 151936, True, 3420),
+    "7b": (3584, 28, 28, 4, 18944, 152064, False, 3420),
+    "32b": (5120, 64, 40, 8, 27648, 152064, False, 3456),
+    "72b": (8192, 80, 64, 8, 29568, 152064, False, 3456),
+}
+
+
+def _qwen2_5_vl_config(size: str):
+    from transformers import Qwen2_5_VLConfig
+
+    width, layers, heads, kv, mlp, vocab, tied, vit_mlp = _QWEN[size]
+    vision = {
+        "depth": 32,
+        "hidden_size": 1280,
+        "hidden_act": "silu",
+        "intermediate_size": vit_mlp,
+        "num_heads": 16,
+        "in_channels": 3,
+        "patch_size": QWEN_PATCH,
+        "spatial_merge_size": QWEN_MERGE,
+        "temporal_patch_size": 2,
+        "tokens_per_second": 2,
+        "window_size": 112,
+        "out_hidden_size": width,  # the merger projects straight into the decoder's width
+        "fullatt_block_indexes": [7, 15, 23, 31],
+    }
+    text = {
+        "vocab_size": vocab,
+        "hidden_size": width,
+        "intermediate_size": mlp,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "hidden_act": "silu",
+        "max_position_embeddings": 128000,
+        "rms_norm_eps": 1e-6,
+        "use_sliding_window": False,
+        "sliding_window": 32768,
+        "max_window_layers": layers,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        "tie_word_embeddings": tied,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+    }
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        tie_word_embeddings=tied,
+    )
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+def _build_presets() -> dict[str, Preset]:
+    presets: dict[str, Preset] = {}
+    pg = [("paligemma-3b", "google/paligemma-3b-pt-{res}", "gemma-2b")] + [
+        (f"paligemma2-{size}", f"google/paligemma2-{size}-pt-{{res}}", dec)
+        for size, dec in (("3b", "gemma2-2b"), ("10b", "gemma2-9b"), ("28b", "gemma2-27b"))
+    ]
+    for stem, hub, decoder in pg:
+        for res in (224, 448, 896):
+            name = f"{stem}-{res}"
+            presets[name] = Preset(
+                name=name,
+                family="paligemma",
+                hub_id=hub.format(res=res),
+                image_size=res,
+                image_tokens=(res // SIGLIP_PATCH) ** 2,
+                config_fn=functools.partial(_paligemma_config, decoder, res),
+            )
+    for size in _QWEN:
+        name = f"qwen2.5-vl-{size}"
+        presets[name] = Preset(
+            name=name,
+            family="qwen2_5_vl",
+            hub_id=f"Qwen/Qwen2.5-VL-{size.upper()}-Instruct",
+            image_size=QWEN_NOMINAL_IMAGE,
+            image_tokens=(QWEN_NOMINAL_IMAGE // (QWEN_PATCH * QWEN_MERGE)) ** 2,
+            config_fn=functools.partial(_qwen2_5_vl_config, size),
+        )
+    return presets
+
+
+PRESETS: dict[str, Preset] = _build_presets()
+
+
+def get(name: str) -> Preset:
+    """The preset called `name`; also accepts its hub id (e.g. 'google/paligemma2-3b-pt-224')."""
+    if name in PRESETS:
+        return PRESETS[name]
+    for p in PRESETS.values():
+        if p.hub_id.lower() == name.lower():
+            return p
+    raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+
+
+def build_config(name: str):
+    """A fresh transformers config (PaliGemmaConfig or Qwen2_5_VLConfig) for preset `name`."""
+    return get(name).config_fn()
+
+
+def _model_class(family: str):
+    if family == "paligemma":
+        from transformers import PaliGemmaForConditionalGeneration
+
+        return PaliGemmaForConditionalGeneration
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        return Qwen2_5_VLForConditionalGeneration
+    raise ValueError(f"unknown family {family!r}")
+
+
+def random_model(name: str, dtype="bfloat16", device="cpu", *, seed: int = 0, attn_implementation: str | None = None):
+    """Random-weight model of the real architecture, created directly on `device` in `dtype`
+    (for GPU throughput/memory benchmarks; real weights come from `from_pretrained(hub_id)`).
+
+    Needs the full memory of the model on `device` (2 bytes/param in bf16): 28B -> ~55 GiB.
+    `attn_implementation`: None = transformers' default for the architecture ('eager' for Gemma 2,
+    which SDPA cannot softcap; 'sdpa' otherwise), or e.g. 'flash_attention_2'.
+    """
+    import torch
+
+    preset = get(name)
+    cfg = preset.config_fn()
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    torch.manual_seed(seed)
+    kwargs = {"dtype": dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    with torch.device(device):
+        model = _model_class(preset.family)._from_config(cfg, **kwargs)
+    return model
+
+
+@functools.cache
+def meta_model(name: str):
+    """The model of preset `name` on the meta device: real shapes, no storage (fast, ~no memory).
+    Cached: treat it as read-only."""
+    import torch
+
+    preset = get(name)
+    cfg = preset.config_fn()
+    with torch.device("meta"):
+        return _model_class(preset.family)._from_config(cfg)
+
+
+def _component(family: str, param_name: str) -> str:
+    """'vision' | 'projector' | 'language' for a parameter name of the transformers 5 layout."""
+    if family == "paligemma":
+        if param_name.startswith("model.vision_tower."):
+            return "vision"
+        if param_name.startswith("model.multi_modal_projector."):
+            return "projector"
+        return "language"
+    if param_name.startswith("model.visual.merger."):
+        return "projector"
+    if param_name.startswith("model.visual."):
+        return "vision"
+    return "language"
+
+
+@functools.cache
+def param_inventory(name: str) -> dict[str, int]:
+    """Parameter counts of preset `name` by (component, kind), from the meta-device model.
+
+    Keys are '<component>.<kind>' with component in vision | projector | language and kind in
+    linear (weights of nn.Linear layers inside the towers: what bitsandbytes quantizes and LoRA
+    adapts), embedding (token embeddings and an untied lm_head), other (norms, biases, patch and
+    position embeddings). Tied weights are counted once.
+    """
+    import torch
+
+    preset = get(name)
+    model = meta_model(name)
+    linear_weights = set()
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and mod_name != "lm_head":
+            linear_weights.add(f"{mod_name}.weight")
+    embeddings = {
+        f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding) and "language_model" in n
+    }
+    embeddings.add("lm_head.weight")
+    inv: dict[str, int] = {}
+    for pname, p in model.named_parameters():  # named_parameters() yields a tied tensor once
+        kind = "linear" if pname in linear_weights else "embedding" if pname in embeddings else "other"
+        key = f"{_component(preset.family, pname)}.{kind}"
+        inv[key] = inv.get(key, 0) + p.numel()
+    return inv
+
+
+def count_params(name: str) -> dict[str, int]:
+    """{total, vision, projector, language, embeddings} parameter counts of preset `name`.
+
+    vision = the image encoder without its projector; projector = PaliGemma's linear projector or
+    Qwen2.5-VL's patch merger; language = the decoder including token embeddings and an untied
+    lm_head; embeddings = those embedding matrices alone (a subset of language). Tied embeddings
+    count once. total = vision + projector + language.
+    """
+    inv = param_inventory(name)
+    out = {c: sum(v for k, v in inv.items() if k.startswith(c + ".")) for c in ("vision", "projector", "language")}
+    out["total"] = out["vision"] + out["projector"] + out["language"]
+    out["embeddings"] = inv.get("language.embedding", 0)
+    return out
+
+
+def linear_shapes(name: str, component: str = "language") -> list[tuple[str, int, int]]:
+    """(module name, in_features, out_features) of every nn.Linear in `component` (lm_head excluded)."""
+    import torch
+
+    preset = get(name)
+    out = []
+    for mod_name, mod in meta_model(name).named_modules():
+        if (
+            isinstance(mod, torch.nn.Linear)
+            and mod_name != "lm_head"
+            and _component(preset.family, mod_name + ".weight") == component
+        ):
+            out.append((mod_name, mod.in_features, mod.out_features))
+    return out
