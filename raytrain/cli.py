@@ -2,6 +2,7 @@
 
     raytrain train   --config jobs/tiny/shapes.yaml [a.b=value ...]
     raytrain prepare --config jobs/tiny/shapes.yaml [a.b=value ...]
+    raytrain eval    --config jobs/tiny/shapes.yaml [eval.checkpoint=URI] [eval.split=val]
     raytrain config  [--config FILE] [a.b=value ...]    # print the resolved config
     raytrain config  --help-fields                      # every field, its default and its help
 """
@@ -20,6 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_ in (
         ("train", "prepare data (synthetic default), train, evaluate; prints the metrics JSON path last"),
         ("prepare", "write the dataset's Parquet shards and prep report"),
+        ("eval", "evaluate a checkpoint (default: the run's latest) on a whole split; prints the metrics JSON path last"),
         ("config", "print the resolved experiment config"),
     ):
         sp = sub.add_parser(name, help=help_)
@@ -48,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         from raytrain.launch import train as launch_train
 
         launch_train.prepare_data(cfg)
+        return 0
+    if args.command == "eval":
+        from raytrain.launch import eval as launch_eval
+
+        launch_eval.main(cfg)
         return 0
     if args.command == "train":
         from raytrain.launch import train as launch_train

@@ -132,6 +132,8 @@ class ScaleConfig:
     cpus_per_worker: float = 0.5
     """Fractional CPUs so Ray Data keeps cores for preprocessing on small machines."""
     use_gpu: bool = False
+    accelerator_type: str | None = None
+    """Pin workers to a GPU type (e.g. 'H100', 'A100') on clusters with several worker types."""
     max_failures: int = 2
     """Worker-group restarts from the latest checkpoint before the run fails."""
 
@@ -146,6 +148,8 @@ class EvalConfig:
     cpus_per_actor: float = 0.5
     baselines: bool = True
     """Also score the untrained model and the blind centre baselines."""
+    checkpoint: str = ""
+    """`raytrain eval`: checkpoint URI to evaluate; empty = the run's latest checkpoint."""
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Sequence
 
 import numpy as np
@@ -78,7 +79,9 @@ class Predictor:
     def __call__(self, batch: dict) -> dict:
         images = [Image.fromarray(a) for a in batch["image"]]
         texts = self.fam.generate(self.model, self.processor, images, list(batch["prefix"]), max_new_tokens=self.max_new_tokens)
-        return _rows_from_predictions(batch, texts, self.fam, tuple(batch["image"].shape[1:3]))
+        out = _rows_from_predictions(batch, texts, self.fam, tuple(batch["image"].shape[1:3]))
+        out["worker"] = np.full(len(texts), os.getpid())  # which actor scored it (coverage checks)
+        return out
 
 
 def centre_baseline(batch: dict, *, mean_box_wh: tuple[float, float] | None, family: str = "paligemma") -> dict:
@@ -124,7 +127,9 @@ def run_predictions(examples, *, family: str, model_path: str, checkpoint_uri: s
                     dtype: str, max_new_tokens: int, batch_size: int, num_actors: int, cpus_per_actor: float) -> list[dict]:
     """Every example of `examples` (a Ray Dataset from pipeline.examples_dataset) through a pool of
     `num_actors` predictors; returns the per-example rows."""
-    ds = examples.map_batches(
+    # One block per batch: Ray Data hands whole blocks to actors, and a small split read from one
+    # Parquet row group would otherwise be a single block served by a single actor.
+    ds = examples.repartition(target_num_rows_per_block=batch_size).map_batches(
         Predictor,
         fn_constructor_kwargs={
             "family": family,
@@ -154,8 +159,12 @@ def write_predictions(rows: list[dict], path_uri: str, opts=None) -> str:
     fs = storage.fsspec_fs(path_uri, opts)
     with fs.open(storage.strip_scheme(path_uri), "w") as f:
         for r in rows:
-            f.write(json.dumps({k: (json.loads(r[k]) if k in ("objects", "errors", "score") else r[k]) for k in r}) + "\n")
+            f.write(json.dumps({k: (json.loads(r[k]) if k in ("objects", "errors", "score") else _plain(r[k])) for k in r}) + "\n")
     return path_uri
+
+
+def _plain(v):
+    return v.item() if isinstance(v, np.generic) else v
 
 
 def mean_box_size(sizes: list[tuple[float, float]]) -> tuple[float, float] | None:

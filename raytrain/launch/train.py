@@ -144,6 +144,7 @@ def fit(cfg: Experiment, uri: str, base_path: str, counter):
             num_workers=cfg.scale.num_workers,
             use_gpu=cfg.scale.use_gpu,
             resources_per_worker={"CPU": cfg.scale.cpus_per_worker},
+            accelerator_type=cfg.scale.accelerator_type,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,

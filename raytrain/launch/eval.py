@@ -1,0 +1,89 @@
+"""Driver side of `raytrain eval`: evaluate a checkpoint on a whole split with a pool of predictor
+actors (Ray Data), write predictions (JSONL, COCO results JSON) and metrics JSON.
+
+    raytrain eval --config jobs/tiny/shapes.yaml [eval.checkpoint=<uri>] [eval.split=val]
+
+Without eval.checkpoint the run's latest checkpoint (by step) is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+
+from raytrain import config as config_mod
+from raytrain import storage
+from raytrain.config import Experiment
+from raytrain.launch import train as launch_train
+
+log = logging.getLogger("raytrain.launch.eval")
+
+
+def latest_checkpoint(cfg: Experiment) -> str:
+    """URI of the highest-step checkpoint under the run directory."""
+    run = storage.run_dir(launch_train.runs_root(cfg), cfg.name)
+    opts = launch_train.storage_opts(cfg)
+    fs = storage.fsspec_fs(run, opts)
+    root = storage.strip_scheme(run)
+    best, best_step = None, -1
+    for d in fs.glob(posixpath.join(root, "checkpoint_*")):
+        state = posixpath.join(d, "state.json")
+        if not fs.exists(state):
+            continue  # an interrupted upload: not a usable checkpoint
+        step = json.loads(fs.cat(state))["step"]
+        if step > best_step:
+            best, best_step = d, step
+    if best is None:
+        raise FileNotFoundError(f"no checkpoint under {run}")
+    return ("s3://" + best) if storage.is_s3(run) else best
+
+
+def coco_results(rows: list[dict]) -> list[dict]:
+    """Detection predictions in COCO results format (image ids = example ids, category = label).
+    Scores are 1.0 until per-object confidences are produced by the predictor."""
+    out = []
+    for r in rows:
+        if r["task"] != "detect":
+            continue
+        for o in json.loads(r["objects"]):
+            if o.get("type") != "box":
+                continue
+            out.append({"image_id": r["id"], "category": o.get("label", ""), "score": o.get("score", 1.0),
+                        "bbox": [o["x1"], o["y1"], o["x2"] - o["x1"], o["y2"] - o["y1"]]})
+    return out
+
+
+def main(cfg: Experiment) -> str:
+    from raytrain.data import pipeline
+    from raytrain.eval import batch as eval_batch
+    from raytrain.eval.metrics.table import format_table
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    ray = launch_train.init_ray(cfg)
+    uri = launch_train.data_uri(cfg)
+    base_path = launch_train.model_path(cfg)
+    ckpt = cfg.eval.checkpoint or latest_checkpoint(cfg)
+    print(f"evaluating {ckpt} on split {cfg.eval.split} of {uri}", flush=True)
+    counter = pipeline.drop_counter()
+    metrics, rows = launch_train.evaluate(cfg, uri, base_path, ckpt, counter)
+    opts = launch_train.storage_opts(cfg)
+    out_dir = storage.join(storage.run_dir(launch_train.runs_root(cfg), cfg.name), "eval")
+    if not storage.is_s3(out_dir):
+        import os
+
+        os.makedirs(out_dir, exist_ok=True)
+    eval_batch.write_predictions(rows, storage.join(out_dir, f"predictions_{cfg.eval.split}.jsonl"), opts)
+    storage.write_json(storage.join(out_dir, f"coco_results_{cfg.eval.split}.json"), coco_results(rows), opts)
+    metrics["run"] = {"checkpoint": ckpt, "data": uri, "split": cfg.eval.split, "data_counts": ray.get(counter.get.remote())}
+    out = storage.write_json(storage.join(out_dir, f"metrics_{cfg.eval.split}.json"), metrics, opts)
+    cols = {k: metrics[k] for k in ("trained", "untrained", "centre_baseline") if k in metrics}
+    print(format_table(cols, ["n", "valid_rate", "mean_norm_distance", "median_norm_distance", "success_rate", "success_rate_all"]))
+    print(out, flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(config_mod.load(sys.argv[1] if len(sys.argv) > 1 else None, sys.argv[2:]))
