@@ -1,0 +1,67 @@
+"""The offline tiny PaliGemma preset goes through the same from_pretrained path as a hub model."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+from raytrain.formats.paligemma import NUM_LOC, NUM_SEG
+from raytrain.models import paligemma, tiny
+
+pytestmark = pytest.mark.integration
+
+
+def test_tokenizer_has_the_paligemma_vocabulary(tiny_model_path):
+    tok = AutoProcessor.from_pretrained(tiny_model_path).tokenizer
+    locs = paligemma.loc_token_ids(tok)
+    assert len(locs) == NUM_LOC and (np.diff(locs) == 1).all()  # contiguous, in bin order
+    segs = tok.convert_tokens_to_ids([f"<seg{i:03d}>" for i in range(NUM_SEG)])
+    assert tok.unk_token_id not in segs and len(set(segs)) == NUM_SEG
+    assert tok.convert_tokens_to_ids("<image>") != tok.unk_token_id
+    ids = tok("<loc0001><loc1023> red circle", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == "<loc0001><loc1023> red circle"
+    assert tok.unk_token_id not in tok("point to blue square\n", add_special_tokens=False)["input_ids"]
+
+
+def test_saved_preset_reloads_identically(tiny_model_path, tmp_path):
+    model, proc = paligemma.load(tiny_model_path)
+    assert proc.image_seq_length == 16
+    assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 0.7e6
+    # same path as google/paligemma2-3b-pt-224: from_pretrained on a directory with config + safetensors
+    assert (Path(tiny_model_path) / "model.safetensors").exists()
+    assert json.loads((Path(tiny_model_path) / "config.json").read_text())["model_type"] == "paligemma"
+    model.save_pretrained(tmp_path / "again")
+    again = PaliGemmaForConditionalGeneration.from_pretrained(tmp_path / "again")
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_preset_build_is_deterministic_and_cached(tmp_path):
+    a = tiny.ensure_preset("tiny:paligemma", tmp_path / "a")
+    b = tiny.ensure_preset("tiny:paligemma", tmp_path / "b")
+    wa = PaliGemmaForConditionalGeneration.from_pretrained(a).state_dict()
+    wb = PaliGemmaForConditionalGeneration.from_pretrained(b).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    mtime = (a / "model.safetensors").stat().st_mtime
+    assert tiny.ensure_preset("tiny:paligemma", tmp_path / "a") == a
+    assert (a / "model.safetensors").stat().st_mtime == mtime  # not rebuilt
+
+
+def test_hub_ids_are_passed_through_unchanged():
+    assert paligemma.resolve("google/paligemma2-3b-pt-224") == "google/paligemma2-3b-pt-224"
+
+
+def test_forward_and_generate(tiny_model_path):
+    model, proc = paligemma.load(tiny_model_path)
+    img = Image.new("RGB", (64, 64), (10, 200, 30))
+    enc = paligemma.encode_train(proc, [img], ["point to red circle"], ["<loc0100><loc0200> red circle"], 48)
+    assert enc["input_ids"].shape == (1, 48) and enc["length"][0] < 48
+    # the suffix (and only the suffix + eos) is supervised
+    n_sup = (enc["labels"] != paligemma.IGNORE_INDEX).sum()
+    assert n_sup == enc["token_type_ids"].sum()
+    out = paligemma.generate(model, proc, [img, img], ["point to red circle", "detect blue square"], max_new_tokens=4)
+    assert len(out) == 2 and all(isinstance(t, str) for t in out)
