@@ -99,6 +99,12 @@ class LossConfig:
     """Std (in <loc> bins) of the Gaussian soft target over neighbouring bins; 0 = plain cross-entropy."""
     loc_weight: float = 1.0
     """Weight of <loc> positions relative to the other suffix tokens."""
+    focal_gamma: float = 0.0
+    """Focal modulation (1-p)^gamma on label/text tokens (seed 004); 0 = off."""
+    class_weights: dict[str, float] = field(default_factory=dict)
+    """Class-weighted CE on label tokens, e.g. {"person": 1.0, "boat": 3.0} (seed 004)."""
+    box_iou_weight: float = 0.0
+    """Weight of a GIoU loss on soft-argmax boxes from the <loc> logits (seed 004's CIoU analogue)."""
 
 
 @dataclass
@@ -112,6 +118,8 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step (global batch = micro * accum * workers)."""
     lr: float = 2e-3
+    optimizer: str = "adamw"
+    """adamw (torch) | adamw_8bit | paged_adamw_8bit | paged_adamw (bitsandbytes; seed 000 used paged_adamw_8bit)."""
     weight_decay: float = 0.0
     warmup_steps: int = 100
     schedule: str = "cosine"

@@ -29,19 +29,68 @@ def gaussian_targets(bins: torch.Tensor, num_bins: int, sigma: float) -> torch.T
     return torch.softmax(logits, dim=-1)
 
 
+def token_weights(tokenizer, class_weights: dict[str, float], vocab_size: int) -> torch.Tensor | None:
+    """(V,) per-token weights for class-weighted CE on label tokens: every token of a label, as it
+    is tokenized inside a target (" red circle"), gets that label's weight; where labels share a
+    token (" red"), the largest weight wins. None when no weights are given."""
+    if not class_weights:
+        return None
+    w = torch.ones(vocab_size)
+    assigned: set[int] = set()
+    for label, weight in class_weights.items():
+        for tid in tokenizer(" " + label, add_special_tokens=False)["input_ids"]:
+            w[tid] = max(float(w[tid]), float(weight)) if tid in assigned else float(weight)
+            assigned.add(tid)
+    return w
+
+
+def _box_runs(is_loc: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool of positions where a run of exactly 4 consecutive <loc> targets starts (a box)."""
+    B, T = is_loc.shape
+    pad = torch.zeros(B, 4, dtype=torch.bool, device=is_loc.device)
+    x = torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=is_loc.device), is_loc, pad], dim=1)
+    start = x[:, 1 : T + 1] & ~x[:, :T]
+    four = x[:, 1 : T + 1] & x[:, 2 : T + 2] & x[:, 3 : T + 3] & x[:, 4 : T + 4] & ~x[:, 5 : T + 5]
+    return start & four
+
+
+def giou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - GIoU for (N, 4) boxes given as (y1, x1, y2, x2) in normalised coordinates."""
+    y1 = torch.minimum(pred[:, 0], pred[:, 2])
+    y2 = torch.maximum(pred[:, 0], pred[:, 2])
+    x1 = torch.minimum(pred[:, 1], pred[:, 3])
+    x2 = torch.maximum(pred[:, 1], pred[:, 3])
+    ty1, tx1, ty2, tx2 = target.unbind(-1)
+    inter = (torch.minimum(x2, tx2) - torch.maximum(x1, tx1)).clamp(min=0) * (torch.minimum(y2, ty2) - torch.maximum(y1, ty1)).clamp(min=0)
+    union = (x2 - x1) * (y2 - y1) + (tx2 - tx1) * (ty2 - ty1) - inter
+    iou = inter / union.clamp(min=1e-9)
+    hull = (torch.maximum(x2, tx2) - torch.minimum(x1, tx1)) * (torch.maximum(y2, ty2) - torch.minimum(y1, ty1))
+    return 1.0 - (iou - (hull - union) / hull.clamp(min=1e-9))
+
+
 def suffix_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
     loc_ids: torch.Tensor,
     loc_sigma: float = 0.0,
     loc_weight: float = 1.0,
+    focal_gamma: float = 0.0,
+    label_token_weights: torch.Tensor | None = None,
+    box_iou_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict]:
     """Mean loss over supervised (suffix) positions.
 
     logits: (B, T, V) from the model for input positions 0..T-1; labels: (B, T) with IGNORE_INDEX
     outside the suffix. Position t predicts labels[t+1] (shifted here). Returns (loss, stats) where
     stats holds detached numbers for logging: tokens, loc_tokens, ce (plain CE, comparable across
-    loss settings).
+    loss settings), box_loss.
+
+    - loc_sigma > 0: Gaussian soft targets over neighbouring bins on <loc> positions.
+    - focal_gamma > 0: focal modulation (1 - p)^gamma on the other (label/text) tokens (seed 004).
+    - label_token_weights (V,): class-weighted CE on those tokens (see `token_weights`).
+    - box_iou_weight > 0: adds a GIoU loss on boxes decoded by soft-argmax over the <loc> logits of
+      each run of 4 <loc> targets (expected bin = sum_i p_i * i), the differentiable analogue of
+      seed 004's CIoU loss: it sees how far a box is off, not only which token is wrong.
     """
     shift_logits = logits[:, :-1, :]
     shift_labels = labels[:, 1:]
@@ -58,13 +107,33 @@ def suffix_loss(
     ce_tok = -logp.gather(1, sel_labels[:, None]).squeeze(1)  # (N,)
 
     lut = _bin_lookup(loc_ids, logits.shape[-1])
-    bins = lut[sel_labels]
+    bins = lut[sel_labels]  # -1 for non-<loc> targets (and everywhere when loc_ids is empty)
     is_loc = bins >= 0
     per_tok = ce_tok.clone()
     if loc_sigma > 0 and is_loc.any():
         q = gaussian_targets(bins[is_loc], loc_ids.numel(), loc_sigma)
         per_tok[is_loc] = -(q * logp[is_loc][:, loc_ids]).sum(-1)
+    text = ~is_loc
+    if focal_gamma > 0 and text.any():
+        p_true = torch.exp(-ce_tok[text])
+        per_tok[text] = per_tok[text] * (1.0 - p_true).pow(focal_gamma)
     weights = torch.where(is_loc, torch.full_like(per_tok, loc_weight), torch.ones_like(per_tok))
+    if label_token_weights is not None:
+        weights = torch.where(text, label_token_weights.to(weights.device)[sel_labels], weights)
     loss = (per_tok * weights).sum() / weights.sum()
-    stats = {"tokens": int(n), "loc_tokens": int(is_loc.sum()), "ce": float(ce_tok.mean().detach())}
+
+    box_loss = 0.0
+    if box_iou_weight > 0 and loc_ids.numel() > 0:
+        all_bins = torch.where(keep, lut[shift_labels.clamp(min=0)], torch.full_like(shift_labels, -1))
+        starts = _box_runs(all_bins >= 0).nonzero()  # (K, 2): (b, t) of each box's first <loc>
+        if len(starts):
+            idx_t = starts[:, 1:2] + torch.arange(4, device=logits.device)[None, :]  # (K, 4)
+            box_logits = shift_logits[starts[:, :1], idx_t][..., loc_ids].float()  # (K, 4, 1024)
+            grid = torch.arange(loc_ids.numel(), device=logits.device, dtype=torch.float32)
+            expected = (torch.softmax(box_logits, -1) * grid).sum(-1) / (loc_ids.numel() - 1)
+            target = all_bins[starts[:, :1], idx_t].float() / (loc_ids.numel() - 1)
+            gl = giou_loss(expected, target).mean()
+            loss = loss + box_iou_weight * gl
+            box_loss = float(gl.detach())
+    stats = {"tokens": int(n), "loc_tokens": int(is_loc.sum()), "ce": float(ce_tok.mean().detach()), "box_loss": box_loss}
     return loss, stats

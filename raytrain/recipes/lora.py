@@ -22,7 +22,7 @@ import torch
 
 from raytrain import config as config_mod
 from raytrain.models import family as model_family
-from raytrain.models.losses import suffix_loss
+from raytrain.models.losses import suffix_loss, token_weights
 from raytrain.training import checkpointing, optim
 
 log = logging.getLogger("raytrain.recipes.lora")
@@ -112,7 +112,8 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     # images enter in the vision tower's dtype (bf16 runs; QLoRA keeps the tower in fp32)
     pixel_dtype = next(p.dtype for n, p in model.named_parameters() if "patch_embed" in n)
 
-    optimizer = optim.build_optimizer(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = optim.build_optimizer(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, name=cfg.train.optimizer)
+    label_w = token_weights(processor.tokenizer, cfg.loss.class_weights, model.get_output_embeddings().weight.shape[0])
     scheduler = optim.build_scheduler(optimizer, warmup=cfg.train.warmup_steps, total=cfg.train.steps, kind=cfg.train.schedule)
 
     # ---- resume: weights, optimizer, scheduler, RNG and the data position ---------------------
@@ -175,7 +176,9 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
             ctx_sync = no_sync() if (no_sync is not None and not sync) else _null()
             with ctx_sync:
                 out = model(**inputs, use_cache=False)
-                loss, stats = suffix_loss(out.logits, labels, loc_ids, cfg.loss.loc_sigma, cfg.loss.loc_weight)
+                loss, stats = suffix_loss(out.logits, labels, loc_ids, cfg.loss.loc_sigma, cfg.loss.loc_weight,
+                                          focal_gamma=cfg.loss.focal_gamma, label_token_weights=label_w,
+                                          box_iou_weight=cfg.loss.box_iou_weight)
                 del out  # free logits before backward: they dominate activation memory
                 (loss / accum).backward()  # each backward sums grads => normalise by accumulation here
             window_loss += float(loss.detach())

@@ -7,13 +7,25 @@ import math
 import torch
 
 
-def build_optimizer(params, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)) -> torch.optim.Optimizer:
-    """AdamW over trainable params; no decay on biases and norms (1-D tensors)."""
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw")
+
+
+def build_optimizer(params, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), name: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW over trainable params; no decay on biases and norms (1-D tensors).
+    8-bit / paged variants come from bitsandbytes (state in 8 bits; paged = spills to CPU under
+    GPU memory pressure). bitsandbytes keeps tensors under 4096 elements in 32-bit state."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw": bnb.optim.PagedAdamW}.get(name)
+    if cls is None:
+        raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, not {name!r}")
+    return cls(groups, lr=lr, betas=betas)
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, kind: str = "cosine", min_ratio: float = 0.0) -> float:

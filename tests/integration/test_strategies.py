@@ -60,6 +60,10 @@ STRATEGIES = {
     "lora": ["train.strategy=lora", "lora.r=8", "lora.alpha=16", "train.lr=5e-3"],
     "qlora4": ["train.strategy=lora", "quant.bits=4", "quant.quant_type=nf4", "quant.double_quant=true", "lora.r=8", "lora.alpha=16", "train.lr=5e-3"],
     "qlora8": ["train.strategy=lora", "quant.bits=8", "lora.r=8", "lora.alpha=16", "train.lr=5e-3"],
+    # seed 000's recipe shape: 4-bit QLoRA r8 on all linear layers with paged 8-bit AdamW, plus
+    # seed 004's extra losses (focal on label tokens, a box IoU term) on a detection task
+    "qlora4_paged8_iou": ["train.strategy=lora", "quant.bits=4", "lora.r=8", "lora.alpha=16", "train.lr=5e-3",
+                          "train.optimizer=paged_adamw_8bit", "loss.focal_gamma=1.0", "loss.box_iou_weight=0.5", "data.tasks=[detect]"],
 }
 
 
@@ -68,13 +72,13 @@ def test_strategy_trains_and_checkpoints(strategy, tiny_model_path):
     torch.set_num_threads(1)
     cfg = config_mod.load(None, ["train.steps=24", "train.micro_batch_size=8", "train.warmup_steps=2", "train.log_every=1",
                                  "train.checkpoint_every=12", "loss.loc_sigma=60", *STRATEGIES[strategy]])
-    batches = _batches(tiny_model_path)
+    batches = _batches(tiny_model_path, task=cfg.data.tasks[0] if cfg.data.tasks == ["detect"] else "point")
     reports = []
     session, saved = _session(batches, reports)
     lora.train(cfg, tiny_model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
     losses = [r["loss"] for r in reports]
     assert len(losses) == 24
-    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5, losses  # half a nat in 24 steps
     assert len(saved) == 2
     ckpt = saved[-1]
     layout = "model" if strategy == "full" else "adapter"

@@ -1,0 +1,109 @@
+"""Loss functions on hand-built logits: the properties each loss exists for."""
+
+import torch
+import torch.nn.functional as F
+
+from raytrain.models import losses
+
+V, LOC0 = 1100, 50  # vocab with <loc> ids 50..1073
+LOC = torch.arange(LOC0, LOC0 + 1024)
+
+
+def _setup(target_bins, other_targets=(7,)):
+    """One sequence: position t predicts labels[t+1]; suffix = locs then text tokens."""
+    suffix = [LOC0 + b for b in target_bins] + list(other_targets)
+    labels = torch.tensor([[losses.IGNORE_INDEX] + suffix])
+    logits = torch.zeros(1, labels.shape[1], V)
+    return logits, labels
+
+
+def _peak(logits, pos, token, height=8.0):
+    logits[0, pos, token] = height
+
+
+def test_plain_ce_matches_torch_when_sigma_is_zero():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, V)
+    labels = torch.randint(0, V, (2, 6))
+    labels[:, :2] = losses.IGNORE_INDEX
+    loss, stats = losses.suffix_loss(logits, labels, LOC, loc_sigma=0.0)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=losses.IGNORE_INDEX)
+    assert torch.allclose(loss, ref, atol=1e-6) and abs(stats["ce"] - float(ref)) < 1e-5
+
+
+def test_distance_aware_loss_grows_with_distance_plain_ce_does_not():
+    grid = torch.arange(1024.0)
+    soft, ce = [], []
+    for centre in (520, 640, 950):  # the same confident blob, 20 / 140 / 450 bins from the target
+        logits, labels = _setup([500])
+        logits[0, 0, LOC] = 12.0 * torch.exp(-((grid - centre) ** 2) / (2 * 30.0**2))
+        loss, st = losses.suffix_loss(logits, labels, LOC, loc_sigma=60.0)
+        soft.append(float(loss))
+        ce.append(st["ce"])
+    assert soft[0] < soft[1] - 1.0 and soft[1] < soft[2] - 0.2
+    assert abs(ce[1] - ce[2]) < 1e-3  # plain CE: 140 bins off costs what 450 bins off costs
+
+
+def test_gaussian_targets_are_distributions_centred_on_the_bin():
+    q = losses.gaussian_targets(torch.tensor([0, 512, 1023]), 1024, 20.0)
+    assert torch.allclose(q.sum(-1), torch.ones(3))
+    assert q.argmax(-1).tolist() == [0, 512, 1023]
+
+
+def test_focal_down_weights_easy_text_tokens():
+    logits, labels = _setup([], other_targets=(7, 9))
+    _peak(logits, 0, 7, 10.0)  # easy token
+    plain, _ = losses.suffix_loss(logits, labels, LOC)
+    focal, _ = losses.suffix_loss(logits, labels, LOC, focal_gamma=2.0)
+    assert focal < plain
+    # the hard token (uniform logits, p ~ 1/V) keeps almost its whole CE
+    hard_ce = torch.log(torch.tensor(float(V)))
+    assert focal > 0.49 * hard_ce
+
+
+class _Tok:
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": {" boat": [9], " person": [7]}[text]}
+
+
+def test_class_weights_weight_label_tokens():
+    w = losses.token_weights(_Tok(), {"boat": 3.0, "person": 1.0}, V)
+    assert w[9] == 3.0 and w[7] == 1.0 and w[0] == 1.0
+    logits, labels = _setup([], other_targets=(7, 9))
+    _peak(logits, 0, 7, 5.0)
+    per = F.cross_entropy(logits[0, :2], torch.tensor([7, 9]), reduction="none")
+    loss, _ = losses.suffix_loss(logits, labels, LOC, label_token_weights=w)
+    assert torch.allclose(loss, (per[0] * 1 + per[1] * 3) / 4)
+
+
+def test_box_runs_find_boxes_not_points():
+    is_loc = torch.tensor([[0, 1, 1, 1, 1, 0, 1, 1, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    assert losses._box_runs(is_loc).nonzero()[:, 1].tolist() == [1, 9]
+
+
+def test_box_iou_loss_is_zero_at_target_and_pulls_towards_it():
+    bins = [200, 300, 600, 700]
+    logits, labels = _setup(bins)
+    for i, b in enumerate(bins):
+        _peak(logits, i, LOC0 + b, 40.0)
+    _, st = losses.suffix_loss(logits, labels, LOC, box_iou_weight=1.0)
+    assert st["box_loss"] < 1e-3
+    # a box predicted off-target: one gradient step moves the expected y2 towards the target
+    logits, labels = _setup(bins)
+    for i, b in enumerate([200, 300, 400, 700]):
+        _peak(logits, i, LOC0 + b, 5.0)
+    logits.requires_grad_(True)
+    loss, st = losses.suffix_loss(logits, labels, LOC, box_iou_weight=1.0)
+    assert st["box_loss"] > 0.1
+    loss.backward()
+    grid = torch.arange(1024.0)
+    before = (torch.softmax(logits[0, 2, LOC].detach(), -1) * grid).sum()
+    after = (torch.softmax((logits - 50.0 * logits.grad)[0, 2, LOC].detach(), -1) * grid).sum()
+    assert abs(after - 600) < abs(before - 600)
+
+
+def test_giou_matches_hand_values():
+    a = torch.tensor([[0.0, 0.0, 0.5, 0.5]])
+    assert torch.allclose(losses.giou_loss(a, a), torch.zeros(1), atol=1e-6)
+    b = torch.tensor([[0.5, 0.5, 1.0, 1.0]])  # disjoint, hull area 1, union 0.5 -> giou = 0 - 0.5
+    assert torch.allclose(losses.giou_loss(a, b), torch.tensor([1.5]))
