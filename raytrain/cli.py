@@ -3,6 +3,7 @@
     raytrain train   --config jobs/tiny/shapes.yaml [a.b=value ...]
     raytrain prepare --config jobs/tiny/shapes.yaml [a.b=value ...]
     raytrain eval    --config jobs/tiny/shapes.yaml [eval.checkpoint=URI] [eval.split=val]
+    raytrain report  --run <run uri> --out <dir> [--data <uri>]
     raytrain config  [--config FILE] [a.b=value ...]    # print the resolved config
     raytrain config  --help-fields                      # every field, its default and its help
 """
@@ -13,6 +14,12 @@ import argparse
 import sys
 
 from raytrain import config as config_mod
+
+
+# Subcommands with their own flags (not an experiment config): module whose main(argv) runs them.
+PASSTHROUGH = {
+    "report": ("raytrain.eval.report", "HTML + PNG report of a run: overlays, curves, error analytics"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,10 +36,18 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 scale.num_workers=1")
         if name == "config":
             sp.add_argument("--help-fields", action="store_true", help="list every config field with default and help")
+    for name, (_, help_) in PASSTHROUGH.items():
+        sub.add_parser(name, help=help_ + f" (raytrain {name} --help)", add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        import importlib
+
+        importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:])
+        return 0
     args = _parser().parse_args(argv)
     if args.command == "config" and args.help_fields:
         for name, default, help_ in config_mod.field_help():

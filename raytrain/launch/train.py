@@ -253,6 +253,10 @@ def main(cfg: Experiment) -> str:
         "config": cfg.to_dict(),
     }
     out = storage.write_json(storage.join(eval_dir, "metrics.json"), metrics, opts)
+    if not storage.is_s3(run):
+        from raytrain.eval.report import build_report
+
+        print(f"report: {build_report(run, uri, storage.join(run, 'report'), opts, split=cfg.eval.split)}", flush=True)
 
     cols = {k: metrics[k] for k in ("trained", "untrained", "centre_baseline") if k in metrics}
     keys = ["n", "valid_rate", "mean_norm_distance", "median_norm_distance", "mean_distance", "median_distance",
