@@ -82,7 +82,7 @@ class Mask:
         return {"size": [self.height, self.width], "counts": self.counts}
 
     @classmethod
-    def from_rle(cls, rle: dict, label: str = "") -> "Mask":
+    def from_rle(cls, rle: dict, label: str = "") -> Mask:
         """From a COCO RLE dict: compressed (``counts`` str/bytes) or uncompressed (a list of
         run lengths, as COCO stores ``iscrowd`` annotations). Raises ValueError if malformed."""
         from pycocotools import mask as mask_utils
@@ -103,7 +103,7 @@ class Mask:
         return cls((h, w), counts, label)
 
     @classmethod
-    def from_array(cls, mask, label: str = "") -> "Mask":
+    def from_array(cls, mask, label: str = "") -> Mask:
         """From a 2-D array (bool or 0/1), shape ``(height, width)``."""
         import numpy as np
         from pycocotools import mask as mask_utils
@@ -115,7 +115,7 @@ class Mask:
         return cls((int(arr.shape[0]), int(arr.shape[1])), rle["counts"].decode("ascii"), label)
 
     @classmethod
-    def from_polygons(cls, polygons: Sequence[Sequence[float]], height: int, width: int, label: str = "") -> "Mask":
+    def from_polygons(cls, polygons: Sequence[Sequence[float]], height: int, width: int, label: str = "") -> Mask:
         """Rasterise COCO polygons (each a flat ``[x1, y1, x2, y2, ...]`` in pixels) into one mask,
         the way COCO does (``pycocotools.mask.frPyObjects`` + ``merge``)."""
         from pycocotools import mask as mask_utils

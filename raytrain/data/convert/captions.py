@@ -24,7 +24,14 @@ import re
 from collections.abc import Iterable, Iterator
 
 from raytrain import storage
-from raytrain.data.convert.common import Converted, admit, count, parent, record, resolve_ref
+from raytrain.data.convert.common import (
+    Converted,
+    admit,
+    count,
+    parent,
+    record,
+    resolve_ref,
+)
 from raytrain.data.shards import PrepReport
 from raytrain.formats.annotations import Caption
 from raytrain.storage import StorageOptions

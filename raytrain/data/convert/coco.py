@@ -20,7 +20,14 @@ from collections import Counter
 from collections.abc import Iterator
 
 from raytrain import storage
-from raytrain.data.convert.common import Converted, admit, count, parent, record, resolve_ref
+from raytrain.data.convert.common import (
+    Converted,
+    admit,
+    count,
+    parent,
+    record,
+    resolve_ref,
+)
 from raytrain.data.shards import PrepReport
 from raytrain.formats.annotations import Box, Mask
 from raytrain.storage import StorageOptions
@@ -92,8 +99,9 @@ def records(
             width=int(img.get("width") or 0),
             height=int(img.get("height") or 0),
         )
-    if object_drops is not None:
-        object_drops["annotation_for_unknown_image"] += sum(len(v) for v in by_image.values())
+    orphans = sum(len(v) for v in by_image.values())
+    if object_drops is not None and orphans:
+        object_drops["annotation_for_unknown_image"] += orphans
 
 
 def _box(bbox, label: str, w: int, h: int) -> tuple[Box | None, str | None]:

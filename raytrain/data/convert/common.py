@@ -24,6 +24,7 @@ Every row that does not come out has exactly one reason; rows kept after a chang
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
 import logging
@@ -181,7 +182,7 @@ def _http_get(url: str, opts: FetchOptions) -> bytes:
         raise _Permanent(str(e)) from None
     except (urllib.error.URLError, OSError) as e:  # timeouts, refused / reset connections
         raise _Transient(f"{type(e).__name__}: {e}") from None
-    except Exception as e:  # http.client.HTTPException: bad status line, incomplete read, ...
+    except http.client.HTTPException as e:  # bad status line, incomplete read, ...
         raise _Transient(f"{type(e).__name__}: {e}") from None
     if len(data) > opts.max_bytes:
         raise _Permanent(f"body larger than {opts.max_bytes} bytes")
@@ -314,7 +315,7 @@ def encode(pil: Image.Image, like: bytes) -> bytes:
     """Re-encode an RGB image: JPEG (quality 95) if the original was a JPEG, else PNG."""
     try:
         fmt = Image.open(io.BytesIO(like)).format
-    except Exception:
+    except (OSError, SyntaxError, ValueError):  # only a hint: PNG when unknown
         fmt = None
     buf = io.BytesIO()
     if fmt == "JPEG":

@@ -29,7 +29,14 @@ from collections import Counter
 from collections.abc import Iterator
 
 from raytrain import storage
-from raytrain.data.convert.common import Converted, admit, count, parent, record, resolve_ref
+from raytrain.data.convert.common import (
+    Converted,
+    admit,
+    count,
+    parent,
+    record,
+    resolve_ref,
+)
 from raytrain.data.shards import PrepReport
 from raytrain.formats import paligemma
 from raytrain.formats.annotations import Caption

@@ -10,7 +10,7 @@ import pytest
 
 from raytrain.data.convert import coco, common
 from raytrain.data.shards import PrepReport
-from raytrain.formats.annotations import Box, Mask, objects_from_json
+from raytrain.formats.annotations import Box, objects_from_json
 
 ASSET = Path(__file__).parents[3] / "assets" / "coco_mini" / "instances_mini.json"
 
@@ -53,7 +53,7 @@ def test_coco_rows_and_counts(coco_dir):
     expected = np.zeros((48, 64), bool)
     expected[2:10, 40:60] = True
     assert (crowd_mask.to_array() == expected).all() and crowd_mask.label == "person"  # uncompressed RLE
-    assert rle_mask.box == Box(5, 30, 15, 40, "cat") and rle_mask.area == 100  # compressed RLE
+    assert rle_box == rle_mask.box == Box(5, 30, 15, 40, "cat") and rle_mask.area == 100  # compressed RLE
     # the polygon is rasterised the COCO way: about its 20 x 12 area, in its box
     assert poly_mask.size == (48, 64) and abs(poly_mask.area - 240) < 40
     b = poly_mask.box

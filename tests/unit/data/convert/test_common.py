@@ -10,9 +10,20 @@ from PIL import Image
 
 from raytrain.data import splits
 from raytrain.data.convert import common
-from raytrain.data.convert.common import Converted, FetchOptions, fetch_bytes, process_record
-from raytrain.formats.annotations import Box, Caption, Mask, Point, Region, objects_from_json
-
+from raytrain.data.convert.common import (
+    Converted,
+    FetchOptions,
+    fetch_bytes,
+    process_record,
+)
+from raytrain.formats.annotations import (
+    Box,
+    Caption,
+    Mask,
+    Point,
+    Region,
+    objects_from_json,
+)
 
 # ---------------------------------------------------------------------------- fetching
 

@@ -21,7 +21,7 @@ def _rows(server, images):
     p2 = images.encode(images.photo(30, 30, seed=3, mode="L"))
     server.files.update({"p0.jpg": p0, "p1.jpg": p1, "p2.jpg": p2})
     u = server.url
-    sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+    sha = lambda b: hashlib.sha256(b).hexdigest()
 
     def row(url, label, points, digest=None):
         return {"image_url": url, "image_sha256": digest, "label": label,

