@@ -4,7 +4,7 @@ lora_target_modules, encode_train, encode_prompts, generate, loc_token_ids)."""
 import importlib
 from types import ModuleType
 
-FAMILIES = {"paligemma": "raytrain.models.paligemma"}
+FAMILIES = {"paligemma": "raytrain.models.paligemma", "qwen2_5_vl": "raytrain.models.qwen2_5_vl"}
 
 
 def family(name: str) -> ModuleType:

@@ -2,7 +2,7 @@
 
 Every model family module exposes the same names (see DESIGN.md and raytrain/models/__init__.py):
 `resolve`, `load`, `load_processor`, `image_size`, `lora_target_modules`, `render_example`,
-`parse_output`, `encode_train`, `encode_prompts`, `generate`, `loc_token_ids`, `SEQ_KEYS`.
+`parse_output`, `encode_train`, `encode_prompts`, `generate`, `loc_token_ids`, `prepare_inputs`, `SEQ_KEYS`.
 Arguments are plain values; nothing here reads the experiment config.
 """
 
@@ -189,6 +189,13 @@ def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes:
         "pixel_values": enc["pixel_values"].astype(np.float32),
         "length": length,
     }
+
+
+def prepare_inputs(inputs: dict) -> dict:
+    """Batch as Ray Data delivers it -> `model(**inputs)` keywords. PaliGemma's encode_train arrays
+    are already what the model takes (pixel_values (B, 3, H, W)): the identity. Qwen2.5-VL flattens
+    its per-example patches here."""
+    return inputs
 
 
 def encode_prompts(processor, images: Sequence, prefixes: Sequence[str]) -> dict:

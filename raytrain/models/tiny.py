@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from raytrain.formats.paligemma import NUM_LOC, NUM_SEG, loc_token, seg_token
+from raytrain.models.tiny_qwen import build_tiny_qwen2_5_vl
 
 PRESET_VERSION = 1  # bump when the builder changes; the cache key includes it
 
@@ -185,7 +186,7 @@ def build_tiny_paligemma(out_dir: str | Path, seed: int = 0, image_size: int = 6
     return out_dir
 
 
-_BUILDERS = {"paligemma": build_tiny_paligemma}
+_BUILDERS = {"paligemma": build_tiny_paligemma, "qwen2_5_vl": build_tiny_qwen2_5_vl}
 
 
 def ensure_preset(name: str, cache_dir: str | Path | None = None, seed: int = 0) -> Path:

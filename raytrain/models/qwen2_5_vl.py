@@ -1,0 +1,438 @@
+"""Qwen2.5-VL family: loading, LoRA targets, target text, batch encoding, generation, parsing.
+
+The same names as `raytrain/models/paligemma.py` (`resolve`, `load`, `load_processor`, `image_size`,
+`lora_target_modules`, `render_example`, `parse_output`, `encode_train`, `encode_prompts`, `generate`,
+`loc_token_ids`, `SEQ_KEYS`, `prepare_inputs`, `save_inference_files`), plus what only this family
+needs: the resize record (`resize_settings`, `write_resize_record`, `check_resize`) and added
+location tokens (`add_loc_tokens`, `init_new_token_embeddings`, `new_token_warmup`).
+Arguments are plain values; nothing here reads the experiment config.
+
+Frames: Qwen2.5-VL answers in pixels of the image AFTER `smart_resize`. The pipeline stretches every
+image to `image_size(processor)` (a size `smart_resize` leaves unchanged), so the model frame is
+`smart_resize(image_hw)`; targets are rendered from source pixels into that frame and parsed back.
+The resize settings are recorded next to the processor files (`raytrain_resize.json`) and checked
+whenever a processor is loaded from a directory that has the record: training and inference must
+resize the same way or every coordinate means something else.
+
+Batch layout: Qwen's processor flattens the patches of a batch into one (sum of patches, C*T*P*P)
+array plus `image_grid_thw` (images, 3). Ray Data needs one row per example, so `encode_train`
+returns `pixel_values` as (B, patches, C*T*P*P) — fixed per example because every image has the
+same size — and `prepare_inputs` flattens it back right before `model(**inputs)`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from raytrain.formats import qwen as fmt
+
+IGNORE_INDEX = -100  # label value the loss skips (prompt, image and padding positions)
+# Per-token (B, T) arrays of encode_train: the recipe trims their shared padding per batch.
+# mm_token_type_ids (1 on image tokens) is what the model builds its 3-D M-RoPE positions from.
+SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
+KIND_OF_TASK = {"point": "point", "detect": "box"}
+RESIZE_RECORD = "raytrain_resize.json"
+RESIZE_KEYS = ("factor", "min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size")
+# The released Qwen2.5-VL-*-Instruct processors' settings (preprocessor_config.json): the frame used
+# when a caller passes no `resize`. The tiny preset's 112x112 input is a fixed point of both.
+DEFAULT_RESIZE = {"factor": 28, "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
+NOMINAL_SIDE = 448  # px: the fixed square input real models are fed (1024 patches -> 256 LM tokens)
+IM_END = "<|im_end|>"
+END_OF_TEXT = "<|endoftext|>"
+
+
+def resolve(name_or_path: str, cache_dir: str | None = None) -> str:
+    """'tiny:qwen2_5_vl' -> local path of the offline preset (built once); anything else unchanged
+    (a hub id such as Qwen/Qwen2.5-VL-3B-Instruct, or a local directory)."""
+    if name_or_path.startswith("tiny:"):
+        from raytrain.models.tiny import ensure_preset
+
+        return str(ensure_preset(name_or_path, cache_dir))
+    return name_or_path
+
+
+# ----------------------------------------------------------------------------------------------
+# processor and resize record
+
+
+def resize_settings(processor) -> dict:
+    """The resize a processor applies: factor (patch * merge), min/max pixels, patch sizes."""
+    ip = processor.image_processor
+    size = ip.size
+
+    def get(k):
+        return size[k] if isinstance(size, dict) else getattr(size, k)
+
+    return {
+        "factor": int(ip.patch_size * ip.merge_size),
+        "min_pixels": int(get("shortest_edge")),
+        "max_pixels": int(get("longest_edge")),
+        "patch_size": int(ip.patch_size),
+        "merge_size": int(ip.merge_size),
+        "temporal_patch_size": int(ip.temporal_patch_size),
+    }
+
+
+def write_resize_record(processor, out_dir: str | Path) -> Path:
+    """Write `raytrain_resize.json` (the processor's resize settings) into out_dir."""
+    path = Path(out_dir) / RESIZE_RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(resize_settings(processor), indent=2, sort_keys=True))
+    return path
+
+
+def check_resize(processor, recorded: dict | str | Path) -> None:
+    """Raise ValueError unless `processor` resizes as `recorded` (a dict, a record file, or a directory
+    holding one) says training did."""
+    if not isinstance(recorded, dict):
+        p = Path(recorded)
+        recorded = json.loads((p / RESIZE_RECORD if p.is_dir() else p).read_text())
+    have = resize_settings(processor)
+    diff = {k: (recorded.get(k), have[k]) for k in RESIZE_KEYS if k in recorded and recorded[k] != have[k]}
+    if diff:
+        raise ValueError(
+            "the processor resizes images differently from the recorded training settings "
+            f"(key: (recorded, processor)): {diff}; coordinates would land in the wrong frame"
+        )
+
+
+def _saved_processor_class(path: Path) -> str | None:
+    cfg = path / "processor_config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text()).get("processor_class")
+    except (OSError, ValueError):
+        return None
+
+
+def load_processor(name_or_path: str, cache_dir: str | None = None):
+    """AutoProcessor for hub ids and stock saved processors; the image-only processor when the saved
+    processor_config.json names it (the tiny preset). Checks `raytrain_resize.json` when present."""
+    path = resolve(name_or_path, cache_dir)
+    local = Path(path)
+    if local.is_dir() and _saved_processor_class(local) == "Qwen2_5_VLImageOnlyProcessor":
+        from raytrain.models.tiny_qwen import Qwen2_5_VLImageOnlyProcessor
+
+        processor = Qwen2_5_VLImageOnlyProcessor.from_pretrained(path)
+    else:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(path)
+    if local.is_dir() and (local / RESIZE_RECORD).is_file():
+        check_resize(processor, local)
+    return processor
+
+
+def load(name_or_path: str, dtype: str = "float32", cache_dir: str | None = None, device: str | None = None):
+    """(model, processor) through `from_pretrained`, for hub ids and saved presets alike."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    path = resolve(name_or_path, cache_dir)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
+    if device:
+        model.to(device)
+    return model, load_processor(path)
+
+
+def save_inference_files(processor, out_dir: str | Path) -> None:
+    """The processor and its resize record travel with every checkpoint so inference resizes as
+    training did (the stock processor's save_pretrained does not write the record)."""
+    processor.save_pretrained(str(out_dir))
+    write_resize_record(processor, out_dir)
+
+
+def image_size(processor, nominal: int = NOMINAL_SIDE) -> tuple[int, int]:
+    """(height, width) the pipeline stretches images to: the square `smart_resize` makes of a
+    nominal x nominal image under the processor's settings, so the processor never resizes again
+    and every image of a batch has the same number of patches. Tiny preset: 112x112."""
+    s = resize_settings(processor)
+    return fmt.smart_resize(nominal, nominal, s["factor"], s["min_pixels"], s["max_pixels"])
+
+
+def _model_frame(width: int, height: int, image_hw, resize: dict | None) -> tuple[int, int]:
+    """(resized_w, resized_h): smart_resize of the model input (image_hw), or of the source image
+    when image_hw is None (images fed at their own resolution, as in Qwen's own use)."""
+    s = resize or DEFAULT_RESIZE
+    h, w = (height, width) if image_hw is None else (int(image_hw[0]), int(image_hw[1]))
+    rh, rw = fmt.smart_resize(h, w, s["factor"], s["min_pixels"], s["max_pixels"])
+    return rw, rh
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA, location tokens
+
+
+def lora_target_modules(names: Sequence[str], include_vision: bool = False) -> str:
+    """peft `target_modules` regex: the named linear layers of the LANGUAGE model only. Module names
+    are transformers 5's: model.language_model.layers.N.self_attn.q_proj / .mlp.gate_proj; the vision
+    tower (model.visual.blocks.N.attn.qkv, .mlp.gate_proj, merger) is adapted only when asked
+    (its MLP shares the gate/up/down names, hence the anchored tower name)."""
+    alt = "|".join(sorted(set(names)))
+    towers = "language_model|visual" if include_vision else "language_model"
+    return rf"^model\.({towers})\..*\.({alt})$"
+
+
+def loc_token_ids(tokenizer) -> np.ndarray:
+    """Vocabulary ids of <|loc_0000|>..<|loc_1023|> in bin order when the tokenizer has them (the
+    `tokens` representation; see add_loc_tokens), else an empty int64 array (absolute / normalized
+    / pairs answers are plain text; the loss then treats every token alike)."""
+    vocab = tokenizer.get_vocab()
+    present = [t in vocab for t in fmt.LOC_TOKENS]
+    if not any(present):
+        return np.zeros((0,), dtype=np.int64)
+    if not all(present):
+        raise ValueError(f"tokenizer has only {sum(present)} of the {fmt.NUM_BINS} <|loc_DDDD|> tokens")
+    return np.array([vocab[t] for t in fmt.LOC_TOKENS], dtype=np.int64)
+
+
+def add_loc_tokens(model, tokenizer, method: str = "digits", seed: int = 0) -> np.ndarray:
+    """Add the 1024 <|loc_DDDD|> tokens to a real Qwen tokenizer + model (no-op where present):
+    grow the embedding matrix only if the vocabulary outgrows it (Qwen checkpoints carry spare rows),
+    initialise the new rows (init_new_token_embeddings). Returns loc_token_ids."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in fmt.LOC_TOKENS if t not in vocab]
+    if missing:
+        tokenizer.add_tokens(missing)  # ordinary tokens: decoding with skip_special_tokens keeps them
+        rows = model.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > rows:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        init_new_token_embeddings(model, tokenizer, missing, method=method, seed=seed)
+    return loc_token_ids(tokenizer)
+
+
+_LOC_DIGITS = re.compile(r"<\|loc_([0-9]{4})\|>")
+
+
+def _embedding_matrices(model) -> list:
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    return [emb] if out is None or out.weight is emb else [emb, out.weight]
+
+
+def init_new_token_embeddings(model, tokenizer, new_tokens: Sequence[str], method: str = "digits", noise_std: float = 0.1, seed: int = 0) -> list[int]:
+    """Initialise the embedding rows (input, and output when untied) of `new_tokens`.
+
+    method "mean": the mean of the existing rows (the usual choice; seed 002 saw it give weak,
+    interchangeable tokens). method "digits" (default): a location token <|loc_0512|> starts at a
+    place-weighted mean (8:4:2:1) of the embeddings of the digit tokens "0","5","1","2" its bin is
+    written with, so bins start distinct and numerically related; other tokens fall back to the mean.
+    Both add Gaussian noise of `noise_std` x the existing rows' std to break ties. Returns the ids.
+    """
+    import torch
+
+    if method not in ("mean", "digits"):
+        raise ValueError(f"method must be 'mean' or 'digits', got {method!r}")
+    ids = tokenizer.convert_tokens_to_ids(list(new_tokens))
+    if any(i is None for i in ids):
+        raise ValueError("some new tokens are not in the tokenizer: add them first")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for W in _embedding_matrices(model):
+            old = torch.ones(W.shape[0], dtype=torch.bool)
+            old[torch.as_tensor(ids)] = False
+            old[len(tokenizer) :] = False  # spare rows past the vocabulary are not embeddings of anything
+            ref = W[old.to(W.device)].float()
+            mean, std = ref.mean(0), ref.std()
+            for tok, i in zip(new_tokens, ids):
+                m = _LOC_DIGITS.fullmatch(tok) if method == "digits" else None
+                if m:
+                    digit_ids = tokenizer(m.group(1), add_special_tokens=False)["input_ids"]
+                    w = torch.tensor([2.0 ** (len(digit_ids) - 1 - k) for k in range(len(digit_ids))])
+                    base = (w[:, None] * W[torch.as_tensor(digit_ids)].float().cpu()).sum(0) / w.sum()
+                else:
+                    base = mean.cpu()
+                noise = torch.randn(W.shape[1], generator=gen) * (noise_std * float(std))
+                W[i] = (base + noise).to(W.device, W.dtype)
+    return list(ids)
+
+
+def new_token_warmup(model, token_ids: Sequence[int]):
+    """Warm-up phase for added tokens (seed 002: freeze the old vocabulary, train the new rows, then
+    unfreeze). Freezes every parameter, leaves the embedding matrix trainable and masks its gradient
+    to the rows of `token_ids` with a hook. Returns (params, undo): give `params` to the optimizer
+    WITH weight_decay=0 (decoupled weight decay would still shrink the masked rows), call `undo()`
+    afterwards to drop the hooks and restore every parameter's requires_grad."""
+    import torch
+
+    was = [(p, p.requires_grad) for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    mats = _embedding_matrices(model)
+    handles = []
+    for W in mats:
+        mask = torch.zeros(W.shape[0], 1, dtype=W.dtype, device=W.device)
+        mask[torch.as_tensor(list(token_ids), device=W.device)] = 1
+        W.requires_grad_(True)
+        handles.append(W.register_hook(lambda g, mask=mask: g * mask))
+
+    def undo() -> None:
+        for h in handles:
+            h.remove()
+        for p, rg in was:
+            p.requires_grad_(rg)
+
+    return mats, undo
+
+
+# ----------------------------------------------------------------------------------------------
+# target text
+
+
+def render_example(
+    task: str,
+    query: str,
+    targets: Sequence,
+    width: int,
+    height: int,
+    image_hw: tuple[int, int] | None = None,
+    representation: str = "absolute",
+    resize: dict | None = None,
+    fenced: bool = True,
+) -> tuple[str, str]:
+    """(user prompt, assistant answer) for one example; targets in source pixels (width x height),
+    rendered in the model frame smart_resize(image_hw) (see _model_frame). The chat template is
+    applied at encoding time, not here."""
+    rw, rh = _model_frame(width, height, image_hw, resize)
+    prompt = fmt.render_prompt(task, query, representation)
+    return prompt, fmt.render_objects(targets, width, height, rw, rh, representation, fenced=fenced)
+
+
+def parse_output(
+    text: str,
+    task: str,
+    width: int,
+    height: int,
+    image_hw: tuple[int, int] | None = None,
+    representation: str = "absolute",
+    resize: dict | None = None,
+):
+    """Model text -> ParseResult with objects in source pixels (never raises on text)."""
+    rw, rh = _model_frame(width, height, image_hw, resize)
+    return fmt.parse(text, KIND_OF_TASK[task], width, height, rw, rh, representation)
+
+
+# ----------------------------------------------------------------------------------------------
+# encoding
+
+
+def _chat_prompt(processor, prefix: str) -> str:
+    """The user turn through the processor's chat template, ending with the assistant header:
+    '<|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n<|vision_start|><|image_pad|>
+    <|vision_end|>{prefix}<|im_end|>\\n<|im_start|>assistant\\n' (the processor expands <|image_pad|>)."""
+    return processor.apply_chat_template(fmt.chat_messages(prefix), tokenize=False, add_generation_prompt=True)
+
+
+def _encode_prompts_np(processor, images: Sequence, prefixes: Sequence[str], side: str) -> dict:
+    tok = processor.tokenizer
+    old = tok.padding_side
+    tok.padding_side = side
+    try:
+        return processor(text=[_chat_prompt(processor, p) for p in prefixes], images=list(images), padding="longest", return_tensors="np")
+    finally:
+        tok.padding_side = old
+
+
+def _per_example_pixels(pixel_values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """(sum of patches, D) -> (B, patches, D); every image must have the same grid."""
+    if not (grid == grid[:1]).all():
+        raise ValueError(
+            f"images of one batch resize to different grids {np.unique(grid, axis=0).tolist()}: "
+            "stretch them to image_size(processor) first"
+        )
+    return pixel_values.reshape(grid.shape[0], int(np.prod(grid[0])), pixel_values.shape[-1])
+
+
+def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes: Sequence[str], max_len: int) -> dict:
+    """Tokenize a batch for teacher-forced training, padded/truncated to exactly `max_len`.
+
+    Each row is the chat-templated prompt (exactly the tokens `encode_prompts` feeds generation)
+    followed by the answer and <|im_end|>. Returns numpy arrays: input_ids, attention_mask,
+    mm_token_type_ids (1 on image tokens), labels (answer + <|im_end|> ids, IGNORE_INDEX elsewhere),
+    pixel_values (B, patches, C*T*P*P) float32, image_grid_thw (B, 3) int64 (prepare_inputs flattens
+    them for the model), and `length` (untruncated tokens) so callers can count and drop examples that
+    would not fit instead of silently cutting their targets. Right padding with <|endoftext|>.
+    """
+    tok = processor.tokenizer
+    enc = _encode_prompts_np(processor, images, prefixes, "right")
+    answers = tok([s + IM_END for s in suffixes], add_special_tokens=False)["input_ids"]
+    prompt_len = enc["attention_mask"].sum(axis=1).astype(np.int64)
+    b = len(answers)
+    ids = np.full((b, max_len), tok.pad_token_id, dtype=np.int32)
+    attn = np.zeros((b, max_len), dtype=np.int8)
+    mm = np.zeros((b, max_len), dtype=np.int8)
+    labels = np.full((b, max_len), IGNORE_INDEX, dtype=np.int32)
+    length = np.zeros((b,), dtype=np.int32)
+    for i in range(b):
+        p = int(prompt_len[i])
+        row = np.concatenate([enc["input_ids"][i, :p], np.asarray(answers[i], dtype=np.int64)])
+        length[i] = len(row)
+        n = min(len(row), max_len)
+        ids[i, :n] = row[:n]
+        attn[i, :n] = 1
+        mm[i, : min(p, max_len)] = enc["mm_token_type_ids"][i, : min(p, max_len)]
+        labels[i, p:n] = row[p:n]
+    grid = np.asarray(enc["image_grid_thw"], dtype=np.int64)
+    return {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "mm_token_type_ids": mm,
+        "labels": labels,
+        "pixel_values": _per_example_pixels(np.asarray(enc["pixel_values"], dtype=np.float32), grid),
+        "image_grid_thw": grid,
+        "length": length,
+    }
+
+
+def prepare_inputs(inputs: dict) -> dict:
+    """Batch as Ray Data delivers it -> what `model(**inputs)` takes: pixel_values (B, patches, D)
+    -> (B*patches, D), image_grid_thw (B, 3) as int64. Works on torch tensors and numpy arrays;
+    already-flat inputs (encode_prompts) pass through unchanged. Call it after the SEQ_KEYS trim."""
+    out = dict(inputs)
+    pv = out.get("pixel_values")
+    if pv is not None and pv.ndim == 3:
+        out["pixel_values"] = pv.reshape(-1, pv.shape[-1])
+    grid = out.get("image_grid_thw")
+    if grid is not None:
+        grid = grid.reshape(-1, 3)
+        out["image_grid_thw"] = grid.long() if hasattr(grid, "long") else grid.astype(np.int64)
+    return out
+
+
+def encode_prompts(processor, images: Sequence, prefixes: Sequence[str]) -> dict:
+    """Left-padded prompt batch for generation (torch tensors, model-ready: pixel_values flat)."""
+    import torch
+
+    enc = _encode_prompts_np(processor, images, prefixes, "left")
+    out = {
+        "input_ids": torch.as_tensor(enc["input_ids"], dtype=torch.long),
+        "attention_mask": torch.as_tensor(enc["attention_mask"], dtype=torch.long),
+        "mm_token_type_ids": torch.as_tensor(enc["mm_token_type_ids"], dtype=torch.long),
+        "pixel_values": torch.as_tensor(np.asarray(enc["pixel_values"], dtype=np.float32)),
+        "image_grid_thw": torch.as_tensor(np.asarray(enc["image_grid_thw"]), dtype=torch.long),
+    }
+    return out
+
+
+def generate(model, processor, images: Sequence, prefixes: Sequence[str], max_new_tokens: int = 64, **decoding) -> list[str]:
+    """Decode a batch greedily (unless told otherwise); returns the answer text per example with
+    special tokens removed (<|loc_DDDD|> tokens are ordinary added tokens, so they are kept).
+    Generation stops at <|im_end|> or <|endoftext|>."""
+    import torch
+
+    tok = processor.tokenizer
+    enc = encode_prompts(processor, images, prefixes)
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    decoding.setdefault("do_sample", False)
+    stop = [i for i in tok.convert_tokens_to_ids([IM_END, END_OF_TEXT]) if i is not None]
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=stop, **decoding)
+    new = out[:, enc["input_ids"].shape[1] :]
+    return tok.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
