@@ -190,6 +190,8 @@ def test_prepare_config_from_experiment():
     pc = prepare.PrepareConfig.from_experiment(cfg)
     assert (pc.format, pc.path, pc.out, pc.seed, pc.rows_per_shard) == ("coco", "/data/coco_val", "s3://b/x", 5, 10)
     assert pc.splits == cfg.data.splits
+    on_s3 = prepare.PrepareConfig.from_experiment(config.load(None, ["data.source=jsonl:s3://bucket/ft/data.jsonl"]))
+    assert (on_s3.format, on_s3.path, on_s3.out) == ("jsonl", "s3://bucket/ft/data.jsonl", "checkpoints/data/shapes")
     for bad in ("coco", "nope:/x", "coco:"):
         with pytest.raises(ValueError):
             prepare.PrepareConfig.from_experiment(config.load(None, [f"data.source={bad}"]))
