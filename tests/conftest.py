@@ -84,6 +84,7 @@ def ray_cluster(s3_server):
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never join another Ray on this machine
             num_cpus=2,
             include_dashboard=False,
             object_store_memory=400 * 1024**2,

@@ -45,11 +45,18 @@ SHARD_SCHEMA = pa.schema(
             nullable=False,
             metadata={"doc": "annotations.objects_to_json: Points/Boxes in SOURCE-IMAGE pixels"},
         ),
+        pa.field(
+            "extra",
+            pa.string(),
+            nullable=True,
+            metadata={"doc": "JSON of source data kept verbatim that has no canonical type yet (e.g. PaliGemma <seg> codes)"},
+        ),
     ]
 )
 """Columns: ``id``, ``image`` (encoded bytes, never decoded pixels: 10-50x smaller), ``width`` and
 ``height`` (of the encoded image, in pixels; ``validate.check_row`` checks them), ``split``,
-``source`` (dataset name, e.g. "synthetic"), ``objects`` (JSON of ``Point``/``Box`` in source pixels)."""
+``source`` (dataset name, e.g. "synthetic"), ``objects`` (JSON of ``Point``/``Box`` in source pixels),
+``extra`` (nullable JSON: source data kept verbatim, so nothing a user gave is lost)."""
 
 REPORT_NAME = "prep_report.json"
 REPORT_VERSION = 1
@@ -74,6 +81,8 @@ def _to_table(rows: list[dict]) -> pa.Table:
         cols["split"].append(str(row["split"]))
         cols["source"].append(str(row.get("source") or ""))
         cols["objects"].append(objs if isinstance(objs, str) else objects_to_json(objs))
+        extra = row.get("extra")
+        cols["extra"].append(extra if extra is None or isinstance(extra, str) else json.dumps(extra))
     return pa.table(cols, schema=SHARD_SCHEMA)
 
 

@@ -31,16 +31,19 @@ import numpy as np
 from PIL import Image
 
 from raytrain.formats.annotations import (
-    REASONS_INVALID_OBJECTS,
+    ALL_REASONS_INVALID_OBJECTS,
     Box,
+    Caption,
+    Mask,
     Point,
+    Region,
     check_objects,
     objects_from_json,
 )
 
 IMAGE_REASONS = ("empty_image", "corrupt_image", "image_too_large", "non_rgb")
 ROW_REASONS = ("size_mismatch", "bad_annotations")
-REASONS: tuple[str, ...] = IMAGE_REASONS + ROW_REASONS + tuple(REASONS_INVALID_OBJECTS)
+REASONS: tuple[str, ...] = IMAGE_REASONS + ROW_REASONS + tuple(ALL_REASONS_INVALID_OBJECTS)
 
 # Modes that PIL's own convert("RGB") maps faithfully to 8-bit RGB.
 _DIRECT = {"1", "L", "P", "CMYK", "YCbCr", "LAB", "HSV"}
@@ -123,7 +126,7 @@ def check_row(row: dict, allow_convert: bool = True) -> tuple[dict | None, str |
             objs = objects_from_json(objs.decode() if isinstance(objs, bytes) else objs)
         except (ValueError, UnicodeDecodeError):
             return None, "bad_annotations", None
-    elif not all(isinstance(o, (Point, Box)) for o in objs):
+    elif not all(isinstance(o, (Point, Box, Mask, Caption, Region)) for o in objs):
         return None, "bad_annotations", None
     reason = check_objects(objs, pil.width, pil.height)
     if reason is not None:

@@ -35,12 +35,15 @@ def score_example(task: str, pred: Sequence | None, targets_json: str, width: in
     raise ValueError(f"no metrics for task {task!r}")
 
 
-def _rows_from_predictions(batch: dict, texts: list[str], fam, image_hw) -> dict:
+def _rows_from_predictions(batch: dict, texts: list[str], fam, image_hw, confidences: list | None = None) -> dict:
     out = {"id": [], "task": [], "query": [], "text": [], "objects": [], "errors": [], "score": []}
     for i, text in enumerate(texts):
         task = str(batch["task"][i])
         w, h = int(batch["width"][i]), int(batch["height"][i])
         res = fam.parse_output(text, task, w, h, image_hw)
+        if confidences is not None and len(confidences[i]) == len(res.objects):
+            # scores ride along in the objects JSON (COCO results, NMS, calibration use them)
+            res.objects = [_Scored(o, c) for o, c in zip(res.objects, confidences[i])]
         # An output counts as valid when at least one object parsed; rejected fragments are
         # reported (errors) but do not void the objects that did parse.
         pred = res.objects if res.objects else None
@@ -49,17 +52,41 @@ def _rows_from_predictions(batch: dict, texts: list[str], fam, image_hw) -> dict
         out["task"].append(task)
         out["query"].append(str(batch["query"][i]))
         out["text"].append(text)
-        out["objects"].append(objects_to_json(res.objects))
+        out["objects"].append(_objects_json(res.objects))
         out["errors"].append(json.dumps([[e.reason, e.text] for e in res.errors]))
         out["score"].append(json.dumps(score))
     return {k: np.array(v, dtype=object) for k, v in out.items()}
 
 
+class _Scored:
+    """A parsed object plus its confidence; behaves like the object for scoring."""
+
+    def __init__(self, obj, score: float):
+        self.obj, self.score = obj, float(score)
+
+    def __getattr__(self, name):
+        return getattr(self.obj, name)
+
+
+def _unwrap(objs):
+    return [o.obj if isinstance(o, _Scored) else o for o in objs]
+
+
+def _objects_json(objs) -> str:
+    plain = json.loads(objects_to_json(_unwrap(objs)))
+    for d, o in zip(plain, objs):
+        if isinstance(o, _Scored):
+            d["score"] = o.score
+    return json.dumps(plain)
+
+
 class Predictor:
-    """Ray Data actor: one model per actor, greedy decoding over numpy batches of examples."""
+    """Ray Data actor: one model per actor, decoding numpy batches of examples (greedy by default;
+    optional grammar constraints and per-object confidences for PaliGemma)."""
 
     def __init__(self, *, family: str, model_path: str, checkpoint_uri: str | None = None, storage: dict | None = None,
-                 dtype: str = "float32", max_new_tokens: int = 16, threads: int = 1):
+                 dtype: str = "float32", max_new_tokens: int = 16, threads: int = 1, decoding: dict | None = None,
+                 constrained: bool = False, max_objects: int = 0, confidence: bool = False):
         import torch
 
         from raytrain import storage as storage_mod
@@ -75,11 +102,37 @@ class Predictor:
             self.model, self.processor = self.fam.load(model_path, dtype=dtype)
             self.model.eval()
         self.max_new_tokens = max_new_tokens
+        self.decoding = dict(decoding or {})
+        # grammar and confidences are implemented for PaliGemma's <loc> format
+        self.detections = family == "paligemma" and (constrained or confidence)
+        self.constrained = constrained and family == "paligemma"
+        self.max_objects = max_objects or None
+        if self.constrained:
+            from raytrain.eval.decoding import PaliGemmaGrammars
+
+            self.grammars = PaliGemmaGrammars(self.processor)
+
+    def _generate(self, images, batch):
+        prefixes = list(batch["prefix"])
+        if not self.detections:
+            texts = self.fam.generate(self.model, self.processor, images, prefixes, max_new_tokens=self.max_new_tokens, **self.decoding)
+            return texts, None
+        from raytrain.eval import decoding
+        from raytrain.formats.grammar import query_labels
+
+        kinds = [self.fam.KIND_OF_TASK[str(t)] for t in batch["task"]]
+        grammars = None
+        if self.constrained:
+            grammars = [self.grammars.for_labels(k, query_labels(str(q)), self.max_objects) for k, q in zip(kinds, batch["query"])]
+        gens = decoding.generate_detections(self.model, self.processor, images, prefixes, grammars=grammars,
+                                            max_new_tokens=self.max_new_tokens, **self.decoding)
+        confs = [decoding.object_confidences(g.logprobs, g.token_ids, self.processor.tokenizer, k) for g, k in zip(gens, kinds)]
+        return [g.text for g in gens], confs
 
     def __call__(self, batch: dict) -> dict:
         images = [Image.fromarray(a) for a in batch["image"]]
-        texts = self.fam.generate(self.model, self.processor, images, list(batch["prefix"]), max_new_tokens=self.max_new_tokens)
-        out = _rows_from_predictions(batch, texts, self.fam, tuple(batch["image"].shape[1:3]))
+        texts, confs = self._generate(images, batch)
+        out = _rows_from_predictions(batch, texts, self.fam, tuple(batch["image"].shape[1:3]), confs)
         out["worker"] = np.full(len(texts), os.getpid())  # which actor scored it (coverage checks)
         return out
 
@@ -124,7 +177,8 @@ def aggregate(rows: list[dict]) -> dict:
 
 
 def run_predictions(examples, *, family: str, model_path: str, checkpoint_uri: str | None, storage: dict | None,
-                    dtype: str, max_new_tokens: int, batch_size: int, num_actors: int, cpus_per_actor: float) -> list[dict]:
+                    dtype: str, max_new_tokens: int, batch_size: int, num_actors: int, cpus_per_actor: float,
+                    decoding: dict | None = None, constrained: bool = False, max_objects: int = 0, confidence: bool = False) -> list[dict]:
     """Every example of `examples` (a Ray Dataset from pipeline.examples_dataset) through a pool of
     `num_actors` predictors; returns the per-example rows."""
     # One block per batch: Ray Data hands whole blocks to actors, and a small split read from one
@@ -139,6 +193,10 @@ def run_predictions(examples, *, family: str, model_path: str, checkpoint_uri: s
             "dtype": dtype,
             "max_new_tokens": max_new_tokens,
             "threads": max(1, int(cpus_per_actor)),
+            "decoding": decoding,
+            "constrained": constrained,
+            "max_objects": max_objects,
+            "confidence": confidence,
         },
         batch_size=batch_size,
         batch_format="numpy",

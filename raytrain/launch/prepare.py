@@ -59,9 +59,9 @@ EXAMPLES_PER_REASON = 20
 
 @dataclass
 class PrepareConfig:
-    """Everything `raytrain prepare` needs for a real source. Built from the experiment's ``data``
-    section by :meth:`from_experiment` (``data.source: "<format>:<path>"``); the other fields keep
-    their defaults until they have a home in ``raytrain.config``."""
+    """Everything `raytrain prepare` needs for a real source, built from the experiment's ``data``
+    section by :meth:`from_experiment` (``data.source: "<format>:<path>"``, options in
+    ``data.prepare``: raytrain.config.PrepareOptions)."""
 
     format: str
     """coco | jsonl | pixmo_points | visual_genome | captions."""
@@ -127,6 +127,7 @@ class PrepareConfig:
             rows_per_shard=cfg.data.rows_per_shard,
             allow_convert=cfg.data.allow_convert,
             storage=StorageOptions(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region),
+            **dataclasses.asdict(cfg.data.prepare),
         )
 
 

@@ -139,11 +139,12 @@ def fit(cfg: Experiment, uri: str, base_path: str, counter):
 
     trainer = TorchTrainer(
         lora.train_fn_per_worker,
-        train_loop_config={"experiment": cfg.to_dict(), "model_path": base_path},
+        train_loop_config={"experiment": cfg.to_dict(), "model_path": base_path, "data_uri": uri},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scale.num_workers,
             use_gpu=cfg.scale.use_gpu,
-            resources_per_worker={"CPU": cfg.scale.cpus_per_worker},
+            resources_per_worker={"CPU": cfg.scale.cpus_per_worker, **cfg.scale.resources_per_worker},
+            placement_strategy=cfg.scale.placement_strategy,
             accelerator_type=cfg.scale.accelerator_type,
         ),
         run_config=ray.train.RunConfig(
@@ -195,6 +196,10 @@ def evaluate(cfg: Experiment, uri: str, base_path: str, ckpt_uri: str | None, co
         batch_size=cfg.eval.batch_size,
         num_actors=cfg.eval.num_actors,
         cpus_per_actor=cfg.eval.cpus_per_actor,
+        decoding=cfg.eval.decoding,
+        constrained=cfg.eval.constrained,
+        max_objects=cfg.eval.max_objects,
+        confidence=cfg.eval.confidence,
     )
     results: dict = {}
     t = time.perf_counter()

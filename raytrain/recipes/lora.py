@@ -37,7 +37,8 @@ class Session:
     checkpoint_dir: Callable[[], "contextlib.AbstractContextManager[str] | None"]  # noqa: F821
     report: Callable[[dict, str | None], None]  # (metrics, checkpoint dir or None); every rank calls it
     epoch_batches: Callable[[int, int], Iterable[dict]]  # (epoch, micro_batch_size) -> batches of tensors
-    attempt_resumed: bool = False
+    val_examples: Callable[[], dict] | None = None  # fixed validation subset (rank 0), see training/validation.py
+    broadcast_flag: Callable[[bool], bool] = lambda flag: flag  # rank 0's decision, seen by every rank
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,8 +143,30 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
                 "family": cfg.model.family,
                 "metrics": metrics,
             }
-            checkpointing.save(d, model=model, optimizer=optimizer, scheduler=scheduler, state=state, processor=processor)
+            checkpointing.save(d, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
+                               save_processor=lambda out: fam.save_inference_files(processor, out),
+                               save_adapter_files=(lambda out: fam.write_resize_record(processor, out)) if hasattr(fam, "write_resize_record") else None)
             session.report(metrics, d)
+
+    val_set = session.val_examples() if (cfg.train.val_every and session.rank == 0 and session.val_examples) else None
+    best, since_best, stop = None, 0, False
+
+    def validate_and_decide(metrics: dict) -> bool:
+        """Rank 0 scores the val subset and decides early stopping; every rank gets the decision."""
+        nonlocal best, since_best
+        decision = False
+        if val_set is not None:
+            from raytrain.training import validation
+
+            metrics.update(validation.evaluate(model, processor, fam, val_set, max_new_tokens=32))
+            key = cfg.train.early_stop_metric
+            if key:
+                value = metrics[key]
+                better = best is None or (value < best if cfg.train.early_stop_mode == "min" else value > best)
+                best, since_best = (value, 0) if better else (best, since_best + 1)
+                decision = since_best >= cfg.train.early_stop_patience
+                metrics["early_stop_best"] = best
+        return session.broadcast_flag(decision)
 
     accum = cfg.train.grad_accum
     micro = cfg.train.micro_batch_size
@@ -166,6 +189,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
                 if k in inputs:
                     inputs[k] = inputs[k][:, :width].long()
             labels = labels[:, :width]
+            inputs = fam.prepare_inputs(inputs)  # family-specific layout (Qwen: flat patches + grid)
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(pixel_dtype)
 
@@ -197,8 +221,9 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
             if cfg.train.fail_at_step == step and session.rank == 0 and resumed_from is None:
                 raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
 
-            is_ckpt = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
-            is_log = step % cfg.train.log_every == 0 or not first_step_logged
+            is_val = bool(cfg.train.val_every) and step % cfg.train.val_every == 0
+            is_ckpt = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or (is_val and bool(cfg.train.early_stop_metric))
+            is_log = step % cfg.train.log_every == 0 or not first_step_logged or is_val
             if is_log or is_ckpt:
                 dt = time.perf_counter() - t_window
                 metrics = {
@@ -213,6 +238,9 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
                     "resumed_from": -1 if resumed_from is None else resumed_from,
                 }
                 first_step_logged = True
+                if is_val:
+                    stop = validate_and_decide(metrics)
+                    metrics["early_stopped"] = int(stop)
                 if session.rank == 0:
                     log.info("step %d loss %.4f ce %.4f lr %.2e %.1f samples/s", step, metrics["loss"], metrics["ce"], metrics["lr"], metrics["samples_per_s"])
                 if is_ckpt:
@@ -220,14 +248,19 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
                 else:
                     session.report(metrics, None)
                 window_loss, window_ce, window_n, t_window = 0.0, 0.0, 0, time.perf_counter()
-            if step >= cfg.train.steps:
+            if step >= cfg.train.steps or stop:
                 break
         skip_batches = 0
         if batch_in_epoch == 0:
             raise RuntimeError("the training split produced no batches: check the data (drop report) and micro_batch_size")
+        if stop:
+            if session.rank == 0:
+                log.info("early stop at step %d: %s did not improve for %d validations (best %s)",
+                         step, cfg.train.early_stop_metric, cfg.train.early_stop_patience, best)
+            break
         if step < cfg.train.steps:
             epoch += 1
-    return {"step": step, "epoch": epoch}
+    return {"step": step, "epoch": epoch, "early_stopped": stop}
 
 
 class _null:
@@ -243,9 +276,11 @@ class _null:
 
 
 def train_fn_per_worker(config: dict) -> None:
-    """TorchTrainer's train_loop_per_worker: config = {"experiment": dict, "model_path": str}."""
+    """TorchTrainer's train_loop_per_worker: config = {"experiment": dict, "model_path": str,
+    "data_uri": str (shards, for in-training validation)}."""
     import ray.train
     import ray.train.torch
+    import ray.util
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = config_mod.from_dict(config["experiment"])
@@ -266,9 +301,30 @@ def train_fn_per_worker(config: dict) -> None:
         ckpt = ray.train.get_checkpoint()
         return ckpt.as_directory() if ckpt is not None else None
 
+    node_ip = ray.util.get_node_ip_address()
+
     def report(metrics: dict, ckpt_dir: str | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        ray.train.report(dict(metrics, node_ip=node_ip), checkpoint=ckpt)
+
+    def val_examples():
+        from raytrain import storage
+        from raytrain.training import validation
+
+        fam = model_family(cfg.model.family)
+        proc = fam.load_processor(config["model_path"])
+        return validation.load_examples(config["data_uri"], cfg.train.val_split, cfg.train.val_examples, tasks=cfg.data.tasks,
+                                        image_hw=fam.image_size(proc), family=cfg.model.family, allow_convert=cfg.data.allow_convert,
+                                        opts=storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region))
+
+    def broadcast_flag(flag: bool) -> bool:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return flag
+        t = torch.tensor([int(flag)])
+        dist.broadcast(t, src=0)
+        return bool(t.item())
 
     session = Session(
         rank=ctx.get_world_rank(),
@@ -276,6 +332,8 @@ def train_fn_per_worker(config: dict) -> None:
         checkpoint_dir=checkpoint_dir,
         report=report,
         epoch_batches=epoch_batches,
+        val_examples=val_examples if config.get("data_uri") else None,
+        broadcast_flag=broadcast_flag,
     )
     device = ray.train.torch.get_device()
     train(cfg, config["model_path"], session, device, wrap_ddp=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))

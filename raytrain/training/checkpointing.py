@@ -51,8 +51,11 @@ def is_peft(model) -> bool:
     return hasattr(_unwrap(model), "peft_config")
 
 
-def save(ckpt_dir: str | Path, *, model, optimizer, scheduler, state: dict, processor=None) -> Path:
-    """Write a complete training checkpoint into ckpt_dir (call on rank 0 only)."""
+def save(ckpt_dir: str | Path, *, model, optimizer, scheduler, state: dict, save_processor=None, save_adapter_files=None) -> Path:
+    """Write a complete training checkpoint into ckpt_dir (call on rank 0 only).
+    save_processor(dir) writes the processor and inference settings next to full weights (the
+    family's `save_inference_files`); save_adapter_files(dir) writes only the settings an adapter
+    needs to be used as trained (e.g. Qwen's resize record) — not a tokenizer copy per checkpoint."""
     d = Path(ckpt_dir)
     d.mkdir(parents=True, exist_ok=True)
     m = _unwrap(model)
@@ -63,10 +66,12 @@ def save(ckpt_dir: str | Path, *, model, optimizer, scheduler, state: dict, proc
             from safetensors.torch import save_file
 
             save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(d / "adapter" / EXTRA))
+        if save_adapter_files is not None:
+            save_adapter_files(d / "adapter")
     else:
         m.save_pretrained(str(d / "model"), safe_serialization=True)
-        if processor is not None:
-            processor.save_pretrained(str(d / "model"))
+        if save_processor is not None:
+            save_processor(d / "model")
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
@@ -135,6 +140,9 @@ def load_for_inference(ckpt_dir: str | Path, base_model_path: str, family_module
         from peft import PeftModel
 
         base, processor = family_module.load(base_model_path, dtype=dtype)
+        check = getattr(family_module, "check_resize", None)
+        if check is not None and (d / "adapter" / "raytrain_resize.json").exists():
+            check(processor, d / "adapter")  # the base's processor must resize as training did
         peft_model = PeftModel.from_pretrained(base, str(d / "adapter"))
         _load_extra(peft_model, d / "adapter")
         model = peft_model.merge_and_unload()

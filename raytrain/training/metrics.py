@@ -25,6 +25,7 @@ class HistoryCallback(UserCallback):
     def after_report(self, run_context, metrics, checkpoint):
         rows = self._load()
         row = dict(metrics[0]) if metrics else {}
+        row["node_ips"] = [m.get("node_ip") for m in metrics]  # where each rank ran
         if checkpoint is not None:
             row["checkpoint"] = checkpoint.path
         rows.append(row)

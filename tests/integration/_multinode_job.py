@@ -1,0 +1,65 @@
+"""Driver for test_multinode.py, run in its own process (it owns a whole multi-node Ray cluster).
+
+A head (127.0.0.1, data + evaluation) and two trainer nodes (127.0.0.2, 127.0.0.3). Training runs
+2 workers spread over the trainer nodes; once a checkpoint exists the node of one worker is killed
+and a replacement (127.0.0.4) joins. Prints one JSON line with what happened.
+"""
+
+import json
+import os
+import sys
+import threading
+import time
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from raytrain import config as config_mod  # noqa: E402
+from raytrain.launch import train as launch_train  # noqa: E402
+from raytrain.training.metrics import read_history  # noqa: E402
+
+
+def main(root: str, model_path: str) -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1",
+                                                            "include_dashboard": False, "object_store_memory": 300 * 1024**2})
+    nodes = {ip: cluster.add_node(num_cpus=1, node_ip_address=ip, resources={"trainer": 1}, object_store_memory=100 * 1024**2)
+             for ip in ("127.0.0.2", "127.0.0.3")}
+    ray.init(address=cluster.address, log_to_driver=False)
+    cfg = config_mod.load("jobs/tiny/shapes.yaml", [
+        f"storage.root={root}", "name=multinode", f"model.name_or_path={model_path}", "data.num_images=200",
+        "train.steps=40", "train.micro_batch_size=8", "train.checkpoint_every=10", "train.log_every=5", "train.warmup_steps=4",
+        "scale.num_workers=2", "scale.cpus_per_worker=1", "scale.resources_per_worker={trainer: 1}",
+        "scale.placement_strategy=STRICT_SPREAD", "scale.max_failures=3", "eval.baselines=false", "eval.cpus_per_actor=0.5"])
+    events = {}
+
+    def chaos():
+        hist = launch_train.history_uri(cfg)
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            rows = read_history(hist)
+            if any(r.get("checkpoint") for r in rows):
+                victim = rows[-1]["node_ips"][0]
+                events["killed"] = victim
+                events["killed_after_step"] = rows[-1]["step"]
+                cluster.remove_node(nodes[victim], allow_graceful=False)
+                events["replacement"] = "127.0.0.4"
+                cluster.add_node(num_cpus=1, node_ip_address="127.0.0.4", resources={"trainer": 1}, object_store_memory=100 * 1024**2)
+                return
+            time.sleep(0.3)
+
+    t = threading.Thread(target=chaos, daemon=True)
+    t.start()
+    out = launch_train.main(cfg)
+    t.join(5)
+    metrics = json.load(open(out))
+    rows = read_history(launch_train.history_uri(cfg))
+    ray.shutdown()
+    cluster.shutdown()
+    print(json.dumps({"events": events, "final_step": metrics["run"]["final_step"], "history": rows,
+                      "examples": metrics["trained"]["examples"]}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
