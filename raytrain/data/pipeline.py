@@ -22,12 +22,16 @@ from PIL import Image
 
 from raytrain import storage
 from raytrain.data import shards, validate
-from raytrain.formats.annotations import Box, Point, objects_from_json, objects_to_json
+from raytrain.formats.annotations import Box, Caption, Mask, Point, Region, objects_from_json, objects_to_json
 from raytrain.models import family as model_family
 
 log = logging.getLogger(__name__)
 
-TASK_KIND = {"point": Point, "detect": Box}
+TASK_KIND = {"point": Point, "detect": Box, "caption": Caption, "dense_caption": Region, "segment": Mask}
+# Tasks asked once per image about all its objects of the kind (no query label). A caption task
+# trains on the image's first caption (the selected one after `prepare`'s caption selection) and
+# keeps all captions as references for evaluation.
+PER_IMAGE_TASKS = ("caption", "dense_caption")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,9 +77,15 @@ def examples_for(objs: Sequence, tasks: Sequence[str], width: int, height: int, 
     Raises ValueError for labels the format cannot carry (e.g. PaliGemma: empty, ';' or '<')."""
     fam = model_family(family)
     out = []
-    labels = sorted({o.label for o in objs})
+    labels = sorted({o.label for o in objs if not isinstance(o, (Caption, Region))})
     for task in tasks:
         kind = TASK_KIND[task]
+        if task in PER_IMAGE_TASKS:
+            targets = [o for o in objs if isinstance(o, kind)]
+            if targets:
+                prefix, suffix = fam.render_example(task, "", targets, width, height, image_hw)
+                out.append({"task": task, "query": "", "prefix": prefix, "suffix": suffix, "targets": objects_to_json(targets)})
+            continue
         for label in labels:
             targets = [o for o in objs if o.label == label and isinstance(o, kind)]
             if not targets:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from raytrain.formats.annotations import Box, Point
+from raytrain.formats.annotations import Box, Caption, Point, Region
 
 # Saturated shape colours, pairwise far apart in RGB (min distance > 150).
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -128,7 +128,9 @@ def make_example(index: int, seed: int, image_size: int = 64, shapes_per_image: 
 
     Returns ``{"id", "image" (PNG bytes, RGB), "width", "height", "objects"}`` where
     ``objects`` is every shape's tight ``Box`` followed by every shape's centre ``Point``,
-    in the same shape order, labelled ``"<colour> <shape>"``.
+    in the same shape order, labelled ``"<colour> <shape>"``, then one ``Caption`` naming the
+    shapes from left to right ("a red circle and a blue square") and one ``Region`` per shape
+    (its box and label as the phrase), so captioning and dense captioning are learnable too.
     """
     if image_size < 2 * MIN_SIDE_PX:
         raise ValueError(f"image_size must be >= {2 * MIN_SIDE_PX}, got {image_size}")
@@ -161,8 +163,13 @@ def make_example(index: int, seed: int, image_size: int = 64, shapes_per_image: 
         "image": buf.getvalue(),
         "width": image_size,
         "height": image_size,
-        "objects": [*boxes, *points],
+        "objects": [*boxes, *points, _caption(boxes), *[Region(b.x1, b.y1, b.x2, b.y2, b.label) for b in boxes]],
     }
+
+
+def _caption(boxes: list[Box]) -> Caption:
+    names = [f"a {b.label}" for b in sorted(boxes, key=lambda b: (b.x1, b.y1))]
+    return Caption(names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1])
 
 
 _GOLDEN = (math.sqrt(5) - 1) / 2  # 0.618...: consecutive multiples mod 1 are evenly spread

@@ -19,7 +19,8 @@ from PIL import Image
 
 from raytrain.eval.metrics import boxes as box_metrics
 from raytrain.eval.metrics import pointing as point_metrics
-from raytrain.formats.annotations import Box, Point, objects_from_json, objects_to_json
+from raytrain.eval.metrics import segmentation as seg_metrics
+from raytrain.formats.annotations import Box, Mask, Point, objects_from_json, objects_to_json
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,23 @@ def score_example(task: str, pred: Sequence | None, targets_json: str, width: in
     if task == "detect":
         bxs = None if pred is None else [o for o in pred if isinstance(o, Box)]
         return box_metrics.score_boxes(bxs, [o for o in gt if isinstance(o, Box)])
+    if task == "segment":
+        # big_vision's referring-segmentation scores: mask IoU of the union of predicted masks vs
+        # the union of GT masks (= big_vision's when the model answers one object), box IoU of
+        # the first predicted box (its locs) vs the GT box when there is exactly one GT object.
+        def union(ms):
+            return np.logical_or.reduce([m.to_array() for m in ms]) if ms else np.zeros((height, width), bool)
+
+        masks = None if pred is None else [o for o in _unwrap(pred) if isinstance(o, Mask)]
+        gts = [o for o in gt if isinstance(o, Mask)]
+        return seg_metrics.score_segmentation(union(masks) if masks else None, union(gts),
+                                              masks[0].box if masks else None, gts[0].box if len(gts) == 1 else None)
+    if task == "caption":  # corpus-level metrics (CIDEr, BLEU): keep hypothesis and references
+        hyp = "" if not pred else pred[0].text
+        return {"valid": int(bool(pred)), "hyp": hyp, "refs": [c.text for c in gt]}
+    if task == "dense_caption":  # matched by box IoU at aggregation time
+        regions = [] if not pred else [[r.x1, r.y1, r.x2, r.y2, r.phrase] for r in pred]
+        return {"valid": int(bool(pred)), "pred": regions, "gt": [[r.x1, r.y1, r.x2, r.y2, r.phrase] for r in gt]}
     raise ValueError(f"no metrics for task {task!r}")
 
 
@@ -120,6 +138,8 @@ class Predictor:
         from raytrain.eval import decoding
         from raytrain.formats.grammar import query_labels
 
+        if not all(str(t) in self.fam.KIND_OF_TASK for t in batch["task"]):  # captions: plain decoding
+            return self.fam.generate(self.model, self.processor, images, prefixes, max_new_tokens=self.max_new_tokens, **self.decoding), None
         kinds = [self.fam.KIND_OF_TASK[str(t)] for t in batch["task"]]
         grammars = None
         if self.constrained:
@@ -167,6 +187,23 @@ def aggregate(rows: list[dict]) -> dict:
         out.update(point_metrics.aggregate_pointing(point_scores))
     if box_scores:
         out["boxes"] = box_metrics.aggregate_boxes(box_scores)
+    seg_scores = [json.loads(r["score"]) for r in rows if r["task"] == "segment"]
+    if seg_scores:
+        out["segmentation"] = seg_metrics.aggregate_segmentation(seg_scores)
+    cap = [(r["id"], json.loads(r["score"])) for r in rows if r["task"] == "caption"]
+    if cap:
+        from raytrain.eval.metrics.captions import caption_metrics
+
+        out["captions"] = caption_metrics({i: s["refs"] for i, s in cap}, {i: s["hyp"] for i, s in cap}, on_missing_java="skip")
+        out["captions"]["valid_rate"] = sum(s["valid"] for _, s in cap) / len(cap)
+    dense = [(r["id"], json.loads(r["score"])) for r in rows if r["task"] == "dense_caption"]
+    if dense:
+        from raytrain.eval.metrics.captions import dense_caption_metrics
+
+        gt = [(i, Box(*g[:4]), g[4]) for i, s in dense for g in s["gt"]]
+        pred = [(i, Box(*p[:4]), p[4], None) for i, s in dense for p in s["pred"]]
+        out["dense_captions"] = dense_caption_metrics(gt, pred, on_missing_java="skip")
+        out["dense_captions"]["valid_rate"] = sum(s["valid"] for _, s in dense) / len(dense)
     reasons: dict[str, int] = {}
     for r in rows:
         for reason, _ in json.loads(r["errors"]):

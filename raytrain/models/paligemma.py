@@ -14,13 +14,14 @@ from typing import Sequence
 import numpy as np
 
 from raytrain.formats import paligemma as fmt
+from raytrain.models import _quant
 from raytrain.formats.paligemma import NUM_LOC, loc_token
 
 IGNORE_INDEX = -100  # label value the loss skips (prefix, image and padding positions)
 # Per-token (B, T) arrays of encode_train: the recipe trims their shared padding per batch.
 # Every other key (pixel_values, ...) is passed to the model as is.
 SEQ_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-KIND_OF_TASK = {"point": "point", "detect": "box"}
+KIND_OF_TASK = {"point": "point", "detect": "box", "segment": "mask"}
 
 
 def resolve(name_or_path: str, cache_dir: str | None = None) -> str:
@@ -39,40 +40,6 @@ def load_processor(name_or_path: str, cache_dir: str | None = None):
     return AutoProcessor.from_pretrained(resolve(name_or_path, cache_dir))
 
 
-def quantization_config(quant: dict | None):
-    """transformers BitsAndBytesConfig from raytrain's quant settings (None = full precision)."""
-    if not quant or not quant.get("bits"):
-        return None
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    skip = list(quant.get("skip_modules") or [])
-    if quant["bits"] == 4:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant.get("quant_type", "nf4"),
-            bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
-            bnb_4bit_compute_dtype=getattr(torch, quant.get("compute_dtype", "bfloat16")),
-            llm_int8_skip_modules=skip,
-        )
-    if quant["bits"] == 8:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    raise ValueError(f"quant.bits must be 0, 4 or 8, not {quant['bits']}")
-
-
-def _cpu_4bit_fix(model) -> None:
-    # bitsandbytes 0.50 on CPUs with AVX512-BF16 takes a fused inference path in Linear4bit that,
-    # once any no-grad forward ran (evaluation, generation), breaks later backward passes.
-    # The plain dequantize+matmul path is correct for training; force it on CPU.
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:
-        return
-    for mod in model.modules():
-        if isinstance(mod, Linear4bit):
-            mod.support_avx512bf16_for_cpu = False
-
-
 def load(name_or_path: str, dtype: str = "float32", cache_dir: str | None = None, device: str | None = None, quant: dict | None = None):
     """(model, processor) through `from_pretrained`, for hub ids and saved presets alike.
     `quant` ({"bits": 4|8, ...}, see config.QuantConfig) loads the weights through bitsandbytes."""
@@ -81,15 +48,9 @@ def load(name_or_path: str, dtype: str = "float32", cache_dir: str | None = None
 
     path = resolve(name_or_path, cache_dir)
     kwargs = {"dtype": getattr(torch, dtype)}
-    qcfg = quantization_config(quant)
-    if qcfg is not None:
-        kwargs["quantization_config"] = qcfg
-        kwargs["device_map"] = {"": device or ("cuda" if torch.cuda.is_available() else "cpu")}
+    kwargs.update(_quant.from_pretrained_kwargs(quant, device))
     model = PaliGemmaForConditionalGeneration.from_pretrained(path, **kwargs)
-    if qcfg is not None:
-        _cpu_4bit_fix(model)
-    elif device:
-        model.to(device)
+    _quant.after_load(model, quant, device)
     return model, load_processor(path)
 
 
@@ -133,15 +94,46 @@ def loc_token_ids(tokenizer) -> np.ndarray:
     return ids
 
 
+CAPTION_PREFIX = "caption en"  # PaliGemma's captioning prefix (big_vision transfers)
+DENSE_PREFIX = "describe each region"
+
+
+def _region_boxes(targets: Sequence) -> list:
+    from raytrain.formats.annotations import Box
+
+    return [Box(r.x1, r.y1, r.x2, r.y2, r.phrase) for r in targets]
+
+
 def render_example(task: str, query: str, targets: Sequence, width: int, height: int, image_hw: tuple[int, int] | None = None) -> tuple[str, str]:
     """(prefix, suffix) text for one example; targets in source pixels. PaliGemma's <loc> bins are
-    normalised, so the model input size (image_hw) does not enter."""
+    normalised, so the model input size (image_hw) does not enter. caption: the first caption;
+    dense_caption: every region as `<loc>x4 phrase`, joined by ' ; '."""
+    if task == "caption":
+        return CAPTION_PREFIX, targets[0].text.strip()
+    if task == "dense_caption":
+        return DENSE_PREFIX, fmt.render_objects(_region_boxes(targets), width, height)
+    if task == "segment":  # <loc>x4 <seg>x16 label; needs the mask codec weights (RAYTRAIN_MASK_CODEC)
+        from raytrain.formats import paligemma_masks
+
+        return paligemma_masks.render_prefix(query), paligemma_masks.render_segments(targets, width, height)
     return fmt.render_prefix(task, query), fmt.render_objects(targets, width, height)
 
 
 def parse_output(text: str, task: str, width: int, height: int, image_hw: tuple[int, int] | None = None, divisor: int = 1023):
     """Model text -> ParseResult with objects in source pixels (never raises on text).
     divisor 1023 inverts big_vision's encoder exactly; 1024 is supervision's / Google's demo parser."""
+    from raytrain.formats.annotations import Caption, ParseError, ParseResult, Region
+
+    if task == "caption":
+        clean = text.replace("<eos>", "").strip()
+        return ParseResult([Caption(clean)], []) if clean else ParseResult([], [ParseError("empty_output", text)])
+    if task == "dense_caption":
+        res = fmt.parse(text, width, height, "box", divisor=divisor)
+        return ParseResult([Region(b.x1, b.y1, b.x2, b.y2, b.label) for b in res.objects], res.errors)
+    if task == "segment":  # masks decoded by the codec of RAYTRAIN_MASK_CODEC
+        from raytrain.formats import paligemma_masks
+
+        return paligemma_masks.parse_segments(text, width, height, divisor=divisor)
     return fmt.parse(text, width, height, KIND_OF_TASK[task], divisor=divisor)
 
 

@@ -36,6 +36,9 @@ IGNORE_INDEX = -100  # label value the loss skips (prompt, image and padding pos
 # mm_token_type_ids (1 on image tokens) is what the model builds its 3-D M-RoPE positions from.
 SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 KIND_OF_TASK = {"point": "point", "detect": "box"}
+CAPTION_PROMPT = "Describe this image."
+# seed 002's dense-captioning instruction shape: every region, a short phrase and its box
+DENSE_PROMPT = "Describe every region of the image with a short phrase and output bbox_2d coordinates in JSON format."
 RESIZE_RECORD = "raytrain_resize.json"
 RESIZE_KEYS = ("factor", "min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size")
 # The released Qwen2.5-VL-*-Instruct processors' settings (preprocessor_config.json): the frame used
@@ -129,16 +132,44 @@ def load_processor(name_or_path: str, cache_dir: str | None = None):
     return processor
 
 
-def load(name_or_path: str, dtype: str = "float32", cache_dir: str | None = None, device: str | None = None):
-    """(model, processor) through `from_pretrained`, for hub ids and saved presets alike."""
+def load(name_or_path: str, dtype: str = "float32", cache_dir: str | None = None, device: str | None = None, quant: dict | None = None):
+    """(model, processor) through `from_pretrained`, for hub ids and saved presets alike.
+    `quant` ({"bits": 4|8, ...}) loads the language model through bitsandbytes (seed 002: 4-bit)."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from raytrain.models import _quant
+
     path = resolve(name_or_path, cache_dir)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
-    if device:
-        model.to(device)
+    if quant and quant.get("bits"):
+        # the vision tower and merger stay in full precision (full prefixes: bitsandbytes matches prefixes)
+        quant = dict(quant, skip_modules=[m.replace("model.vision_tower", "model.visual").replace("model.multi_modal_projector", "model.visual.merger")
+                                          for m in quant.get("skip_modules") or []])
+    kwargs = {"dtype": getattr(torch, dtype), **_quant.from_pretrained_kwargs(quant, device)}
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kwargs)
+    _quant.after_load(model, quant, device)
     return model, load_processor(path)
+
+
+VISION = "model.visual."
+VISION_LAYERS = "model.visual.blocks."
+PROJECTOR = "model.visual.merger."
+
+
+def apply_freeze_policy(model, *, freeze_vision: bool = True, unfreeze_vision_layers: int = 0, train_projector: bool = False,
+                        train_language: bool = True) -> None:
+    """requires_grad per part, as paligemma.apply_freeze_policy: language model, vision blocks
+    (frozen unless freeze_vision=False; the last `unfreeze_vision_layers` trainable either way),
+    patch merger = the projector (train_projector, or whenever the vision tower trains)."""
+    n_layers = len(model.model.visual.blocks)
+    keep = {f"{VISION_LAYERS}{i}." for i in range(max(0, n_layers - unfreeze_vision_layers), n_layers)}
+    for name, p in model.named_parameters():
+        if name.startswith(PROJECTOR):
+            p.requires_grad_(train_projector or not freeze_vision)
+        elif name.startswith(VISION):
+            p.requires_grad_((not freeze_vision) or any(name.startswith(k) for k in keep))
+        else:
+            p.requires_grad_(train_language)
 
 
 def save_inference_files(processor, out_dir: str | Path) -> None:
@@ -300,6 +331,13 @@ def render_example(
     rendered in the model frame smart_resize(image_hw) (see _model_frame). The chat template is
     applied at encoding time, not here."""
     rw, rh = _model_frame(width, height, image_hw, resize)
+    if task == "caption":
+        return CAPTION_PROMPT, targets[0].text.strip()
+    if task == "dense_caption":
+        from raytrain.formats.annotations import Box
+
+        boxes = [Box(r.x1, r.y1, r.x2, r.y2, r.phrase) for r in targets]
+        return DENSE_PROMPT, fmt.render_objects(boxes, width, height, rw, rh, representation, fenced=fenced)
     prompt = fmt.render_prompt(task, query, representation)
     return prompt, fmt.render_objects(targets, width, height, rw, rh, representation, fenced=fenced)
 
@@ -314,7 +352,15 @@ def parse_output(
     resize: dict | None = None,
 ):
     """Model text -> ParseResult with objects in source pixels (never raises on text)."""
+    from raytrain.formats.annotations import Caption, ParseError, ParseResult, Region
+
     rw, rh = _model_frame(width, height, image_hw, resize)
+    if task == "caption":
+        clean = text.strip()
+        return ParseResult([Caption(clean)], []) if clean else ParseResult([], [ParseError("empty_output", text)])
+    if task == "dense_caption":
+        res = fmt.parse(text, "box", width, height, rw, rh, representation)
+        return ParseResult([Region(b.x1, b.y1, b.x2, b.y2, b.label) for b in res.objects], res.errors)
     return fmt.parse(text, KIND_OF_TASK[task], width, height, rw, rh, representation)
 
 

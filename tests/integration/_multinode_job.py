@@ -32,27 +32,34 @@ def main(root: str, model_path: str) -> None:
         "train.steps=40", "train.micro_batch_size=8", "train.checkpoint_every=10", "train.log_every=5", "train.warmup_steps=4",
         "scale.num_workers=2", "scale.cpus_per_worker=1", "scale.resources_per_worker={trainer: 1}",
         "scale.placement_strategy=STRICT_SPREAD", "scale.max_failures=3", "eval.baselines=false", "eval.cpus_per_actor=0.5"])
-    events = {}
+    events, result = {}, {}
 
-    def chaos():
-        hist = launch_train.history_uri(cfg)
-        deadline = time.time() + 400
-        while time.time() < deadline:
-            rows = read_history(hist)
-            if any(r.get("checkpoint") for r in rows):
-                victim = rows[-1]["node_ips"][0]
-                events["killed"] = victim
-                events["killed_after_step"] = rows[-1]["step"]
-                cluster.remove_node(nodes[victim], allow_graceful=False)
-                events["replacement"] = "127.0.0.4"
-                cluster.add_node(num_cpus=1, node_ip_address="127.0.0.4", resources={"trainer": 1}, object_store_memory=100 * 1024**2)
-                return
-            time.sleep(0.3)
+    def run():
+        try:
+            result["out"] = launch_train.main(cfg)
+        except BaseException as e:  # noqa: BLE001 - reported to the test below
+            result["error"] = repr(e)
 
-    t = threading.Thread(target=chaos, daemon=True)
+    # the job runs in a thread; the main thread plays chaos (Ray nodes must be added from it)
+    t = threading.Thread(target=run, daemon=True)
     t.start()
-    out = launch_train.main(cfg)
-    t.join(5)
+    hist = launch_train.history_uri(cfg)
+    deadline = time.time() + 500
+    while time.time() < deadline and t.is_alive():
+        rows = read_history(hist)
+        if any(r.get("checkpoint") for r in rows):
+            victim = rows[-1]["node_ips"][0]
+            events.update(killed=victim, killed_after_step=rows[-1]["step"], replacement="127.0.0.4")
+            cluster.remove_node(nodes[victim], allow_graceful=False)
+            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.4", resources={"trainer": 1}, object_store_memory=100 * 1024**2)
+            break
+        time.sleep(0.3)
+    t.join(600)
+    if "out" not in result:
+        ray.shutdown()
+        cluster.shutdown()
+        raise SystemExit(f"job failed: {result.get('error', 'timeout')}")
+    out = result["out"]
     metrics = json.load(open(out))
     rows = read_history(launch_train.history_uri(cfg))
     ray.shutdown()

@@ -21,7 +21,10 @@ def _pairs(objs):
     boxes = [o for o in objs if isinstance(o, Box)]
     points = [o for o in objs if isinstance(o, Point)]
     assert len(boxes) == len(points)
-    assert objs == [*boxes, *points]  # all boxes, then the points in the same shape order
+    assert objs[: 2 * len(boxes)] == [*boxes, *points]  # all boxes, then the points in the same shape order
+    caption, *regions = objs[2 * len(boxes):]  # then one caption and a region per shape
+    assert all(b.label in caption.text for b in boxes)
+    assert [(r.x1, r.y1, r.x2, r.y2, r.phrase) for r in regions] == [(b.x1, b.y1, b.x2, b.y2, b.label) for b in boxes]
     return list(zip(boxes, points))
 
 
