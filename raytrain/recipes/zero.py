@@ -1,0 +1,374 @@
+"""Recipe: full fine-tuning sharded with DeepSpeed ZeRO-2 / ZeRO-3 — one function per worker.
+
+ZeRO-2 shards the fp32 master weights, Adam moments and gradients across the data-parallel ranks;
+ZeRO-3 also shards the parameters themselves (each layer is gathered just before it runs). Per rank
+that is (4 + 4 + 4) bytes x params / world for the optimizer side instead of all of it on every
+rank, which is what makes 10B-72B full fine-tuning fit.
+
+Runs inside Ray Train `TorchTrainer` workers (`train_fn_per_worker`), where torch.distributed is
+already initialised (gloo on CPU, NCCL on GPU): DeepSpeed wraps that process group instead of
+creating its own. `train` only needs a `Session` (recipes.lora's), so it also runs without Ray.
+
+Reads top to bottom: setup -> DeepSpeed config -> model (partitioned at load for ZeRO-3) ->
+optimizer -> resume -> loop (micro-batch, engine.step, log, checkpoint) -> final checkpoint.
+
+Same loss, lr schedule, data iteration, metrics and report cadence as recipes/lora.py.
+Checkpoint layout: raytrain/training/zero_checkpoint.py.
+
+Note: DeepSpeed's CPU accelerator JIT-compiles a small op (deepspeed_shm_comm) the first time
+it runs on a machine (1-3 min on 2 cores). torch caches it under $TORCH_EXTENSIONS_DIR
+(default ~/.cache/torch_extensions); later runs load it in well under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from raytrain import config as config_mod
+from raytrain.models import family as model_family
+from raytrain.models.losses import suffix_loss
+from raytrain.recipes.lora import Session, build_model
+from raytrain.training import optim, zero_checkpoint
+
+log = logging.getLogger("raytrain.recipes.zero")
+
+STAGES = {"zero2": 2, "zero3": 3}
+
+
+@dataclass
+class ZeroOptions:
+    """DeepSpeed-only switches (train_loop_config["zero"]; defaults off)."""
+
+    offload_optimizer: bool = False
+    """Keep fp32 master weights and Adam moments in CPU memory; steps with DeepSpeedCPUAdam
+    (a JIT-compiled op, built on first use like the comm op)."""
+    offload_param: bool = False
+    """ZeRO-3 only: keep parameter partitions in CPU memory between uses."""
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> ZeroOptions:
+        values = dict(values or {})
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown zero option(s) {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**{k: bool(v) for k, v in values.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed config (built from raytrain's config; nothing else reads it)
+
+
+def ds_config(cfg: config_mod.Experiment, zero: ZeroOptions, *, load_universal: bool = False) -> dict:
+    stage = STAGES[cfg.train.strategy]
+    if zero.offload_param and stage != 3:
+        raise ValueError("zero.offload_param needs train.strategy=zero3")
+    zopt: dict = {"stage": stage}
+    if zero.offload_optimizer:
+        zopt["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if zero.offload_param:
+        zopt["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    conf = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.train.max_grad_norm,
+        "zero_optimization": zopt,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "steps_per_print": 1 << 30,  # raytrain logs; DeepSpeed's own step log stays quiet
+        "wall_clock_breakdown": False,
+    }
+    if cfg.model.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"ZeRO recipes run model.dtype float32 | bfloat16, not {cfg.model.dtype!r}")
+    if load_universal:
+        conf["checkpoint"] = {"load_universal": True}
+    return conf
+
+
+def _ensure_process_group(session: Session, device: torch.device) -> None:
+    """Ray Train (and torchrun) set up torch.distributed; a plain single process gets a 1-rank group."""
+    import torch.distributed as dist
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if session.world_size != 1:
+            raise RuntimeError("recipes.zero.train needs torch.distributed initialised for world_size > 1")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    import deepspeed
+
+    # Wraps the existing process group (DeepSpeed only creates one when none exists).
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def _numel(p) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 params are empty placeholders locally
+
+
+def _ndim(p) -> int:
+    return len(getattr(p, "ds_shape", p.shape))
+
+
+def build_optimizer(model, cfg: config_mod.Experiment, zero: ZeroOptions):
+    """AdamW, no decay on 1-D params (as optim.build_optimizer; grouped by the FULL shape, since
+    ZeRO-3 params are 1-D placeholders locally). DeepSpeedCPUAdam when the optimizer is offloaded."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if _ndim(p) >= 2], "weight_decay": cfg.train.weight_decay},
+        {"params": [p for p in params if _ndim(p) < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if zero.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.train.lr, betas=(0.9, 0.999), adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999))
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg: config_mod.Experiment, model_path: str, session: Session, device: torch.device, zero: ZeroOptions | None = None) -> dict:
+    """Train to cfg.train.steps; returns {"step", "epoch", "engine"} (the engine for callers that
+    want the final weights, e.g. tests and notebooks)."""
+    import deepspeed
+
+    if cfg.train.strategy not in STAGES:
+        raise ValueError(f"recipes/zero.py runs strategy {' | '.join(STAGES)}, not {cfg.train.strategy!r}")
+    zero = zero or ZeroOptions()
+    stage = STAGES[cfg.train.strategy]
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    _ensure_process_group(session, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.train.seed)
+
+    # ---- what are we resuming from? (decides the DeepSpeed config: universal load or not) ------
+    ctx = session.checkpoint_dir()
+    stack = contextlib.ExitStack()
+    ckpt_dir = stack.enter_context(ctx) if ctx is not None else None
+    state, load_dir, load_tag = None, None, None
+    if ckpt_dir is not None:
+        state = zero_checkpoint.read_state(ckpt_dir)
+        if "zero_stage" not in state:
+            raise ValueError(f"checkpoint {ckpt_dir} was written by strategy {state.get('strategy')!r}; the ZeRO recipe resumes ZeRO checkpoints only")
+        if zero_checkpoint.needs_universal(state, world_size=session.world_size, stage=stage):
+            # topology changed: shards do not line up; convert (once per node) to per-parameter files
+            t = time.perf_counter()
+            load_dir, load_tag = zero_checkpoint.universal_dir(ckpt_dir, state["tag"])
+            if session.rank == 0:
+                log.info("checkpoint from %d ranks (ZeRO-%d) -> universal for %d ranks (ZeRO-%d) in %.1f s",
+                         state["world_size"], state["zero_stage"], session.world_size, stage, time.perf_counter() - t)
+    conf = ds_config(cfg, zero, load_universal=load_dir is not None)
+
+    # ---- model: ZeRO-3 partitions while loading (HfDeepSpeedConfig alive => zero.Init) --------
+    # Full fine-tuning: build_model's "full" path, sharded by the engine below.
+    full_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, strategy="full"))
+    hf_ds = None
+    if stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(conf)  # transformers keeps only a weakref: hold it while loading
+    try:
+        model, processor, _ = build_model(full_cfg, model_path)
+    finally:
+        if hf_ds is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            del hf_ds
+    n_train = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    n_total = sum(_numel(p) for p in model.parameters())
+    if session.rank == 0:
+        log.info("strategy=%s world=%d trainable params %d / %d", cfg.train.strategy, session.world_size, n_train, n_total)
+    fam = model_family(cfg.model.family)
+    loc_ids = torch.as_tensor(fam.loc_token_ids(processor.tokenizer), device=device)
+    # images enter in the compute dtype (the engine runs the whole module in bf16 when asked)
+    pixel_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+
+    optimizer = build_optimizer(model, cfg, zero)
+    scheduler = optim.build_scheduler(optimizer, warmup=cfg.train.warmup_steps, total=cfg.train.steps, kind=cfg.train.schedule)
+    # The engine steps the scheduler once per optimizer step (at the accumulation boundary) and
+    # keeps its state in the checkpoint.
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
+    engine.train()
+
+    # ---- resume: shards (weights + optimizer + scheduler), RNG and the data position -----------
+    step, epoch, skip_batches, resumed_from = 0, 0, 0, None
+    micro = cfg.train.micro_batch_size
+    if ckpt_dir is not None:
+        zero_checkpoint.load(ckpt_dir, engine, rank=session.rank, load_dir=load_dir, tag=load_tag)
+        step, epoch = state["step"], state["epoch"]
+        if load_dir is None:
+            skip_batches = state["batch_in_epoch"]  # same shards per rank: exact position
+        else:
+            # Another world size sees other shards: skip the same number of examples (approximate).
+            skip_batches = state["samples_in_epoch"] // (micro * session.world_size)
+        resumed_from = step
+        if session.rank == 0:
+            log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, skip_batches)
+    stack.close()  # a downloaded checkpoint's temp dir goes away here
+
+    def save_and_report(metrics: dict, batch_in_epoch: int) -> None:
+        tag = zero_checkpoint.tag_for(step)
+        state = None
+        if session.rank == 0:
+            state = {
+                "step": step,
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "samples_in_epoch": batch_in_epoch * micro * session.world_size,
+                "strategy": cfg.train.strategy,
+                "zero_stage": stage,
+                "world_size": session.world_size,
+                "dtype": cfg.model.dtype,
+                "tag": tag,
+                "base_model": cfg.model.name_or_path,
+                "family": cfg.model.family,
+                "metrics": metrics,
+            }
+        # Every rank writes its own shard files and reports its own directory; Ray Train merges them.
+        with tempfile.TemporaryDirectory(prefix=f"raytrain-zero-r{session.rank}-") as d:
+            zero_checkpoint.save(d, engine, rank=session.rank, tag=tag, state=state)
+            session.report(metrics, d)
+
+    window_loss, window_ce, window_n, t_window = 0.0, 0.0, 0, time.perf_counter()
+    first_step_logged = False
+    while step < cfg.train.steps:
+        batch_in_epoch = 0
+        for batch in session.epoch_batches(epoch, micro):
+            if batch_in_epoch < skip_batches:  # resuming mid-epoch: skip what the checkpoint consumed
+                batch_in_epoch += 1
+                continue
+            batch_in_epoch += 1
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            labels = batch["labels"].to(device).long()
+            # Trim padding columns shared by the whole batch (padding is on the right).
+            width = int(inputs["attention_mask"].sum(1).max())
+            for k in fam.SEQ_KEYS:
+                if k in inputs:
+                    inputs[k] = inputs[k][:, :width].long()
+            labels = labels[:, :width]
+            inputs = fam.prepare_inputs(inputs)  # family-specific layout (Qwen: flat patches + grid)
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(pixel_dtype)
+
+            out = engine(**inputs, use_cache=False)
+            loss, stats = suffix_loss(out.logits, labels, loc_ids, cfg.loss.loc_sigma, cfg.loss.loc_weight)
+            del out  # free logits before backward: they dominate activation memory
+            # The engine divides by grad_accum itself, reduces/partitions gradients, and only
+            # steps optimizer + scheduler (with clipping) at the accumulation boundary.
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.backward(loss)
+            engine.step()
+            window_loss += float(loss.detach())
+            window_ce += stats["ce"]
+            window_n += 1
+            if not boundary:
+                continue
+            step += 1
+
+            if cfg.train.fail_at_step == step and session.rank == 0 and resumed_from is None:
+                raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
+
+            is_ckpt = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
+            is_log = step % cfg.train.log_every == 0 or not first_step_logged
+            if is_log or is_ckpt:
+                dt = time.perf_counter() - t_window
+                grad_norm = engine.get_global_grad_norm()
+                metrics = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": window_loss / max(1, window_n),
+                    "ce": window_ce / max(1, window_n),
+                    "lr": float(scheduler.get_last_lr()[0]),
+                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "samples_per_s": window_n * micro * session.world_size / max(dt, 1e-9),
+                    "trainable_params": n_train,
+                    "resumed_from": -1 if resumed_from is None else resumed_from,
+                }
+                first_step_logged = True
+                if session.rank == 0:
+                    log.info("step %d loss %.4f ce %.4f lr %.2e %.1f samples/s", step, metrics["loss"], metrics["ce"], metrics["lr"], metrics["samples_per_s"])
+                if is_ckpt:
+                    save_and_report(metrics, batch_in_epoch)
+                else:
+                    session.report(metrics, None)
+                window_loss, window_ce, window_n, t_window = 0.0, 0.0, 0, time.perf_counter()
+            if step >= cfg.train.steps:
+                break
+        skip_batches = 0
+        if batch_in_epoch == 0:
+            raise RuntimeError("the training split produced no batches: check the data (drop report) and micro_batch_size")
+        if step < cfg.train.steps:
+            epoch += 1
+    return {"step": step, "epoch": epoch, "engine": engine}
+
+
+def gathered_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The engine's full module weights as fp32 CPU tensors (ZeRO-3: gathered from every rank;
+    collective, every rank must call it)."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+        # ZeRO-2/3 in bf16: the module holds bf16 copies; the fp32 masters live in the optimizer.
+        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray Train entry point
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """TorchTrainer's train_loop_per_worker: config = {"experiment": dict, "model_path": str,
+    "zero": {"offload_optimizer": bool, "offload_param": bool} (optional)}."""
+    import ray.train
+    import ray.train.torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = config_mod.from_dict(config["experiment"])
+    zero = ZeroOptions.from_dict(config.get("zero"))
+    ctx = ray.train.get_context()
+    # Fractional CPUs per worker: one intra-op thread each, or workers fight over the cores.
+    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+    shard = ray.train.get_dataset_shard("train")
+
+    def epoch_batches(epoch: int, micro: int):
+        return shard.iter_torch_batches(
+            batch_size=micro,
+            drop_last=True,
+            local_shuffle_buffer_size=micro * 8,
+            local_shuffle_seed=cfg.train.seed * 100_003 + epoch,
+        )
+
+    def checkpoint_dir():
+        ckpt = ray.train.get_checkpoint()
+        return ckpt.as_directory() if ckpt is not None else None
+
+    def report(metrics: dict, ckpt_dir: str | None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    session = Session(
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        checkpoint_dir=checkpoint_dir,
+        report=report,
+        epoch_batches=epoch_batches,
+    )
+    train(cfg, config["model_path"], session, ray.train.torch.get_device(), zero=zero)
+
+
+if __name__ == "__main__":
+    raise SystemExit(f"run through `raytrain train` with train.strategy=zero2|zero3 (this module is the worker side); cwd={os.getcwd()}")
