@@ -124,7 +124,9 @@ def decode_and_expand(
         objs = objects_from_json(row["objects"]) if isinstance(row["objects"], str) else row["objects"]
         try:
             exs = examples_for(objs, tasks, checked["width"], checked["height"], family, image_hw)
-        except ValueError:
+        except ValueError as e:
+            if type(e).__name__ == "MaskCodecMissing":
+                raise  # a configuration error, not a bad row: every segment row would be dropped
             counts["dropped:unrenderable_label"] += 1
             continue
         if not exs:

@@ -64,7 +64,7 @@ def _rows_from_predictions(batch: dict, texts: list[str], fam, image_hw, confide
             res.objects = [_Scored(o, c) for o, c in zip(res.objects, confidences[i])]
         # An output counts as valid when at least one object parsed; rejected fragments are
         # reported (errors) but do not void the objects that did parse.
-        pred = res.objects if res.objects else None
+        pred = _unwrap(res.objects) if res.objects else None  # scoring sees the plain objects
         score = score_example(task, pred, batch["targets"][i], w, h)
         out["id"].append(str(batch["id"][i]))
         out["task"].append(task)
@@ -138,7 +138,7 @@ class Predictor:
         from raytrain.eval import decoding
         from raytrain.formats.grammar import query_labels
 
-        if not all(str(t) in self.fam.KIND_OF_TASK for t in batch["task"]):  # captions: plain decoding
+        if not all(str(t) in ("point", "detect") for t in batch["task"]):  # captions, masks: plain decoding
             return self.fam.generate(self.model, self.processor, images, prefixes, max_new_tokens=self.max_new_tokens, **self.decoding), None
         kinds = [self.fam.KIND_OF_TASK[str(t)] for t in batch["task"]]
         grammars = None
@@ -168,13 +168,17 @@ def centre_baseline(batch: dict, *, mean_box_wh: tuple[float, float] | None, fam
     for i in range(len(batch["id"])):
         w, h = int(batch["width"][i]), int(batch["height"][i])
         label = str(batch["query"][i])
-        if batch["task"][i] == "point":
+        task = str(batch["task"][i])
+        if task == "point":
             obj = point_metrics.centre_point(w, h)
             obj = Point(obj.x, obj.y, label)
-        else:
+        elif task == "detect":
             b = box_metrics.centred_mean_box([mean_box_wh or (0.5, 0.5)], w, h)
             obj = Box(b.x1, b.y1, b.x2, b.y2, label)
-        texts.append(fam.render_example(str(batch["task"][i]), label, [obj], w, h, image_hw)[1])
+        else:  # no blind baseline for captions / regions / masks: an empty answer (scored as invalid)
+            texts.append("")
+            continue
+        texts.append(fam.render_example(task, label, [obj], w, h, image_hw)[1])
     return _rows_from_predictions(batch, texts, fam, image_hw)
 
 

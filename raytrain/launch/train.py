@@ -34,6 +34,11 @@ def init_ray(cfg: Experiment):
 
     import ray.data
 
+    # Progress bars and per-dataset execution banners drown the job's own output.
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
         return ray
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -48,11 +53,6 @@ def init_ray(cfg: Experiment):
             include_dashboard=False,
             runtime_env=env,
         )
-    # Progress bars and per-dataset execution banners drown the job's own output.
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray
 
 

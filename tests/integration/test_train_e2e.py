@@ -119,3 +119,24 @@ def test_lora_trains_an_adapter(tmp_path, ray_cluster, tiny_model_path):
     state = checkpointing.read_state(ckpt)
     assert state["step"] == 24 and state["strategy"] == "lora"
     assert metrics["trained"]["examples"] > 0
+
+
+def test_qwen_trains_through_the_same_recipe_and_parses_in_source_frame(tmp_path, ray_cluster, tmp_path_factory):
+    from raytrain.models.tiny import ensure_preset
+
+    qwen = str(ensure_preset("tiny:qwen2_5_vl", tmp_path_factory.mktemp("qwen")))
+    cfg = config_mod.load("jobs/tiny/shapes_qwen.yaml", [f"storage.root={tmp_path}", f"model.name_or_path={qwen}", *SMALL,
+                                                         "train.micro_batch_size=4", "train.lr=3e-3", "eval.batch_size=8"])
+    out = launch_train.main(cfg)
+    metrics = json.loads(Path(out).read_text())
+    rows = read_history(launch_train.history_uri(cfg))
+    assert rows[0]["loss"] > rows[-1]["loss"] + 0.5
+    assert metrics["run"]["final_step"] == 24 and metrics["trained"]["examples"] > 0
+    ckpt = Path(metrics["run"]["checkpoint"])
+    assert (ckpt / "model" / "raytrain_resize.json").exists()  # inference resizes as training did
+    # every parsed object is in SOURCE pixels (64x64 images), not the 112x112 model frame
+    preds = [json.loads(line) for line in (Path(out).parent / "predictions_test.jsonl").read_text().splitlines()]
+    for p in preds:
+        for o in p["objects"]:
+            xs = [o[k] for k in ("x", "x1", "x2") if k in o]
+            assert all(0 <= x <= 64 for x in xs), o
