@@ -1,0 +1,769 @@
+"""Ray Serve application: ONE base model, many LoRA adapters, dynamic batching per adapter.
+
+One deployment, `GroundingModel`, that is also the HTTP ingress (FastAPI)::
+
+    HTTP (127.0.0.1) -> Serve proxy -> GroundingModel replica
+                                         POST /predict: parse + validate (4xx), then
+                                         @serve.multiplexed  LRU of LoRA adapters, <adapter_root>/<id>/adapter loaded on demand
+                                         @serve.batch        requests decoded together, grouped per adapter
+                                         one model thread    set_adapter + generate never interleave
+
+Each replica holds one copy of the base model; adapters are peft adapters loaded into it
+(`PeftModel.load_adapter(path, adapter_name=id)`, `set_adapter(id)` per batch; base-model requests
+run under `disable_adapter()`). The ingress lives in the model deployment rather than in a
+separate one because every extra Serve hop costs two process switches per request (measured: the
+two-deployment version spent ~10 ms more CPU per request in the extra replica); large images are
+decoded in a worker thread so they do not stall the replica's event loop. Adapter ids are
+immutable: a new training run gets a new id (resolved ids are cached per replica).
+
+HTTP API
+--------
+POST /predict, JSON body::
+
+    {"image": "<base64 PNG/JPEG, optionally a data: URL>",
+     "task": "point" | "detect",
+     "prompt": "red circle"            (or "query"; exactly one of the two),
+     "adapter": "my-run" | null        (optional; absent/null = the base model),
+     "max_new_tokens": 32              (optional, 1..max_new_tokens_limit),
+     "debug": false}                   (optional; true adds {"replica", "pid", "batch_size"})
+
+200 ->  {"objects": [{"type": "point", "x", "y", "label"} | {"type": "box", "x1", "y1", "x2", "y2", "label"}],
+         "text": raw model text, "errors": [{"reason", "text"}] (parse rejections),
+         "confidence": [float | null per object], "adapter": id | null, "task", "image_size": [w, h]}
+
+Coordinates are source-image pixels. `confidence` is the geometric mean of the decoding
+probabilities of the tokens that spell the object (found by re-rendering the parsed object in the
+model's own format); null when the object's text cannot be located in the output.
+
+Errors are `{"error": {"code", "message"}}`: 400 malformed (non-JSON, wrong types, unknown field or
+task, bad base64, not an image, bad adapter id), 404 unknown adapter / route, 405 wrong method,
+413 body or image too large, 415 image format other than PNG/JPEG, 422 adapter that cannot share
+the base model. Never 5xx for bad input; a 500 means a server-side fault (e.g. storage unreachable).
+
+With several replicas, also send the adapter id as the `serve_multiplexed_model_id` header: Serve
+then routes the request to a replica that already holds the adapter (the body's "adapter" must
+agree with it, or be left out).
+
+Backpressure is Serve's own (`serve.deployment` docs): `max_ongoing_requests` per replica and
+`max_queued_requests` per caller. When the queue at the proxy is full the proxy answers
+503 with a Retry-After header (`BackpressureConfig`) instead of queueing without bound; a
+DeploymentHandle caller gets `ray.serve.exceptions.BackPressureError`. A 503 means "overloaded,
+retry later", never "your request is wrong".
+
+GET /healthz -> {"status": "ok"}; GET /stats -> the answering replica's counters (batch sizes
+seen, resident adapters, loads/evictions, pid); with several replicas each call may reach another.
+
+Python (DeploymentHandle)
+-------------------------
+::
+
+    from ray import serve
+    from raytrain.serve.app import ServeConfig, build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    h = serve.run(build_app(ServeConfig(model="tiny:paligemma", adapter_root="checkpoints/adapters")),
+                  name="raytrain", route_prefix="/")        # later: serve.get_app_handle("raytrain")
+    out = h.options(multiplexed_model_id="my-run").predict.remote(
+        {"image": pil_image_or_HxWx3_uint8_or_png_bytes, "task": "point", "prompt": "red circle"}).result()
+
+Through a handle the same payload checks run; failures raise the exceptions below (`BadRequest`,
+`AdapterNotFound`, `AdapterIncompatible`, all `ServeError` with `.status`), which Ray re-raises in
+the caller as instances of the same classes.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the routes' `Request` annotation at runtime.
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+import unicodedata
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from ray import serve
+from starlette.requests import Request
+
+log = logging.getLogger("raytrain.serve")
+
+TASKS = ("point", "detect")
+FIELDS = ("image", "task", "prompt", "query", "adapter", "max_new_tokens", "debug")
+IMAGE_FORMATS = ("PNG", "JPEG")
+# One path segment: letters, digits, '.', '_', '-'; starts with a letter or digit (so never '..').
+ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+DEPLOYMENT = "GroundingModel"
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class ServeConfig:
+    family: str = "paligemma"
+    """Model family module (raytrain/models/<family>.py)."""
+    model: str = "tiny:paligemma"
+    """Base model: hub id, local dir, or 'tiny:<family>' (offline preset). Every adapter must be a LoRA of it."""
+    adapter_root: str | None = None
+    """Adapter id X maps to <adapter_root>/X, a checkpoint dir holding adapter/ (local dir or s3://)."""
+    adapters: dict[str, str] = field(default_factory=dict)
+    """Explicit id -> checkpoint dir (local or s3://); checked before adapter_root."""
+    endpoint_url: str | None = None
+    """S3 endpoint for s3:// adapters (e.g. http://127.0.0.1:9000); None = AWS. Keys only from the environment."""
+    region: str | None = None
+    dtype: str = "float32"
+    """Base model dtype: float32 | bfloat16 | float16."""
+    device: str | None = None
+    """torch device of the model replica; None = cuda when the replica has a GPU, else cpu."""
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds. Loopback by default; put an authenticating proxy in front before exposing it."""
+    port: int = 8000
+    app_name: str = "raytrain"
+    route_prefix: str = "/"
+    num_replicas: int = 1
+    """Model replicas (each holds one copy of the base model)."""
+    num_cpus: float = 1.0
+    """CPUs reserved per model replica (also its torch thread count, at least 1)."""
+    num_gpus: float = 0.0
+    """GPUs per model replica."""
+    max_adapters_per_replica: int = 4
+    """LoRA adapters kept resident per replica (LRU beyond that, Serve's multiplexing)."""
+    max_batch_size: int = 8
+    """Requests of one adapter decoded together."""
+    batch_wait_timeout_s: float = 0.01
+    """How long the first request of a batch waits for company."""
+    max_ongoing_requests: int = 16
+    """Per model replica; must be >= max_batch_size or batches never fill."""
+    max_queued_requests: int = 64
+    """Per caller (each proxy, each handle); beyond it the proxy answers 503, a handle raises BackPressureError."""
+    retry_after_s: float = 1.0
+    """Retry-After header on 503 backpressure answers."""
+    max_new_tokens: int = 32
+    """Default decoding budget per request."""
+    max_new_tokens_limit: int = 128
+    """Largest max_new_tokens a request may ask for."""
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_image_bytes: int = 10 * 1024 * 1024
+    """Encoded image size limit (after base64 decoding)."""
+    max_image_pixels: int = 4096 * 4096
+    """width * height limit, checked before decoding pixels (decompression bombs)."""
+    max_image_side: int = 8192
+    max_query_chars: int = 256
+
+    def __post_init__(self):
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                             f"({self.max_batch_size}), or a replica never sees a full batch")
+        if not 1 <= self.max_new_tokens <= self.max_new_tokens_limit:
+            raise ValueError("need 1 <= max_new_tokens <= max_new_tokens_limit")
+        for k in self.adapters:
+            if not ADAPTER_ID.fullmatch(k):
+                raise ValueError(f"adapter id {k!r} must match {ADAPTER_ID.pattern}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask for; plain values so both deployments can share them."""
+
+    max_body_bytes: int
+    max_image_bytes: int
+    max_image_pixels: int
+    max_image_side: int
+    max_query_chars: int
+    max_new_tokens: int
+    max_new_tokens_limit: int
+
+    @classmethod
+    def of(cls, cfg: ServeConfig) -> "Limits":
+        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
+
+
+# ----------------------------------------------------------------------------------------------
+# errors: each carries its HTTP status
+
+
+class ServeError(Exception):
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+
+    def __reduce__(self):  # keep status/code when Ray pickles the exception across processes
+        return (_rebuild_error, (type(self), self.message, self.status, self.code))
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+def _rebuild_error(cls, message, status, code):
+    return cls(message, status=status, code=code)
+
+
+class BadRequest(ServeError):
+    status = 400
+    code = "bad_request"
+
+
+class AdapterNotFound(ServeError):
+    status = 404
+    code = "unknown_adapter"
+
+
+class AdapterIncompatible(ServeError):
+    status = 422
+    code = "incompatible_adapter"
+
+
+# ----------------------------------------------------------------------------------------------
+# request validation (shared by the HTTP ingress and handle callers; no torch here)
+
+
+def parse_json_body(body: bytes, limits: Limits) -> dict:
+    """Raw HTTP body -> JSON object, or BadRequest / 413."""
+    if len(body) > limits.max_body_bytes:
+        raise BadRequest(f"body of {len(body)} bytes exceeds {limits.max_body_bytes}", status=413, code="too_large")
+    if not body.strip():
+        raise BadRequest("empty body: send a JSON object", code="invalid_json")
+    try:
+        payload = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, NaN; absurd nesting
+        raise BadRequest(f"body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise BadRequest(f"body must be a JSON object, got {type(payload).__name__}", code="invalid_json")
+    return payload
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def validate_request(payload: Any, limits: Limits, adapter: str | None = None) -> dict:
+    """Checked request: {"image": HxWx3 uint8, "task", "query", "adapter", "max_new_tokens", "debug"}.
+
+    `adapter` (the multiplexed model id on the model side) overrides the payload's field; the two
+    must agree when both are given. Raises BadRequest (4xx) saying what is wrong."""
+    if not isinstance(payload, dict):
+        raise BadRequest(f"request must be a JSON object / dict, got {type(payload).__name__}")
+    unknown = sorted(set(payload) - set(FIELDS))
+    if unknown:
+        raise BadRequest(f"unknown field(s) {unknown}; known: {list(FIELDS)}", code="unknown_field")
+
+    task = payload.get("task")
+    if not isinstance(task, str) or task not in TASKS:
+        raise BadRequest(f"task must be one of {list(TASKS)}, got {task!r:.60}", code="unknown_task")
+
+    has_prompt, has_query = payload.get("prompt") is not None, payload.get("query") is not None
+    if has_prompt == has_query:
+        raise BadRequest("give exactly one of 'prompt' or 'query' (the thing to point at / detect)")
+    query = payload["prompt"] if has_prompt else payload["query"]
+    if not isinstance(query, str):
+        raise BadRequest(f"prompt must be a string, got {type(query).__name__}")
+    query = query.strip()
+    if not query:
+        raise BadRequest("prompt is empty")
+    if len(query) > limits.max_query_chars:
+        raise BadRequest(f"prompt has {len(query)} characters, limit {limits.max_query_chars}")
+    if any(unicodedata.category(c) == "Cc" for c in query):
+        raise BadRequest("prompt contains control characters (newlines end the prompt in PaliGemma's format)")
+
+    body_adapter = payload.get("adapter")
+    if body_adapter is not None and not isinstance(body_adapter, str):
+        raise BadRequest(f"adapter must be a string or null, got {type(body_adapter).__name__}")
+    if adapter and body_adapter and adapter != body_adapter:
+        raise BadRequest(f"payload adapter {body_adapter!r} differs from multiplexed_model_id {adapter!r}")
+    adapter = adapter or body_adapter or None
+    if adapter is not None and not ADAPTER_ID.fullmatch(adapter):
+        raise BadRequest(f"adapter id {adapter!r:.80} must match {ADAPTER_ID.pattern}", code="invalid_adapter_id")
+
+    mnt = payload.get("max_new_tokens")
+    if mnt is None:
+        mnt = limits.max_new_tokens
+    elif isinstance(mnt, bool) or not isinstance(mnt, int) or not 1 <= mnt <= limits.max_new_tokens_limit:
+        raise BadRequest(f"max_new_tokens must be an integer in 1..{limits.max_new_tokens_limit}, got {mnt!r:.40}")
+
+    debug = payload.get("debug", False)
+    if not isinstance(debug, bool):
+        raise BadRequest(f"debug must be true or false, got {debug!r:.40}")
+
+    if "image" not in payload or payload["image"] is None:
+        raise BadRequest("missing 'image' (base64 PNG or JPEG)", code="missing_image")
+    image = decode_image(payload["image"], limits)
+    return {"image": image, "task": task, "query": query, "adapter": adapter, "max_new_tokens": mnt, "debug": debug}
+
+
+def decode_image(value: Any, limits: Limits) -> np.ndarray:
+    """base64 str / data URL / encoded bytes / PIL image / array -> HxWx3 uint8 RGB array."""
+    from PIL import Image
+
+    if isinstance(value, np.ndarray):
+        return _check_array(value, limits)
+    if isinstance(value, Image.Image):
+        _check_size(value.width, value.height, limits)
+        return np.asarray(value.convert("RGB"))
+    if isinstance(value, str):
+        raw = _b64decode(value, limits)
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+    else:
+        raise BadRequest(f"image must be a base64 string, got {type(value).__name__}", code="invalid_image")
+    if len(raw) > limits.max_image_bytes:
+        raise BadRequest(f"image of {len(raw)} bytes exceeds {limits.max_image_bytes}", status=413, code="too_large")
+    if not raw:
+        raise BadRequest("image is empty", code="invalid_image")
+    try:
+        im = Image.open(io.BytesIO(raw))
+    except Exception:  # PIL raises several types for undecodable input
+        raise BadRequest("image is not a decodable PNG or JPEG", code="invalid_image") from None
+    if im.format not in IMAGE_FORMATS:
+        raise BadRequest(f"image format {im.format} not supported; send PNG or JPEG", status=415, code="unsupported_image_format")
+    _check_size(im.width, im.height, limits)  # from the header, before any pixel is decoded
+    try:
+        im.load()
+        return np.asarray(im.convert("RGB"))
+    except Exception as e:
+        raise BadRequest(f"image data is corrupt or truncated ({type(e).__name__})", code="invalid_image") from None
+
+
+def _b64decode(s: str, limits: Limits) -> bytes:
+    if s.startswith("data:"):
+        head, sep, s = s.partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise BadRequest("data URL must look like data:image/png;base64,<data>", code="invalid_image")
+    if len(s) > (limits.max_image_bytes + 2) // 3 * 4 + 1024:  # base64 is 4/3 of the bytes (+ line breaks)
+        raise BadRequest(f"image exceeds {limits.max_image_bytes} bytes", status=413, code="too_large")
+    try:
+        return base64.b64decode("".join(s.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("image is not valid base64", code="invalid_base64") from None
+
+
+def _check_size(w: int, h: int, limits: Limits) -> None:
+    if w < 1 or h < 1:
+        raise BadRequest(f"image has no pixels ({w}x{h})", code="invalid_image")
+    if w * h > limits.max_image_pixels or max(w, h) > limits.max_image_side:
+        raise BadRequest(f"image {w}x{h} exceeds the limit ({limits.max_image_pixels} pixels, side {limits.max_image_side})",
+                         status=413, code="too_large")
+
+
+def _check_array(a: np.ndarray, limits: Limits) -> np.ndarray:
+    if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (1, 3, 4))):
+        raise BadRequest(f"image array must be uint8 HxW, HxWx1, HxWx3 or HxWx4, got {a.dtype} {a.shape}", code="invalid_image")
+    _check_size(a.shape[1], a.shape[0], limits)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    return np.ascontiguousarray(a[:, :, :3])
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding with per-token probabilities (runs inside the model replica)
+
+
+class _TokenLogProbs:
+    """transformers logits processor that records, per decoding step, the chosen token and its
+    log-probability under the final (processed) scores. Greedy decoding picks the argmax, so the
+    argmax is the chosen token. Keeps two (B,) tensors per step, never the (B, vocab) scores."""
+
+    def __init__(self):
+        self.ids: list = []
+        self.logp: list = []
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        lp, idx = torch.log_softmax(scores.float(), dim=-1).max(dim=-1)
+        self.ids.append(idx)
+        self.logp.append(lp)
+        return scores
+
+
+def _token_spans(tok, ids: list[int], text: str) -> list[tuple[int, int]] | None:
+    """(start, end) character span of each token in `text`, by decoding growing prefixes the way
+    the family's generate decodes; None when the prefixes do not line up with `text`."""
+    spans, prev = [], 0
+    for k in range(len(ids)):
+        s = tok.decode(ids[: k + 1], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if not text.startswith(s) and not s.startswith(text):
+            return None
+        end = min(len(s), len(text))
+        spans.append((prev, end))
+        prev = end
+        if end >= len(text):
+            break
+    return spans if prev == len(text) else None
+
+
+def object_confidences(fam, text: str, objects: list, ids: list[int], logp: list[float], task: str,
+                       width: int, height: int, image_hw, tok) -> list[float | None]:
+    """Per parsed object: exp(mean log p) of the tokens spelling it, located by re-rendering the
+    object in the family's own format and finding that text in the output (in order)."""
+    out: list[float | None] = [None] * len(objects)
+    spans = _token_spans(tok, ids, text) if objects else None
+    if spans is None:
+        return out
+    pos = 0
+    for i, obj in enumerate(objects):
+        try:
+            rendered = fam.render_example(task, obj.label, [obj], width, height, image_hw)[1].strip()
+        except (ValueError, TypeError):
+            continue
+        at = text.find(rendered, pos) if rendered else -1
+        if at < 0:
+            continue
+        end = at + len(rendered)
+        lps = [logp[k] for k, (s, e) in enumerate(spans) if s < end and e > at]
+        if lps:
+            out[i] = float(math.exp(sum(lps) / len(lps)))
+        pos = end
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the model deployment
+
+
+class _AdapterSlot:
+    """What the multiplexer caches per adapter id. Serve calls __del__ (in a worker thread) when
+    it evicts the id (LRU); the unload then runs on the model thread, after any queued decode."""
+
+    def __init__(self, owner: "GroundingModel", adapter_id: str):
+        self.owner, self.adapter_id, self.unloaded = owner, adapter_id, False
+
+    def __del__(self):
+        if self.unloaded:
+            return
+        self.unloaded = True
+        try:
+            self.owner._model_thread.submit(self.owner._unload_sync, self.adapter_id).result()
+        except Exception:  # interpreter shutdown, executor gone: nothing left to free
+            pass
+
+
+api = FastAPI(title="raytrain grounding", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@serve.deployment(name=DEPLOYMENT)
+@serve.ingress(api)
+class GroundingModel:
+    """One base model + LoRA adapters multiplexed by id, behind HTTP and DeploymentHandle entry
+    points. All model work (adapter load/unload, set_adapter + generate) runs on ONE thread, so a
+    batch for adapter A can never decode while adapter B is active, and the asyncio loop stays
+    free to accept and batch the next requests meanwhile."""
+
+    def __init__(self, cfg: dict):
+        import torch
+
+        from raytrain import storage
+        from raytrain.models import family as model_family
+
+        self.cfg = ServeConfig(**cfg)
+        self.limits = Limits.of(self.cfg)
+        self.fam = model_family(self.cfg.family)
+        self.opts = storage.StorageOptions(endpoint_url=self.cfg.endpoint_url, region=self.cfg.region)
+        torch.set_num_threads(max(1, int(self.cfg.num_cpus)))
+        device = self.cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.base, self.processor = self.fam.load(self.cfg.model, dtype=self.cfg.dtype, device=device)
+        self.base.eval()
+        self.peft = None  # PeftModel wrapping self.base once the first adapter is loaded
+        self._dormant: str | None = None  # evicted adapter kept because peft needs >= 1 adapter
+        self._model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._known: dict[str, str] = {}  # adapter id -> checkpoint URI (checked servable; ids are immutable)
+        self._rejected: dict[str, tuple] = {}  # adapter id -> (monotonic expiry, error class, message)
+        self._resident: set[str] = set()
+        self.counters = Counter()
+        self.batch_sizes = Counter()
+        ctx = serve.get_replica_context()
+        self.replica = ctx.replica_id.unique_id if ctx else "local"
+
+        async def load_adapter(adapter_id: str) -> _AdapterSlot:
+            return await self._load_adapter(adapter_id)
+
+        # Serve's LRU of adapters per replica; wired at init so its size comes from the config
+        # (Ray 2.60 detects multiplexing set up this way at runtime).
+        self._get_adapter = serve.multiplexed(max_num_models_per_replica=self.cfg.max_adapters_per_replica)(load_adapter)
+        self._predict_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self._predict_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+
+    # ---- adapters ---------------------------------------------------------------------------
+
+    def _adapter_uri(self, adapter_id: str) -> str | None:
+        from raytrain import storage
+
+        if adapter_id in self.cfg.adapters:
+            return self.cfg.adapters[adapter_id]
+        if self.cfg.adapter_root:
+            return storage.join(self.cfg.adapter_root, adapter_id)
+        return None
+
+    async def _check_known(self, adapter_id: str) -> str:
+        """URI of a servable adapter, else AdapterNotFound / AdapterIncompatible. Runs BEFORE the
+        multiplexer is asked: its LRU evicts a resident adapter before it tries the new one."""
+        if adapter_id in self._known:
+            return self._known[adapter_id]
+        until, cls, message = self._rejected.get(adapter_id, (0.0, None, ""))
+        if until > time.monotonic():
+            raise cls(message)
+        try:
+            uri = await asyncio.to_thread(self._inspect_adapter, adapter_id)
+        except ServeError as e:
+            now = time.monotonic()
+            if len(self._rejected) > 1024:  # ids are client-chosen: keep the cache bounded
+                self._rejected = {k: v for k, v in self._rejected.items() if v[0] > now}
+            self._rejected[adapter_id] = (now + 5.0, type(e), e.message)  # don't hit storage on every retry
+            raise
+        self._known[adapter_id] = uri
+        return uri
+
+    def _inspect_adapter(self, adapter_id: str) -> str:
+        """Storage reads only (thread): the adapter exists, is LoRA, touches no base weights, and was
+        trained for this family."""
+        from raytrain import storage
+        from raytrain.training import checkpointing
+
+        uri = self._adapter_uri(adapter_id)
+        if uri is None:
+            raise AdapterNotFound(f"unknown adapter {adapter_id!r} (no adapter_root or mapping configured)")
+        config_uri = storage.join(uri, "adapter", "adapter_config.json")
+        if not storage.exists(config_uri, self.opts):
+            raise AdapterNotFound(f"unknown adapter {adapter_id!r} (no {config_uri})")
+        try:
+            peft_type = storage.read_json(config_uri, self.opts).get("peft_type")
+        except (ValueError, AttributeError, OSError) as e:
+            raise AdapterIncompatible(f"adapter {adapter_id!r}: unreadable adapter_config.json ({e})") from None
+        if peft_type != "LORA":
+            raise AdapterIncompatible(f"adapter {adapter_id!r} is {peft_type}; only LoRA adapters are served")
+        if storage.exists(storage.join(uri, "adapter", checkpointing.EXTRA), self.opts):
+            raise AdapterIncompatible(f"adapter {adapter_id!r} also trained base-model weights (vision layers / projector), "
+                                      "so it cannot share the base model; serve it alone via checkpointing.load_for_inference")
+        state_uri = storage.join(uri, checkpointing.STATE_JSON)
+        state = storage.read_json(state_uri, self.opts) if storage.exists(state_uri, self.opts) else {}
+        if state.get("family") and state["family"] != self.cfg.family:
+            raise AdapterIncompatible(f"adapter {adapter_id!r} was trained for family {state['family']}, serving {self.cfg.family}")
+        if state.get("base_model") and state["base_model"] != self.cfg.model:
+            log.warning("adapter %s was trained on %s, served on %s", adapter_id, state["base_model"], self.cfg.model)
+        return uri
+
+    async def _load_adapter(self, adapter_id: str) -> _AdapterSlot:
+        from raytrain import storage
+        from raytrain.training import checkpointing
+
+        adapter_uri = storage.join(await self._check_known(adapter_id), "adapter")
+        local = await asyncio.to_thread(checkpointing.local_copy, adapter_uri, self.opts)  # S3: downloads adapter/ only
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._model_thread, self._load_sync, adapter_id, str(local))
+        finally:
+            if storage.is_s3(adapter_uri):
+                shutil.rmtree(local, ignore_errors=True)  # the weights are in memory now
+        self._resident.add(adapter_id)
+        self.counters["adapter_loads"] += 1
+        return _AdapterSlot(self, adapter_id)
+
+    def _load_sync(self, adapter_id: str, path: str) -> None:
+        from peft import PeftModel
+
+        if self.peft is not None and adapter_id in self.peft.peft_config:  # the dormant one, back in use
+            self._dormant = None
+            return
+        try:
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.base, path, adapter_name=adapter_id)
+            else:
+                self.peft.load_adapter(path, adapter_name=adapter_id)
+        except Exception as e:  # e.g. shape mismatch: a LoRA of another base model
+            if self.peft is not None and adapter_id in self.peft.peft_config and len(self.peft.peft_config) > 1:
+                self._delete_sync(adapter_id)
+            self._known.pop(adapter_id, None)
+            raise AdapterIncompatible(f"adapter {adapter_id!r} does not fit base model {self.cfg.model}: {e}"[:2000]) from None
+        self.peft.eval()
+        if self._dormant is not None and self._dormant != adapter_id:
+            self._delete_sync(self._dormant)
+            self._dormant = None
+
+    def _unload_sync(self, adapter_id: str) -> None:
+        self._resident.discard(adapter_id)
+        self.counters["adapter_evictions"] += 1
+        if self.peft is None or adapter_id not in self.peft.peft_config:
+            return
+        if len(self.peft.peft_config) == 1:
+            self._dormant = adapter_id  # peft cannot run (even disabled) with zero adapters
+            return
+        self._delete_sync(adapter_id)
+
+    def _delete_sync(self, adapter_id: str) -> None:
+        if self.peft.active_adapter == adapter_id:
+            self.peft.set_adapter(next(a for a in self.peft.peft_config if a != adapter_id))
+        self.peft.delete_adapter(adapter_id)
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    async def predict(self, payload: dict) -> dict:
+        """DeploymentHandle entry point; the adapter comes from `.options(multiplexed_model_id=...)`."""
+        adapter = serve.get_multiplexed_model_id() or None
+        return await self._predict(validate_request(payload, self.limits, adapter=adapter))
+
+    @api.post("/predict")
+    async def http_predict(self, request: Request) -> JSONResponse:
+        try:
+            size = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            size = 0
+        try:
+            if size > self.limits.max_body_bytes:
+                raise BadRequest(f"body of {size} bytes exceeds {self.limits.max_body_bytes}", status=413, code="too_large")
+            body = await request.body()
+            payload = parse_json_body(body, self.limits)
+            header_adapter = serve.get_multiplexed_model_id() or None
+            if len(body) < 64 * 1024:  # small images: decoding costs less than a thread hop
+                req = validate_request(payload, self.limits, header_adapter)
+            else:  # big ones off the event loop, so batching goes on meanwhile
+                req = await asyncio.to_thread(validate_request, payload, self.limits, header_adapter)
+            return JSONResponse(await self._predict(req))
+        except ServeError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/stats")
+    async def http_stats(self) -> dict:
+        return self.stats()
+
+    async def _predict(self, req: dict) -> dict:
+        h, w = req["image"].shape[:2]
+        try:
+            req["prefix"] = self.fam.render_example(req["task"], req["query"], [], w, h, (h, w))[0]
+        except ValueError as e:
+            raise BadRequest(f"prompt cannot be rendered: {e}") from None
+        if req["adapter"]:
+            await self._check_known(req["adapter"])  # AdapterNotFound before the LRU evicts anything
+            await self._get_adapter(req["adapter"])  # loads on a miss (LRU); AdapterIncompatible
+        self.counters["requests"] += 1
+        return await self._predict_batch(req)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # sizes set from the config in __init__
+    async def _predict_batch(self, reqs: list[dict]) -> list[dict]:
+        # Serve splits batches by multiplexed model id, but HTTP requests that name their adapter
+        # only in the body share one: group by adapter here, and by max_new_tokens so that each
+        # request decodes exactly its own budget.
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(reqs):
+            groups.setdefault((r["adapter"], r["max_new_tokens"]), []).append(i)
+        loop = asyncio.get_running_loop()
+        out: list[dict | None] = [None] * len(reqs)
+        for (adapter, mnt), idx in groups.items():
+            if adapter:
+                await self._get_adapter(adapter)  # touch the LRU (reload if evicted meanwhile) ...
+            # ... and queue the decode right away: an eviction queued later runs after it
+            fut = loop.run_in_executor(self._model_thread, self._generate_sync, adapter, mnt, [reqs[i] for i in idx])
+            for i, res in zip(idx, await fut):
+                out[i] = res
+        return out
+
+    def _generate_sync(self, adapter: str | None, max_new_tokens: int, reqs: list[dict]) -> list[dict]:
+        import contextlib
+
+        from PIL import Image
+        from transformers import LogitsProcessorList
+
+        from raytrain.formats.annotations import objects_to_json
+
+        if adapter:
+            if self.peft is None or adapter not in self.peft.peft_config:
+                raise RuntimeError(f"adapter {adapter!r} is not resident at decode time")
+            if self.peft.active_adapter != adapter:
+                self.peft.set_adapter(adapter)
+            model, ctx = self.peft, contextlib.nullcontext()
+        elif self.peft is not None:
+            if self.peft.active_adapter not in self.peft.peft_config:
+                self.peft.set_adapter(next(iter(self.peft.peft_config)))
+            model, ctx = self.peft, self.peft.disable_adapter()
+        else:
+            model, ctx = self.base, contextlib.nullcontext()
+        rec = _TokenLogProbs()
+        with ctx:
+            texts = self.fam.generate(model, self.processor, [Image.fromarray(r["image"]) for r in reqs], [r["prefix"] for r in reqs],
+                                      max_new_tokens=max_new_tokens, logits_processor=LogitsProcessorList([rec]))
+        ids = np.stack([t.cpu().numpy() for t in rec.ids], axis=1) if rec.ids else np.zeros((len(reqs), 0), np.int64)
+        logp = np.stack([t.cpu().numpy() for t in rec.logp], axis=1) if rec.logp else np.zeros((len(reqs), 0))
+        self.batch_sizes[len(reqs)] += 1
+        results = []
+        for i, (r, text) in enumerate(zip(reqs, texts)):
+            h, w = r["image"].shape[:2]
+            res = self.fam.parse_output(text, r["task"], w, h, (h, w))
+            conf = object_confidences(self.fam, text, res.objects, ids[i].tolist(), logp[i].tolist(), r["task"], w, h, (h, w), self.processor.tokenizer)
+            out = {
+                "objects": json.loads(objects_to_json(res.objects)),
+                "text": text,
+                "errors": [{"reason": e.reason, "text": e.text} for e in res.errors],
+                "confidence": conf,
+                "adapter": adapter,
+                "task": r["task"],
+                "image_size": [w, h],
+            }
+            if r["debug"]:
+                out["debug"] = {"replica": self.replica, "pid": os.getpid(), "batch_size": len(reqs)}
+            results.append(out)
+        return results
+
+    def stats(self) -> dict:
+        return {
+            "replica": self.replica,
+            "pid": os.getpid(),
+            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "max_batch_size_seen": max(self.batch_sizes, default=0),
+            "resident_adapters": sorted(self._resident),
+            **dict(self.counters),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# building and reaching the application
+
+
+def build_app(cfg: ServeConfig):
+    """The bound application: `serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)`."""
+    from ray.serve.config import BackpressureConfig
+
+    return GroundingModel.options(
+        num_replicas=cfg.num_replicas,
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+    ).bind(asdict(cfg))
+
+
+def run(cfg: ServeConfig, *, blocking: bool = False) -> str:
+    """Start Serve's HTTP proxy on cfg.host:cfg.port, deploy the app; returns the /predict URL."""
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
+    return predict_url(cfg)
+
+
+def predict_url(cfg: ServeConfig) -> str:
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/predict"
+
+
+def model_handle(app_name: str = "raytrain"):
+    """DeploymentHandle of the app: `.options(multiplexed_model_id=id).predict.remote(payload)`."""
+    return serve.get_app_handle(app_name)
