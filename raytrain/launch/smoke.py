@@ -1,0 +1,371 @@
+"""Smoke mode: shrink any experiment so that it runs on CPU in seconds.
+
+    python -m raytrain.launch.smoke --config jobs/paligemma/2-3b_qlora_pixmo_points.yaml          # Ray-free
+    python -m raytrain.launch.smoke --config jobs/paligemma/2-3b_qlora_pixmo_points.yaml --ray    # whole job
+
+`smoke(cfg)` keeps what makes the job the job — model family, strategy, quantization (QLoRA runs on
+CPU through bitsandbytes), LoRA settings, freeze policy, losses, optimizer, lr schedule kind,
+decoding settings — and replaces what only makes it big or slow: the real checkpoint becomes the
+offline tiny preset of the SAME family (`tiny:paligemma`, `tiny:qwen2_5_vl`), the dataset becomes
+a few dozen synthetic shapes images, steps/rows/workers shrink, dtypes become float32 (bfloat16
+matmuls are slow on most CPUs) and the learning rate becomes one that moves a random-init tiny
+model in a few steps (the seeds' 1e-6 .. 1e-4 would not).
+
+A job whose task the synthetic set cannot render (checked against the pipeline at run time: today
+`segment`, the shapes carry no masks; caption and dense_caption they do carry) trains on the closest
+task it can (`FALLBACK_TASK`); `smoke_plan` says which, and `smoke` logs it.
+
+Two ways to run the result:
+
+* `run_local`: the recipe loop (`recipes.lora.train`, or `recipes.zero.train` for zero2/zero3)
+  with a plain `Session` over a few batches encoded by the family's `encode_train`, no Ray; then
+  one `generate` with the job's decoding settings from the written checkpoint. This is what
+  tests/integration/test_jobs_smoke.py runs for every YAML in jobs/.
+* `--ray`: `raytrain train` itself (`launch.train.main`) on the shrunk config: Ray Data pipeline,
+  TorchTrainer with one CPU worker, evaluation, report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import inspect
+import io
+import logging
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raytrain import config as config_mod
+from raytrain.config import Experiment
+
+log = logging.getLogger("raytrain.launch.smoke")
+
+STEPS = 8
+NUM_IMAGES = 64
+"""Synthetic images generated for a smoke run (all splits)."""
+MICRO_BATCH = 4
+MAX_ACCUM = 2
+"""Gradient accumulation is kept (capped at 2) so the no-sync path of the recipe still runs."""
+TINY = {"paligemma": "tiny:paligemma", "qwen2_5_vl": "tiny:qwen2_5_vl"}
+# Tokens per example / tokens generated that the tiny presets need: PaliGemma tiny has 16 image
+# tokens + ~12 text tokens per synthetic example; Qwen tiny has 16 merged image tokens inside a chat
+# template (~70 tokens before the answer) and writes answers as JSON (~35 tokens for one box).
+MAX_SEQ_LEN = {"paligemma": 48, "qwen2_5_vl": 160}
+MAX_NEW_TOKENS = {"paligemma": 16, "qwen2_5_vl": 48}
+LR = {"full": 2e-3, "lora": 5e-3, "zero2": 2e-3, "zero3": 2e-3}
+FALLBACK_TASK = {"caption": "detect", "dense_caption": "detect", "segment": "detect"}
+"""Closest task the synthetic shapes can render: a label-bearing box answer for the text tasks
+(a dense caption is a box + phrase; a PaliGemma mask answer starts with the object's box)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# shrinking the config
+
+
+@dataclass
+class SmokePlan:
+    """What `smoke` did to the job's tasks: the ones it trains, and why each substitution."""
+
+    tasks: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def synthetic_supports(task: str, family: str) -> bool:
+    """True when the pipeline renders `task` from a synthetic shapes image for `family`."""
+    from raytrain.data import pipeline, synthetic
+
+    ex = synthetic.make_example(0, seed=0)
+    try:
+        return bool(pipeline.examples_for(ex["objects"], [task], ex["width"], ex["height"], family))
+    except (KeyError, ValueError, NotImplementedError):
+        return False
+
+
+def smoke_plan(tasks: list[str], family: str) -> SmokePlan:
+    """The tasks a smoke run trains: the job's own where the synthetic set can render them, else
+    `FALLBACK_TASK`'s substitute (or point/detect), each substitution explained in `notes`."""
+    kept: list[str] = []
+    notes: list[str] = []
+    for task in tasks:
+        if synthetic_supports(task, family):
+            new = task
+        else:
+            new = FALLBACK_TASK.get(task, "detect")
+            notes.append(f"task {task!r}: the synthetic shapes set cannot render it for {family}; smoke trains {new!r} instead")
+        if new not in kept:
+            kept.append(new)
+    if not kept:
+        kept = ["point", "detect"]
+        notes.append("the job names no task: smoke trains point + detect")
+    return SmokePlan(kept, notes)
+
+
+def smoke(cfg: Experiment, *, steps: int = STEPS, root: str | None = None, num_images: int = NUM_IMAGES) -> Experiment:
+    """A copy of `cfg` shrunk to run on CPU in seconds (see the module docstring for what is kept).
+
+    root: storage root of the smoke run (default: the job's, with the run named `<name>-smoke`)."""
+    c = copy.deepcopy(cfg)
+    fam = c.model.family
+    if fam not in TINY:
+        raise ValueError(f"no tiny preset for model family {fam!r}; known: {sorted(TINY)}")
+    plan = smoke_plan(list(c.data.tasks), fam)
+    for note in plan.notes:
+        log.warning("smoke: %s", note)
+
+    c.name = f"{cfg.name}-smoke"
+    if root is not None:
+        c.storage = config_mod.StorageConfig(root=str(root))
+
+    # ---- data: the synthetic shapes, a few dozen images
+    c.data = dataclasses.replace(
+        c.data,
+        source="synthetic",
+        uri="",
+        num_images=num_images,
+        image_size=64,
+        shapes_per_image=1,
+        splits={"train": 0.8, "val": 0.1, "test": 0.1},
+        tasks=plan.tasks,
+        max_seq_len=MAX_SEQ_LEN[fam],
+        rows_per_shard=num_images,
+        prepare=config_mod.PrepareOptions(),
+    )
+
+    # ---- model: the tiny preset of the same family, float32 on CPU; freeze policy unchanged
+    # (unfreeze_vision_layers larger than the tiny tower's 2 layers unfreezes all of them)
+    c.model = dataclasses.replace(c.model, name_or_path=TINY[fam], dtype="float32")
+    if c.quant.bits:
+        c.quant = dataclasses.replace(c.quant, compute_dtype="float32")
+
+    # ---- training: few steps, a learning rate that moves a tiny model, one log line per step
+    t = c.train
+    every_val = t.val_every > 0
+    c.train = dataclasses.replace(
+        t,
+        steps=steps,
+        micro_batch_size=MICRO_BATCH,
+        grad_accum=max(1, min(t.grad_accum, MAX_ACCUM)),
+        lr=LR.get(t.strategy, 2e-3),
+        warmup_steps=min(t.warmup_steps, 1),
+        checkpoint_every=steps,
+        keep_checkpoints=1,
+        log_every=1,
+        val_every=steps if every_val else 0,  # one validation at the end exercises early stopping's path
+        val_examples=min(t.val_examples, 8),
+        early_stop_patience=min(t.early_stop_patience, 1),
+        fail_at_step=-1,
+    )
+
+    # ---- scale: one CPU worker on the local machine
+    c.scale = dataclasses.replace(
+        c.scale, num_workers=1, cpus_per_worker=1.0, use_gpu=False, resources_per_worker={},
+        placement_strategy="PACK", accelerator_type=None, max_failures=0,
+    )
+
+    # ---- eval: the job's decoding settings on a handful of examples, no baselines
+    c.eval = dataclasses.replace(
+        c.eval, split="test", batch_size=8, num_actors=1, cpus_per_actor=1.0, baselines=False, checkpoint="",
+        max_new_tokens=MAX_NEW_TOKENS[fam],
+    )
+    c.ray = config_mod.RayConfig(address=None, num_cpus=None, object_store_mb=256)
+
+    # ---- sweep: two short trials, one at a time
+    if c.tune:
+        tune = copy.deepcopy(c.tune)
+        tune["num_samples"] = min(int(tune.get("num_samples", 2)), 2)
+        tune["max_concurrent"] = 1
+        sched = tune.get("scheduler")
+        if isinstance(sched, dict):
+            for k in ("max_t", "grace_period"):
+                if k in sched:
+                    sched[k] = min(int(sched[k]), steps)
+        search = tune.get("search")
+        if isinstance(search, dict) and "n_startup_trials" in search:
+            search["n_startup_trials"] = 1
+        c.tune = tune
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray-free run: the recipe loop on synthetic batches
+
+
+class SmokeUnavailable(RuntimeError):
+    """The job cannot run in smoke mode in this checkout yet (the reason says what is missing)."""
+
+
+def missing_support(cfg: Experiment) -> str | None:
+    """Why the recipe cannot run `cfg` here (a missing recipe or family function), or None."""
+    from raytrain.models import family
+
+    fam = family(cfg.model.family)
+    if cfg.train.strategy in ("zero2", "zero3"):
+        try:
+            from raytrain.recipes import zero  # noqa: F401
+        except ImportError as e:
+            return f"strategy {cfg.train.strategy} needs raytrain.recipes.zero, which does not import here: {e}"
+        return None
+    missing = []
+    if "quant" not in inspect.signature(fam.load).parameters:
+        missing.append("load(..., quant=...)")
+    if not hasattr(fam, "apply_freeze_policy"):
+        missing.append("apply_freeze_policy")
+    if missing:
+        return (f"recipes/lora.py calls raytrain.models.{cfg.model.family}.{' and '.join(missing)}, "
+                f"which the {cfg.model.family} family module does not provide yet")
+    return None
+
+
+def synthetic_batches(cfg: Experiment, model_path: str, n_batches: int, seed: int = 11) -> list[dict]:
+    """`n_batches` tokenized micro-batches of synthetic examples for `cfg.data.tasks`, encoded
+    exactly as the Ray Data pipeline does (images stretched to the model input, family encode_train)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from raytrain.data import pipeline, synthetic
+    from raytrain.models import family
+
+    fam = family(cfg.model.family)
+    proc = fam.load_processor(model_path)
+    hw = fam.image_size(proc)
+    micro = cfg.train.micro_batch_size
+    rows: list[tuple] = []
+    i = 0
+    while len(rows) < n_batches * micro:
+        ex = synthetic.make_example(i, seed=seed, image_size=cfg.data.image_size)
+        i += 1
+        image = Image.open(io.BytesIO(ex["image"])).convert("RGB").resize((hw[1], hw[0]), Image.BILINEAR)
+        for e in pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], cfg.model.family, hw):
+            rows.append((image, e["prefix"], e["suffix"]))
+    rows = rows[: n_batches * micro]
+    out = []
+    for s in range(0, len(rows), micro):
+        chunk = rows[s : s + micro]
+        enc = fam.encode_train(proc, [r[0] for r in chunk], [r[1] for r in chunk], [r[2] for r in chunk], cfg.data.max_seq_len)
+        length = enc.pop("length")
+        if (np.asarray(length) > cfg.data.max_seq_len).any():
+            raise ValueError(f"smoke examples need {int(np.max(length))} tokens > data.max_seq_len={cfg.data.max_seq_len}")
+        out.append({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in enc.items()})
+    return out
+
+
+@dataclass
+class LocalResult:
+    losses: list[float]
+    """Training loss per logged step (smoke logs every step)."""
+    checkpoints: list[Path]
+    """Copies of every checkpoint the recipe reported, oldest first."""
+    generated: list[str]
+    """Text generated from the last checkpoint with the job's eval.decoding settings."""
+    model_path: str
+
+
+def run_local(cfg: Experiment, out_dir: str | Path, *, model_path: str | None = None, n_batches: int = 8,
+              preset_cache: str | None = None) -> LocalResult:
+    """Run an (already shrunk) experiment through its recipe without Ray, on CPU: the loop over
+    `n_batches` synthetic micro-batches per epoch, checkpoints copied to `out_dir`, then one
+    generation from the last checkpoint with the job's decoding settings.
+    Raises SmokeUnavailable when this checkout cannot run the job's recipe yet."""
+    import torch
+
+    from raytrain.models import family
+    from raytrain.recipes import lora
+    from raytrain.training import checkpointing
+
+    reason = missing_support(cfg)
+    if reason:
+        raise SmokeUnavailable(reason)
+    fam = family(cfg.model.family)
+    model_path = model_path or fam.resolve(cfg.model.name_or_path, preset_cache)
+    batches = synthetic_batches(cfg, model_path, n_batches)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    losses: list[float] = []
+    saved: list[Path] = []
+
+    def report(metrics: dict, ckpt_dir: str | None) -> None:
+        losses.append(float(metrics["loss"]))
+        if ckpt_dir:  # the recipe deletes its temporary directory after report returns
+            keep = out / f"checkpoint_{int(metrics['step']):06d}"
+            shutil.copytree(ckpt_dir, keep, dirs_exist_ok=True)
+            saved.append(keep)
+
+    session = lora.Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=report,
+                           epoch_batches=lambda epoch, micro: batches)
+    device = torch.device("cpu")
+    if cfg.train.strategy in ("zero2", "zero3"):
+        from raytrain.recipes import zero
+
+        zero.train(cfg, model_path, session, device)
+    else:
+        lora.train(cfg, model_path, session, device, wrap_ddp=lambda m: m)
+
+    generated: list[str] = []
+    if saved and (saved[-1] / "state.json").exists() and ((saved[-1] / "adapter").exists() or (saved[-1] / "model").exists()):
+        generated = _generate(cfg, saved[-1], model_path, fam, checkpointing)
+    return LocalResult(losses, saved, generated, model_path)
+
+
+def _generate(cfg: Experiment, ckpt: Path, model_path: str, fam, checkpointing) -> list[str]:
+    """Two test-split prompts through `generate` with the job's eval.decoding: checks that the
+    checkpoint reloads for inference and that the decoding settings are valid generate() kwargs."""
+    from PIL import Image
+
+    from raytrain.data import pipeline, synthetic
+
+    model, proc = checkpointing.load_for_inference(ckpt, model_path, fam)
+    hw = fam.image_size(proc)
+    images, prefixes = [], []
+    for i in range(2):
+        ex = synthetic.make_example(10_000 + i, seed=11, image_size=cfg.data.image_size)
+        e = pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], cfg.model.family, hw)[0]
+        images.append(Image.open(io.BytesIO(ex["image"])).convert("RGB").resize((hw[1], hw[0]), Image.BILINEAR))
+        prefixes.append(e["prefix"])
+    return fam.generate(model, proc, images, prefixes, max_new_tokens=cfg.eval.max_new_tokens, **dict(cfg.eval.decoding))
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """A job YAML as an Experiment (its `tune` section kept: smoke shrinks it)."""
+    return config_mod.load(path, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m raytrain.launch.smoke", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", "-c", required=True, help="job YAML (jobs/...)")
+    ap.add_argument("--ray", action="store_true", help="run the shrunk job through `raytrain train` (Ray) instead of the Ray-free loop")
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--root", default=None, help="storage root for the smoke run (default: a temporary directory)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides applied to the job before shrinking")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    with contextlib.ExitStack() as stack:
+        root = args.root or stack.enter_context(tempfile.TemporaryDirectory(prefix="raytrain-smoke-"))
+        cfg = smoke(load_job(args.config, args.overrides), steps=args.steps, root=root)
+        if args.ray:
+            from raytrain.launch import train as launch_train
+
+            launch_train.main(cfg)
+            return 0
+        try:
+            res = run_local(cfg, Path(root) / "local")
+        except SmokeUnavailable as e:
+            print(f"smoke: not runnable here yet: {e}", file=sys.stderr)
+            return 3
+        print(f"losses: {[round(x, 4) for x in res.losses]}")
+        print(f"checkpoints: {[str(p) for p in res.checkpoints]}")
+        print(f"generated: {res.generated}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
