@@ -146,7 +146,9 @@ class TrainConfig:
     strategy: str = "full"
     """full | lora (quant.bits 4/8 makes it QLoRA)."""
     steps: int = 2000
-    """Optimizer steps."""
+    """Optimizer steps (ignored when epochs > 0)."""
+    epochs: float = 0.0
+    """> 0: train this many passes over the training examples (steps computed from their count)."""
     micro_batch_size: int = 16
     """Examples per worker per forward/backward."""
     grad_accum: int = 1

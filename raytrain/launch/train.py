@@ -10,8 +10,10 @@ A rerun with the same experiment name and storage root resumes from the run's la
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 import time
 
@@ -100,7 +102,10 @@ def prepare_data(cfg: Experiment) -> str:
         if not shards.shard_paths(uri, "train", opts):
             raise FileNotFoundError(f"data.source=shards but no train shards under {uri} (run `raytrain prepare`)")
     else:
-        raise ValueError(f"data.source must be synthetic | shards, not {cfg.data.source!r}")
+        # "<format>:<path>": convert once (Ray Data job; reused when its parameters are unchanged)
+        from raytrain.launch import prepare as launch_prepare
+
+        launch_prepare.prepare(launch_prepare.PrepareConfig.from_experiment(cfg))
     return uri
 
 
@@ -136,6 +141,12 @@ def fit(cfg: Experiment, uri: str, base_path: str, counter):
     )
     if cfg.data.cache_preprocessed:
         train_ds = train_ds.materialize()  # tokenized once; every epoch re-reads the object store
+    if cfg.train.epochs > 0:
+        # steps from epochs: optimizer steps that cover the (post-filter) training examples
+        per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.scale.num_workers
+        n = train_ds.count()
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=max(1, math.ceil(n * cfg.train.epochs / per_step))))
+        print(f"train.epochs={cfg.train.epochs}: {n} examples / {per_step} per step -> train.steps={cfg.train.steps}", flush=True)
 
     trainer = TorchTrainer(
         lora.train_fn_per_worker,
