@@ -31,9 +31,10 @@ POST /predict, JSON body::
          "text": raw model text, "errors": [{"reason", "text"}] (parse rejections),
          "confidence": [float | null per object], "adapter": id | null, "task", "image_size": [w, h]}
 
-Coordinates are source-image pixels. `confidence` is the geometric mean of the decoding
-probabilities of the tokens that spell the object (found by re-rendering the parsed object in the
-model's own format); null when the object's text cannot be located in the output.
+Coordinates are source-image pixels. `confidence` follows raytrain/eval/decoding.py: the geometric
+mean of the model's raw probabilities of the tokens that spell the object (locs, then label);
+null when the object cannot be placed in the tokens, or for families without log-probabilities
+(PaliGemma has them; Qwen2.5-VL answers null for now).
 
 Errors are `{"error": {"code", "message"}}`: 400 malformed (non-JSON, wrong types, unknown field or
 task, bad base64, not an image, bad adapter id), 404 unknown adapter / route, 405 wrong method,
@@ -374,66 +375,41 @@ def _check_array(a: np.ndarray, limits: Limits) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# decoding with per-token probabilities (runs inside the model replica)
+# decoding and answers (run on the model thread)
 
 
-class _TokenLogProbs:
-    """transformers logits processor that records, per decoding step, the chosen token and its
-    log-probability under the final (processed) scores. Greedy decoding picks the argmax, so the
-    argmax is the chosen token. Keeps two (B,) tensors per step, never the (B, vocab) scores."""
+def decode(family: str, fam, model, processor, images: list, prefixes: list[str], max_new_tokens: int) -> list:
+    """Greedy decoding of one batch -> per example (text, token_ids, logprobs). PaliGemma goes
+    through eval/decoding.generate_detections, which also returns the token log-probabilities
+    that per-object confidence needs (the project's one definition of it); other families
+    through their own `generate`, without log-probabilities (confidence null)."""
+    if family == "paligemma":
+        from raytrain.eval import decoding
 
-    def __init__(self):
-        self.ids: list = []
-        self.logp: list = []
-
-    def __call__(self, input_ids, scores):
-        import torch
-
-        lp, idx = torch.log_softmax(scores.float(), dim=-1).max(dim=-1)
-        self.ids.append(idx)
-        self.logp.append(lp)
-        return scores
+        gens = decoding.generate_detections(model, processor, images, prefixes, max_new_tokens=max_new_tokens)
+        return [(g.text, g.token_ids, g.logprobs) for g in gens]
+    return [(t, None, None) for t in fam.generate(model, processor, images, prefixes, max_new_tokens=max_new_tokens)]
 
 
-def _token_spans(tok, ids: list[int], text: str) -> list[tuple[int, int]] | None:
-    """(start, end) character span of each token in `text`, by decoding growing prefixes the way
-    the family's generate decodes; None when the prefixes do not line up with `text`."""
-    spans, prev = [], 0
-    for k in range(len(ids)):
-        s = tok.decode(ids[: k + 1], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        if not text.startswith(s) and not s.startswith(text):
-            return None
-        end = min(len(s), len(text))
-        spans.append((prev, end))
-        prev = end
-        if end >= len(text):
-            break
-    return spans if prev == len(text) else None
+def answer(family: str, fam, tokenizer, task: str, width: int, height: int, text: str, token_ids, logprobs) -> dict:
+    """The response body for one decoded example: objects parsed back to source pixels, parse
+    rejections, and one confidence per object (None when not available)."""
+    from raytrain.formats.annotations import objects_to_json
 
+    res = fam.parse_output(text, task, width, height, (height, width))
+    conf: list = [None] * len(res.objects)
+    if family == "paligemma" and token_ids is not None and res.objects:
+        from raytrain.eval import decoding
 
-def object_confidences(fam, text: str, objects: list, ids: list[int], logp: list[float], task: str,
-                       width: int, height: int, image_hw, tok) -> list[float | None]:
-    """Per parsed object: exp(mean log p) of the tokens spelling it, located by re-rendering the
-    object in the family's own format and finding that text in the output (in order)."""
-    out: list[float | None] = [None] * len(objects)
-    spans = _token_spans(tok, ids, text) if objects else None
-    if spans is None:
-        return out
-    pos = 0
-    for i, obj in enumerate(objects):
-        try:
-            rendered = fam.render_example(task, obj.label, [obj], width, height, image_hw)[1].strip()
-        except (ValueError, TypeError):
-            continue
-        at = text.find(rendered, pos) if rendered else -1
-        if at < 0:
-            continue
-        end = at + len(rendered)
-        lps = [logp[k] for k, (s, e) in enumerate(spans) if s < end and e > at]
-        if lps:
-            out[i] = float(math.exp(sum(lps) / len(lps)))
-        pos = end
-    return out
+        scores = decoding.object_confidences(logprobs, token_ids, tokenizer, fam.KIND_OF_TASK[task])
+        if len(scores) == len(conf):  # same parser, same order; NaN = an object it could not place
+            conf = [None if math.isnan(c) else round(float(c), 6) for c in scores]
+    return {
+        "objects": json.loads(objects_to_json(res.objects)),
+        "text": text,
+        "errors": [{"reason": e.reason, "text": e.text} for e in res.errors],
+        "confidence": conf,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -682,9 +658,6 @@ class GroundingModel:
         import contextlib
 
         from PIL import Image
-        from transformers import LogitsProcessorList
-
-        from raytrain.formats.annotations import objects_to_json
 
         if adapter:
             if self.peft is None or adapter not in self.peft.peft_config:
@@ -698,27 +671,15 @@ class GroundingModel:
             model, ctx = self.peft, self.peft.disable_adapter()
         else:
             model, ctx = self.base, contextlib.nullcontext()
-        rec = _TokenLogProbs()
         with ctx:
-            texts = self.fam.generate(model, self.processor, [Image.fromarray(r["image"]) for r in reqs], [r["prefix"] for r in reqs],
-                                      max_new_tokens=max_new_tokens, logits_processor=LogitsProcessorList([rec]))
-        ids = np.stack([t.cpu().numpy() for t in rec.ids], axis=1) if rec.ids else np.zeros((len(reqs), 0), np.int64)
-        logp = np.stack([t.cpu().numpy() for t in rec.logp], axis=1) if rec.logp else np.zeros((len(reqs), 0))
+            outs = decode(self.cfg.family, self.fam, model, self.processor, [Image.fromarray(r["image"]) for r in reqs],
+                          [r["prefix"] for r in reqs], max_new_tokens)
         self.batch_sizes[len(reqs)] += 1
         results = []
-        for i, (r, text) in enumerate(zip(reqs, texts)):
+        for r, (text, ids, logprobs) in zip(reqs, outs):
             h, w = r["image"].shape[:2]
-            res = self.fam.parse_output(text, r["task"], w, h, (h, w))
-            conf = object_confidences(self.fam, text, res.objects, ids[i].tolist(), logp[i].tolist(), r["task"], w, h, (h, w), self.processor.tokenizer)
-            out = {
-                "objects": json.loads(objects_to_json(res.objects)),
-                "text": text,
-                "errors": [{"reason": e.reason, "text": e.text} for e in res.errors],
-                "confidence": conf,
-                "adapter": adapter,
-                "task": r["task"],
-                "image_size": [w, h],
-            }
+            out = answer(self.cfg.family, self.fam, self.processor.tokenizer, r["task"], w, h, text, ids, logprobs)
+            out.update(adapter=adapter, task=r["task"], image_size=[w, h])
             if r["debug"]:
                 out["debug"] = {"replica": self.replica, "pid": os.getpid(), "batch_size": len(reqs)}
             results.append(out)

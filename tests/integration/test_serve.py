@@ -313,29 +313,32 @@ def test_http_proxy_listens_on_loopback_only(served):
     assert {c.laddr.ip for c in listening} == {"127.0.0.1"}, listening
 
 
-def test_object_confidences_follow_the_tokens_of_each_object(tiny_model_path):
-    """Confidence = geometric mean of the probabilities of the tokens spelling each parsed object."""
+def test_answer_and_decode_reuse_the_eval_confidence(tiny_model_path):
+    """The response body: objects in source pixels, and per-object confidence computed by
+    eval/decoding.py from the token log-probabilities that `decode` returns."""
     import math
 
     from raytrain.formats.annotations import Point
     from raytrain.models import paligemma
-    from raytrain.serve.app import object_confidences
+    from raytrain.serve.app import answer, decode
 
-    tok = paligemma.load_processor(tiny_model_path).tokenizer
-    objs = [Point(10.0, 20.0, "red circle"), Point(40.0, 50.0, "blue square")]
-    text = "junk " + paligemma.render_example("point", "x", objs, 64, 64)[1]
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    assert tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False) == text
-    res = paligemma.parse_output(text, "point", 64, 64)
-    assert len(res.objects) == 2
-    first = paligemma.render_example("point", "x", objs[:1], 64, 64)[1]
-    cut = len(tok("junk " + first, add_special_tokens=False)["input_ids"])  # tokens up to the end of object 1
-    logp = [math.log(0.5)] * cut + [math.log(0.9)] * (len(ids) - cut)
-    conf = object_confidences(paligemma, text, res.objects, ids, logp, "point", 64, 64, (64, 64), tok)
-    assert conf[1] == pytest.approx(0.9, abs=1e-6)
-    assert 0.5 <= conf[0] < 0.9  # its tokens, plus at most the shared " ;" boundary token
-    # output the tokens do not spell (e.g. cut off): unknown, not invented
-    assert object_confidences(paligemma, text, res.objects, ids[:3], logp[:3], "point", 64, 64, (64, 64), tok) == [None, None]
+    model, proc = paligemma.load(tiny_model_path)
+    model.eval()
+    tok = proc.tokenizer
+    objs = [Point(10.0, 20.0, "red circle"), Point(40.0, 30.0, "blue square")]
+    text = paligemma.render_example("point", "x", objs, 64, 48)[1]
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    out = answer("paligemma", paligemma, tok, "point", 64, 48, text, ids, [math.log(0.5)] * len(ids))
+    assert [o["label"] for o in out["objects"]] == ["red circle", "blue square"] and not out["errors"]
+    assert abs(out["objects"][0]["x"] - 10) < 0.1 and abs(out["objects"][1]["y"] - 30) < 0.1
+    assert out["confidence"] == [pytest.approx(0.5), pytest.approx(0.5)]
+    assert answer("paligemma", paligemma, tok, "point", 64, 48, text, None, None)["confidence"] == [None, None]
+    # decode returns what the family's own generate returns, plus one log-prob per token
+    images = [Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (32, 32), (30, 70, 220))]
+    prefixes = ["point to red circle", "detect blue square"]
+    got = decode("paligemma", paligemma, model, proc, images, prefixes, 6)
+    assert [g[0] for g in got] == paligemma.generate(model, proc, images, prefixes, max_new_tokens=6)
+    assert all(len(g[1]) == len(g[2]) and all(lp <= 0 for lp in g[2]) for g in got)
 
 
 def test_launcher_config_and_fields():
