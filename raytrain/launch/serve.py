@@ -18,6 +18,7 @@ import argparse
 import base64
 import json
 import os
+import signal
 import sys
 import time
 import urllib.request
@@ -81,6 +82,10 @@ def smoke_request(url: str, adapter: str | None = None, timeout_s: float = 60.0)
         return json.loads(resp.read())
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from raytrain.serve import app
@@ -109,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             serve.shutdown()
         return 0
+    # Ctrl-C, and SIGTERM (ray job stop, container stop), end in serve.shutdown(). A background job
+    # of a non-interactive shell starts with SIGINT ignored: restore Python's handler explicitly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(3600)
