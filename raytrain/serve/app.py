@@ -10,11 +10,12 @@ One deployment, `GroundingModel`, that is also the HTTP ingress (FastAPI)::
 
 Each replica holds one copy of the base model; adapters are peft adapters loaded into it
 (`PeftModel.load_adapter(path, adapter_name=id)`, `set_adapter(id)` per batch; base-model requests
-run under `disable_adapter()`). The ingress lives in the model deployment rather than in a
-separate one because every extra Serve hop costs two process switches per request (measured: the
-two-deployment version spent ~10 ms more CPU per request in the extra replica); large images are
-decoded in a worker thread so they do not stall the replica's event loop. Adapter ids are
-immutable: a new training run gets a new id (resolved ids are cached per replica).
+run under `disable_adapter()`). The HTTP ingress lives in the model deployment: one queue, one
+place that answers 503, one class. (A separate FastAPI deployment in front was tried: on the tiny
+model it cost the same server CPU per request, ~40 ms on 2 shared cores, and added a hop; it would
+pay off only where image decoding should move off the GPU nodes.) Large images are decoded in a
+worker thread so they do not stall the replica's event loop. Adapter ids are immutable: a new
+training run gets a new id (resolved ids are cached per replica).
 
 HTTP API
 --------
