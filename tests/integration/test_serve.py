@@ -290,7 +290,7 @@ def test_overload_answers_503_from_serve_backpressure(served):
 def test_load_1000_requests_8_clients(served, tmp_path, record_property):
     bench = _load_bench()
     url, _ = served
-    bodies = bench.make_payloads(n_images=16, image_size=64, adapters=["a", "b", None], max_new_tokens=4)
+    bodies = bench.make_payloads(n_images=16, image_size=64, adapters=["a", "b", None], max_new_tokens=2)
     rep = bench.run_load(url, bodies, n_requests=1000, concurrency=8, timeout_s=30, deadline_s=85)
     out = tmp_path / "serve_load.json"
     out.write_text(json.dumps(rep, indent=2))
