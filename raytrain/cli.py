@@ -4,6 +4,7 @@
     raytrain prepare --config jobs/tiny/shapes.yaml [a.b=value ...]
     raytrain eval    --config jobs/tiny/shapes.yaml [eval.checkpoint=URI] [eval.split=val]
     raytrain report  --run <run uri> --out <dir> [--data <uri>]
+    raytrain serve   model=tiny:paligemma adapter_root=<dir or s3://> [port=8000]
     raytrain config  [--config FILE] [a.b=value ...]    # print the resolved config
     raytrain config  --help-fields                      # every field, its default and its help
 """
@@ -19,6 +20,7 @@ from raytrain import config as config_mod
 # Subcommands with their own flags (not an experiment config): module whose main(argv) runs them.
 PASSTHROUGH = {
     "report": ("raytrain.eval.report", "HTML + PNG report of a run: overlays, curves, error analytics"),
+    "serve": ("raytrain.launch.serve", "Ray Serve app on 127.0.0.1: one base model, many LoRA adapters, batched"),
 }
 
 
