@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in PASSTHROUGH:
         import importlib
 
-        importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:])
-        return 0
+        rc = importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:])
+        return rc if isinstance(rc, int) else 0
     args = _parser().parse_args(argv)
     if args.command == "config" and args.help_fields:
         for name, default, help_ in config_mod.field_help():
