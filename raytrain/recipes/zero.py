@@ -157,7 +157,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     ctx = session.checkpoint_dir()
     stack = contextlib.ExitStack()
     ckpt_dir = stack.enter_context(ctx) if ctx is not None else None
-    state, load_dir, load_tag = None, None, None
+    state, load_dir, load_tag, converted_here = None, None, None, False
     if ckpt_dir is not None:
         state = zero_checkpoint.read_state(ckpt_dir)
         if "zero_stage" not in state:
@@ -165,7 +165,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
         if zero_checkpoint.needs_universal(state, world_size=session.world_size, stage=stage):
             # topology changed: shards do not line up; convert (once per node) to per-parameter files
             t = time.perf_counter()
-            load_dir, load_tag = zero_checkpoint.universal_dir(ckpt_dir, state["tag"])
+            load_dir, load_tag, converted_here = zero_checkpoint.universal_dir(ckpt_dir, state["tag"])
             if session.rank == 0:
                 log.info("checkpoint from %d ranks (ZeRO-%d) -> universal for %d ranks (ZeRO-%d) in %.1f s",
                          state["world_size"], state["zero_stage"], session.world_size, stage, time.perf_counter() - t)
@@ -208,6 +208,10 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     micro = cfg.train.micro_batch_size
     if ckpt_dir is not None:
         zero_checkpoint.load(ckpt_dir, engine, rank=session.rank, load_dir=load_dir, tag=load_tag)
+        if load_dir is not None:
+            torch.distributed.barrier()  # every rank on this node has read the universal copy
+            if converted_here:
+                zero_checkpoint.remove_universal(load_dir)
         step, epoch = state["step"], state["epoch"]
         if load_dir is None:
             skip_batches = state["batch_in_epoch"]  # same shards per rank: exact position

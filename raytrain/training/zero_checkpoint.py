@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -108,19 +109,28 @@ def needs_universal(state: dict, *, world_size: int, stage: int) -> bool:
     return int(state["world_size"]) != world_size or int(state["zero_stage"]) != stage
 
 
-def universal_dir(ckpt_dir: str | Path, tag: str, cache_root: str | Path | None = None) -> tuple[str, str]:
-    """(load_dir, tag) of a universal copy of the checkpoint, converted at most once per node.
+def universal_root(ckpt_dir: str | Path, tag: str, cache_root: str | Path | None = None) -> Path:
+    """Node-local directory of the universal copy of (checkpoint, tag)."""
+    key = hashlib.sha1(f"{os.path.realpath(ckpt_dir)}|{tag}".encode()).hexdigest()[:16]
+    return Path(cache_root or Path(tempfile.gettempdir()) / "raytrain-universal") / key
 
-    Every rank may call it; a file lock makes the first one convert and the others reuse its output.
-    The copy lives under the local temp dir (keyed by checkpoint path and tag), never in the
-    checkpoint itself, which may be read-only persisted storage."""
+
+def universal_dir(ckpt_dir: str | Path, tag: str, cache_root: str | Path | None = None) -> tuple[str, str, bool]:
+    """(load_dir, tag, converted_here) of a universal copy of the checkpoint, converted at most
+    once per node.
+
+    Every rank may call it; a file lock makes the first one convert and the others reuse its output
+    (converted_here tells the converter, which removes the copy once every rank has loaded it:
+    `remove_universal`). The copy lives under the local temp dir (keyed by checkpoint path and
+    tag), never in the checkpoint itself, which may be read-only persisted storage. It holds about
+    12 bytes per parameter: plan local disk for it."""
     from deepspeed.checkpoint import ds_to_universal
 
-    key = hashlib.sha1(f"{os.path.realpath(ckpt_dir)}|{tag}".encode()).hexdigest()[:16]
-    root = Path(cache_root or Path(tempfile.gettempdir()) / "raytrain-universal") / key
+    root = universal_root(ckpt_dir, tag, cache_root)
     out_tag = f"{tag}_universal"
     done = root / f"{out_tag}.done"
     root.mkdir(parents=True, exist_ok=True)
+    converted = False
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -138,9 +148,15 @@ def universal_dir(ckpt_dir: str | Path, tag: str, cache_root: str | Path | None 
                 with contextlib.redirect_stdout(_LogWriter()):
                     ds_to_universal.main(args)
                 done.write_text(tag)
+                converted = True
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    return str(root), out_tag
+    return str(root), out_tag, converted
+
+
+def remove_universal(load_dir: str) -> None:
+    """Delete a universal copy made by `universal_dir` (call after every rank has loaded it)."""
+    shutil.rmtree(load_dir, ignore_errors=True)
 
 
 class _LogWriter:
