@@ -38,7 +38,7 @@ def batch():
     images = [Image.open(io.BytesIO(e["image"])).convert("RGB") for e in exs]
     queries = []
     for i, e in enumerate(exs):
-        labels = sorted({o.label for o in e["objects"]})
+        labels = sorted({o.label for o in e["objects"] if o.label})  # captions have no label
         queries.append(" ; ".join(labels) if i % 2 else labels[0])
     return images, queries
 
