@@ -20,6 +20,7 @@ from raytrain import config as config_mod
 # Subcommands with their own flags (not an experiment config): module whose main(argv) runs them.
 PASSTHROUGH = {
     "report": ("raytrain.eval.report", "HTML + PNG report of a run: overlays, curves, error analytics"),
+    "consolidate": ("raytrain.launch.consolidate", "ZeRO checkpoint shards -> a Hugging Face model directory (safetensors + processor)"),
     "serve": ("raytrain.launch.serve", "Ray Serve app on 127.0.0.1: one base model, many LoRA adapters, batched"),
 }
 

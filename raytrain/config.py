@@ -144,7 +144,7 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     strategy: str = "full"
-    """full | lora (quant.bits 4/8 makes it QLoRA)."""
+    """full | lora (quant.bits 4/8 makes it QLoRA) | zero2 | zero3 (DeepSpeed, recipes/zero.py)."""
     steps: int = 2000
     """Optimizer steps (ignored when epochs > 0)."""
     epochs: float = 0.0

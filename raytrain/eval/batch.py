@@ -222,6 +222,7 @@ def run_predictions(examples, *, family: str, model_path: str, checkpoint_uri: s
                     decoding: dict | None = None, constrained: bool = False, max_objects: int = 0, confidence: bool = False) -> list[dict]:
     """Every example of `examples` (a Ray Dataset from pipeline.examples_dataset) through a pool of
     `num_actors` predictors; returns the per-example rows."""
+    # (launch.train.init_ray sets the DataContext so the whole pool starts before dispatching)
     # One block per batch: Ray Data hands whole blocks to actors, and a small split read from one
     # Parquet row group would otherwise be a single block served by a single actor.
     ds = examples.repartition(target_num_rows_per_block=batch_size).map_batches(

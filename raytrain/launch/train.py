@@ -41,6 +41,10 @@ def init_ray(cfg: Experiment):
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Evaluation pools: start every predictor before dispatching and give each one batch at a
+    # time; otherwise the first actor to load its model takes every queued batch of a small split.
+    ctx.wait_for_min_actors_s = 600
+    ctx.max_tasks_in_flight_per_actor = 1
     if ray.is_initialized():
         return ray
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -122,7 +126,7 @@ def fit(cfg: Experiment, uri: str, base_path: str, counter):
 
     from raytrain.data import pipeline
     from raytrain.models import family
-    from raytrain.recipes import lora
+    from raytrain.recipes import lora, zero
     from raytrain.training.metrics import HistoryCallback
 
     fam = family(cfg.model.family)
@@ -148,8 +152,9 @@ def fit(cfg: Experiment, uri: str, base_path: str, counter):
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=max(1, math.ceil(n * cfg.train.epochs / per_step))))
         print(f"train.epochs={cfg.train.epochs}: {n} examples / {per_step} per step -> train.steps={cfg.train.steps}", flush=True)
 
+    recipe = zero if cfg.train.strategy in zero.STAGES else lora  # one recipe per strategy
     trainer = TorchTrainer(
-        lora.train_fn_per_worker,
+        recipe.train_fn_per_worker,
         train_loop_config={"experiment": cfg.to_dict(), "model_path": base_path, "data_uri": uri},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scale.num_workers,
@@ -245,6 +250,11 @@ def main(cfg: Experiment) -> str:
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     ckpt = checkpoint_uri(result)
+    if cfg.train.strategy in ("zero2", "zero3"):
+        from raytrain.launch import consolidate
+
+        # ZeRO shards -> <ckpt>/model, the plain HF layout evaluation loads
+        consolidate.consolidate(ckpt, storage.join(ckpt, "model"), base_path, opts=storage_opts(cfg))
     train_seconds = time.perf_counter() - t0
     print(f"checkpoint: {ckpt}", flush=True)
 
