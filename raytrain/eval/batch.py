@@ -225,7 +225,9 @@ def run_predictions(examples, *, family: str, model_path: str, checkpoint_uri: s
     # (launch.train.init_ray sets the DataContext so the whole pool starts before dispatching)
     # One block per batch: Ray Data hands whole blocks to actors, and a small split read from one
     # Parquet row group would otherwise be a single block served by a single actor.
-    ds = examples.repartition(target_num_rows_per_block=batch_size).map_batches(
+    # (materialized: a lazy repartition hands all its blocks to the pool as ONE bundle, i.e. one
+    # task on one actor; materialized blocks are dispatched one by one across the pool)
+    ds = examples.repartition(target_num_rows_per_block=batch_size).materialize().map_batches(
         Predictor,
         fn_constructor_kwargs={
             "family": family,
