@@ -103,7 +103,8 @@ def test_injected_worker_failure_is_retried(tmp_path, ray_cluster, tiny_model_pa
 
 def test_lora_trains_an_adapter(tmp_path, ray_cluster, tiny_model_path):
     # one epoch: 180 train images x 2 tasks = 360 examples / (8 per worker x 2 workers) -> 23 steps
-    cfg = _cfg(str(tmp_path), "lora", tiny_model_path, "train.strategy=lora", "lora.r=8", "lora.alpha=16", "train.lr=5e-3", "train.epochs=1")
+    cfg = _cfg(str(tmp_path), "lora", tiny_model_path, "train.strategy=lora", "lora.r=8", "lora.alpha=16", "train.lr=5e-3", "train.epochs=1",
+               "model.freeze_vision=true", "model.train_projector=false")  # adapters only: the tower stays frozen
     out = launch_train.main(cfg)
     metrics = json.loads(Path(out).read_text())
     rows = read_history(launch_train.history_uri(cfg))
