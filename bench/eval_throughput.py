@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""Samples/s of raytrain's batched evaluation (eval.batch.run_predictions: Ray Data actor pool,
+batch 64) vs sequential per-sample generate, on the same tiny model and the same examples.
+
+    python bench/eval_throughput.py          # ~3-6 min on 2 shared cores; bench/results/eval_throughput.json
+
+Both sides start from the same materialized examples (pipeline.examples_dataset of a held-out
+split, as launch.train.evaluate builds it) and do the same work per example: greedy generate
+(max_new_tokens 16), parse_output, score_example.
+
+  ray         run_predictions(examples, batch_size=64, num_actors=2, cpus_per_actor=0.5): the
+              eval config's defaults (one torch thread per actor), each call starting its actors
+              and loading the model, as evaluate() does.
+  sequential  one process, one example at a time through models.paligemma.generate, 1 torch
+              thread (as each Predictor actor). (2 threads was tried: on 2 cores shared with other
+              jobs OpenMP's spinning made it 5-10x slower than 1 thread, so it is not the baseline.)
+
+Interleaved (sequential, ray) x --rounds; CPU-seconds of the whole process tree are kept too.
+Profile (once): the same examples through models.paligemma.generate in batches of 64 in this
+process (batching without Ray), and run_predictions on 2 examples (its fixed cost: actor
+start + model load + Ray Data planning), from which the split size where the pool reaches the
+target follows. Last line: ray / sequential.
+
+Decoding modes: `--decoding unconstrained` (the only one today). Constrained decoding is being
+added to raytrain.eval.decoding; a mode is one entry of DECODING (how the sequential side decodes
+one example, and the extra run_predictions keywords), so `--decoding constrained` is one entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # first: it sets Ray's loopback env vars before anything imports ray
+
+TARGET = 10.0
+TASKS = ["point", "detect"]
+MAX_NEW_TOKENS = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding modes: one entry each (sequential decode of one example, run_predictions keywords)
+
+
+def _generate_unconstrained(model, processor, image, prefix: str) -> str:
+    from raytrain.models import paligemma
+
+    return paligemma.generate(model, processor, [image], [prefix], max_new_tokens=MAX_NEW_TOKENS)[0]
+
+
+DECODING = {
+    "unconstrained": {"sequential": _generate_unconstrained, "run_predictions_kwargs": {}},
+    # "constrained": {"sequential": <grammar-constrained generate of one example>,
+    #                 "run_predictions_kwargs": {<the flag run_predictions grows for it>}},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# the two sides
+
+
+def sequential(rows: list[dict], model_path: str, mode: str, threads: int) -> dict:
+    """One example at a time in this process; same parse + score as the actor pool."""
+    import torch
+    from PIL import Image
+
+    from raytrain.eval import batch as eval_batch
+    from raytrain.models import paligemma
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model, processor = paligemma.load(model_path, dtype="float32")
+    model.eval()
+    load_s = time.perf_counter() - t0
+    decode = DECODING[mode]["sequential"]
+    texts, valid = [], 0
+    t1 = time.perf_counter()
+    for r in rows:
+        text = decode(model, processor, Image.fromarray(r["image"]), str(r["prefix"]))
+        w, h = int(r["width"]), int(r["height"])
+        res = paligemma.parse_output(text, str(r["task"]), w, h, tuple(r["image"].shape[:2]))
+        eval_batch.score_example(str(r["task"]), res.objects or None, r["targets"], w, h)
+        valid += bool(res.objects)
+        texts.append(text)
+    decode_s = time.perf_counter() - t1
+    total = time.perf_counter() - t0
+    return {"threads": threads, "samples": len(rows), "load_s": round(load_s, 3), "decode_s": round(decode_s, 3),
+            "wall_s": round(total, 3), "samples_per_s": round(len(rows) / total, 3),
+            "samples_per_s_excluding_load": round(len(rows) / decode_s, 3), "valid": valid,
+            "texts": {f"{r['id']}/{r['task']}": t for r, t in zip(rows, texts)}}
+
+
+def batched(rows: list[dict], model_path: str, mode: str, batch_size: int) -> dict:
+    """The same examples through paligemma.generate in batches, in this process, 1 thread: what
+    batching alone gives, without Ray (greedy, left-padded prompts, as the Predictor does)."""
+    import torch
+    from PIL import Image
+
+    from raytrain.models import paligemma
+
+    if mode != "unconstrained":
+        return {"skipped": f"no in-process batched path for {mode!r}"}
+    torch.set_num_threads(1)
+    model, processor = paligemma.load(model_path, dtype="float32")
+    model.eval()
+    t0 = time.perf_counter()
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        paligemma.generate(model, processor, [Image.fromarray(r["image"]) for r in chunk], [str(r["prefix"]) for r in chunk],
+                           max_new_tokens=MAX_NEW_TOKENS)
+    wall = time.perf_counter() - t0
+    return {"samples": len(rows), "batch_size": batch_size, "threads": 1, "wall_s": round(wall, 3),
+            "samples_per_s": round(len(rows) / wall, 2), "note": "model load excluded; no parse/score"}
+
+
+def pooled(examples, model_path: str, mode: str, *, batch_size: int, num_actors: int, cpus_per_actor: float) -> dict:
+    from raytrain.eval import batch as eval_batch
+
+    t0 = time.perf_counter()
+    out = eval_batch.run_predictions(examples, family="paligemma", model_path=model_path, checkpoint_uri=None, storage=None,
+                                     dtype="float32", max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size,
+                                     num_actors=num_actors, cpus_per_actor=cpus_per_actor,
+                                     **DECODING[mode]["run_predictions_kwargs"])
+    wall = time.perf_counter() - t0
+    return {"samples": len(out), "wall_s": round(wall, 3), "samples_per_s": round(len(out) / wall, 3),
+            "actors_used": len({int(r["worker"]) for r in out}),
+            "valid": sum(1 for r in out if r["objects"] not in ("[]", "")),
+            "texts": {f"{r['id']}/{r['task']}": r["text"] for r in out}}
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--examples", type=int, default=300, help="examples in the split (2 per image: point + detect)")
+    from raytrain.config import EvalConfig
+
+    ev = EvalConfig()  # the shipped eval defaults: batch 64, 2 actors, 0.5 CPU each (1 torch thread)
+    ap.add_argument("--batch-size", type=int, default=ev.batch_size)
+    ap.add_argument("--num-actors", type=int, default=ev.num_actors)
+    ap.add_argument("--cpus-per-actor", type=float, default=ev.cpus_per_actor)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--decoding", choices=sorted(DECODING), default="unconstrained")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, one round (checks the script, not the numbers)")
+    args = ap.parse_args()
+    if args.smoke:
+        args.examples, args.rounds = 40, 1
+    t_start = time.perf_counter()
+    result: dict = {"params": vars(args), "loadavg_start": C.loadavg(), "target": {"ratio_ray_over_sequential": TARGET}}
+
+    with tempfile.TemporaryDirectory(prefix="raytrain-bench-eval-") as root:
+        from raytrain.data import pipeline, shards
+
+        model_path = C.tiny_model_path()
+        uri = str(Path(root) / "data")
+        shards.prepare_synthetic(uri, n=args.examples // len(TASKS), seed=7, splits={"test": 1.0})
+        ray = C.init_ray(2)
+        examples = pipeline.examples_dataset(uri, "test", tasks=TASKS, image_hw=(64, 64)).materialize()
+        rows = examples.take_all()
+        result["data"] = {"examples": len(rows), "images": args.examples // len(TASKS), "image_px": 64,
+                          "max_new_tokens": MAX_NEW_TOKENS}
+        print(f"{len(rows)} examples", flush=True)
+
+        runs: dict = {"sequential": [], "ray": []}
+        for rnd in range(args.rounds):
+            for side, threads in (("sequential", 1), ("ray", None)):
+                load0 = C.loadavg()
+                cpu0 = C.tree_cpu()
+                if side == "sequential":
+                    r = sequential(rows, model_path, args.decoding, threads)
+                else:
+                    r = pooled(examples, model_path, args.decoding, batch_size=args.batch_size,
+                               num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor)
+                r["cpu_s"] = round(C.cpu_delta(cpu0, C.tree_cpu()), 2)  # driver + every Ray process
+                r["cpu_ms_per_sample"] = round(1000 * r["cpu_s"] / r["samples"], 2)
+                r["round"], r["loadavg_before"], r["loadavg_after"] = rnd, load0, C.loadavg()
+                runs[side].append(r)
+                print(f"[round {rnd}] {side}{'' if threads is None else f' ({threads} thread)'}: "
+                      f"{r['samples_per_s']:.1f} samples/s, load {C.loadavg()}", flush=True)
+
+        # ---- profile: batching without Ray, and the pool's fixed cost ------------------------------
+        result["profile"] = {"batched_in_process": batched(rows, model_path, args.decoding, args.batch_size)}
+        tiny = ray.data.from_items(rows[:2]).materialize()
+        fixed = pooled(tiny, model_path, args.decoding, batch_size=args.batch_size, num_actors=args.num_actors,
+                       cpus_per_actor=args.cpus_per_actor)
+        fixed.pop("texts")
+        result["profile"]["run_predictions_2_examples"] = fixed
+        print(f"[profile] batched in-process {result['profile']['batched_in_process']['samples_per_s']:.1f} samples/s; "
+              f"run_predictions on 2 examples {fixed['wall_s']:.1f}s", flush=True)
+        ray.shutdown()
+
+    seq_best = [r["samples_per_s"] for r in runs["sequential"]]
+    ray_mean = [r["samples_per_s"] for r in runs["ray"]]
+    ratios = [q / s for s, q in zip(seq_best, ray_mean)]
+    # same texts? (batched greedy with left padding vs one example: float differences can flip a token)
+    ref = runs["sequential"][0]["texts"]
+    agree = sum(runs["ray"][0]["texts"].get(k) == v for k, v in ref.items()) / max(1, len(ref))
+    for side_runs in runs.values():
+        for r in side_runs:
+            r.pop("texts")
+    ratio = C.summary(ratios)
+    cpu_seq = C.summary([r["cpu_ms_per_sample"] for r in runs["sequential"]])
+    cpu_ray = C.summary([r["cpu_ms_per_sample"] for r in runs["ray"]])
+    # fixed cost F of a run_predictions call (its 2-example run) and the rate R of the pool once
+    # running, taken as num_actors x the in-process batched rate (the pool's own F-subtracted rate
+    # is too noisy under load: both terms move by +-10 s). A split of n examples then takes F + n/R,
+    # and the pool reaches TARGET x the sequential rate S once n >= F*T*S / (1 - T*S/R).
+    prof = result["profile"]
+    fixed_s = prof["run_predictions_2_examples"]["wall_s"]
+    s_med = C.summary(seq_best)["median"]
+    rate = args.num_actors * prof["batched_in_process"].get("samples_per_s", 0.0)
+    need = TARGET * s_med
+    prof["pool_rate_ideal_samples_per_s"] = round(rate, 1)
+    prof["batching_gain_in_process"] = round(prof["batched_in_process"].get("samples_per_s", 0.0) / s_med, 2)
+    prof["fixed_cost_share_of_pool_wall"] = round(fixed_s / C.summary([r["wall_s"] for r in runs["ray"]])["median"], 3)
+    prof["examples_needed_for_target"] = round(fixed_s * need / (1 - need / rate)) if rate > need else None
+    prof["note"] = ("examples_needed_for_target: split size at which run_predictions would reach the target over "
+                    "sequential, from its fixed cost (2-example run) and num_actors x the in-process batched rate")
+    result.update({
+        "cpu_ms_per_sample": {"sequential": cpu_seq, "ray": cpu_ray,
+                              "ratio_sequential_over_ray": round(cpu_seq["median"] / cpu_ray["median"], 3)},
+        "runs": runs,
+        "sequential_samples_per_s": C.summary(seq_best),
+        "ray_samples_per_s": C.summary(ray_mean),
+        "ratio_ray_over_sequential": ratio,
+        "same_text_fraction": round(agree, 4),
+        "headline": {"ratio_ray_over_sequential": ratio["median"], "ray_samples_per_s": C.summary(ray_mean)["median"],
+                     "sequential_samples_per_s": C.summary(seq_best)["median"], "target": TARGET,
+                     "met": ratio["median"] >= TARGET, "decoding": args.decoding},
+        "loadavg_end": C.loadavg(),
+        "elapsed_s": round(time.perf_counter() - t_start, 1),
+    })
+    path = C.write_result("eval_throughput", result)
+    h = result["headline"]
+    print(f"wrote {path} ({result['elapsed_s']}s)")
+    print(f"eval_throughput ({args.decoding}): ray/sequential samples/s = {h['ratio_ray_over_sequential']:.2f}x "
+          f"(ray {h['ray_samples_per_s']:.1f} vs sequential {h['sequential_samples_per_s']:.1f} samples/s; "
+          f"target >= {TARGET:.0f}x {'met' if h['met'] else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
