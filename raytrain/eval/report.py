@@ -43,6 +43,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from raytrain import storage
 from raytrain.eval.metrics.table import format_value
+from raytrain.eval.metrics.values import finite
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +95,6 @@ def _read_jsonl(uri: str, opts, notes: list[str]) -> list[dict] | None:
     return rows
 
 
-def _num(v: Any) -> float | None:
-    """A finite float, or None (None, NaN, inf, bools, strings all count as undefined)."""
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
 
 def _objects(raw: Any) -> list[dict]:
     """Object dicts from a JSON string or list, leniently: points and boxes with finite
@@ -121,7 +112,7 @@ def _objects(raw: Any) -> list[dict]:
         kind = o.get("type")
         keys = {"point": ("x", "y"), "box": ("x1", "y1", "x2", "y2")}.get(kind)
         if keys is not None:
-            vals = [_num(o.get(k)) for k in keys]
+            vals = [finite(o.get(k)) for k in keys]
             if any(v is None for v in vals):
                 continue
             out.append({"type": kind, **dict(zip(keys, vals)), "label": str(o.get("label") or "")})
@@ -199,21 +190,21 @@ def _targets(task: str, query: str, objs: list[dict]) -> list[dict]:
 def _quality(task: str, score: dict) -> float:
     """One number per example to rank by, higher is better: -normalised distance for points,
     per-sample F1 (+ a little mean IoU to break ties) for boxes, mask IoU for masks."""
-    if not isinstance(score, dict) or _num(score.get("valid")) != 1.0:
+    if not isinstance(score, dict) or finite(score.get("valid")) != 1.0:
         return -math.inf
     if task == "point":
-        nd = _num(score.get("norm_distance"))
+        nd = finite(score.get("norm_distance"))
         if nd is not None:
             return -nd
-        return 0.0 if _num(score.get("success")) == 1.0 else -1e9  # nothing to point at / no point
+        return 0.0 if finite(score.get("success")) == 1.0 else -1e9  # nothing to point at / no point
     if task == "detect":
-        tp, fp, fn = (_num(score.get(k)) or 0.0 for k in ("tp", "fp", "fn"))
-        n_gt = _num(score.get("n_gt")) or 0.0
+        tp, fp, fn = (finite(score.get(k)) or 0.0 for k in ("tp", "fp", "fn"))
+        n_gt = finite(score.get("n_gt")) or 0.0
         f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) > 0 else 1.0
-        miou = (_num(score.get("iou_sum")) or 0.0) / n_gt if n_gt else f1
+        miou = (finite(score.get("iou_sum")) or 0.0) / n_gt if n_gt else f1
         return f1 + 1e-3 * miou
     for key in ("mask_iou", "iou", "f1", "box_iou"):
-        v = _num(score.get(key))
+        v = finite(score.get(key))
         if v is not None:
             return v
     return 0.0
@@ -270,7 +261,7 @@ def _box_iou(a: dict, b: dict) -> float:
 
 
 def _has_box(o: dict) -> bool:
-    return all(_num(o.get(k)) is not None for k in ("x1", "y1", "x2", "y2"))
+    return all(finite(o.get(k)) is not None for k in ("x1", "y1", "x2", "y2"))
 
 
 def _same_object(a: dict, b: dict, width: int | None, height: int | None) -> bool:
@@ -377,8 +368,8 @@ def _bias(examples: list[_Example], task: str, offsets: Callable) -> dict:
 
 def _distance(examples: list[_Example]) -> dict:
     """Per-sample distance errors of valid point examples (the numbers the metric averages)."""
-    px = [v for ex in examples if ex.task == "point" for v in [_num(ex.score.get("distance"))] if v is not None]
-    nd = [v for ex in examples if ex.task == "point" for v in [_num(ex.score.get("norm_distance"))] if v is not None]
+    px = [v for ex in examples if ex.task == "point" for v in [finite(ex.score.get("distance"))] if v is not None]
+    nd = [v for ex in examples if ex.task == "point" for v in [finite(ex.score.get("norm_distance"))] if v is not None]
     return {"px": _hist(px, 1.0), "norm": _hist(nd, 0.01), "success_frac": SUCCESS_FRAC}
 
 
@@ -597,17 +588,17 @@ def _draw_overlay(img: Image.Image, ex: _Example, caption: list[str]) -> tuple[I
 
 def _score_text(ex: _Example) -> str:
     s = ex.score
-    if _num(s.get("valid")) != 1.0:
+    if finite(s.get("valid")) != 1.0:
         return "no object parsed"
     if ex.task == "point":
-        d, nd = _num(s.get("distance")), _num(s.get("norm_distance"))
+        d, nd = finite(s.get("distance")), finite(s.get("norm_distance"))
         return "no point to measure" if d is None else f"distance {d:.2f} px" + (f" = {nd:.3f} diagonal" if nd is not None else "")
     if ex.task == "detect":
-        n_gt = _num(s.get("n_gt")) or 0
-        miou = (_num(s.get("iou_sum")) or 0) / n_gt if n_gt else None
-        tp, fp, fn = (int(_num(s.get(k)) or 0) for k in ("tp", "fp", "fn"))
+        n_gt = finite(s.get("n_gt")) or 0
+        miou = (finite(s.get("iou_sum")) or 0) / n_gt if n_gt else None
+        tp, fp, fn = (int(finite(s.get(k)) or 0) for k in ("tp", "fp", "fn"))
         return f"TP {tp} FP {fp} FN {fn}" + (f"  IoU {miou:.2f}" if miou is not None else "")
-    v = next((_num(s.get(k)) for k in ("mask_iou", "iou") if _num(s.get(k)) is not None), None)
+    v = next((finite(s.get(k)) for k in ("mask_iou", "iou") if finite(s.get(k)) is not None), None)
     return f"IoU {v:.2f}" if v is not None else "valid"
 
 
@@ -681,7 +672,7 @@ def _curves(history: list[dict]) -> dict:
     prev_step = prev_resume = None
     seg = 0
     for i, row in enumerate(history):
-        step = _num(row.get("step"))
+        step = finite(row.get("step"))
         step = float(i + 1) if step is None else step
         resume = row.get("resumed_from")
         if i > 0 and (resume != prev_resume or (prev_step is not None and step <= prev_step)):
@@ -690,7 +681,7 @@ def _curves(history: list[dict]) -> dict:
         prev_step, prev_resume = step, resume
         segment.append(seg)
         for key, val in row.items():
-            v = _num(val)
+            v = finite(val)
             if v is not None and key not in ("step", "epoch", "resumed_from", "trainable_params"):
                 series.setdefault(key, []).append([step, v, seg])
     return {"series": series, "restarts": restarts, "rows": len(history)}
@@ -1047,7 +1038,7 @@ def build_report(run_uri: str, data_uri: str | None, out_dir, opts: storage.Stor
     for c in COLUMNS[1:]:
         pe = (metrics or {}).get(c, {}).get("parse_errors") if isinstance((metrics or {}).get(c), dict) else None
         if isinstance(pe, dict):
-            rep["parse_errors"][c] = {str(k): int(_num(v) or 0) for k, v in pe.items()}
+            rep["parse_errors"][c] = {str(k): int(finite(v) or 0) for k, v in pe.items()}
     rep["bias"] = {"points": _bias(examples, "point", _point_offsets), "box_centres": _bias(examples, "detect", _box_offsets)}
     rep["distance"] = _distance(examples)
     rep["curves"] = _curves(history)

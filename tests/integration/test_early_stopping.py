@@ -1,7 +1,6 @@
 """In-training validation on a fixed val subset and early stopping on a grounding metric, through
 the Ray-free loop (the same code runs on rank 0 under Ray Train, with the decision broadcast)."""
 
-import contextlib
 import io
 
 import pytest

@@ -8,13 +8,13 @@ there is no ranking and no AP here: a prediction is either matched or not.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from raytrain.formats.annotations import Box, box_iou
+from raytrain.eval.metrics.values import finite
 
 SAMPLE_KEYS = ("valid", "tp", "fp", "fn", "iou_sum", "n_gt", "n_pred")
 AGGREGATE_KEYS = ("n", "n_valid", "valid_rate", "precision", "recall", "f1", "mean_iou")
@@ -82,13 +82,10 @@ def score_boxes(
     }
 
 
+
 def _num(v: Any) -> float:
-    """A per-sample count as float; undefined (None, NaN, junk) counts as 0."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return 0.0
-    return f if math.isfinite(f) else 0.0
+    """A per-sample count; undefined (None, NaN, junk) counts as 0."""
+    return finite(v) or 0.0
 
 
 def _ratio(a: float, b: float) -> float | None:

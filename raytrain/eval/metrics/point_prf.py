@@ -21,13 +21,14 @@ the headline) and macro (mean of per-sample values, Molmo's way) averages.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from raytrain.eval.metrics.matching import max_hit_assignment
 from raytrain.formats.annotations import Point
+from raytrain.eval.metrics.values import finite
 
 SAMPLE_KEYS = ("valid", "tp", "fp", "fn", "n_gt", "n_pred", "precision", "recall", "f1")
 AGGREGATE_KEYS = (
@@ -148,16 +149,6 @@ def score_points_prf(
     }
 
 
-def _num(v: Any) -> float | None:
-    """A per-sample value as float; None if undefined (None, NaN after an Arrow round trip, junk)."""
-    if v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
 
 def aggregate_points_prf(samples: Iterable[dict]) -> dict:
     """Micro and macro P/R/F1 over per-sample ``score_points_prf`` dicts. Never raises.
@@ -174,12 +165,12 @@ def aggregate_points_prf(samples: Iterable[dict]) -> dict:
     for s in samples:
         n += 1
         s = s or {}
-        n_valid += int(_num(s.get("valid")) == 1.0)
-        tp += _num(s.get("tp")) or 0.0
-        fp += _num(s.get("fp")) or 0.0
-        fn += _num(s.get("fn")) or 0.0
+        n_valid += int(finite(s.get("valid")) == 1.0)
+        tp += finite(s.get("tp")) or 0.0
+        fp += finite(s.get("fp")) or 0.0
+        fn += finite(s.get("fn")) or 0.0
         for k, col in macro.items():
-            col.append(_num(s.get(k)) or 0.0)
+            col.append(finite(s.get(k)) or 0.0)
 
     def ratio(a: float, b: float) -> float | None:
         return a / b if b > 0 else None

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from raytrain.formats.annotations import Point
+from raytrain.eval.metrics.values import finite
 
 # Keys of one scored sample, in order. Kept here so batch code can build empty columns.
 SAMPLE_KEYS = ("valid", "distance", "norm_distance", "se_x", "se_y", "ae_x", "ae_y", "success")
@@ -115,16 +116,6 @@ def score_points(
     return out
 
 
-def _num(v: Any) -> float | None:
-    """A per-sample value as float, or None if undefined (None, NaN, missing, non-numeric)."""
-    if v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
 
 def _mean(xs: list[float]) -> float | None:
     return float(np.mean(xs)) if xs else None
@@ -145,11 +136,11 @@ def aggregate_pointing(samples: Iterable[dict]) -> dict:
     cols: dict[str, list[float]] = {k: [] for k in SAMPLE_KEYS if k != "valid"}
     for s in samples:
         n += 1
-        if not s or _num(s.get("valid")) != 1.0:
+        if not s or finite(s.get("valid")) != 1.0:
             continue
         n_valid += 1
         for k, col in cols.items():
-            v = _num(s.get(k))
+            v = finite(s.get(k))
             if v is not None:
                 col.append(v)
 

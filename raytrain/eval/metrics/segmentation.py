@@ -30,12 +30,12 @@ on the driver.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from raytrain.formats.annotations import Box, box_iou
+from raytrain.eval.metrics.values import finite
 
 DEFAULT_BOX_IOUS = (0.5, 0.75)
 
@@ -98,16 +98,6 @@ def score_segmentation(
     return out
 
 
-def _num(v: Any) -> float | None:
-    """A per-sample value as float; None if undefined (None, NaN after an Arrow round trip, junk)."""
-    if v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
 
 def aggregate_segmentation(samples: Iterable[dict]) -> dict:
     """Aggregate per-sample ``score_segmentation`` dicts (driver side). Never raises.
@@ -130,18 +120,18 @@ def aggregate_segmentation(samples: Iterable[dict]) -> dict:
     for s in samples:
         n += 1
         s = s or {}
-        n_valid += int(_num(s.get("valid")) == 1.0)
-        iou_sum += _num(s.get("mask_iou")) or 0.0
-        inter += _num(s.get("intersection")) or 0.0
-        union += _num(s.get("union")) or 0.0
-        b = _num(s.get("box_iou"))
+        n_valid += int(finite(s.get("valid")) == 1.0)
+        iou_sum += finite(s.get("mask_iou")) or 0.0
+        inter += finite(s.get("intersection")) or 0.0
+        union += finite(s.get("union")) or 0.0
+        b = finite(s.get("box_iou"))
         if b is not None:
             box_ious.append(b)
         for k, v in s.items():
             if k.startswith("box_hit_"):
                 col = hits.setdefault(k, [])
-                if _num(v) is not None:
-                    col.append(_num(v))
+                if finite(v) is not None:
+                    col.append(finite(v))
     out: dict[str, Any] = {
         "n": n,
         "n_valid": n_valid,
