@@ -153,6 +153,8 @@ def fit(cfg: Experiment, uri: str, base_path: str, counter):
         print(f"train.epochs={cfg.train.epochs}: {n} examples / {per_step} per step -> train.steps={cfg.train.steps}", flush=True)
 
     recipe = zero if cfg.train.strategy in zero.STAGES else lora  # one recipe per strategy
+    runs = runs_root(cfg)
+    fs, fs_path = storage.pyarrow_fs(runs, storage_opts(cfg))
     trainer = TorchTrainer(
         recipe.train_fn_per_worker,
         train_loop_config={"experiment": cfg.to_dict(), "model_path": base_path, "data_uri": uri},
@@ -165,8 +167,9 @@ def fit(cfg: Experiment, uri: str, base_path: str, counter):
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
-            storage_path=runs_root(cfg),
-            storage_filesystem=storage.pyarrow_fs(runs_root(cfg), storage_opts(cfg))[0] if storage.is_s3(runs_root(cfg)) else None,
+            # with an explicit filesystem Ray wants the path without its scheme ("bucket/key")
+            storage_path=fs_path if storage.is_s3(runs) else runs,
+            storage_filesystem=fs if storage.is_s3(runs) else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scale.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=[HistoryCallback(history_uri(cfg), storage_opts(cfg))],
