@@ -140,6 +140,59 @@ _LOC = re.compile(r"<loc([0-9]+)>")
 _PARTIAL = re.compile(r"<(?:l(?:o(?:c[0-9]{0,4})?)?)?")
 
 
+class Fragment:
+    """One object-shaped piece of model output: a run of tokens and the label text after it."""
+
+    __slots__ = ("at_end", "label", "text", "tokens")
+
+    def __init__(self, tokens: str, label: str, text: str, at_end: bool):
+        self.tokens = tokens  # the run of <loc>/<seg> tokens
+        self.label = label  # the text after the run, up to the next run or ";" (stripped)
+        self.text = text  # the whole fragment, for error reports
+        self.at_end = at_end  # the output stops right after these tokens: no label, no <eos>
+
+
+def scan(text: str, run: re.Pattern = _RUN, partial: re.Pattern = _PARTIAL):
+    """Split model output into Fragments and ParseErrors, in text order (the lexing every
+    PaliGemma parser shares; each parser then judges its fragments).
+
+    Drops ``<pad>``/``<bos>``, stops at the first ``<eos>``/``</s>``, yields "empty_output" for
+    output with no content, "garbage" for text before the first run of a segment, and
+    "truncated_object" for a cut-off token at the very end (``<loc01``), which is merged into
+    the last fragment when that one has no label yet (one cut-off object, not two problems).
+    ``run`` / ``partial`` match a run of tokens and a token cut short (segmentation adds segs).
+    """
+    body = _REMNANTS.sub("", text)
+    end = _END.search(body)
+    terminated = end is not None
+    if end is not None:
+        body = body[: end.start()]
+    if not body.replace(";", "").strip():  # " ; " alone says nothing either
+        yield ParseError("empty_output", text)
+        return
+    cut = ""
+    if not terminated:
+        lt = body.rfind("<")
+        if lt >= 0 and partial.fullmatch(body, lt):
+            cut, body = body[lt:], body[:lt]
+    segments = body.split(";")
+    for si, seg in enumerate(segments):
+        runs = list(run.finditer(seg))
+        lead = seg[: runs[0].start()] if runs else seg
+        if lead.strip():
+            yield ParseError("garbage", lead.strip())
+        for ri, r in enumerate(runs):
+            stop = runs[ri + 1].start() if ri + 1 < len(runs) else len(seg)
+            label = seg[r.end() : stop].strip()
+            frag = seg[r.start() : stop].strip()
+            at_end = si == len(segments) - 1 and ri == len(runs) - 1 and not terminated and not label
+            if at_end and cut:
+                frag, cut = frag + cut, ""
+            yield Fragment(r.group(), label, frag, at_end)
+    if cut:
+        yield ParseError("truncated_object", cut)
+
+
 def _bins(run: str) -> list[int] | None:
     """Bins of a loc run, or None if any token is not a real one (<loc0000>..<loc1023>)."""
     digits = _LOC.findall(run)
@@ -179,58 +232,28 @@ def parse(
         raise ValueError(f"image size must be positive, got {width}x{height}")
     n_locs = _N_LOCS[kind]
 
-    body = _REMNANTS.sub("", text)
-    end = _END.search(body)
-    terminated = end is not None
-    if end is not None:
-        body = body[: end.start()]
-    if not body.replace(";", "").strip():  # " ; " alone says nothing either
-        return ParseResult([], [ParseError("empty_output", text)])
-
-    # A partial loc token at the very end means the text was cut inside it.
-    partial = ""
-    if not terminated:
-        lt = body.rfind("<")
-        if lt >= 0 and _PARTIAL.fullmatch(body, lt):
-            partial, body = body[lt:], body[:lt]
-
     objects: list[Obj] = []
     errors: list[ParseError] = []
-    segments = body.split(";")
-    for si, seg in enumerate(segments):
-        runs = list(_RUN.finditer(seg))
-        lead = seg[: runs[0].start()] if runs else seg
-        if lead.strip():
-            errors.append(ParseError("garbage", lead.strip()))
-        for ri, run in enumerate(runs):
-            stop = runs[ri + 1].start() if ri + 1 < len(runs) else len(seg)
-            label = seg[run.end() : stop].strip()
-            frag = seg[run.start() : stop].strip()
-            last = si == len(segments) - 1 and ri == len(runs) - 1
-            at_end = last and not terminated and not label  # text stops right after these locs
-            if at_end and partial:  # "<loc0100><loc02": one cut-off object, not two problems
-                frag, partial = frag + partial, ""
-            bins = _bins(run.group())
-            if at_end:
-                # no label yet: cut off, unless it already has more locs than an object can
-                reason = "truncated_object" if bins is not None and len(bins) <= n_locs else "wrong_token_count"
-            elif bins is None or len(bins) != n_locs:
-                reason = "wrong_token_count"
-            elif not label:
-                reason = "missing_label"
-            elif allowed_labels is not None and label not in allowed_labels:
-                reason = "unknown_label"
-            elif kind == "box" and (bins[2] < bins[0] or bins[3] < bins[1]):
-                reason = "invalid_box"
-            else:
-                y = [decode_bin(b, divisor) * height for b in bins[0::2]]
-                x = [decode_bin(b, divisor) * width for b in bins[1::2]]
-                if kind == "point":
-                    objects.append(Point(x[0], y[0], label))
-                else:
-                    objects.append(Box(x[0], y[0], x[1], y[1], label))
-                continue
-            errors.append(ParseError(reason, frag))
-    if partial:
-        errors.append(ParseError("truncated_object", partial))
+    for f in scan(text):
+        if isinstance(f, ParseError):
+            errors.append(f)
+            continue
+        bins = _bins(f.tokens)
+        if f.at_end:
+            # no label yet: cut off, unless it already has more locs than an object can
+            reason = "truncated_object" if bins is not None and len(bins) <= n_locs else "wrong_token_count"
+        elif bins is None or len(bins) != n_locs:
+            reason = "wrong_token_count"
+        elif not f.label:
+            reason = "missing_label"
+        elif allowed_labels is not None and f.label not in allowed_labels:
+            reason = "unknown_label"
+        elif kind == "box" and (bins[2] < bins[0] or bins[3] < bins[1]):
+            reason = "invalid_box"
+        else:
+            y = [decode_bin(b, divisor) * height for b in bins[0::2]]
+            x = [decode_bin(b, divisor) * width for b in bins[1::2]]
+            objects.append(Point(x[0], y[0], f.label) if kind == "point" else Box(x[0], y[0], x[1], y[1], f.label))
+            continue
+        errors.append(ParseError(reason, f.text))
     return ParseResult(objects, errors)

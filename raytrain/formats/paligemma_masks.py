@@ -68,7 +68,7 @@ from raytrain.formats.annotations import Box, Mask, ParseError, ParseResult
 
 # One tokenizer grammar: the <pad>/<bos> remnants, the end markers and the loc-bin check are the
 # detection parser's own (same package), so segment and detect outputs are cut the same way.
-from raytrain.formats.paligemma import _END, _REMNANTS, _bins
+from raytrain.formats.paligemma import _bins
 
 ENV_VAR = "RAYTRAIN_MASK_CODEC"
 MASK_SIZE = 64  # side of the codec's mask, pixels
@@ -435,65 +435,39 @@ def parse_segments(
     if codec is None:
         codec = load_codec()
 
-    body = _REMNANTS.sub("", text)
-    end = _END.search(body)
-    terminated = end is not None
-    if end is not None:
-        body = body[: end.start()]
-    if not body.replace(";", "").strip():
-        return ParseResult([], [ParseError("empty_output", text)])
-
-    partial = ""
-    if not terminated:
-        lt = body.rfind("<")
-        if lt >= 0 and _PARTIAL.fullmatch(body, lt):
-            partial, body = body[lt:], body[:lt]
-
     good: list[tuple[Box, list[int]]] = []
     errors: list[ParseError] = []
-    segments = body.split(";")
-    for si, seg in enumerate(segments):
-        runs = list(_RUN.finditer(seg))
-        lead = seg[: runs[0].start()] if runs else seg
-        if lead.strip():
-            errors.append(ParseError("garbage", lead.strip()))
-        for ri, run in enumerate(runs):
-            stop = runs[ri + 1].start() if ri + 1 < len(runs) else len(seg)
-            label = seg[run.end() : stop].strip()
-            frag = seg[run.start() : stop].strip()
-            last = si == len(segments) - 1 and ri == len(runs) - 1
-            at_end = last and not terminated and not label
-            if at_end and partial:
-                frag, partial = frag + partial, ""
-            bins, codes = _bins(run.group()), _codes(run.group())
-            if at_end:
-                # no label yet: cut off, unless what is there could never be the start of an object
-                fits = (
-                    bins is not None
-                    and codes is not None
-                    and len(codes) <= NUM_TOKENS
-                    and (len(bins) == 4 or (len(bins) < 4 and not codes))
-                )
-                reason = "truncated_object" if fits else "wrong_token_count"
-            elif bins is None or len(bins) != 4 or codes is None:
-                reason = "wrong_token_count"
-            elif not codes:
-                reason = "missing_mask"
-            elif len(codes) != NUM_TOKENS:
-                reason = "wrong_token_count"
-            elif not label:
-                reason = "missing_label"
-            elif allowed_labels is not None and label not in allowed_labels:
-                reason = "unknown_label"
-            elif bins[2] < bins[0] or bins[3] < bins[1]:
-                reason = "invalid_box"
-            else:
-                y1, x1, y2, x2 = (fmt.decode_bin(b, divisor) * s for b, s in zip(bins, (height, width, height, width)))
-                good.append((Box(x1, y1, x2, y2, label), codes))
-                continue
-            errors.append(ParseError(reason, frag))
-    if partial:
-        errors.append(ParseError("truncated_object", partial))
+    for f in fmt.scan(text, _RUN, _PARTIAL):
+        if isinstance(f, ParseError):
+            errors.append(f)
+            continue
+        bins, codes = _bins(f.tokens), _codes(f.tokens)
+        if f.at_end:
+            # no label yet: cut off, unless what is there could never be the start of an object
+            fits = (
+                bins is not None
+                and codes is not None
+                and len(codes) <= NUM_TOKENS
+                and (len(bins) == 4 or (len(bins) < 4 and not codes))
+            )
+            reason = "truncated_object" if fits else "wrong_token_count"
+        elif bins is None or len(bins) != 4 or codes is None:
+            reason = "wrong_token_count"
+        elif not codes:
+            reason = "missing_mask"
+        elif len(codes) != NUM_TOKENS:
+            reason = "wrong_token_count"
+        elif not f.label:
+            reason = "missing_label"
+        elif allowed_labels is not None and f.label not in allowed_labels:
+            reason = "unknown_label"
+        elif bins[2] < bins[0] or bins[3] < bins[1]:
+            reason = "invalid_box"
+        else:
+            y1, x1, y2, x2 = (fmt.decode_bin(b, divisor) * s for b, s in zip(bins, (height, width, height, width)))
+            good.append((Box(x1, y1, x2, y2, f.label), codes))
+            continue
+        errors.append(ParseError(reason, f.text))
 
     objects: list = []
     if good:
