@@ -207,7 +207,7 @@ def run_plain(cfg, model_path: str, batches: list[dict]) -> dict:
         for batch in epoch_batches(epoch, cfg.train.micro_batch_size):
             width = int(batch["attention_mask"].sum(1).max())  # right padding: trim shared pad columns
             inputs = {k: v[:, :width].long() for k, v in batch.items() if k in fam.SEQ_KEYS}
-            inputs["pixel_values"] = batch["pixel_values"]
+            inputs.update(fam.prepare_inputs({k: batch[k] for k in ("pixel_values", "pixel_scale", "pixel_offset") if k in batch}))
             labels = batch["labels"][:, :width].long()
             out = model(**inputs, use_cache=False)
             loss, _ = suffix_loss(out.logits, labels, loc_ids, cfg.loss.loc_sigma, cfg.loss.loc_weight)

@@ -45,6 +45,12 @@ def init_ray(cfg: Experiment):
     # time; otherwise the first actor to load its model takes every queued batch of a small split.
     ctx.wait_for_min_actors_s = 600
     ctx.max_tasks_in_flight_per_actor = 1
+    # Ray 2.60's Parquet datasource V2 starts 32 footer-reader actors per read and bin-packs row
+    # groups into 128 MiB read tasks, so a split of a few thousand images became ONE read task and
+    # one preprocessing task (one busy core). The V1 reader splits by file/row group and honours
+    # override_num_blocks: measured 2.8-4.3x the images/s (bench/README.md, bottleneck 1).
+    if hasattr(ctx, "use_datasource_v2"):
+        ctx.use_datasource_v2 = False
     if ray.is_initialized():
         return ray
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")

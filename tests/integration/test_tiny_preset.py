@@ -65,3 +65,39 @@ def test_forward_and_generate(tiny_model_path):
     assert n_sup == enc["token_type_ids"].sum()
     out = paligemma.generate(model, proc, [img, img], ["point to red circle", "detect blue square"], max_new_tokens=4)
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
+
+
+def test_uint8_pixels_normalised_on_the_worker_equal_the_processors_floats(tiny_model_path):
+    """encode_train ships uint8 pixels + the processor's affine map; prepare_inputs applied on
+    numpy or torch gives the processor's own float pixel_values (model size and off-size images),
+    and the token side is untouched by skipping the processor's image work."""
+    import numpy as np
+    import torch
+    from skimage import data as skdata
+
+    proc = paligemma.load_processor(tiny_model_path)
+    h, w = paligemma.image_size(proc)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)),
+              Image.fromarray(skdata.astronaut()),  # 512x512: encode_train must resize it like the processor
+              Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))]
+    prefixes = ["point to red circle", "detect person", "caption en"]
+    suffixes = ["<loc0100><loc0200> red circle", "<loc0001><loc0002><loc0500><loc0600> person", "a photo"]
+    enc = paligemma.encode_train(proc, images, prefixes, suffixes, 48)
+    assert enc["pixel_values"].dtype == np.uint8 and enc["pixel_values"].shape == (3, 3, h, w)
+    assert enc["pixel_scale"].shape == enc["pixel_offset"].shape == (3, 3)
+
+    ref = proc(text=["<image>" + p for p in prefixes], images=images, suffix=suffixes,
+               padding="longest", return_tensors="np")
+    for as_torch in (False, True):
+        batch = {k: (torch.from_numpy(v) if as_torch else v) for k, v in enc.items() if k != "length"}
+        out = paligemma.prepare_inputs(batch)
+        assert "pixel_scale" not in out and "pixel_offset" not in out
+        pv = out["pixel_values"].numpy() if as_torch else out["pixel_values"]
+        assert pv.dtype == np.float32
+        np.testing.assert_allclose(pv, ref["pixel_values"], atol=1e-6)
+    n = ref["input_ids"].shape[1]
+    np.testing.assert_array_equal(enc["input_ids"][:, :n], ref["input_ids"])
+    np.testing.assert_array_equal(enc["labels"][:, :n], ref["labels"])
+    # 4x smaller than the float32 the processor returns
+    assert enc["pixel_values"].nbytes * 4 == ref["pixel_values"].astype(np.float32).nbytes
