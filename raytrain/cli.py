@@ -3,6 +3,7 @@
     raytrain train   --config jobs/tiny/shapes.yaml [a.b=value ...]
     raytrain prepare --config jobs/tiny/shapes.yaml [a.b=value ...]
     raytrain eval    --config jobs/tiny/shapes.yaml [eval.checkpoint=URI] [eval.split=val]
+    raytrain tune    --config jobs/tiny/shapes_sweep.yaml [a.b=value ...]   # rerun resumes the sweep
     raytrain report  --run <run uri> --out <dir> [--data <uri>]
     raytrain serve   model=tiny:paligemma adapter_root=<dir or s3://> [port=8000]
     raytrain config  [--config FILE] [a.b=value ...]    # print the resolved config
@@ -32,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         ("train", "prepare data (synthetic default), train, evaluate; prints the metrics JSON path last"),
         ("prepare", "write the dataset's Parquet shards and prep report"),
         ("eval", "evaluate a checkpoint (default: the run's latest) on a whole split; prints the metrics JSON path last"),
+        ("tune", "Ray Tune sweep (the job's `tune:` block) of TorchTrainer trials; prints best.json's path last"),
         ("config", "print the resolved experiment config"),
     ):
         sp = sub.add_parser(name, help=help_)
@@ -56,6 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, default, help_ in config_mod.field_help():
             print(f"{name} = {default}\n    {help_}" if help_ else f"{name} = {default}")
         return 0
+    if args.command == "tune":
+        from raytrain.launch import tune as launch_tune
+
+        try:
+            cfg, sweep = launch_tune.load_job(args.config, args.overrides)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"raytrain: config error: {e}", file=sys.stderr)
+            return 2
+        return 0 if launch_tune.main(cfg, sweep) else 130  # 130: interrupted, rerun to resume
     try:
         cfg = config_mod.load(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as e:
