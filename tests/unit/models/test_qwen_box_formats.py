@@ -202,6 +202,27 @@ def test_tokens_format_adds_tokens_and_initialises_their_rows(bare):
     assert len(preset_like.tokenizer) == n0 + 1024
 
 
+def test_data_workers_encode_loc_tokens_as_the_added_ids(bare):
+    """What the Ray Data tasks run (decode_and_expand, tokenize) with the spec string they are given:
+    the answer's bins become the added vocabulary ids, not the characters of "<|loc_0256|>"."""
+    from raytrain.data import pipeline, synthetic
+    from raytrain.formats.annotations import objects_to_json
+
+    spec = "qwen2_5_vl+tokens"
+    ex = synthetic.make_example(0, seed=3)
+    rows = {"id": np.array([ex["id"]], dtype=object), "image": np.array([ex["image"]], dtype=object),
+            "width": np.array([ex["width"]]), "height": np.array([ex["height"]]),
+            "objects": np.array([objects_to_json(ex["objects"])], dtype=object)}
+    proc = family(spec).load_processor(bare)
+    exs = pipeline.decode_and_expand(rows, split="train", tasks=["detect"], image_hw=family(spec).image_size(proc), family=spec)
+    assert "<|loc_" in exs["suffix"][0] and exs["prefix"][0] == fmt.render_prompt("detect", exs["query"][0], "tokens")
+    enc = pipeline.tokenize(exs, split="train", model_path=bare, max_len=200, family=spec)
+    lab = enc["labels"][0][enc["labels"][0] != IGNORE_INDEX]
+    loc = qw.loc_token_ids(proc.tokenizer)
+    assert loc.min() == len(qw.load_processor(bare).tokenizer)  # appended after the base vocabulary
+    assert np.isin(lab, loc).sum() == 4 and proc.tokenizer.decode(lab, skip_special_tokens=True) == exs["suffix"][0]
+
+
 # ---------------------------------------------------------------------------- warm-up through the recipe
 
 
