@@ -103,6 +103,27 @@ class ModelConfig:
     train_projector: bool = False
     """Train the multi-modal projector (frozen by default with the vision tower)."""
     gradient_checkpointing: bool = False
+    box_format: str = "absolute"
+    """qwen2_5_vl: how boxes/points are written (seed 002): absolute (resized-image pixels, Qwen's
+    own) | normalized (0-1) | tokens (1024 added <|loc_DDDD|> tokens, rows initialised from the
+    digit embeddings; LoRA trains their rows too) | pairs ((phrase, [x1, y1, x2, y2]) list).
+    PaliGemma always writes its own <loc> tokens: only "absolute" (the default) is accepted."""
+
+    def __post_init__(self):
+        from raytrain.models import BOX_FORMATS
+
+        if self.box_format not in BOX_FORMATS:
+            raise ValueError(f"model.box_format must be one of {list(BOX_FORMATS)}, got {self.box_format!r}")
+        if self.family == "paligemma" and self.box_format != "absolute":
+            raise ValueError(f"model.box_format={self.box_format!r} applies to qwen2_5_vl; PaliGemma writes its own "
+                             "<loc> tokens (leave model.box_format at 'absolute')")
+
+    @property
+    def spec(self) -> str:
+        """The family spec components take (raytrain.models.family_spec): 'qwen2_5_vl+tokens'."""
+        from raytrain.models import family_spec
+
+        return family_spec(self.family, self.box_format)
 
 
 @dataclass
@@ -177,6 +198,15 @@ class TrainConfig:
     """Validations without improvement before stopping (with early_stop_metric set)."""
     fail_at_step: int = -1
     """Testing aid: rank 0 raises once at this step (first attempt only) to exercise failure recovery."""
+    new_token_warmup_steps: int = 0
+    """model.box_format=tokens: for the first N optimizer steps only the added <|loc|> rows (input
+    embedding + untied lm_head) update, then everything the strategy trains (seed 002's proposal).
+    Counted in optimizer steps of the run, so a resumed run continues or skips it by its step.
+    0 = off. Not supported by strategy zero2/zero3."""
+
+    def __post_init__(self):
+        if self.new_token_warmup_steps < 0:
+            raise ValueError(f"train.new_token_warmup_steps must be >= 0, got {self.new_token_warmup_steps}")
 
 
 @dataclass
@@ -240,6 +270,15 @@ class Experiment:
     ray: RayConfig = field(default_factory=RayConfig)
     tune: dict[str, Any] = field(default_factory=dict)
     """Sweep spec for `raytrain tune` (metric, mode, num_samples, scheduler, search, space); ignored by train."""
+
+    def __post_init__(self):
+        if self.train.new_token_warmup_steps > 0:
+            if self.model.box_format != "tokens":
+                raise ValueError("train.new_token_warmup_steps > 0 warms up added tokens: it needs model.box_format=tokens, "
+                                 f"got {self.model.box_format!r}")
+            if self.train.strategy in ("zero2", "zero3"):
+                raise ValueError("train.new_token_warmup_steps is not supported with strategy zero2/zero3 (DeepSpeed owns the "
+                                 "gradients and partitions the embedding); use strategy full or lora")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -203,7 +203,7 @@ def missing_support(cfg: Experiment) -> str | None:
     """Why the recipe cannot run `cfg` here (a missing recipe or family function), or None."""
     from raytrain.models import family
 
-    fam = family(cfg.model.family)
+    fam = family(cfg.model.spec)
     if cfg.train.strategy in ("zero2", "zero3"):
         try:
             from raytrain.recipes import zero  # noqa: F401
@@ -231,7 +231,7 @@ def synthetic_batches(cfg: Experiment, model_path: str, n_batches: int, seed: in
     from raytrain.data import pipeline, synthetic
     from raytrain.models import family
 
-    fam = family(cfg.model.family)
+    fam = family(cfg.model.spec)
     proc = fam.load_processor(model_path)
     hw = fam.image_size(proc)
     micro = cfg.train.micro_batch_size
@@ -241,7 +241,7 @@ def synthetic_batches(cfg: Experiment, model_path: str, n_batches: int, seed: in
         ex = synthetic.make_example(i, seed=seed, image_size=cfg.data.image_size)
         i += 1
         image = Image.open(io.BytesIO(ex["image"])).convert("RGB").resize((hw[1], hw[0]), Image.BILINEAR)
-        for e in pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], cfg.model.family, hw):
+        for e in pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], cfg.model.spec, hw):
             rows.append((image, e["prefix"], e["suffix"]))
     rows = rows[: n_batches * micro]
     out = []
@@ -281,7 +281,7 @@ def run_local(cfg: Experiment, out_dir: str | Path, *, model_path: str | None = 
     reason = missing_support(cfg)
     if reason:
         raise SmokeUnavailable(reason)
-    fam = family(cfg.model.family)
+    fam = family(cfg.model.spec)
     model_path = model_path or fam.resolve(cfg.model.name_or_path, preset_cache)
     batches = synthetic_batches(cfg, model_path, n_batches)
     out = Path(out_dir)
@@ -324,7 +324,7 @@ def _generate(cfg: Experiment, ckpt: Path, model_path: str, fam, checkpointing) 
     images, prefixes = [], []
     for i in range(2):
         ex = synthetic.make_example(10_000 + i, seed=11, image_size=cfg.data.image_size)
-        e = pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], cfg.model.family, hw)[0]
+        e = pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], cfg.model.spec, hw)[0]
         images.append(Image.open(io.BytesIO(ex["image"])).convert("RGB").resize((hw[1], hw[0]), Image.BILINEAR))
         prefixes.append(e["prefix"])
     return fam.generate(model, proc, images, prefixes, max_new_tokens=cfg.eval.max_new_tokens, **dict(cfg.eval.decoding))

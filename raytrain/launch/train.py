@@ -122,7 +122,7 @@ def prepare_data(cfg: Experiment) -> str:
 def model_path(cfg: Experiment) -> str:
     from raytrain.models import family
 
-    return family(cfg.model.family).resolve(cfg.model.name_or_path)
+    return family(cfg.model.spec).resolve(cfg.model.name_or_path)
 
 
 def fit(cfg: Experiment, uri: str, base_path: str, counter):
@@ -135,7 +135,7 @@ def fit(cfg: Experiment, uri: str, base_path: str, counter):
     from raytrain.recipes import lora, zero
     from raytrain.training.metrics import HistoryCallback
 
-    fam = family(cfg.model.family)
+    fam = family(cfg.model.spec)
     processor = fam.load_processor(base_path)
     train_ds = pipeline.train_dataset(
         uri,
@@ -143,7 +143,7 @@ def fit(cfg: Experiment, uri: str, base_path: str, counter):
         tasks=cfg.data.tasks,
         model_path=base_path,
         image_hw=fam.image_size(processor),
-        family=cfg.model.family,
+        family=cfg.model.spec,
         max_len=cfg.data.max_seq_len,
         allow_convert=cfg.data.allow_convert,
         opts=storage_opts(cfg),
@@ -200,20 +200,20 @@ def evaluate(cfg: Experiment, uri: str, base_path: str, ckpt_uri: str | None, co
     from raytrain.eval import batch as eval_batch
     from raytrain.models import family
 
-    fam = family(cfg.model.family)
+    fam = family(cfg.model.spec)
     processor = fam.load_processor(base_path)
     examples = pipeline.examples_dataset(
         uri,
         cfg.eval.split,
         tasks=cfg.data.tasks,
         image_hw=fam.image_size(processor),
-        family=cfg.model.family,
+        family=cfg.model.spec,
         allow_convert=cfg.data.allow_convert,
         opts=storage_opts(cfg),
         counter=counter,
     ).materialize()
     common = dict(
-        family=cfg.model.family,
+        family=cfg.model.spec,
         model_path=base_path,
         storage={"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region},
         dtype=cfg.model.dtype,
@@ -234,7 +234,7 @@ def evaluate(cfg: Experiment, uri: str, base_path: str, ckpt_uri: str | None, co
     if cfg.eval.baselines:
         results["untrained"] = eval_batch.aggregate(eval_batch.run_predictions(examples, checkpoint_uri=None, **common))
         mean_wh = eval_batch.mean_box_size(pipeline.train_box_sizes(uri, "train", storage_opts(cfg)))
-        results["centre_baseline"] = eval_batch.aggregate(eval_batch.run_baseline(examples, mean_box_wh=mean_wh, batch_size=cfg.eval.batch_size, family=cfg.model.family))
+        results["centre_baseline"] = eval_batch.aggregate(eval_batch.run_baseline(examples, mean_box_wh=mean_wh, batch_size=cfg.eval.batch_size, family=cfg.model.spec))
     return results, trained_rows
 
 

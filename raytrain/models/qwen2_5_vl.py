@@ -3,8 +3,10 @@
 The same names as `raytrain/models/paligemma.py` (`resolve`, `load`, `load_processor`, `image_size`,
 `lora_target_modules`, `render_example`, `parse_output`, `encode_train`, `encode_prompts`, `generate`,
 `loc_token_ids`, `SEQ_KEYS`, `prepare_inputs`, `save_inference_files`), plus what only this family
-needs: the resize record (`resize_settings`, `write_resize_record`, `check_resize`) and added
-location tokens (`add_loc_tokens`, `init_new_token_embeddings`, `new_token_warmup`).
+needs: the resize record (`resize_settings`, `write_resize_record`, `check_resize`), added location
+tokens (`add_loc_tokens`, `init_new_token_embeddings`, `check_tokenizer`; their warm-up is
+`raytrain.training.new_tokens`) and the box format views (`with_box_format`: what
+`raytrain.models.family("qwen2_5_vl+tokens")` returns).
 Arguments are plain values; nothing here reads the experiment config.
 
 Frames: Qwen2.5-VL answers in pixels of the image AFTER `smart_resize`. The pipeline stretches every
@@ -39,6 +41,13 @@ KIND_OF_TASK = {"point": "point", "detect": "box"}
 CAPTION_PROMPT = "Describe this image."
 # seed 002's dense-captioning instruction shape: every region, a short phrase and its box
 DENSE_PROMPT = "Describe every region of the image with a short phrase and output bbox_2d coordinates in JSON format."
+# the same request for the other box formats (the answer's shape, as render_prompt words it)
+DENSE_PROMPTS = {
+    "absolute": DENSE_PROMPT,
+    "normalized": "Describe every region of the image with a short phrase and output bbox_2d coordinates normalised to 0-1 in JSON format.",
+    "tokens": "Describe every region of the image with a short phrase and output bbox_2d location tokens in JSON format.",
+    "pairs": "Describe every region of the image with a short phrase and output a list of (phrase, [x1, y1, x2, y2]) pairs.",
+}
 RESIZE_RECORD = "raytrain_resize.json"
 RESIZE_KEYS = ("factor", "min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size")
 # The released Qwen2.5-VL-*-Instruct processors' settings (preprocessor_config.json): the frame used
@@ -179,6 +188,31 @@ def save_inference_files(processor, out_dir: str | Path) -> None:
     write_resize_record(processor, out_dir)
 
 
+def save_adapter_files(processor, out_dir: str | Path) -> None:
+    """What an adapter checkpoint needs to be used as trained: the resize record (the base model's
+    processor is reused, so no processor copy). The `tokens` view also writes the tokenizer."""
+    write_resize_record(processor, out_dir)
+
+
+def check_tokenizer(processor, saved_dir: str | Path) -> None:
+    """Raise ValueError when `saved_dir` holds a tokenizer (an adapter trained with added <|loc|>
+    tokens) whose vocabulary size or <|loc_DDDD|> ids differ from `processor`'s: the adapter's
+    embedding rows would belong to other tokens. No-op without saved tokenizer files."""
+    d = Path(saved_dir)
+    if not (d / "tokenizer_config.json").is_file():
+        return
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(str(d))
+    have = processor.tokenizer
+    if len(saved) != len(have) or not np.array_equal(loc_token_ids(saved), loc_token_ids(have)):
+        raise ValueError(
+            f"the tokenizer saved in {d} ({len(saved)} tokens, {len(loc_token_ids(saved))} <|loc|>) differs from the "
+            f"loaded one ({len(have)} tokens, {len(loc_token_ids(have))} <|loc|>): load it with the family it was "
+            "trained with (state.json 'family', e.g. qwen2_5_vl+tokens)"
+        )
+
+
 def image_size(processor, nominal: int = NOMINAL_SIDE) -> tuple[int, int]:
     """(height, width) the pipeline stretches images to: the square `smart_resize` makes of a
     nominal x nominal image under the processor's settings, so the processor never resizes again
@@ -223,14 +257,23 @@ def loc_token_ids(tokenizer) -> np.ndarray:
     return np.array([vocab[t] for t in fmt.LOC_TOKENS], dtype=np.int64)
 
 
-def add_loc_tokens(model, tokenizer, method: str = "digits", seed: int = 0) -> np.ndarray:
-    """Add the 1024 <|loc_DDDD|> tokens to a real Qwen tokenizer + model (no-op where present):
-    grow the embedding matrix only if the vocabulary outgrows it (Qwen checkpoints carry spare rows),
-    initialise the new rows (init_new_token_embeddings). Returns loc_token_ids."""
+def add_loc_tokens_to_tokenizer(tokenizer) -> list[str]:
+    """Add the missing <|loc_DDDD|> tokens to `tokenizer` in bin order; returns what was added.
+    Deterministic: the same base tokenizer always gets the same ids (appended after its vocabulary),
+    which is what lets data workers, the trainer and eval each add them on their own."""
     vocab = tokenizer.get_vocab()
     missing = [t for t in fmt.LOC_TOKENS if t not in vocab]
     if missing:
         tokenizer.add_tokens(missing)  # ordinary tokens: decoding with skip_special_tokens keeps them
+    return missing
+
+
+def add_loc_tokens(model, tokenizer, method: str = "digits", seed: int = 0) -> np.ndarray:
+    """Add the 1024 <|loc_DDDD|> tokens to a real Qwen tokenizer + model (no-op where present):
+    grow the embedding matrix only if the vocabulary outgrows it (Qwen checkpoints carry spare rows),
+    initialise the new rows (init_new_token_embeddings). Returns loc_token_ids."""
+    missing = add_loc_tokens_to_tokenizer(tokenizer)
+    if missing:
         rows = model.get_input_embeddings().weight.shape[0]
         if len(tokenizer) > rows:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -255,6 +298,15 @@ def init_new_token_embeddings(model, tokenizer, new_tokens: Sequence[str], metho
     place-weighted mean (8:4:2:1) of the embeddings of the digit tokens "0","5","1","2" its bin is
     written with, so bins start distinct and numerically related; other tokens fall back to the mean.
     Both add Gaussian noise of `noise_std` x the existing rows' std to break ties. Returns the ids.
+
+    Why digits: a pretrained Qwen already reads and writes coordinates with these digit tokens (the
+    absolute format), so a bin starts next to the number it stands for instead of at one shared
+    point. Bins sharing their leading digits start close (0512 and 0513 differ only in the weight-1
+    digit, 0512 and 0912 in the weight-4 one), so neighbouring bins start near each other except
+    across carries (0099 -> 0100); the distance-aware <loc> loss teaches the fine order. The output
+    rows (an untied lm_head) come from the digits' output rows the same way, so the first logits of
+    a bin follow those of its digits. With "mean" all 1024 rows start equal up to the noise: the
+    model cannot tell bins apart and the softmax spreads evenly over them (seed 002's failure).
     """
     import torch
 
@@ -263,6 +315,9 @@ def init_new_token_embeddings(model, tokenizer, new_tokens: Sequence[str], metho
     ids = tokenizer.convert_tokens_to_ids(list(new_tokens))
     if any(i is None for i in ids):
         raise ValueError("some new tokens are not in the tokenizer: add them first")
+    if any(W.numel() == 0 or hasattr(W, "ds_id") for W in _embedding_matrices(model)):
+        raise ValueError("the embedding matrix is partitioned (DeepSpeed ZeRO-3): add the <|loc|> tokens to an unpartitioned "
+                         "model (e.g. a strategy=full run, or save the resized model) and start ZeRO-3 from that")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for W in _embedding_matrices(model):
@@ -282,34 +337,6 @@ def init_new_token_embeddings(model, tokenizer, new_tokens: Sequence[str], metho
                 noise = torch.randn(W.shape[1], generator=gen) * (noise_std * float(std))
                 W[i] = (base + noise).to(W.device, W.dtype)
     return list(ids)
-
-
-def new_token_warmup(model, token_ids: Sequence[int]):
-    """Warm-up phase for added tokens (seed 002: freeze the old vocabulary, train the new rows, then
-    unfreeze). Freezes every parameter, leaves the embedding matrix trainable and masks its gradient
-    to the rows of `token_ids` with a hook. Returns (params, undo): give `params` to the optimizer
-    WITH weight_decay=0 (decoupled weight decay would still shrink the masked rows), call `undo()`
-    afterwards to drop the hooks and restore every parameter's requires_grad."""
-    import torch
-
-    was = [(p, p.requires_grad) for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    mats = _embedding_matrices(model)
-    handles = []
-    for W in mats:
-        mask = torch.zeros(W.shape[0], 1, dtype=W.dtype, device=W.device)
-        mask[torch.as_tensor(list(token_ids), device=W.device)] = 1
-        W.requires_grad_(True)
-        handles.append(W.register_hook(lambda g, mask=mask: g * mask))
-
-    def undo() -> None:
-        for h in handles:
-            h.remove()
-        for p, rg in was:
-            p.requires_grad_(rg)
-
-    return mats, undo
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,7 +364,7 @@ def render_example(
         from raytrain.formats.annotations import Box
 
         boxes = [Box(r.x1, r.y1, r.x2, r.y2, r.phrase) for r in targets]
-        return DENSE_PROMPT, fmt.render_objects(boxes, width, height, rw, rh, representation, fenced=fenced)
+        return DENSE_PROMPTS.get(representation, DENSE_PROMPT), fmt.render_objects(boxes, width, height, rw, rh, representation, fenced=fenced)
     prompt = fmt.render_prompt(task, query, representation)
     return prompt, fmt.render_objects(targets, width, height, rw, rh, representation, fenced=fenced)
 
@@ -482,3 +509,65 @@ def generate(model, processor, images: Sequence, prefixes: Sequence[str], max_ne
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=stop, **decoding)
     new = out[:, enc["input_ids"].shape[1] :]
     return tok.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# box format views
+
+
+class BoxFormatFamily:
+    """This family with its box format bound: what `raytrain.models.family("qwen2_5_vl+<format>")`
+    returns. Every attribute is the module's, except that
+
+    * `render_example` / `parse_output` default to `representation=box_format`;
+    * for "tokens": `load_processor` adds the 1024 <|loc_DDDD|> tokens to the tokenizer, `load` adds
+      them to tokenizer and model (resized embeddings, new rows initialised by
+      init_new_token_embeddings), and `save_adapter_files` also writes the tokenizer. Adding is
+      deterministic and a no-op where the tokens exist (the tiny preset, a saved tokens checkpoint),
+      so data workers, trainer and eval agree on every id without shipping a tokenizer around.
+    """
+
+    def __init__(self, box_format: str):
+        if box_format not in fmt.REPRESENTATIONS:
+            raise ValueError(f"unknown box format {box_format!r}, expected one of {fmt.REPRESENTATIONS}")
+        self.BOX_FORMAT = box_format
+        self.__name__ = f"{__name__}+{box_format}"
+
+    def __getattr__(self, name: str):
+        import sys
+
+        return getattr(sys.modules[__name__], name)
+
+    def __repr__(self) -> str:
+        return f"<family view {self.__name__}>"
+
+    def render_example(self, *args, **kwargs):
+        kwargs.setdefault("representation", self.BOX_FORMAT)
+        return render_example(*args, **kwargs)
+
+    def parse_output(self, *args, **kwargs):
+        kwargs.setdefault("representation", self.BOX_FORMAT)
+        return parse_output(*args, **kwargs)
+
+    def load_processor(self, name_or_path: str, cache_dir: str | None = None):
+        processor = load_processor(name_or_path, cache_dir)
+        if self.BOX_FORMAT == "tokens":
+            add_loc_tokens_to_tokenizer(processor.tokenizer)
+        return processor
+
+    def load(self, name_or_path: str, dtype: str = "float32", cache_dir: str | None = None, device: str | None = None,
+             quant: dict | None = None, new_token_init: str = "digits"):
+        model, processor = load(name_or_path, dtype=dtype, cache_dir=cache_dir, device=device, quant=quant)
+        if self.BOX_FORMAT == "tokens":
+            add_loc_tokens(model, processor.tokenizer, method=new_token_init)
+        return model, processor
+
+    def save_adapter_files(self, processor, out_dir: str | Path) -> None:
+        save_adapter_files(processor, out_dir)
+        if self.BOX_FORMAT == "tokens":
+            processor.tokenizer.save_pretrained(str(out_dir))  # check_tokenizer compares it on load
+
+
+def with_box_format(box_format: str) -> BoxFormatFamily:
+    """The family view for one of fmt.REPRESENTATIONS (see BoxFormatFamily)."""
+    return BoxFormatFamily(box_format)

@@ -179,7 +179,9 @@ def build_image_processor(resize: dict = RESIZE):
     )
 
 
-def tiny_qwen_config(tokenizer):
+def tiny_qwen_config(tokenizer, tie_embeddings: bool = True):
+    """The tiny architecture for `tokenizer`'s vocabulary; tie_embeddings=False gives the lm_head its
+    own weight (as Qwen2.5-VL-7B and larger have; the 3B ties them)."""
     from transformers import Qwen2_5_VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -212,7 +214,7 @@ def tiny_qwen_config(tokenizer):
         use_sliding_window=False,
         # head_dim 32 -> 16 rotary frequencies split temporal/height/width like the real 16/24/24 of 64
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_embeddings,
         bos_token_id=None,
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
@@ -224,12 +226,14 @@ def tiny_qwen_config(tokenizer):
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_embeddings,
     )
 
 
-def build_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0) -> Path:
-    """Build tokenizer + image-only processor + random-init model and `save_pretrained` them into out_dir."""
+def build_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0, loc_tokens: bool = True, tie_embeddings: bool = True) -> Path:
+    """Build tokenizer + image-only processor + random-init model and `save_pretrained` them into out_dir.
+    loc_tokens=False, tie_embeddings=False: a stand-in for a released Qwen2.5-VL-7B (no <|loc|> tokens
+    in the vocabulary, untied lm_head), what the `tokens` box format has to add tokens to."""
     import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -238,9 +242,9 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0) -> Path:
     assert smart_resize(IMAGE_SIDE, IMAGE_SIDE, RESIZE["factor"], RESIZE["min_pixels"], RESIZE["max_pixels"]) == (IMAGE_SIDE, IMAGE_SIDE)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(loc_tokens=loc_tokens)
     processor = Qwen2_5_VLImageOnlyProcessor(build_image_processor(), tokenizer, chat_template=CHAT_TEMPLATE)
-    cfg = tiny_qwen_config(tokenizer)
+    cfg = tiny_qwen_config(tokenizer, tie_embeddings=tie_embeddings)
 
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg)

@@ -23,7 +23,7 @@ import torch
 from raytrain import config as config_mod
 from raytrain.models import family as model_family
 from raytrain.models.losses import suffix_loss, token_weights
-from raytrain.training import checkpointing, optim
+from raytrain.training import checkpointing, new_tokens, optim
 
 log = logging.getLogger("raytrain.recipes.lora")
 
@@ -51,7 +51,7 @@ def build_model(cfg: config_mod.Experiment, model_path: str):
     full: the freeze policy decides which parts train. lora: the base is frozen (quantized by
     bitsandbytes when quant.bits is 4/8: QLoRA), LoRA adapters go on the language model's linear
     layers, and the freeze policy can additionally unfreeze the last vision layers / projector."""
-    fam = model_family(cfg.model.family)
+    fam = model_family(cfg.model.spec)
     quant = dataclasses.asdict(cfg.quant) if cfg.quant.bits else None
     if quant and cfg.train.strategy != "lora":
         raise ValueError("quant.bits needs train.strategy=lora (QLoRA): quantized weights cannot be fully fine-tuned")
@@ -84,6 +84,7 @@ def build_model(cfg: config_mod.Experiment, model_path: str):
             lora_dropout=cfg.lora.dropout,
             target_modules=fam.lora_target_modules(cfg.lora.target_modules),
             bias="none",
+            trainable_token_indices=new_tokens.lora_token_indices(fam, model, processor),  # added <|loc|> rows
         )
         model = get_peft_model(model, lcfg)  # marks only adapter weights trainable...
         for n, p in model.base_model.model.named_parameters():
@@ -105,10 +106,11 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     n_total = sum(p.numel() for p in model.parameters())
     if session.rank == 0:
         log.info("strategy=%s trainable params %d / %d (%.2f%%)", cfg.train.strategy, n_train, n_total, 100 * n_train / n_total)
-    fam = model_family(cfg.model.family)
+    fam = model_family(cfg.model.spec)
     loc_ids = torch.as_tensor(fam.loc_token_ids(processor.tokenizer), device=device)
     if not cfg.quant.bits:
         model.to(device)  # quantized models are placed by from_pretrained's device_map
+    warmup = new_tokens.NewTokenWarmup(model, new_tokens.token_rows(fam, processor), cfg.train.new_token_warmup_steps)
     model.train()
     # images enter in the vision tower's dtype (bf16 runs; QLoRA keeps the tower in fp32)
     pixel_dtype = next(p.dtype for n, p in model.named_parameters() if "patch_embed" in n)
@@ -140,12 +142,12 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
                 "batch_in_epoch": batch_in_epoch,
                 "strategy": cfg.train.strategy,
                 "base_model": cfg.model.name_or_path,
-                "family": cfg.model.family,
+                "family": cfg.model.spec,
                 "metrics": metrics,
             }
             checkpointing.save(d, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
                                save_processor=lambda out: fam.save_inference_files(processor, out),
-                               save_adapter_files=(lambda out: fam.write_resize_record(processor, out)) if hasattr(fam, "write_resize_record") else None)
+                               save_adapter_files=(lambda out: fam.save_adapter_files(processor, out)) if hasattr(fam, "save_adapter_files") else None)
             session.report(metrics, d)
 
     val_set = session.val_examples() if (cfg.train.val_every and session.rank == 0 and session.val_examples) else None
@@ -212,8 +214,10 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
                 continue
 
             micro_in_step = 0
+            warmup.before_step(step, optimizer)  # warm-up steps: only the added token rows update
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
             optimizer.step()
+            warmup.after_step(optimizer)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -311,10 +315,10 @@ def train_fn_per_worker(config: dict) -> None:
         from raytrain import storage
         from raytrain.training import validation
 
-        fam = model_family(cfg.model.family)
+        fam = model_family(cfg.model.spec)
         proc = fam.load_processor(config["model_path"])
         return validation.load_examples(config["data_uri"], cfg.train.val_split, cfg.train.val_examples, tasks=cfg.data.tasks,
-                                        image_hw=fam.image_size(proc), family=cfg.model.family, allow_convert=cfg.data.allow_convert,
+                                        image_hw=fam.image_size(proc), family=cfg.model.spec, allow_convert=cfg.data.allow_convert,
                                         opts=storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region))
 
     def broadcast_flag(flag: bool) -> bool:

@@ -191,7 +191,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     n_total = sum(_numel(p) for p in model.parameters())
     if session.rank == 0:
         log.info("strategy=%s world=%d trainable params %d / %d", cfg.train.strategy, session.world_size, n_train, n_total)
-    fam = model_family(cfg.model.family)
+    fam = model_family(cfg.model.spec)
     loc_ids = torch.as_tensor(fam.loc_token_ids(processor.tokenizer), device=device)
     # images enter in the compute dtype (the engine runs the whole module in bf16 when asked)
     pixel_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
@@ -238,7 +238,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
                 "dtype": cfg.model.dtype,
                 "tag": tag,
                 "base_model": cfg.model.name_or_path,
-                "family": cfg.model.family,
+                "family": cfg.model.spec,
                 "metrics": metrics,
             }
         # Every rank writes its own shard files and reports its own directory; Ray Train merges them.

@@ -26,7 +26,8 @@ EXTRA = "extra_trainable.safetensors"
 
 
 def _extra_trainable(peft_model) -> dict:
-    return {n: p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n}
+    # not lora_* nor peft's trainable token rows (added <|loc|> tokens): the adapter file holds those
+    return {n: p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n and "trainable_tokens_" not in n}
 
 
 def _load_extra(peft_model, adapter_dir: Path) -> None:
@@ -143,6 +144,9 @@ def load_for_inference(ckpt_dir: str | Path, base_model_path: str, family_module
         check = getattr(family_module, "check_resize", None)
         if check is not None and (d / "adapter" / "raytrain_resize.json").exists():
             check(processor, d / "adapter")  # the base's processor must resize as training did
+        check_tok = getattr(family_module, "check_tokenizer", None)
+        if check_tok is not None:
+            check_tok(processor, d / "adapter")  # added <|loc|> tokens: same ids as in training
         peft_model = PeftModel.from_pretrained(base, str(d / "adapter"))
         _load_extra(peft_model, d / "adapter")
         model = peft_model.merge_and_unload()

@@ -344,7 +344,7 @@ def test_add_loc_tokens_to_a_vocabulary_without_them():
     assert (qw.add_loc_tokens(model, tok) == ids).all()  # idempotent
 
 
-def test_new_token_init_and_warmup(preset):
+def test_new_token_init(preset):
     model, proc = qw.load(preset)
     tok = proc.tokenizer
     new = list(fmt.LOC_TOKENS[:4]) + ["<|loc_0512|>"]
@@ -358,26 +358,7 @@ def test_new_token_init_and_warmup(preset):
     old[torch.as_tensor(ids[:1])] = False
     assert torch.allclose(W[ids[0]], W[old].mean(0), atol=1e-5)
 
-    # warm-up: only the new rows move
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    params, undo = qw.new_token_warmup(model, ids)
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["model.language_model.embed_tokens.weight"]
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
-    images, prefixes, suffixes = _synthetic_examples(1, qw.image_size(proc))
-    enc = qw.encode_train(proc, images, prefixes, suffixes, max_len=128)
-    inputs, labels = _batch(enc, np.arange(len(prefixes)))
-    for _ in range(2):
-        loss, _ = suffix_loss(model(**inputs, use_cache=False).logits, labels, torch.zeros(0, dtype=torch.long))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    undo()
-    assert all(p.requires_grad for p in model.parameters())
-    after = dict(model.named_parameters())
-    emb = "model.language_model.embed_tokens.weight"
-    changed = (after[emb].detach() != before[emb]).any(1).nonzero().flatten().tolist()
-    assert changed == sorted(ids)
-    assert all(torch.equal(after[n].detach(), before[n]) for n in before if n != emb)
+    # the warm-up of these rows: tests/unit/models/test_qwen_box_formats.py (through the recipe)
 
 
 # ---------------------------------------------------------------------------- a plain training loop
