@@ -103,6 +103,17 @@ class ModelConfig:
     train_projector: bool = False
     """Train the multi-modal projector (frozen by default with the vision tower)."""
     gradient_checkpointing: bool = False
+    task_head_queries: int = 0
+    """Seed 004's task attention head: this many learnable queries cross-attend over the vision
+    tower's patch embeddings before the projector (always trained; models/task_head.py). 0 = off.
+    PaliGemma only, and must equal the model's image tokens (224 px: 256, 448 px: 1024)."""
+
+    def __post_init__(self):
+        if self.task_head_queries < 0:
+            raise ValueError(f"model.task_head_queries must be >= 0 (0 = off), got {self.task_head_queries}")
+        if self.task_head_queries and self.family != "paligemma":
+            raise ValueError(f"model.task_head_queries needs model.family=paligemma (got {self.family!r}): "
+                             "Qwen2.5-VL images have a variable number of tokens each")
 
 
 @dataclass
