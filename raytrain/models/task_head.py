@@ -118,8 +118,8 @@ def _hf_model(model):
     """The transformers model under DDP / DeepSpeed (.module) and peft (.base_model.model) wrappers."""
     m = model
     while True:
-        if hasattr(m, "peft_config"):
-            m = m.base_model.model
+        if hasattr(m, "get_base_model"):  # peft.PeftModel (peft also sets peft_config on the HF model)
+            m = m.get_base_model()
         elif hasattr(m, "module") and isinstance(m.module, nn.Module):
             m = m.module
         else:
