@@ -9,7 +9,8 @@ decoding settings — and replaces what only makes it big or slow: the real chec
 offline tiny preset of the SAME family (`tiny:paligemma`, `tiny:qwen2_5_vl`), the dataset becomes
 a few dozen synthetic shapes images, steps/rows/workers shrink, dtypes become float32 (bfloat16
 matmuls are slow on most CPUs) and the learning rate becomes one that moves a random-init tiny
-model in a few steps (the seeds' 1e-6 .. 1e-4 would not).
+model in a few steps (the seeds' 1e-6 .. 1e-4 would not). A task head (model.task_head_queries)
+is kept with one query per image token of the tiny preset.
 
 A job whose task the synthetic set cannot render (checked against the pipeline at run time: today
 `segment`, the shapes carry no masks; caption and dense_caption they do carry) trains on the closest
