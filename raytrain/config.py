@@ -108,6 +108,10 @@ class ModelConfig:
     own) | normalized (0-1) | tokens (1024 added <|loc_DDDD|> tokens, rows initialised from the
     digit embeddings; LoRA trains their rows too) | pairs ((phrase, [x1, y1, x2, y2]) list).
     PaliGemma always writes its own <loc> tokens: only "absolute" (the default) is accepted."""
+    task_head_queries: int = 0
+    """Seed 004's task attention head: this many learnable queries cross-attend over the vision
+    tower's patch embeddings before the projector (always trained; models/task_head.py). 0 = off.
+    PaliGemma only, and must equal the model's image tokens (224 px: 256, 448 px: 1024)."""
 
     def __post_init__(self):
         from raytrain.models import BOX_FORMATS
@@ -117,6 +121,11 @@ class ModelConfig:
         if self.family == "paligemma" and self.box_format != "absolute":
             raise ValueError(f"model.box_format={self.box_format!r} applies to qwen2_5_vl; PaliGemma writes its own "
                              "<loc> tokens (leave model.box_format at 'absolute')")
+        if self.task_head_queries < 0:
+            raise ValueError(f"model.task_head_queries must be >= 0 (0 = off), got {self.task_head_queries}")
+        if self.task_head_queries and self.family != "paligemma":
+            raise ValueError(f"model.task_head_queries needs model.family=paligemma (got {self.family!r}): "
+                             "Qwen2.5-VL images have a variable number of tokens each")
 
     @property
     def spec(self) -> str:

@@ -36,6 +36,7 @@ def consolidate(checkpoint: str, out_dir: str, base_model_path: str | None = Non
 
     from raytrain import storage
     from raytrain.models import family as model_family
+    from raytrain.models import task_head
     from raytrain.training import checkpointing, zero_checkpoint
 
     local = checkpointing.local_copy(checkpoint, opts)
@@ -47,6 +48,7 @@ def consolidate(checkpoint: str, out_dir: str, base_model_path: str | None = Non
 
     sd = zero_checkpoint.fp32_state_dict(local)
     model, processor = fam.load(base, dtype="float32")
+    task_head.install_from_state_dict(model, sd, processor)  # trained with model.task_head_queries
     result = model.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise RuntimeError(f"checkpoint/base model mismatch: missing={result.missing_keys[:5]} unexpected={result.unexpected_keys[:5]}")
@@ -54,7 +56,7 @@ def consolidate(checkpoint: str, out_dir: str, base_model_path: str | None = Non
     model.to(getattr(torch, dtype or state["dtype"]))
 
     def write(d: Path) -> None:
-        model.save_pretrained(str(d), safe_serialization=True)
+        task_head.save_model(model, d)  # save_pretrained (+ task_head.safetensors)
         fam.save_inference_files(processor, d)
         info = {"source": checkpoint, "step": state["step"], "strategy": state["strategy"], "base_model": state["base_model"],
                 "dtype": dtype or state["dtype"]}

@@ -4,12 +4,13 @@
     python -m raytrain.launch.smoke --config jobs/paligemma/2-3b_qlora_pixmo_points.yaml --ray    # whole job
 
 `smoke(cfg)` keeps what makes the job the job — model family, strategy, quantization (QLoRA runs on
-CPU through bitsandbytes), LoRA settings, freeze policy, losses, optimizer, lr schedule kind,
+CPU through bitsandbytes), LoRA settings, freeze policy, task head (one query per tiny image token), losses, optimizer, lr schedule kind,
 decoding settings — and replaces what only makes it big or slow: the real checkpoint becomes the
 offline tiny preset of the SAME family (`tiny:paligemma`, `tiny:qwen2_5_vl`), the dataset becomes
 a few dozen synthetic shapes images, steps/rows/workers shrink, dtypes become float32 (bfloat16
 matmuls are slow on most CPUs) and the learning rate becomes one that moves a random-init tiny
-model in a few steps (the seeds' 1e-6 .. 1e-4 would not).
+model in a few steps (the seeds' 1e-6 .. 1e-4 would not). A task head (model.task_head_queries)
+is kept with one query per image token of the tiny preset.
 
 A job whose task the synthetic set cannot render (checked against the pipeline at run time: today
 `segment`, the shapes carry no masks; caption and dense_caption they do carry) trains on the closest
@@ -139,6 +140,10 @@ def smoke(cfg: Experiment, *, steps: int = STEPS, root: str | None = None, num_i
     # ---- model: the tiny preset of the same family, float32 on CPU; freeze policy unchanged
     # (unfreeze_vision_layers larger than the tiny tower's 2 layers unfreezes all of them)
     c.model = dataclasses.replace(c.model, name_or_path=TINY[fam], dtype="float32")
+    if c.model.task_head_queries:  # the head outputs one token per image token: the tiny preset's count
+        from raytrain.models import family as model_family
+
+        c.model.task_head_queries = model_family(fam).load_processor(TINY[fam]).image_seq_length
     if c.quant.bits:
         c.quant = dataclasses.replace(c.quant, compute_dtype="float32")
 

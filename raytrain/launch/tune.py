@@ -104,7 +104,7 @@ class SweepConfig:
 DOMAINS = ("loguniform", "uniform", "quniform", "randint", "choice")
 # Keys a trial cannot change: the data and the model are prepared once for the whole sweep,
 # and the storage layout is the sweep's.
-FIXED_PREFIXES = ("data.", "storage.", "ray.", "tune", "name", "model.family", "model.name_or_path")
+FIXED_PREFIXES = ("data.", "storage.", "ray.", "tune", "name", "model.family", "model.name_or_path", "model.box_format")
 
 
 def load_job(path: str | Path, overrides: list[str] | None = None) -> tuple[Experiment, SweepConfig]:
@@ -575,11 +575,11 @@ def main(cfg: Experiment, sweep: SweepConfig) -> str | None:
     base_path = launch_train.model_path(cfg)
     # trials read the prepared shards (validation subset included), never re-generate them
     base = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, uri=uri)).to_dict()
-    fam = family(cfg.model.family)
+    fam = family(cfg.model.spec)
     processor = fam.load_processor(base_path)
     train_ds = pipeline.train_dataset(
         uri, "train", tasks=cfg.data.tasks, model_path=base_path, image_hw=fam.image_size(processor),
-        family=cfg.model.family, max_len=cfg.data.max_seq_len, allow_convert=cfg.data.allow_convert,
+        family=cfg.model.spec, max_len=cfg.data.max_seq_len, allow_convert=cfg.data.allow_convert,
         opts=opts, counter=pipeline.drop_counter(),
     )
     if cfg.data.cache_preprocessed:

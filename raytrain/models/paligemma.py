@@ -41,7 +41,8 @@ def load_processor(name_or_path: str, cache_dir: str | None = None):
 
 
 def load(name_or_path: str, dtype: str = "float32", cache_dir: str | None = None, device: str | None = None, quant: dict | None = None):
-    """(model, processor) through `from_pretrained`, for hub ids and saved presets alike.
+    """(model, processor) through `from_pretrained`, for hub ids and saved presets alike; a
+    directory holding task_head.safetensors gets its task head back (models/task_head.py).
     `quant` ({"bits": 4|8, ...}, see config.QuantConfig) loads the weights through bitsandbytes."""
     import torch
     from transformers import PaliGemmaForConditionalGeneration
@@ -51,7 +52,12 @@ def load(name_or_path: str, dtype: str = "float32", cache_dir: str | None = None
     kwargs.update(_quant.from_pretrained_kwargs(quant, device))
     model = PaliGemmaForConditionalGeneration.from_pretrained(path, **kwargs)
     _quant.after_load(model, quant, device)
-    return model, load_processor(path)
+    processor = load_processor(path)
+    from raytrain.models import task_head
+
+    if (Path(path) / task_head.FILE).exists():  # a full checkpoint trained with the task head
+        task_head.load(model, path, install_missing=True, processor=processor)
+    return model, processor
 
 
 VISION_LAYERS = "model.vision_tower.encoder.layers."

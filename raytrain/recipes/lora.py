@@ -22,6 +22,7 @@ import torch
 
 from raytrain import config as config_mod
 from raytrain.models import family as model_family
+from raytrain.models import task_head
 from raytrain.models.losses import suffix_loss, token_weights
 from raytrain.training import checkpointing, new_tokens, optim
 
@@ -50,7 +51,8 @@ def build_model(cfg: config_mod.Experiment, model_path: str):
 
     full: the freeze policy decides which parts train. lora: the base is frozen (quantized by
     bitsandbytes when quant.bits is 4/8: QLoRA), LoRA adapters go on the language model's linear
-    layers, and the freeze policy can additionally unfreeze the last vision layers / projector."""
+    layers, and the freeze policy can additionally unfreeze the last vision layers / projector.
+    Either way model.task_head_queries > 0 adds the (trainable) task attention head."""
     fam = model_family(cfg.model.spec)
     quant = dataclasses.asdict(cfg.quant) if cfg.quant.bits else None
     if quant and cfg.train.strategy != "lora":
@@ -92,6 +94,8 @@ def build_model(cfg: config_mod.Experiment, model_path: str):
                 p.requires_grad_(True)  # ...so re-enable what the freeze policy asked for
     else:
         raise ValueError(f"recipes/lora.py runs strategy full | lora, not {cfg.train.strategy!r}")
+    # seed 004's task attention head, after the freeze policy and peft: it always trains
+    task_head.install(model, cfg.model.task_head_queries, processor=processor)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model, processor, n_train
 

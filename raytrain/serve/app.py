@@ -513,6 +513,7 @@ class GroundingModel:
         """Storage reads only (thread): the adapter exists, is LoRA, touches no base weights, and was
         trained for this family."""
         from raytrain import storage
+        from raytrain.models import task_head
         from raytrain.training import checkpointing
 
         uri = self._adapter_uri(adapter_id)
@@ -529,6 +530,9 @@ class GroundingModel:
             raise AdapterIncompatible(f"adapter {adapter_id!r} is {peft_type}; only LoRA adapters are served")
         if storage.exists(storage.join(uri, "adapter", checkpointing.EXTRA), self.opts):
             raise AdapterIncompatible(f"adapter {adapter_id!r} also trained base-model weights (vision layers / projector), "
+                                      "so it cannot share the base model; serve it alone via checkpointing.load_for_inference")
+        if storage.exists(storage.join(uri, "adapter", task_head.FILE), self.opts):
+            raise AdapterIncompatible(f"adapter {adapter_id!r} was trained with a task attention head (model.task_head_queries), "
                                       "so it cannot share the base model; serve it alone via checkpointing.load_for_inference")
         state_uri = storage.join(uri, checkpointing.STATE_JSON)
         state = storage.read_json(state_uri, self.opts) if storage.exists(state_uri, self.opts) else {}

@@ -4,6 +4,8 @@ local disk or S3 (`ray.train.report(..., checkpoint=Checkpoint.from_directory(d)
     <ckpt>/
       model/             full fine-tuning: `save_pretrained` output (safetensors) + processor files
       adapter/           LoRA/QLoRA: peft `save_pretrained` output (adapter weights + config)
+      */task_head.safetensors   with model.task_head_queries: the task attention head, in model/ or
+                         adapter/ (models/task_head.py; not duplicated into model.safetensors)
       trainer_state.pt   optimizer + scheduler + torch RNG  (tensors only: loads with weights_only=True)
       state.json         step, epoch, batch position in the epoch, strategy, base model, metrics
 
@@ -20,14 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raytrain.models import task_head
+
 STATE_JSON = "state.json"
 TRAINER_STATE = "trainer_state.pt"
 EXTRA = "extra_trainable.safetensors"
 
 
 def _extra_trainable(peft_model) -> dict:
-    # not lora_* nor peft's trainable token rows (added <|loc|> tokens): the adapter file holds those
-    return {n: p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n and "trainable_tokens_" not in n}
+    # not lora_* nor peft's trainable token rows (added <|loc|> tokens): the adapter file holds those;
+    # the task head has its own file (task_head.FILE): it must be installed before it is loaded
+    return {n: p for n, p in peft_model.named_parameters()
+            if p.requires_grad and "lora_" not in n and "trainable_tokens_" not in n and not task_head.owns(n)}
 
 
 def _load_extra(peft_model, adapter_dir: Path) -> None:
@@ -67,10 +73,11 @@ def save(ckpt_dir: str | Path, *, model, optimizer, scheduler, state: dict, save
             from safetensors.torch import save_file
 
             save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(d / "adapter" / EXTRA))
+        task_head.save(m, d / "adapter")
         if save_adapter_files is not None:
             save_adapter_files(d / "adapter")
     else:
-        m.save_pretrained(str(d / "model"), safe_serialization=True)
+        task_head.save_model(m, d / "model")  # save_pretrained (+ the head's own file)
         if save_processor is not None:
             save_processor(d / "model")
     torch.save(
@@ -107,6 +114,7 @@ def load_weights(ckpt_dir: str | Path, model) -> None:
         if unexpected:
             raise RuntimeError(f"adapter checkpoint has keys the model lacks: {unexpected[:5]}")
         _load_extra(m, d / "adapter")
+        task_head.load(m, d / "adapter", install_missing=False)
         return
     if not (d / "model").exists():
         raise FileNotFoundError(f"no model/ or adapter/ under {d}")
@@ -114,8 +122,10 @@ def load_weights(ckpt_dir: str | Path, model) -> None:
     # names (transformers 5 converts them on load), so the file keys need not match state_dict().
     ref = type(m).from_pretrained(str(d / "model"), dtype=next(m.parameters()).dtype)
     missing, unexpected = m.load_state_dict(ref.state_dict(), strict=False)
+    missing = [k for k in missing if not task_head.owns(k)]  # in its own file, loaded next
     if missing or unexpected:
         raise RuntimeError(f"checkpoint/model mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
+    task_head.load(m, d / "model", install_missing=False)
 
 
 def load_training_state(ckpt_dir: str | Path, *, model, optimizer, scheduler) -> dict:
@@ -149,9 +159,10 @@ def load_for_inference(ckpt_dir: str | Path, base_model_path: str, family_module
             check_tok(processor, d / "adapter")  # added <|loc|> tokens: same ids as in training
         peft_model = PeftModel.from_pretrained(base, str(d / "adapter"))
         _load_extra(peft_model, d / "adapter")
-        model = peft_model.merge_and_unload()
+        task_head.load(peft_model, d / "adapter", install_missing=True, processor=processor)
+        model = peft_model.merge_and_unload()  # the head stays on the base model
     else:
-        model, processor = family_module.load(str(d / "model"), dtype=dtype)
+        model, processor = family_module.load(str(d / "model"), dtype=dtype)  # re-installs a saved task head
     model.eval()
     return model, processor
 

@@ -96,6 +96,12 @@ def test_smoke_keeps_what_makes_the_job(tmp_path):
     assert qwen.quant.skip_modules == ["model.visual", "lm_head"]
 
 
+def test_smoke_keeps_the_task_head_at_the_tiny_token_count():
+    cfg = _load(REPO / "jobs/paligemma/2-3b_full_shoulder_fracture.yaml")
+    assert cfg.model.task_head_queries == 256  # seed 004's head, one query per SigLIP patch at 224 px
+    assert smoke_mod.smoke(cfg).model.task_head_queries == 16  # the tiny preset's image tokens
+
+
 def test_smoke_substitutes_tasks_the_synthetic_set_cannot_render():
     plan = smoke_mod.smoke_plan(["detect", "point"], "paligemma")
     assert plan.tasks == ["detect", "point"] and not plan.notes

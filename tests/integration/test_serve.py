@@ -59,6 +59,9 @@ def adapter_root(tiny_model_path, tmp_path_factory):
     # a checkpoint whose training also unfroze base weights: cannot share the base model
     shutil.copytree(root / "a", root / "withbase")
     (root / "withbase" / "adapter" / "extra_trainable.safetensors").write_bytes(b"")
+    # a checkpoint trained with the task attention head (model.task_head_queries): the same
+    shutil.copytree(root / "a", root / "withhead")
+    (root / "withhead" / "adapter" / "task_head.safetensors").write_bytes(b"")
     return root
 
 
@@ -230,6 +233,7 @@ MALFORMED = [
     ("adapter path traversal", {"adapter": "../a"}, 400),
     ("unknown adapter", {"adapter": "nope"}, 404),
     ("adapter that trained base weights", {"adapter": "withbase"}, 422),
+    ("adapter trained with a task head", {"adapter": "withhead"}, 422),
 ]
 
 
