@@ -21,9 +21,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from raytrain.data.preprocess import Geometry
 from raytrain.eval.metrics import boxes as box_metrics
 from raytrain.eval.metrics import pointing as point_metrics
-from raytrain.data.preprocess import Geometry
 from raytrain.eval.metrics import segmentation as seg_metrics
 from raytrain.formats.annotations import Box, Mask, Point, objects_from_json, objects_to_json
 

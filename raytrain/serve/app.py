@@ -35,10 +35,12 @@ POST /predict, JSON body::
 Coordinates are source-image pixels. An adapter's requests are preprocessed as its training data
 was (the checkpoint's state.json "preprocess" record, raytrain/data/preprocess.py: stretch or
 letterbox to the model input, optional edge blend; no record = stretch) and its answers are mapped
-back from that frame; base-model requests go to the processor as sent. `confidence` follows raytrain/eval/decoding.py: the geometric
-mean of the model's raw probabilities of the tokens that spell the object (locs, then label);
-null when the object cannot be placed in the tokens, or for families without log-probabilities
-(PaliGemma has them; Qwen2.5-VL answers null for now).
+back from that frame; base-model requests go to the processor as sent.
+
+`confidence` follows raytrain/eval/decoding.py: the geometric mean of the model's raw probabilities
+of the tokens that spell the object (locs, then label); null when the object cannot be placed in
+the tokens, or for families without log-probabilities (PaliGemma has them; Qwen2.5-VL answers null
+for now).
 
 Errors are `{"error": {"code", "message"}}`: 400 malformed (non-JSON, wrong types, unknown field or
 task, bad base64, not an image, bad adapter id), 404 unknown adapter / route, 405 wrong method,
