@@ -87,6 +87,30 @@ class DataConfig:
     """Materialize the tokenized train split in the object store once (small datasets); False streams
     and re-preprocesses every epoch."""
     prepare: PrepareOptions = field(default_factory=PrepareOptions)
+    # Image preprocessing (raytrain/data/preprocess.py): applied in the Ray Data stage, recorded in
+    # every checkpoint's state.json and applied from that record by `raytrain eval` and Serve.
+    resize: str = "stretch"
+    """stretch (scale to the model input, aspect not kept) | letterbox (fit inside it keeping the
+    aspect ratio, centred, padded with pad_color; targets are rendered in the padded frame)."""
+    pad_color: list[int] = field(default_factory=lambda: [0, 0, 0])
+    """Letterbox padding colour, R G B in 0..255."""
+    edge_blend: float = 0.0
+    """Weight of Canny edges blended over the image, 0..1: (1-w)*image + w*edges (seed 004: 0.3); 0 = off.
+    Needs scikit-image."""
+    edge_sigma: float = 1.0
+    """Gaussian smoothing (pixels of the model input) before Canny."""
+    edge_low: float = 0.1
+    """Canny hysteresis low threshold, a fraction of full-scale gradient (skimage.feature.canny on [0, 1] luma)."""
+    edge_high: float = 0.2
+    """Canny hysteresis high threshold (>= edge_low)."""
+
+    def __post_init__(self):
+        from raytrain.data import preprocess
+
+        try:
+            preprocess.from_data_config(self)
+        except ValueError as e:
+            raise ValueError(f"data: {e}") from None
 
 
 @dataclass

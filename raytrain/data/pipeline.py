@@ -5,8 +5,10 @@ All of it runs in CPU tasks; training workers only see ready tensors through
 in a small named actor (`DropCounter`), so a run reports what it skipped instead of losing it.
 
 Stages (each a plain function over one numpy batch, so they are testable without Ray):
-  decode_and_expand   validated image (resized to the model's input) + one example per
+  decode_and_expand   validated image (preprocessed to the model's input: stretch or letterbox,
+                      optional edge blend; raytrain/data/preprocess.py) + one example per
                       (task, label) with prefix/suffix text rendered from source-pixel objects
+                      in the frame of that input; `content_box` says where the source lies in it
   tokenize            the model processor's encoding, fixed length; too-long rows are counted
 """
 
@@ -21,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from raytrain import storage
+from raytrain.data import preprocess as preprocess_mod
 from raytrain.data import shards, validate
 from raytrain.formats.annotations import Box, Caption, Mask, Point, Region, objects_from_json, objects_to_json
 from raytrain.models import family as model_family
@@ -71,11 +74,21 @@ def _report(counter, split: str, counts: Counter) -> None:
 # stage 1: decode, validate, resize, expand into (task, label) examples
 
 
-def examples_for(objs: Sequence, tasks: Sequence[str], width: int, height: int, family: str = "paligemma", image_hw=None) -> list[dict]:
+def examples_for(objs: Sequence, tasks: Sequence[str], width: int, height: int, family: str = "paligemma", image_hw=None,
+                 geometry: preprocess_mod.Geometry | None = None) -> list[dict]:
     """One example per task and distinct label: the target is every object of that label and of
     the task's kind (points for 'point', boxes for 'detect'), rendered in the family's format.
+    `geometry` (source -> model input): targets are rendered in the frame the model sees (a
+    letterbox's padded input); None = the image fills the input. "targets" stay in source pixels.
     Raises ValueError for labels the format cannot carry (e.g. PaliGemma: empty, ';' or '<')."""
     fam = model_family(family)
+
+    def render(task, label, targets):
+        if geometry is None:
+            return fam.render_example(task, label, targets, width, height, image_hw)
+        framed, fw, fh = geometry.target_frame(targets)
+        return fam.render_example(task, label, framed, fw, fh, image_hw)
+
     out = []
     labels = sorted({o.label for o in objs if not isinstance(o, (Caption, Region))})
     for task in tasks:
@@ -83,14 +96,14 @@ def examples_for(objs: Sequence, tasks: Sequence[str], width: int, height: int, 
         if task in PER_IMAGE_TASKS:
             targets = [o for o in objs if isinstance(o, kind)]
             if targets:
-                prefix, suffix = fam.render_example(task, "", targets, width, height, image_hw)
+                prefix, suffix = render(task, "", targets)
                 out.append({"task": task, "query": "", "prefix": prefix, "suffix": suffix, "targets": objects_to_json(targets)})
             continue
         for label in labels:
             targets = [o for o in objs if o.label == label and isinstance(o, kind)]
             if not targets:
                 continue
-            prefix, suffix = fam.render_example(task, label, targets, width, height, image_hw)
+            prefix, suffix = render(task, label, targets)
             out.append({"task": task, "query": label, "prefix": prefix, "suffix": suffix, "targets": objects_to_json(targets)})
     return out
 
@@ -104,12 +117,15 @@ def decode_and_expand(
     family: str = "paligemma",
     allow_convert: bool = True,
     counter=None,
+    preprocess: preprocess_mod.Preprocess | dict | None = None,
 ) -> dict:
-    """Shard rows -> examples. Images are resized (stretched) to the model input size here, once,
-    on CPU; coordinates stay in source pixels (targets are rendered from normalised coordinates,
-    which a stretch does not change)."""
+    """Shard rows -> examples. Images are preprocessed to the model input size here, once, on CPU
+    (`preprocess`: a Preprocess, its record dict, or None = stretch without edges); "targets" stay
+    in source pixels, the target TEXT is rendered in the model input's frame, and "content_box"
+    (x0, y0, x1, y1) records where the source image lies in the input, for parsing back."""
+    prep = preprocess_mod.coerce(preprocess)
     counts: Counter = Counter()
-    cols: dict[str, list] = {k: [] for k in ("id", "task", "query", "prefix", "suffix", "targets", "width", "height", "image")}
+    cols: dict[str, list] = {k: [] for k in ("id", "task", "query", "prefix", "suffix", "targets", "width", "height", "image", "content_box")}
     n = len(batch["id"])
     counts["rows_read"] += n
     for i in range(n):
@@ -122,8 +138,9 @@ def decode_and_expand(
         if note:
             counts[f"converted:{note}"] += 1
         objs = objects_from_json(row["objects"]) if isinstance(row["objects"], str) else row["objects"]
+        geom = prep.geometry(checked["width"], checked["height"], image_hw)
         try:
-            exs = examples_for(objs, tasks, checked["width"], checked["height"], family, image_hw)
+            exs = examples_for(objs, tasks, checked["width"], checked["height"], family, image_hw, geom)
         except ValueError as e:
             if type(e).__name__ == "MaskCodecMissing":
                 raise  # a configuration error, not a bad row: every segment row would be dropped
@@ -132,19 +149,20 @@ def decode_and_expand(
         if not exs:
             counts["dropped:no_target_for_tasks"] += 1
             continue
-        img = checked["pil"].resize((image_hw[1], image_hw[0]), Image.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
+        arr = prep.apply(checked["pil"], geom)
         counts["rows_kept"] += 1
         for ex in exs:
             cols["id"].append(str(row["id"]))
             cols["width"].append(int(checked["width"]))
             cols["height"].append(int(checked["height"]))
             cols["image"].append(arr)
+            cols["content_box"].append(geom.content_box)
             for k in ("task", "query", "prefix", "suffix", "targets"):
                 cols[k].append(ex[k])
         counts["examples"] += len(exs)
     _report(counter, split, counts)
-    out = {k: np.array(v, dtype=object) for k, v in cols.items() if k != "image"}
+    out = {k: np.array(v, dtype=object) for k, v in cols.items() if k not in ("image", "content_box")}
+    out["content_box"] = np.array(cols["content_box"], dtype=np.int32).reshape(-1, 4)
     out["width"] = np.array(cols["width"], dtype=np.int32)
     out["height"] = np.array(cols["height"], dtype=np.int32)
     out["image"] = np.stack(cols["image"]) if cols["image"] else np.zeros((0, image_hw[0], image_hw[1], 3), np.uint8)
@@ -193,21 +211,24 @@ def read_split(uri: str, split: str, opts: storage.StorageOptions | None = None)
     return ray.data.read_parquet(paths, filesystem=fs, columns=["id", "image", "width", "height", "objects"], override_num_blocks=blocks)
 
 
-def examples_dataset(uri: str, split: str, *, tasks, image_hw, family="paligemma", allow_convert=True, opts=None, counter=None, batch_size=64):
-    """Validated, resized, expanded examples of one split (no tokens): the eval input."""
+def examples_dataset(uri: str, split: str, *, tasks, image_hw, family="paligemma", allow_convert=True, opts=None, counter=None, batch_size=64,
+                     preprocess=None):
+    """Validated, preprocessed, expanded examples of one split (no tokens): the eval input."""
     ds = read_split(uri, split, opts)
     return ds.map_batches(
         decode_and_expand,
         batch_size=batch_size,
         batch_format="numpy",
         fn_kwargs={"split": split, "tasks": list(tasks), "image_hw": tuple(image_hw), "family": family,
-                   "allow_convert": allow_convert, "counter": counter},
+                   "allow_convert": allow_convert, "counter": counter, "preprocess": preprocess_mod.coerce(preprocess).to_dict()},
     )
 
 
-def train_dataset(uri: str, split: str, *, tasks, model_path: str, image_hw, max_len: int, family="paligemma", allow_convert=True, opts=None, counter=None, batch_size=64):
+def train_dataset(uri: str, split: str, *, tasks, model_path: str, image_hw, max_len: int, family="paligemma", allow_convert=True, opts=None, counter=None, batch_size=64,
+                  preprocess=None):
     """Tokenized training examples of one split."""
-    ds = examples_dataset(uri, split, tasks=tasks, image_hw=image_hw, family=family, allow_convert=allow_convert, opts=opts, counter=counter, batch_size=batch_size)
+    ds = examples_dataset(uri, split, tasks=tasks, image_hw=image_hw, family=family, allow_convert=allow_convert, opts=opts, counter=counter, batch_size=batch_size,
+                          preprocess=preprocess)
     return ds.map_batches(
         tokenize,
         batch_size=batch_size,

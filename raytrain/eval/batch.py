@@ -5,6 +5,10 @@ comparable.
 
 Per-example output rows: id, task, query, text, objects (parsed, JSON), errors (parse reasons,
 JSON), score (per-sample metrics, JSON).
+
+Frames: examples carry `content_box` (where the source image lies in the model input, from
+`pipeline.decode_and_expand` and the preprocessing recorded with the checkpoint); text is parsed in
+the model input's frame and mapped back to source pixels before scoring (`_geometry`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from raytrain.data.preprocess import Geometry
 from raytrain.eval.metrics import boxes as box_metrics
 from raytrain.eval.metrics import pointing as point_metrics
 from raytrain.eval.metrics import segmentation as seg_metrics
@@ -53,12 +58,21 @@ def score_example(task: str, pred: Sequence | None, targets_json: str, width: in
     raise ValueError(f"no metrics for task {task!r}")
 
 
+def _geometry(batch: dict, i: int, image_hw):
+    """Example i's source -> model-input map; batches without `content_box` were stretched."""
+    w, h = int(batch["width"][i]), int(batch["height"][i])
+    box = batch["content_box"][i] if "content_box" in batch else (0, 0, int(image_hw[1]), int(image_hw[0]))
+    return Geometry.from_content_box(w, h, image_hw, box)
+
+
 def _rows_from_predictions(batch: dict, texts: list[str], fam, image_hw, confidences: list | None = None) -> dict:
     out = {"id": [], "task": [], "query": [], "text": [], "objects": [], "errors": [], "score": []}
     for i, text in enumerate(texts):
         task = str(batch["task"][i])
         w, h = int(batch["width"][i]), int(batch["height"][i])
-        res = fam.parse_output(text, task, w, h, image_hw)
+        geom = _geometry(batch, i, image_hw)
+        res = fam.parse_output(text, task, *geom.parse_size, image_hw)
+        res.objects = geom.from_frame(res.objects)  # source pixels (clipped) for scoring and output
         if confidences is not None and len(confidences[i]) == len(res.objects):
             # scores ride along in the objects JSON (COCO results, NMS, calibration use them)
             res.objects = [_Scored(o, c) for o, c in zip(res.objects, confidences[i])]
@@ -166,6 +180,7 @@ def centre_baseline(batch: dict, *, mean_box_wh: tuple[float, float] | None, fam
     image_hw = tuple(batch["image"].shape[1:3])
     texts = []
     for i in range(len(batch["id"])):
+        geom = _geometry(batch, i, image_hw)
         w, h = int(batch["width"][i]), int(batch["height"][i])
         label = str(batch["query"][i])
         task = str(batch["task"][i])
@@ -178,7 +193,7 @@ def centre_baseline(batch: dict, *, mean_box_wh: tuple[float, float] | None, fam
         else:  # no blind baseline for captions / regions / masks: an empty answer (scored as invalid)
             texts.append("")
             continue
-        texts.append(fam.render_example(task, label, [obj], w, h, image_hw)[1])
+        texts.append(fam.render_example(task, label, *geom.target_frame([obj]), image_hw)[1])  # as the model would answer
     return _rows_from_predictions(batch, texts, fam, image_hw)
 
 

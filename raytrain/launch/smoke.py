@@ -228,25 +228,28 @@ def missing_support(cfg: Experiment) -> str | None:
 
 def synthetic_batches(cfg: Experiment, model_path: str, n_batches: int, seed: int = 11) -> list[dict]:
     """`n_batches` tokenized micro-batches of synthetic examples for `cfg.data.tasks`, encoded
-    exactly as the Ray Data pipeline does (images stretched to the model input, family encode_train)."""
+    exactly as the Ray Data pipeline does (images preprocessed to the model input as data.resize /
+    data.edge_* say, targets in that frame, family encode_train)."""
     import numpy as np
     import torch
     from PIL import Image
 
-    from raytrain.data import pipeline, synthetic
+    from raytrain.data import pipeline, preprocess, synthetic
     from raytrain.models import family
 
     fam = family(cfg.model.spec)
     proc = fam.load_processor(model_path)
     hw = fam.image_size(proc)
+    prep = preprocess.from_data_config(cfg.data)
     micro = cfg.train.micro_batch_size
     rows: list[tuple] = []
     i = 0
     while len(rows) < n_batches * micro:
         ex = synthetic.make_example(i, seed=seed, image_size=cfg.data.image_size)
         i += 1
-        image = Image.open(io.BytesIO(ex["image"])).convert("RGB").resize((hw[1], hw[0]), Image.BILINEAR)
-        for e in pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], cfg.model.spec, hw):
+        geom = prep.geometry(ex["width"], ex["height"], hw)
+        image = Image.fromarray(prep.apply(Image.open(io.BytesIO(ex["image"])), geom))
+        for e in pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], cfg.model.spec, hw, geom):
             rows.append((image, e["prefix"], e["suffix"]))
     rows = rows[: n_batches * micro]
     out = []
@@ -322,15 +325,18 @@ def _generate(cfg: Experiment, ckpt: Path, model_path: str, fam, checkpointing) 
     checkpoint reloads for inference and that the decoding settings are valid generate() kwargs."""
     from PIL import Image
 
-    from raytrain.data import pipeline, synthetic
+    from raytrain.data import pipeline, preprocess, synthetic
 
     model, proc = checkpointing.load_for_inference(ckpt, model_path, fam)
     hw = fam.image_size(proc)
+    # as `raytrain eval` does: the checkpoint's recorded preprocessing
+    prep = preprocess.resolve_recorded(checkpointing.recorded_preprocess(ckpt), preprocess.from_data_config(cfg.data), str(ckpt))
     images, prefixes = [], []
     for i in range(2):
         ex = synthetic.make_example(10_000 + i, seed=11, image_size=cfg.data.image_size)
-        e = pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], cfg.model.spec, hw)[0]
-        images.append(Image.open(io.BytesIO(ex["image"])).convert("RGB").resize((hw[1], hw[0]), Image.BILINEAR))
+        geom = prep.geometry(ex["width"], ex["height"], hw)
+        e = pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], cfg.model.spec, hw, geom)[0]
+        images.append(Image.fromarray(prep.apply(Image.open(io.BytesIO(ex["image"])), geom)))
         prefixes.append(e["prefix"])
     return fam.generate(model, proc, images, prefixes, max_new_tokens=cfg.eval.max_new_tokens, **dict(cfg.eval.decoding))
 

@@ -130,7 +130,7 @@ def fit(cfg: Experiment, uri: str, base_path: str, counter):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raytrain.data import pipeline
+    from raytrain.data import pipeline, preprocess
     from raytrain.models import family
     from raytrain.recipes import lora, zero
     from raytrain.training.metrics import HistoryCallback
@@ -148,6 +148,7 @@ def fit(cfg: Experiment, uri: str, base_path: str, counter):
         allow_convert=cfg.data.allow_convert,
         opts=storage_opts(cfg),
         counter=counter,
+        preprocess=preprocess.from_data_config(cfg.data),
     )
     if cfg.data.cache_preprocessed:
         train_ds = train_ds.materialize()  # tokenized once; every epoch re-reads the object store
@@ -196,12 +197,19 @@ def checkpoint_uri(result) -> str:
 
 def evaluate(cfg: Experiment, uri: str, base_path: str, ckpt_uri: str | None, counter) -> tuple[dict, list[dict]]:
     """Metrics for trained / untrained / centre_baseline on the eval split; plus trained rows."""
-    from raytrain.data import pipeline
+    from raytrain.data import pipeline, preprocess
     from raytrain.eval import batch as eval_batch
     from raytrain.models import family
 
     fam = family(cfg.model.spec)
     processor = fam.load_processor(base_path)
+    # the checkpoint's recorded preprocessing wins over the config (a mismatch is logged)
+    prep = preprocess.from_data_config(cfg.data)
+    if ckpt_uri:
+        from raytrain.training import checkpointing
+
+        prep = preprocess.resolve_recorded(checkpointing.recorded_preprocess(ckpt_uri, storage_opts(cfg)), prep, ckpt_uri)
+    print(f"eval preprocessing: {prep.to_dict()}", flush=True)
     examples = pipeline.examples_dataset(
         uri,
         cfg.eval.split,
@@ -211,6 +219,7 @@ def evaluate(cfg: Experiment, uri: str, base_path: str, ckpt_uri: str | None, co
         allow_convert=cfg.data.allow_convert,
         opts=storage_opts(cfg),
         counter=counter,
+        preprocess=prep,
     ).materialize()
     common = dict(
         family=cfg.model.spec,

@@ -558,7 +558,7 @@ def main(cfg: Experiment, sweep: SweepConfig) -> str | None:
     sweep was interrupted (Ctrl-C): rerun the same command to finish it."""
     from ray import tune
 
-    from raytrain.data import pipeline
+    from raytrain.data import pipeline, preprocess
     from raytrain.launch import train as launch_train
     from raytrain.models import family
 
@@ -580,7 +580,7 @@ def main(cfg: Experiment, sweep: SweepConfig) -> str | None:
     train_ds = pipeline.train_dataset(
         uri, "train", tasks=cfg.data.tasks, model_path=base_path, image_hw=fam.image_size(processor),
         family=cfg.model.spec, max_len=cfg.data.max_seq_len, allow_convert=cfg.data.allow_convert,
-        opts=opts, counter=pipeline.drop_counter(),
+        opts=opts, counter=pipeline.drop_counter(), preprocess=preprocess.from_data_config(cfg.data),
     )
     if cfg.data.cache_preprocessed:
         train_ds = train_ds.materialize()  # tokenized once for the whole sweep

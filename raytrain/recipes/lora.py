@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 import torch
 
 from raytrain import config as config_mod
+from raytrain.data import preprocess
 from raytrain.models import family as model_family
 from raytrain.models import task_head
 from raytrain.models.losses import suffix_loss, token_weights
@@ -147,6 +148,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
                 "strategy": cfg.train.strategy,
                 "base_model": cfg.model.name_or_path,
                 "family": cfg.model.spec,
+                "preprocess": preprocess.from_data_config(cfg.data).to_dict(),  # eval/serve apply it as trained
                 "metrics": metrics,
             }
             checkpointing.save(d, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
@@ -323,6 +325,7 @@ def train_fn_per_worker(config: dict) -> None:
         proc = fam.load_processor(config["model_path"])
         return validation.load_examples(config["data_uri"], cfg.train.val_split, cfg.train.val_examples, tasks=cfg.data.tasks,
                                         image_hw=fam.image_size(proc), family=cfg.model.spec, allow_convert=cfg.data.allow_convert,
+                                        preprocess=preprocess.from_data_config(cfg.data),
                                         opts=storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region))
 
     def broadcast_flag(flag: bool) -> bool:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from raytrain import config as config_mod
+from raytrain.data import preprocess
 from raytrain.models import family as model_family
 from raytrain.models.losses import suffix_loss
 from raytrain.recipes.lora import Session, build_model
@@ -239,6 +240,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
                 "tag": tag,
                 "base_model": cfg.model.name_or_path,
                 "family": cfg.model.spec,
+                "preprocess": preprocess.from_data_config(cfg.data).to_dict(),  # eval/serve apply it as trained
                 "metrics": metrics,
             }
         # Every rank writes its own shard files and reports its own directory; Ray Train merges them.

@@ -32,10 +32,15 @@ POST /predict, JSON body::
          "text": raw model text, "errors": [{"reason", "text"}] (parse rejections),
          "confidence": [float | null per object], "adapter": id | null, "task", "image_size": [w, h]}
 
-Coordinates are source-image pixels. `confidence` follows raytrain/eval/decoding.py: the geometric
-mean of the model's raw probabilities of the tokens that spell the object (locs, then label);
-null when the object cannot be placed in the tokens, or for families without log-probabilities
-(PaliGemma has them; Qwen2.5-VL answers null for now).
+Coordinates are source-image pixels. An adapter's requests are preprocessed as its training data
+was (the checkpoint's state.json "preprocess" record, raytrain/data/preprocess.py: stretch or
+letterbox to the model input, optional edge blend; no record = stretch) and its answers are mapped
+back from that frame; base-model requests go to the processor as sent.
+
+`confidence` follows raytrain/eval/decoding.py: the geometric mean of the model's raw probabilities
+of the tokens that spell the object (locs, then label); null when the object cannot be placed in
+the tokens, or for families without log-probabilities (PaliGemma has them; Qwen2.5-VL answers null
+for now).
 
 Errors are `{"error": {"code", "message"}}`: 400 malformed (non-JSON, wrong types, unknown field or
 task, bad base64, not an image, bad adapter id), 404 unknown adapter / route, 405 wrong method,
@@ -392,12 +397,18 @@ def decode(family: str, fam, model, processor, images: list, prefixes: list[str]
     return [(t, None, None) for t in fam.generate(model, processor, images, prefixes, max_new_tokens=max_new_tokens)]
 
 
-def answer(family: str, fam, tokenizer, task: str, width: int, height: int, text: str, token_ids, logprobs) -> dict:
+def answer(family: str, fam, tokenizer, task: str, width: int, height: int, text: str, token_ids, logprobs, geometry=None) -> dict:
     """The response body for one decoded example: objects parsed back to source pixels, parse
-    rejections, and one confidence per object (None when not available)."""
+    rejections, and one confidence per object (None when not available). `geometry` (a
+    preprocess.Geometry): the model saw the preprocessed image, so parse in its frame and map back;
+    None: the model saw the width x height image itself."""
     from raytrain.formats.annotations import objects_to_json
 
-    res = fam.parse_output(text, task, width, height, (height, width))
+    if geometry is None:
+        res = fam.parse_output(text, task, width, height, (height, width))
+    else:
+        res = fam.parse_output(text, task, *geometry.parse_size, (geometry.out_h, geometry.out_w))
+        res.objects = geometry.from_frame(res.objects)
     conf: list = [None] * len(res.objects)
     if family == "paligemma" and token_ids is not None and res.objects:
         from raytrain.eval import decoding
@@ -459,6 +470,8 @@ class GroundingModel:
         device = self.cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.base, self.processor = self.fam.load(self.cfg.model, dtype=self.cfg.dtype, device=device)
         self.base.eval()
+        self.image_hw = self.fam.image_size(self.processor)  # the model input adapters were trained on
+        self._prep: dict = {}  # adapter id -> preprocess.Preprocess recorded with its checkpoint
         self.peft = None  # PeftModel wrapping self.base once the first adapter is loaded
         self._dormant: str | None = None  # evicted adapter kept because peft needs >= 1 adapter
         self._model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -540,6 +553,12 @@ class GroundingModel:
             raise AdapterIncompatible(f"adapter {adapter_id!r} was trained for family {state['family']}, serving {self.cfg.family}")
         if state.get("base_model") and state["base_model"] != self.cfg.model:
             log.warning("adapter %s was trained on %s, served on %s", adapter_id, state["base_model"], self.cfg.model)
+        from raytrain.data.preprocess import Preprocess
+
+        try:  # requests are preprocessed as the adapter's training images were (no record: stretch)
+            self._prep[adapter_id] = Preprocess.from_dict(state.get("preprocess"))
+        except ValueError as e:
+            raise AdapterIncompatible(f"adapter {adapter_id!r}: unusable preprocessing record ({e})") from None
         return uri
 
     async def _load_adapter(self, adapter_id: str) -> _AdapterSlot:
@@ -637,6 +656,12 @@ class GroundingModel:
         if req["adapter"]:
             await self._check_known(req["adapter"])  # AdapterNotFound before the LRU evicts anything
             await self._get_adapter(req["adapter"])  # loads on a miss (LRU); AdapterIncompatible
+            prep = self._prep[req["adapter"]]
+            req["geometry"] = prep.geometry(w, h, self.image_hw)
+            if w * h <= 512 * 512 and not prep.edge_blend:  # a small resize costs less than a thread hop
+                req["model_image"] = prep.apply(req["image"], req["geometry"])
+            else:
+                req["model_image"] = await asyncio.to_thread(prep.apply, req["image"], req["geometry"])
         self.counters["requests"] += 1
         return await self._predict_batch(req)
 
@@ -677,13 +702,13 @@ class GroundingModel:
         else:
             model, ctx = self.base, contextlib.nullcontext()
         with ctx:
-            outs = decode(self.cfg.family, self.fam, model, self.processor, [Image.fromarray(r["image"]) for r in reqs],
+            outs = decode(self.cfg.family, self.fam, model, self.processor, [Image.fromarray(r.get("model_image", r["image"])) for r in reqs],
                           [r["prefix"] for r in reqs], max_new_tokens)
         self.batch_sizes[len(reqs)] += 1
         results = []
         for r, (text, ids, logprobs) in zip(reqs, outs):
             h, w = r["image"].shape[:2]
-            out = answer(self.cfg.family, self.fam, self.processor.tokenizer, r["task"], w, h, text, ids, logprobs)
+            out = answer(self.cfg.family, self.fam, self.processor.tokenizer, r["task"], w, h, text, ids, logprobs, r.get("geometry"))
             out.update(adapter=adapter, task=r["task"], image_size=[w, h])
             if r["debug"]:
                 out["debug"] = {"replica": self.replica, "pid": os.getpid(), "batch_size": len(reqs)}

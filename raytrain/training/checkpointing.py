@@ -7,7 +7,9 @@ local disk or S3 (`ray.train.report(..., checkpoint=Checkpoint.from_directory(d)
       */task_head.safetensors   with model.task_head_queries: the task attention head, in model/ or
                          adapter/ (models/task_head.py; not duplicated into model.safetensors)
       trainer_state.pt   optimizer + scheduler + torch RNG  (tensors only: loads with weights_only=True)
-      state.json         step, epoch, batch position in the epoch, strategy, base model, metrics
+      state.json         step, epoch, batch position in the epoch, strategy, base model, metrics,
+                         "preprocess": the image preprocessing trained with (raytrain/data/preprocess.py;
+                         `recorded_preprocess` reads it, eval and Serve apply it)
 
 Weights are safetensors; the torch file loads with `weights_only=True`. No credentials are ever
 written here (storage options hold endpoints only; keys come from the environment).
@@ -97,6 +99,17 @@ def save(ckpt_dir: str | Path, *, model, optimizer, scheduler, state: dict, save
 
 def read_state(ckpt_dir: str | Path) -> dict:
     return json.loads((Path(ckpt_dir) / STATE_JSON).read_text())
+
+
+def recorded_preprocess(checkpoint_uri: str, opts=None) -> dict | None:
+    """The image preprocessing record of a checkpoint (local dir or s3://): state.json's
+    "preprocess", or None when the checkpoint has no state.json or predates the record."""
+    from raytrain import storage
+
+    uri = storage.join(str(checkpoint_uri), STATE_JSON)
+    if not storage.exists(uri, opts):
+        return None
+    return storage.read_json(uri, opts).get("preprocess")
 
 
 def load_weights(ckpt_dir: str | Path, model) -> None:

@@ -27,7 +27,8 @@ from raytrain.eval import batch as eval_batch
 # Worst value of each objective, used when the subset leaves the metric undefined.
 WORST_NORM_DISTANCE = 1.0  # a normalised distance of one image diagonal: the farthest in-image miss
 
-Examples = dict  # columnar batch: {"id", "task", "query", "prefix", "targets", "width", "height": (N,), "image": (N, H, W, 3) uint8}
+Examples = dict  # columnar batch: {"id", "task", "query", "prefix", "targets", "width", "height": (N,), "image": (N, H, W, 3) uint8,
+#                    "content_box": (N, 4) int32, where the source lies in the image}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,9 +45,11 @@ def load_examples(
     family: str = "paligemma",
     allow_convert: bool = True,
     opts: storage.StorageOptions | None = None,
+    preprocess=None,
 ) -> Examples:
     """The first `limit` examples of `split` (shard order, then row order: the same subset on every
-    call, every rank and every trial), validated, resized to `image_hw` and expanded into
+    call, every rank and every trial), validated, preprocessed to `image_hw` (`preprocess`: the
+    run's data.resize / data.edge_* as a Preprocess or record; None = stretch) and expanded into
     (task, label) examples exactly as the training/eval pipeline does, without Ray Data (it runs
     inside a training worker). Reads shard by shard and stops once it has `limit` examples."""
     import pyarrow.parquet as pq
@@ -64,7 +67,7 @@ def load_examples(
         for start in range(0, table.num_rows, 64):
             rows = table.slice(start, 64).to_pydict()
             out = pipeline.decode_and_expand(rows, split=split, tasks=list(tasks), image_hw=tuple(image_hw),
-                                             family=family, allow_convert=allow_convert)
+                                             family=family, allow_convert=allow_convert, preprocess=preprocess)
             if len(out["id"]):
                 parts.append(out)
                 have += len(out["id"])

@@ -1,5 +1,7 @@
 """`raytrain eval` covers every example of the split with a pool of >= 2 predictor actors, and its
-metrics equal a single-process reference run over the same checkpoint and data."""
+metrics equal a single-process reference run over the same checkpoint and data. The run trains with
+seed 004's edge blend and is evaluated with a config that has none: eval must apply the
+preprocessing recorded in the checkpoint, not the config's."""
 
 import io
 import json
@@ -11,6 +13,7 @@ from PIL import Image
 
 from raytrain import config as config_mod
 from raytrain.data import pipeline, shards
+from raytrain.data.preprocess import Preprocess
 from raytrain.eval import batch as eval_batch
 from raytrain.formats.annotations import objects_from_json
 from raytrain.launch import eval as launch_eval
@@ -21,18 +24,23 @@ from raytrain.training import checkpointing
 pytestmark = pytest.mark.integration
 
 
-def test_eval_full_split_matches_single_process_reference(tmp_path, ray_cluster, tiny_model_path):
+def test_eval_full_split_matches_single_process_reference(tmp_path, ray_cluster, tiny_model_path, capsys):
     overrides = [f"storage.root={tmp_path}", "name=evalrun", f"model.name_or_path={tiny_model_path}",
                  "data.num_images=240", "train.steps=60", "train.micro_batch_size=8", "train.checkpoint_every=60",
                  "train.log_every=20", "train.warmup_steps=5", "eval.baselines=false", "eval.cpus_per_actor=0.25"]
-    cfg = config_mod.load("jobs/tiny/shapes.yaml", overrides)
+    cfg = config_mod.load("jobs/tiny/shapes.yaml", overrides + ["data.edge_blend=0.3"])
     launch_train.main(cfg)
 
     cfg = config_mod.load("jobs/tiny/shapes.yaml", overrides + ["eval.num_actors=2", "eval.batch_size=4"])
+    assert cfg.data.edge_blend == 0.0  # the eval config disagrees with the training run
+    capsys.readouterr()
     out = Path(launch_eval.main(cfg))
     metrics = json.loads(out.read_text())
     ckpt = metrics["run"]["checkpoint"]
     assert ckpt == launch_eval.latest_checkpoint(cfg)
+    recorded = Preprocess.from_dict(checkpointing.recorded_preprocess(ckpt))
+    assert recorded == Preprocess(edge_blend=0.3)
+    assert f"eval preprocessing: {recorded.to_dict()}" in capsys.readouterr().out
     rows = [json.loads(line) for line in (out.parent / "predictions_test.jsonl").read_text().splitlines()]
 
     # every example of the split, scored by at least two actors
@@ -46,7 +54,8 @@ def test_eval_full_split_matches_single_process_reference(tmp_path, ray_cluster,
     model, proc = checkpointing.load_for_inference(ckpt, tiny_model_path, paligemma)
     ref_rows = []
     for rid, data, w, h, objs in zip(*(table[c].to_pylist() for c in ("id", "image", "width", "height", "objects"))):
-        img = Image.open(io.BytesIO(data)).convert("RGB").resize((64, 64), Image.BILINEAR)
+        src = Image.open(io.BytesIO(data)).convert("RGB")
+        img = Image.fromarray(recorded.apply(src, recorded.geometry(w, h, (64, 64))))  # 0.7 * image + 0.3 * edges
         for ex in pipeline.examples_for(objects_from_json(objs), ["point", "detect"], w, h):
             text = paligemma.generate(model, proc, [img], [ex["prefix"]], max_new_tokens=cfg.eval.max_new_tokens)[0]
             res = paligemma.parse_output(text, ex["task"], w, h)

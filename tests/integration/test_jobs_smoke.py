@@ -129,7 +129,12 @@ def test_job_trains_in_smoke_mode(path, tmp_path, preset_cache):
     # a checkpoint in the strategy's layout, at the last step
     assert res.checkpoints, "no checkpoint written"
     ckpt = res.checkpoints[-1]
-    assert json.loads((ckpt / "state.json").read_text())["step"] == cfg.train.steps
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == cfg.train.steps
+    # the image preprocessing the job trained with is recorded for eval and Serve to apply
+    from raytrain.data import preprocess
+
+    assert preprocess.Preprocess.from_dict(state["preprocess"]) == preprocess.from_data_config(job.data)
     layout = {"full": "model", "lora": "adapter"}.get(cfg.train.strategy)
     if layout:
         assert (ckpt / layout).is_dir(), sorted(p.name for p in ckpt.iterdir())
