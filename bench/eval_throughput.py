@@ -2,28 +2,29 @@
 """Samples/s of raytrain's batched evaluation (eval.batch.run_predictions: Ray Data actor pool,
 batch 64) vs sequential per-sample generate, on the same tiny model and the same examples.
 
-    python bench/eval_throughput.py          # ~3-6 min on 2 shared cores; bench/results/eval_throughput.json
+    python bench/eval_throughput.py          # ~5-8 min on 2 shared cores; bench/results/eval_throughput.json
 
 Both sides start from the same materialized examples (pipeline.examples_dataset of a held-out
-split, as launch.train.evaluate builds it) and do the same work per example: greedy generate
-(max_new_tokens 16), parse_output, score_example.
+split, as launch.train.evaluate builds it) and do the same work per example: generate
+(max_new_tokens 16; by default grammar-constrained with per-object confidences, as
+`eval.constrained: true` runs), parse_output, score_example.
 
-  ray         run_predictions(examples, batch_size=64, num_actors=2, cpus_per_actor=0.5): the
-              eval config's defaults (one torch thread per actor), each call starting its actors
-              and loading the model, as evaluate() does.
-  sequential  one process, one example at a time through models.paligemma.generate, 1 torch
-              thread (as each Predictor actor). (2 threads was tried: on 2 cores shared with other
-              jobs OpenMP's spinning made it 5-10x slower than 1 thread, so it is not the baseline.)
+  ray         run_predictions(examples, batch_size=64, num_actors=2, cpus_per_actor=0.5) over the
+              whole split (--examples, default 10,000): the eval config's defaults (one torch thread
+              per actor), each call starting its actors and loading the model, as evaluate() does.
+  sequential  one process, one example at a time (1 torch thread, as each Predictor actor), over
+              the split's first --sequential-examples (default 200): a per-sample rate, which does
+              not depend on how many examples follow. (2 threads was tried: on 2 cores shared with
+              other jobs OpenMP's spinning made it 5-10x slower than 1 thread.)
 
 Interleaved (sequential, ray) x --rounds; CPU-seconds of the whole process tree are kept too.
-Profile (once): the same examples through models.paligemma.generate in batches of 64 in this
-process (batching without Ray), and run_predictions on 2 examples (its fixed cost: actor
-start + model load + Ray Data planning), from which the split size where the pool reaches the
-target follows. Last line: ray / sequential.
+Profile (once): the same examples decoded in batches of 64 in this process (batching without
+Ray; unconstrained only), and run_predictions on 2 examples (its fixed cost: actor start + model
+load + Ray Data planning), from which the split size where the pool reaches the target follows.
+Last line: ray / sequential.
 
-Decoding modes: `--decoding unconstrained` (the only one today). Constrained decoding is being
-added to raytrain.eval.decoding; a mode is one entry of DECODING (how the sequential side decodes
-one example, and the extra run_predictions keywords), so `--decoding constrained` is one entry.
+Decoding modes (`--decoding`): `constrained` (default) and `unconstrained`; a mode is one entry of
+DECODING (how the sequential side decodes one example, and the run_predictions keywords).
 """
 
 from __future__ import annotations
@@ -46,16 +47,33 @@ MAX_NEW_TOKENS = 16
 # decoding modes: one entry each (sequential decode of one example, run_predictions keywords)
 
 
-def _generate_unconstrained(model, processor, image, prefix: str) -> str:
+def _generate_unconstrained(model, processor, image, row) -> str:
     from raytrain.models import paligemma
 
-    return paligemma.generate(model, processor, [image], [prefix], max_new_tokens=MAX_NEW_TOKENS)[0]
+    return paligemma.generate(model, processor, [image], [str(row["prefix"])], max_new_tokens=MAX_NEW_TOKENS)[0]
+
+
+def _generate_constrained(model, processor, image, row) -> str:
+    """One example through the same grammar-constrained decoder the Predictor uses (labels from the
+    query, PaliGemma loc grammar), with per-object confidences computed as the Predictor does."""
+    from raytrain.eval import decoding
+    from raytrain.formats.grammar import query_labels
+    from raytrain.models import paligemma
+
+    grammars = getattr(processor, "_bench_grammars", None)
+    if grammars is None:
+        grammars = processor._bench_grammars = decoding.PaliGemmaGrammars(processor)
+    kind = paligemma.KIND_OF_TASK[str(row["task"])]
+    (g,) = decoding.generate_detections(model, processor, [image], [str(row["prefix"])],
+                                        grammars=[grammars.for_labels(kind, query_labels(str(row["query"])), None)],
+                                        max_new_tokens=MAX_NEW_TOKENS)
+    decoding.object_confidences(g.logprobs, g.token_ids, processor.tokenizer, kind)
+    return g.text
 
 
 DECODING = {
     "unconstrained": {"sequential": _generate_unconstrained, "run_predictions_kwargs": {}},
-    # "constrained": {"sequential": <grammar-constrained generate of one example>,
-    #                 "run_predictions_kwargs": {<the flag run_predictions grows for it>}},
+    "constrained": {"sequential": _generate_constrained, "run_predictions_kwargs": {"constrained": True, "confidence": True}},
 }
 
 
@@ -80,7 +98,7 @@ def sequential(rows: list[dict], model_path: str, mode: str, threads: int) -> di
     texts, valid = [], 0
     t1 = time.perf_counter()
     for r in rows:
-        text = decode(model, processor, Image.fromarray(r["image"]), str(r["prefix"]))
+        text = decode(model, processor, Image.fromarray(r["image"]), r)
         w, h = int(r["width"]), int(r["height"])
         res = paligemma.parse_output(text, str(r["task"]), w, h, tuple(r["image"].shape[:2]))
         eval_batch.score_example(str(r["task"]), res.objects or None, r["targets"], w, h)
@@ -95,23 +113,29 @@ def sequential(rows: list[dict], model_path: str, mode: str, threads: int) -> di
 
 
 def batched(rows: list[dict], model_path: str, mode: str, batch_size: int) -> dict:
-    """The same examples through paligemma.generate in batches, in this process, 1 thread: what
-    batching alone gives, without Ray (greedy, left-padded prompts, as the Predictor does)."""
+    """The same examples decoded in batches in this process, 1 thread: what batching alone gives,
+    without Ray (left-padded prompts; constrained mode through the same grammar decoder)."""
     import torch
     from PIL import Image
 
+    from raytrain.eval import decoding
+    from raytrain.formats.grammar import query_labels
     from raytrain.models import paligemma
 
-    if mode != "unconstrained":
-        return {"skipped": f"no in-process batched path for {mode!r}"}
     torch.set_num_threads(1)
     model, processor = paligemma.load(model_path, dtype="float32")
     model.eval()
+    grammars = decoding.PaliGemmaGrammars(processor) if mode == "constrained" else None
     t0 = time.perf_counter()
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        paligemma.generate(model, processor, [Image.fromarray(r["image"]) for r in chunk], [str(r["prefix"]) for r in chunk],
-                           max_new_tokens=MAX_NEW_TOKENS)
+        images, prefixes = [Image.fromarray(r["image"]) for r in chunk], [str(r["prefix"]) for r in chunk]
+        if grammars is None:
+            paligemma.generate(model, processor, images, prefixes, max_new_tokens=MAX_NEW_TOKENS)
+        else:
+            kinds = [paligemma.KIND_OF_TASK[str(r["task"])] for r in chunk]
+            gs = [grammars.for_labels(k, query_labels(str(r["query"])), None) for k, r in zip(kinds, chunk)]
+            decoding.generate_detections(model, processor, images, prefixes, grammars=gs, max_new_tokens=MAX_NEW_TOKENS)
     wall = time.perf_counter() - t0
     return {"samples": len(rows), "batch_size": batch_size, "threads": 1, "wall_s": round(wall, 3),
             "samples_per_s": round(len(rows) / wall, 2), "note": "model load excluded; no parse/score"}
@@ -138,7 +162,10 @@ def pooled(examples, model_path: str, mode: str, *, batch_size: int, num_actors:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--examples", type=int, default=300, help="examples in the split (2 per image: point + detect)")
+    ap.add_argument("--examples", type=int, default=10000, help="examples in the split (2 per image: point + detect)")
+    ap.add_argument("--sequential-examples", type=int, default=200,
+                    help="the sequential side decodes the split's first N examples (its rate does not depend on the "
+                         "split size; decoding all of them one by one would take most of the time budget)")
     from raytrain.config import EvalConfig
 
     ev = EvalConfig()  # the shipped eval defaults: batch 64, 2 actors, 0.5 CPU each (1 torch thread)
@@ -146,11 +173,11 @@ def main() -> None:
     ap.add_argument("--num-actors", type=int, default=ev.num_actors)
     ap.add_argument("--cpus-per-actor", type=float, default=ev.cpus_per_actor)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--decoding", choices=sorted(DECODING), default="unconstrained")
+    ap.add_argument("--decoding", choices=sorted(DECODING), default="constrained")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one round (checks the script, not the numbers)")
     args = ap.parse_args()
     if args.smoke:
-        args.examples, args.rounds = 40, 1
+        args.examples, args.rounds, args.sequential_examples = 40, 1, 20
     t_start = time.perf_counter()
     result: dict = {"params": vars(args), "loadavg_start": C.loadavg(), "target": {"ratio_ray_over_sequential": TARGET}}
 
@@ -173,7 +200,7 @@ def main() -> None:
                 load0 = C.loadavg()
                 cpu0 = C.tree_cpu()
                 if side == "sequential":
-                    r = sequential(rows, model_path, args.decoding, threads)
+                    r = sequential(rows[:args.sequential_examples], model_path, args.decoding, threads)
                 else:
                     r = pooled(examples, model_path, args.decoding, batch_size=args.batch_size,
                                num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor)

@@ -41,10 +41,12 @@ def init_ray(cfg: Experiment):
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    # Evaluation pools: start every predictor before dispatching and give each one batch at a
-    # time; otherwise the first actor to load its model takes every queued batch of a small split.
+    # Evaluation pools: start every predictor before dispatching (otherwise the first actor to load
+    # its model takes every queued batch of a small split), then keep two batches queued per actor
+    # so it never waits for its next block (1 in flight: 90-102 samples/s on the eval bench's 2,000
+    # examples; 4 in flight: 119-137).
     ctx.wait_for_min_actors_s = 600
-    ctx.max_tasks_in_flight_per_actor = 1
+    ctx.max_tasks_in_flight_per_actor = 2
     # Ray 2.60's Parquet datasource V2 starts 32 footer-reader actors per read and bin-packs row
     # groups into 128 MiB read tasks, so a split of a few thousand images became ONE read task and
     # one preprocessing task (one busy core). The V1 reader splits by file/row group and honours
