@@ -91,6 +91,12 @@ def ray_cluster(s3_server):
             log_to_driver=False,
             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
         )
+    # The launcher's Ray Data settings (Parquet reader, eval-pool dispatch), so every test runs the
+    # pipeline as `raytrain train` does, whichever test happens to call the launcher first.
+    from raytrain import config as config_mod
+    from raytrain.launch import train as launch_train
+
+    launch_train.init_ray(config_mod.Experiment())
     yield ray
     ray.shutdown()
 

@@ -46,7 +46,7 @@ def _counter_cls():
 
     @ray.remote(num_cpus=0)
     class DropCounter:
-        """Counts rows per (split, stage/reason). Fire-and-forget `add` from data tasks."""
+        """Counts rows per (split, stage/reason); data tasks `add` (and wait) once per batch."""
 
         def __init__(self):
             self.counts: dict[str, Counter] = {}
@@ -66,8 +66,13 @@ def drop_counter():
 
 
 def _report(counter, split: str, counts: Counter) -> None:
+    """Add a batch's counts and wait for the actor to take them: calls from different processes
+    have no order, so a fire-and-forget `add` could land after the driver has already asked for
+    the totals (seen in the test suite: a split missing from the counts). One round trip per batch."""
     if counter is not None and counts:
-        counter.add.remote(split, dict(counts))
+        import ray
+
+        ray.get(counter.add.remote(split, dict(counts)))
 
 
 # ----------------------------------------------------------------------------------------------
