@@ -47,6 +47,36 @@ class Session:
 # model setup
 
 
+def batch_to_model(batch: dict, fam, device: torch.device, pixel_dtype: torch.dtype) -> tuple[dict, torch.Tensor]:
+    """A delivered batch -> (model keywords, labels), shared by every recipe: on the device, the
+    padding columns the whole batch shares trimmed (rows are right-padded to a fixed length, so
+    work follows the longest row), the family's layout applied (uint8 pixels normalised; Qwen:
+    flat patches + grid), pixels in the dtype the vision tower computes in."""
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"].to(device).long()
+    width = int(inputs["attention_mask"].sum(1).max())
+    for k in fam.SEQ_KEYS:
+        if k in inputs:
+            inputs[k] = inputs[k][:, :width].long()
+    inputs = fam.prepare_inputs(inputs)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(pixel_dtype)
+    return inputs, labels[:, :width]
+
+
+def training_loss(cfg: config_mod.Experiment, tokenizer, loc_ids: torch.Tensor, vocab_size: int):
+    """`loss(logits, labels) -> (loss, stats)` with every `loss.*` option of the config (distance-aware
+    <loc> targets, focal / class-weighted label tokens, GIoU on soft-argmax boxes): one definition for
+    all recipes, so no strategy silently trains a different objective."""
+    label_w = token_weights(tokenizer, cfg.loss.class_weights, vocab_size)
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor):
+        return suffix_loss(logits, labels, loc_ids, cfg.loss.loc_sigma, cfg.loss.loc_weight, focal_gamma=cfg.loss.focal_gamma,
+                           label_token_weights=label_w, box_iou_weight=cfg.loss.box_iou_weight)
+
+    return loss
+
+
 def build_model(cfg: config_mod.Experiment, model_path: str):
     """Model + processor for the configured strategy; returns (model, processor, trainable count).
 
@@ -121,7 +151,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     pixel_dtype = next(p.dtype for n, p in model.named_parameters() if "patch_embed" in n)
 
     optimizer = optim.build_optimizer(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, name=cfg.train.optimizer)
-    label_w = token_weights(processor.tokenizer, cfg.loss.class_weights, model.get_output_embeddings().weight.shape[0])
+    loss_fn = training_loss(cfg, processor.tokenizer, loc_ids, model.get_output_embeddings().weight.shape[0])
     scheduler = optim.build_scheduler(optimizer, warmup=cfg.train.warmup_steps, total=cfg.train.steps, kind=cfg.train.schedule)
 
     # ---- resume: weights, optimizer, scheduler, RNG and the data position ---------------------
@@ -188,18 +218,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
                 batch_in_epoch += 1
                 continue
             batch_in_epoch += 1
-            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            labels = batch["labels"].to(device).long()
-            # Trim padding columns shared by the whole batch: fixed-length rows, variable work.
-            # (Padding is on the right in training batches.)
-            width = int(inputs["attention_mask"].sum(1).max())
-            for k in fam.SEQ_KEYS:
-                if k in inputs:
-                    inputs[k] = inputs[k][:, :width].long()
-            labels = labels[:, :width]
-            inputs = fam.prepare_inputs(inputs)  # family-specific layout (Qwen: flat patches + grid)
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(pixel_dtype)
+            inputs, labels = batch_to_model(batch, fam, device, pixel_dtype)
 
             micro_in_step += 1
             sync = micro_in_step == accum
@@ -208,9 +227,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
             ctx_sync = no_sync() if (no_sync is not None and not sync) else _null()
             with ctx_sync:
                 out = model(**inputs, use_cache=False)
-                loss, stats = suffix_loss(out.logits, labels, loc_ids, cfg.loss.loc_sigma, cfg.loss.loc_weight,
-                                          focal_gamma=cfg.loss.focal_gamma, label_token_weights=label_w,
-                                          box_iou_weight=cfg.loss.box_iou_weight)
+                loss, stats = loss_fn(out.logits, labels)
                 del out  # free logits before backward: they dominate activation memory
                 (loss / accum).backward()  # each backward sums grads => normalise by accumulation here
             window_loss += float(loss.detach())

@@ -36,8 +36,7 @@ import torch
 from raytrain import config as config_mod
 from raytrain.data import preprocess
 from raytrain.models import family as model_family
-from raytrain.models.losses import suffix_loss
-from raytrain.recipes.lora import Session, build_model
+from raytrain.recipes.lora import Session, batch_to_model, build_model, training_loss
 from raytrain.training import optim, zero_checkpoint
 
 log = logging.getLogger("raytrain.recipes.zero")
@@ -196,6 +195,10 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     loc_ids = torch.as_tensor(fam.loc_token_ids(processor.tokenizer), device=device)
     # images enter in the compute dtype (the engine runs the whole module in bf16 when asked)
     pixel_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    # the same objective as the other recipes (every loss.* option); the head's rows are partitioned
+    # under ZeRO-3, so its full size comes from DeepSpeed's ds_shape
+    head_w = model.get_output_embeddings().weight
+    loss_fn = training_loss(cfg, processor.tokenizer, loc_ids, int(getattr(head_w, "ds_shape", head_w.shape)[0]))
 
     optimizer = build_optimizer(model, cfg, zero)
     scheduler = optim.build_scheduler(optimizer, warmup=cfg.train.warmup_steps, total=cfg.train.steps, kind=cfg.train.schedule)
@@ -257,20 +260,9 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
                 batch_in_epoch += 1
                 continue
             batch_in_epoch += 1
-            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            labels = batch["labels"].to(device).long()
-            # Trim padding columns shared by the whole batch (padding is on the right).
-            width = int(inputs["attention_mask"].sum(1).max())
-            for k in fam.SEQ_KEYS:
-                if k in inputs:
-                    inputs[k] = inputs[k][:, :width].long()
-            labels = labels[:, :width]
-            inputs = fam.prepare_inputs(inputs)  # family-specific layout (Qwen: flat patches + grid)
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(pixel_dtype)
-
+            inputs, labels = batch_to_model(batch, fam, device, pixel_dtype)
             out = engine(**inputs, use_cache=False)
-            loss, stats = suffix_loss(out.logits, labels, loc_ids, cfg.loss.loc_sigma, cfg.loss.loc_weight)
+            loss, stats = loss_fn(out.logits, labels)
             del out  # free logits before backward: they dominate activation memory
             # The engine divides by grad_accum itself, reduces/partitions gradients, and only
             # steps optimizer + scheduler (with clipping) at the accumulation boundary.

@@ -368,5 +368,41 @@ def test_exact_resume_and_consolidation_equal_engine_weights(tmp_path, tiny_mode
         assert torch.equal(loaded[k], v), k
 
 
+
+def test_zero_recipe_trains_the_configured_objective(tmp_path, tiny_model_path, deepspeed_op):
+    """Every loss.* option reaches the ZeRO recipe: its first-step loss (same weights, same first
+    micro-batch, before any update) equals the DDP recipe's with the same options, and those options
+    change the loss (they are not silently dropped, as they were before the recipes shared one loss)."""
+    from raytrain import config as config_mod
+    from raytrain.recipes import lora
+
+    torch.set_num_threads(1)
+    torch.save(_batches(tiny_model_path), tmp_path / "data.pt")
+    data = torch.load(tmp_path / "data.pt", weights_only=True)
+    base = ["train.steps=1", "train.micro_batch_size=4", "train.warmup_steps=0", "train.log_every=1",
+            "train.checkpoint_every=100", "model.freeze_vision=false"]
+    objective = ["loss.focal_gamma=2.0", "loss.box_iou_weight=0.5", "loss.class_weights={red circle: 3.0, blue square: 0.5}"]
+
+    def ddp_first_loss(overrides):
+        cfg = config_mod.load(None, ["train.strategy=full", *base, *overrides])
+        rows = []
+        perm = torch.randperm(data["input_ids"].shape[0], generator=torch.Generator().manual_seed(1000))  # _worker_main's epoch-0 order
+
+        def epoch_batches(epoch, micro):
+            for i in range(0, len(perm) - micro + 1, micro):
+                yield {k: v[perm[i : i + micro]] for k, v in data.items()}
+
+        session = lora.Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=lambda m, d: rows.append(m),
+                               epoch_batches=epoch_batches)
+        lora.train(cfg, tiny_model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
+        return rows[0]["loss"]
+
+    plain, weighted = ddp_first_loss([]), ddp_first_loss(objective)
+    assert abs(weighted - plain) > 1e-3, (plain, weighted)  # the options matter on this batch
+    zero = _run_ranks(1, {"overrides": ["train.strategy=zero3", *base, *objective], "model_path": tiny_model_path,
+                          "data": str(tmp_path / "data.pt"), "store": str(tmp_path / "store"), "rows": str(tmp_path / "rows.json")})
+    assert abs(zero[1] - weighted) <= 1e-4, (zero[1], weighted, plain)
+
+
 if __name__ == "__main__":
     _worker_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]))
