@@ -61,18 +61,28 @@ def _counter_cls():
 
 
 def drop_counter():
-    """A counter actor owned by the driver; its handle travels to every data task of the run."""
-    return _counter_cls().remote()
+    """A counter actor owned by the driver and placed on the driver's node (a lost worker node must
+    not take the run's counts, or the data tasks reporting to it, down with it); its handle travels
+    to every data task of the run."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    return _counter_cls().options(scheduling_strategy=here).remote()
 
 
 def _report(counter, split: str, counts: Counter) -> None:
     """Add a batch's counts and wait for the actor to take them: calls from different processes
     have no order, so a fire-and-forget `add` could land after the driver has already asked for
-    the totals (seen in the test suite: a split missing from the counts). One round trip per batch."""
+    the totals (seen in the test suite: a split missing from the counts). One round trip per batch.
+    If the counter itself is gone, the batch still goes through and the lost counts are logged."""
     if counter is not None and counts:
         import ray
 
-        ray.get(counter.add.remote(split, dict(counts)))
+        try:
+            ray.get(counter.add.remote(split, dict(counts)), timeout=120)
+        except (ray.exceptions.RayError, TimeoutError) as e:  # bookkeeping never fails the data task
+            log.warning("drop counter unavailable (%s); counts of this batch not recorded: %s %s", type(e).__name__, split, dict(counts))
 
 
 # ----------------------------------------------------------------------------------------------
