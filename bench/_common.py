@@ -29,18 +29,9 @@ RESULTS = REPO / "bench" / "results"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-# Fake credentials for moto, in the standard variables the real code reads (same as tests/conftest.py).
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "NO_PROXY": "127.0.0.1,localhost",
-    "no_proxy": "127.0.0.1,localhost",
-}
-S3_ENV_UNSET = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+# Fake credentials for moto on loopback: the one definition tests/conftest.py uses too.
+from raytrain.storage import LOOPBACK_S3_ENV as S3_ENV  # noqa: E402
+from raytrain.storage import LOOPBACK_S3_ENV_UNSET as S3_ENV_UNSET  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,8 +22,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from raytrain.storage import LOOPBACK_S3_ENV
+
 HOST = "127.0.0.1"  # never bind anything else: the fake credentials are public
-FAKE_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+# the fake credentials tests and benchmarks use too (what a client must export to reach this server)
+FAKE_ENV = {k: LOOPBACK_S3_ENV[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
 
 
 def _files(data: Path) -> tuple[Path, Path, Path]:

@@ -26,6 +26,22 @@ from fsspec.implementations.local import LocalFileSystem
 
 S3_SCHEME = "s3://"
 
+# Environment for talking to an S3 server on loopback (moto in the tests, the benchmarks and
+# ops/local_s3.py): public fake credentials in the standard variables the real clients read, and
+# nothing that could reach AWS (no profile, no metadata endpoint, no proxy for loopback).
+LOOPBACK_S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "NO_PROXY": "127.0.0.1,localhost",
+    "no_proxy": "127.0.0.1,localhost",
+}
+# ... and unset: a developer's session token, profile or endpoint override would win over the above.
+LOOPBACK_S3_ENV_UNSET = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
 
 @dataclass
 class StorageOptions:

@@ -15,20 +15,8 @@ import pytest  # noqa: E402
 
 # ---------------------------------------------------------------------------- S3 on loopback
 
-_S3_ENV = {
-    # Fake credentials for moto, in the standard variables the real code reads.
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    # Never fall back to a developer's real ~/.aws profile or the EC2 metadata endpoint.
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    "AWS_EC2_METADATA_DISABLED": "true",
-    # A configured HTTP proxy must not see loopback traffic.
-    "NO_PROXY": "127.0.0.1,localhost",
-    "no_proxy": "127.0.0.1,localhost",
-}
-_S3_ENV_UNSET = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+from raytrain.storage import LOOPBACK_S3_ENV as _S3_ENV  # noqa: E402
+from raytrain.storage import LOOPBACK_S3_ENV_UNSET as _S3_ENV_UNSET  # noqa: E402
 
 
 @pytest.fixture(scope="session")
