@@ -10,12 +10,18 @@ Stages (each a plain function over one numpy batch, so they are testable without
                       (task, label) with prefix/suffix text rendered from source-pixel objects
                       in the frame of that input; `content_box` says where the source lies in it
   tokenize            the model processor's encoding, fixed length; too-long rows are counted
+
+For training both stages run as ONE generator over a whole read block (`prepare_block`), which
+Ray Data fuses with the Parquet read into a single task: no intermediate Arrow block of decoded
+images between the stages, one drop-count report per block, and few, longer tasks (Ray Data
+leaves a 0.1-0.3 s gap on a CPU slot between consecutive tasks). bench/data_pipeline.py measures it.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections import Counter
 from typing import Sequence
 
@@ -133,13 +139,16 @@ def decode_and_expand(
     allow_convert: bool = True,
     counter=None,
     preprocess: preprocess_mod.Preprocess | dict | None = None,
+    counts: Counter | None = None,
 ) -> dict:
     """Shard rows -> examples. Images are preprocessed to the model input size here, once, on CPU
     (`preprocess`: a Preprocess, its record dict, or None = stretch without edges); "targets" stay
     in source pixels, the target TEXT is rendered in the model input's frame, and "content_box"
-    (x0, y0, x1, y1) records where the source image lies in the input, for parsing back."""
+    (x0, y0, x1, y1) records where the source image lies in the input, for parsing back.
+    `counts` (optional): add the drop counts there and leave reporting to the caller."""
     prep = preprocess_mod.coerce(preprocess)
-    counts: Counter = Counter()
+    report = counts is None
+    counts = Counter() if counts is None else counts
     cols: dict[str, list] = {k: [] for k in ("id", "task", "query", "prefix", "suffix", "targets", "width", "height", "image", "content_box")}
     n = len(batch["id"])
     counts["rows_read"] += n
@@ -175,7 +184,8 @@ def decode_and_expand(
             for k in ("task", "query", "prefix", "suffix", "targets"):
                 cols[k].append(ex[k])
         counts["examples"] += len(exs)
-    _report(counter, split, counts)
+    if report:
+        _report(counter, split, counts)
     out = {k: np.array(v, dtype=object) for k, v in cols.items() if k not in ("image", "content_box")}
     out["content_box"] = np.array(cols["content_box"], dtype=np.int32).reshape(-1, 4)
     out["width"] = np.array(cols["width"], dtype=np.int32)
@@ -194,9 +204,10 @@ def _processor(family: str, model_path: str):
     return model_family(family).load_processor(model_path)
 
 
-def tokenize(batch: dict, *, split: str, model_path: str, max_len: int, family: str = "paligemma", counter=None) -> dict:
+def tokenize(batch: dict, *, split: str, model_path: str, max_len: int, family: str = "paligemma", counter=None,
+             counts: Counter | None = None) -> dict:
     """Examples -> fixed-length model inputs. Examples longer than max_len are dropped and counted
-    (cutting them would teach the model truncated objects)."""
+    (cutting them would teach the model truncated objects). `counts`: as in decode_and_expand."""
     n = len(batch["prefix"])
     if n == 0:
         return {}
@@ -204,15 +215,59 @@ def tokenize(batch: dict, *, split: str, model_path: str, max_len: int, family: 
     images = [Image.fromarray(a) for a in batch["image"]]
     enc = model_family(family).encode_train(proc, images, list(batch["prefix"]), list(batch["suffix"]), max_len)
     fits = enc.pop("length") <= max_len
-    counts = Counter({"tokenized": int(fits.sum())})
+    mine = Counter({"tokenized": int(fits.sum())})
     if (~fits).any():
-        counts["dropped:too_long"] += int((~fits).sum())
-    _report(counter, split, counts)
+        mine["dropped:too_long"] += int((~fits).sum())
+    if counts is None:
+        _report(counter, split, mine)
+    else:
+        counts.update(mine)
     return {k: v[fits] for k, v in enc.items()}
+
+
+def _chunks(batch: dict, size: int):
+    n = len(next(iter(batch.values()))) if batch else 0
+    for start in range(0, n, size):
+        yield {k: v[start:start + size] for k, v in batch.items()}
+
+
+def prepare_block(block: dict, *, split: str, tasks, image_hw, model_path: str, max_len: int, family: str = "paligemma",
+                  allow_convert: bool = True, counter=None, preprocess=None, batch_size: int = 64):
+    """A whole read block (any number of shard rows) -> tokenized examples, `batch_size` rows /
+    examples at a time: decode_and_expand then tokenize, yielded as they are ready. The block's
+    drop counts are reported once, after its last example (so before the task ends, and before
+    the driver can ask for the totals)."""
+    counts: Counter = Counter()
+    for rows in _chunks(block, batch_size):
+        examples = decode_and_expand(rows, split=split, tasks=tasks, image_hw=image_hw, family=family, allow_convert=allow_convert,
+                                     preprocess=preprocess, counts=counts)
+        for part in _chunks(examples, batch_size):
+            out = tokenize(part, split=split, model_path=model_path, max_len=max_len, family=family, counts=counts)
+            if out and len(out["input_ids"]):
+                yield out
+    _report(counter, split, counts)
 
 
 # ----------------------------------------------------------------------------------------------
 # datasets
+
+
+# Files per read task when a split has at least one file per CPU: 5 shards of the default 1,000
+# rows take ~3.5 s per task at 64 px (bench/data_pipeline.py), long enough that Ray Data's gap
+# between consecutive tasks on a CPU slot (0.1-0.3 s) costs a few percent, short enough that a
+# lost node re-runs little and output streams to the trainer in several blocks per CPU.
+FILES_PER_TASK = 5
+
+
+def read_blocks(n_files: int, n_cpus: int) -> int:
+    """Read blocks for `n_files` shards on `n_cpus` CPUs. With a file per CPU or more, whole files
+    per block (at least one block per CPU): the read then fuses with the training stage into one
+    task per block. Fewer files than CPUs (small splits): each file is split into blocks, so
+    several CPUs share the work (Ray does not fuse a split read with what follows)."""
+    n_cpus = max(1, int(n_cpus))
+    if n_files >= n_cpus:
+        return min(n_files, max(n_cpus, math.ceil(n_files / FILES_PER_TASK)))
+    return 4 * n_cpus
 
 
 def read_split(uri: str, split: str, opts: storage.StorageOptions | None = None):
@@ -221,8 +276,7 @@ def read_split(uri: str, split: str, opts: storage.StorageOptions | None = None)
     paths, fs = shards.shard_source(uri, split, opts)
     if not paths:
         raise FileNotFoundError(f"no shards for split {split!r} under {uri}")
-    # At least a few blocks per CPU, or small splits become one block and one preprocessing task.
-    blocks = max(len(paths), 4 * int(ray.cluster_resources().get("CPU", 1)))
+    blocks = read_blocks(len(paths), ray.cluster_resources().get("CPU", 1))
     return ray.data.read_parquet(paths, filesystem=fs, columns=["id", "image", "width", "height", "objects"], override_num_blocks=blocks)
 
 
@@ -241,14 +295,15 @@ def examples_dataset(uri: str, split: str, *, tasks, image_hw, family="paligemma
 
 def train_dataset(uri: str, split: str, *, tasks, model_path: str, image_hw, max_len: int, family="paligemma", allow_convert=True, opts=None, counter=None, batch_size=64,
                   preprocess=None):
-    """Tokenized training examples of one split."""
-    ds = examples_dataset(uri, split, tasks=tasks, image_hw=image_hw, family=family, allow_convert=allow_convert, opts=opts, counter=counter, batch_size=batch_size,
-                          preprocess=preprocess)
-    return ds.map_batches(
-        tokenize,
-        batch_size=batch_size,
+    """Tokenized training examples of one split: read + prepare_block in one Ray task per block
+    (batch_size=None hands the whole read block over, which is what lets Ray fuse the two)."""
+    return read_split(uri, split, opts).map_batches(
+        prepare_block,
+        batch_size=None,
         batch_format="numpy",
-        fn_kwargs={"split": split, "model_path": model_path, "max_len": max_len, "family": family, "counter": counter},
+        fn_kwargs={"split": split, "tasks": list(tasks), "image_hw": tuple(image_hw), "model_path": model_path, "max_len": max_len,
+                   "family": family, "allow_convert": allow_convert, "counter": counter,
+                   "preprocess": preprocess_mod.coerce(preprocess).to_dict(), "batch_size": batch_size},
     )
 
 

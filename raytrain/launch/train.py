@@ -53,6 +53,12 @@ def init_ray(cfg: Experiment):
     # override_num_blocks: measured 2.8-4.3x the images/s (bench/README.md, bottleneck 1).
     if hasattr(ctx, "use_datasource_v2"):
         ctx.use_datasource_v2 = False
+    # Output blocks of 16 MiB rather than Ray's 128 MiB: a training task (read + prepare_block over
+    # ~5 shards) then hands its examples over as it goes instead of in one block at its end
+    # (bench/data_pipeline.py: first batch after 5.2 s -> see bench/README.md), and the object
+    # store holds a few small blocks per task rather than one large one. Still ~100 examples
+    # per block at 224 px (150 KB each), ~1,300 at the tiny preset's 64 px.
+    ctx.target_max_block_size = 16 * 1024**2
     if ray.is_initialized():
         return ray
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")

@@ -114,3 +114,41 @@ def test_examples_render_source_pixel_targets():
     y1 = int(np.clip(np.round(box.y1 / 64 * 1023), 0, 1023))
     assert out[1]["suffix"].startswith(f"<loc{y1:04d}>")
     assert out[1]["suffix"].endswith(box.label)
+
+
+def test_training_read_fuses_with_preparation_and_matches_the_staged_functions(tmp_path, ray_cluster, tiny_model_path):
+    """train_dataset runs the Parquet read and prepare_block in ONE task per block (the property
+    bench/data_pipeline.py's throughput rests on), and its examples are exactly what the stage
+    functions give when called one after the other in-process."""
+    uri = str(tmp_path / "fused")
+    rows = list(synthetic.generate_rows(40, seed=5, image_size=64, splits={"train": 1.0}))
+    shards.write_shards(rows, uri, rows_per_shard=10)  # 4 files >= the test cluster's CPUs
+    ds = pipeline.train_dataset(uri, "train", tasks=TASKS, model_path=tiny_model_path, image_hw=(64, 64), max_len=48, batch_size=8)
+    got = ds.take_all()
+    stats = ds.stats()
+    assert "ReadParquet->MapBatches(prepare_block)" in stats, stats
+
+    table = shards.read_split(uri, "train")
+    batch = {k: np.array(table[k].to_pylist(), dtype=object) for k in ("id", "image", "width", "height", "objects")}
+    examples = pipeline.decode_and_expand(batch, split="train", tasks=TASKS, image_hw=(64, 64))
+    want = pipeline.tokenize(examples, split="train", model_path=tiny_model_path, max_len=48)
+    assert len(got) == len(want["input_ids"]) > 40
+
+    def key(ids, pix):
+        return (tuple(int(x) for x in ids), int(np.asarray(pix, dtype=np.int64).sum()))
+
+    assert sorted(key(r["input_ids"], r["pixel_values"]) for r in got) == sorted(
+        key(i, p) for i, p in zip(want["input_ids"], want["pixel_values"]))
+
+
+@pytest.mark.parametrize(("files", "cpus", "blocks"), [
+    (1, 2, 8),      # one small shard: split so both CPUs work (no fusion)
+    (3, 4, 16),
+    (2, 2, 2),      # a file per CPU: whole files, fused
+    (20, 2, 4),     # 5 files per task
+    (21, 2, 5),
+    (20, 16, 16),   # at least one block per CPU
+    (200, 16, 40),
+])
+def test_read_blocks(files, cpus, blocks):
+    assert pipeline.read_blocks(files, cpus) == blocks
