@@ -7,25 +7,30 @@ raytrain's Ray Data pipeline vs a plain single-process loop doing the same work.
 What is compared (the same shards, the same tiny PaliGemma processor, batch size 64):
 
   shipped    pipeline.train_dataset(...).iter_torch_batches(batch_size=64) consumed fully in the
-             driver, the way a Ray Train worker consumes its shard (read_split -> decode_and_expand
-             -> tokenize, fused into Ray tasks), with Ray 2.60's defaults.
-  v1_reader  the same, with DataContext.use_datasource_v2=False (Ray's legacy Parquet reader):
-             the candidate fix the profile found, measured in every round next to shipped.
+             driver, the way a Ray Train worker consumes its shard, with the launcher's Ray Data
+             settings: the Parquet read and pipeline.prepare_block (decode_and_expand + tokenize,
+             64 rows/examples at a time) fused into one task per block of ~5 shards.
+  staged     the session-2 pipeline, measured in every round next to shipped: read blocks of
+             max(files, 4 x CPUs), then map_batches(decode_and_expand, 64) -> map_batches(tokenize,
+             64), which Ray cannot fuse with the read (an intermediate Arrow block of decoded images
+             per batch, a drop-count round trip per batch and stage, short tasks).
   plain      one process: pyarrow reads each shard from S3 -> validate.check_row -> examples_for ->
              resize -> paligemma.encode_train on 64 examples at a time -> torch tensors.
 
-Rounds are interleaved (plain, shipped, plain, v1_reader), in a Ray session with
-ray.init(num_cpus=1) and then in one with num_cpus=2. Every run also records CPU-seconds per image
-(driver + Ray processes, moto excluded), which other jobs' load disturbs much less than wall time.
-All sides must produce the same tokenized examples (count and input_ids checksum), or the script fails.
+Rounds are interleaved (plain, shipped, plain, staged), in a Ray session with ray.init(num_cpus=1)
+and then in one with num_cpus=2. Every run also records CPU-seconds per image (driver + Ray
+processes, moto excluded), which other jobs' load disturbs much less than wall time, and the time
+to the first batch (Ray Data's per-execution start: planning, the first task, its resource
+reservation) next to the rate after it. All sides must produce the same tokenized examples (count
+and input_ids checksum), or the script fails.
 
 Memory: peak RSS summed over the driver and all Ray processes (psutil, every 0.25 s) and peak
 object-store bytes, while streaming 1k rows and 20k rows (20 server-side copies of the 1k shard),
 nothing materialized. Streaming should keep the 20k peak close to the 1k peak.
 
-Profile: per-stage time of the plain loop, the processor's image vs text halves, and more Ray
-variants (footer-reader actors, read bin packing, tokenize in an actor pool), each next to a plain
-run; these optional parts run only while they fit in --budget-s.
+Profile: per-stage time of the plain loop, the processor's image vs text halves, and Ray's default
+(V2) Parquet reader in place of the launcher's V1 reader, next to a plain run; these optional
+parts run only while they fit in --budget-s.
 
 The last line printed is the headline: shipped / plain images/s at 2 CPUs.
 """
@@ -71,12 +76,13 @@ def plain_loop(uri: str, opts, model_path: str, *, batch_size: int = BATCH, stag
 
     st = stage_times if stage_times is not None else Counter()
     tic = time.perf_counter
-    t = tic()
+    t = t_begin = tic()
     proc = paligemma.load_processor(model_path)  # the pipeline caches one per worker process too
     paths, fs = shards.shard_source(uri, "train", opts)
     st["setup (processor, listing)"] += tic() - t
 
     images = examples = checksum = 0
+    first: list[float] = []
     buf: dict[str, list] = {"image": [], "prefix": [], "suffix": []}
 
     def encode(n: int) -> None:
@@ -92,6 +98,8 @@ def plain_loop(uri: str, opts, model_path: str, *, batch_size: int = BATCH, stag
         examples += int(batch["input_ids"].shape[0])
         checksum += int(batch["input_ids"].sum())
         st["to torch + consume"] += tic() - t2
+        if not first:
+            first.append(tic() - t_begin)
         for v in buf.values():
             del v[:n]
 
@@ -128,89 +136,65 @@ def plain_loop(uri: str, opts, model_path: str, *, batch_size: int = BATCH, stag
                 encode(batch_size)
     if buf["prefix"]:
         encode(len(buf["prefix"]))
-    return {"images": images, "examples": examples, "checksum": checksum}
+    return {"images": images, "examples": examples, "checksum": checksum, "first_batch_s": round(first[0] if first else 0.0, 3)}
 
 
 # ---------------------------------------------------------------------------------------------
 # the Ray Data pipeline (raytrain's), and variants for the profile
 
 
-# Ray Data settings tried by the profile. Both env vars are read on the driver when
-# read_parquet() plans the read (Ray 2.60, ray/data/_internal/datasource_v2/formats/parquet/):
-#   RAY_DATA_PARQUET_FOOTER_NUM_ACTORS (default 32): FooterReader actors started, and killed,
-#       by EVERY execution of a Parquet read to read the files' footers;
-#   RAY_DATA_PARQUET_BIN_PACKING_BYTES (default 128 MiB): row groups are bin-packed into read
-#       tasks up to this many bytes, whatever override_num_blocks says.
-FOOTER1 = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
-BIN1M = {"RAY_DATA_PARQUET_BIN_PACKING_BYTES": str(1 << 20)}
 VARIANTS = {
-    "shipped": {"env": {}, "desc": "pipeline.train_dataset as shipped (Ray 2.60 defaults)"},
-    "v1_reader": {"env": {}, "v1": True,
-                  "desc": "DataContext.use_datasource_v2=False: the legacy Parquet reader (no footer actors; honours override_num_blocks)"},
-    "footer_actors_1": {"env": FOOTER1, "desc": "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS=1"},
-    "footer_actors_1+bin_1MiB": {"env": {**FOOTER1, **BIN1M},
-                                 "desc": "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS=1 and RAY_DATA_PARQUET_BIN_PACKING_BYTES=1MiB"},
-    "v1_reader+actor_tokenize": {"env": {}, "v1": True, "actor_tokenize": True,
-                                 "desc": "v1_reader, and tokenize in an actor pool (concurrency=CPUs, 0.5 CPU each) instead of tasks"},
+    "shipped": {"desc": "pipeline.train_dataset as shipped (read + prepare_block fused, launcher's Ray Data settings)"},
+    "staged": {"staged": True, "desc": "session 2's pipeline: read -> map_batches(decode_and_expand, 64) -> map_batches(tokenize, 64)"},
+    "v2_reader": {"v2": True, "desc": "shipped, with Ray 2.60's default Parquet reader (DataContext.use_datasource_v2=True)"},
 }
-FIXED = "v1_reader"  # the variant measured next to the shipped pipeline in every round
+FIXED = "staged"  # the variant measured next to the shipped pipeline in every round
 
 
 @contextlib.contextmanager
 def ray_settings(variant: str):
-    """Apply a variant's env vars / DataContext flag on the driver, restore them after."""
+    """Apply a variant's DataContext flag on the driver, restore it after."""
     import ray.data
 
-    v = VARIANTS[variant]
-    old_env = {k: os.environ.get(k) for k in v["env"]}
     ctx = ray.data.DataContext.get_current()
     old_v2 = ctx.use_datasource_v2
-    os.environ.update(v["env"])
-    if v.get("v1"):
-        ctx.use_datasource_v2 = False
+    if VARIANTS[variant].get("v2"):
+        ctx.use_datasource_v2 = True
     try:
         yield
     finally:
         ctx.use_datasource_v2 = old_v2
-        for k, val in old_env.items():
-            if val is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = val
-
-
-class _TokenizeActor:
-    """pipeline.tokenize in a long-lived actor (processor loaded once per actor)."""
-
-    def __init__(self, model_path: str):
-        self.model_path = model_path
-
-    def __call__(self, batch):
-        from raytrain.data import pipeline
-
-        return pipeline.tokenize(batch, split="train", model_path=self.model_path, max_len=MAX_LEN, family="paligemma")
 
 
 def build(variant: str, uri: str, opts, model_path: str, num_cpus: int):
-    """The dataset a worker would iterate: raytrain's train_dataset, or the same stages with the
-    actor-pool tokenize (the profile variant)."""
-    from raytrain.data import pipeline
+    """The dataset a worker would iterate: raytrain's train_dataset, or session 2's staged version."""
+    import ray
 
-    if not VARIANTS[variant].get("actor_tokenize"):
+    from raytrain.data import pipeline, shards
+
+    if not VARIANTS[variant].get("staged"):
         return pipeline.train_dataset(uri, "train", tasks=TASKS, model_path=model_path, image_hw=IMAGE_HW, max_len=MAX_LEN,
                                       opts=opts, batch_size=BATCH)
-    ds = pipeline.examples_dataset(uri, "train", tasks=TASKS, image_hw=IMAGE_HW, opts=opts, batch_size=BATCH)
-    return ds.map_batches(_TokenizeActor, fn_constructor_kwargs={"model_path": model_path}, batch_size=BATCH,
-                          batch_format="numpy", concurrency=max(1, num_cpus), num_cpus=0.5)
+    paths, fs = shards.shard_source(uri, "train", opts)
+    blocks = max(len(paths), 4 * num_cpus)  # session 2's rule
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=COLS, override_num_blocks=blocks)
+    ds = ds.map_batches(pipeline.decode_and_expand, batch_size=BATCH, batch_format="numpy",
+                        fn_kwargs={"split": "train", "tasks": TASKS, "image_hw": IMAGE_HW})
+    return ds.map_batches(pipeline.tokenize, batch_size=BATCH, batch_format="numpy",
+                          fn_kwargs={"split": "train", "model_path": model_path, "max_len": MAX_LEN})
 
 
 def consume(ds) -> dict:
     """Iterate every batch as torch tensors, as recipes.lora's worker does (batch 64 here)."""
     examples = checksum = 0
+    t0 = time.perf_counter()
+    first = None
     for b in ds.iter_torch_batches(batch_size=BATCH):
+        if first is None:
+            first = time.perf_counter() - t0
         examples += int(b["input_ids"].shape[0])
         checksum += int(b["input_ids"].sum())
-    return {"examples": examples, "checksum": checksum}
+    return {"examples": examples, "checksum": checksum, "first_batch_s": round(first or 0.0, 3)}
 
 
 def block_stats(ds) -> dict:
@@ -235,6 +219,8 @@ def timed(fn, exclude: set[int], images: int) -> dict:
     out = fn()
     wall = time.perf_counter() - t0
     cpu = C.cpu_delta(cpu0, C.tree_cpu(exclude))
+    after = images - BATCH / len(TASKS)  # images after the first batch of 64 examples
+    out["images_per_s_after_first_batch"] = round(after / max(1e-9, wall - out["first_batch_s"]), 2)
     return {**out, "wall_s": round(wall, 3), "images_per_s": round(images / wall, 2), "cpu_s": round(cpu, 2),
             "cpu_ms_per_image": round(1000 * cpu / images, 3), "loadavg_before": load0, "loadavg_after": C.loadavg()}
 
@@ -302,6 +288,9 @@ def pair_summary(plain: list[dict], ray_runs: list[dict], ncpu: int) -> dict:
         "plain_images_per_s": p,
         "ray_images_per_s": q,
         "ratio_ray_over_plain": C.summary([b["images_per_s"] / a["images_per_s"] for a, b in zip(plain, ray_runs)]),
+        "first_batch_s": {"plain": C.summary([x["first_batch_s"] for x in plain]), "ray": C.summary([x["first_batch_s"] for x in ray_runs])},
+        "ratio_after_first_batch": C.summary([b["images_per_s_after_first_batch"] / a["images_per_s_after_first_batch"]
+                                              for a, b in zip(plain, ray_runs)]),
         "plain_cpu_ms_per_image": cp,
         "ray_cpu_ms_per_image": cq,
         "ratio_cpu_ray_over_plain": round(cq["median"] / cp["median"], 3),
@@ -315,9 +304,9 @@ def pair_summary(plain: list[dict], ray_runs: list[dict], ncpu: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=2000, help="rows of the throughput split")
+    ap.add_argument("--rows", type=int, default=20000, help="rows of the throughput split")
     ap.add_argument("--rows-per-shard", type=int, default=1000, help="as `raytrain prepare` writes them (data.rows_per_shard default)")
-    ap.add_argument("--reps", type=int, default=2, help="interleaved (plain, shipped, plain, v1_reader) rounds at 2 CPUs")
+    ap.add_argument("--reps", type=int, default=2, help="interleaved (plain, shipped, plain, staged) rounds at 2 CPUs")
     ap.add_argument("--reps-1cpu", type=int, default=1, help="the same rounds at 1 CPU")
     ap.add_argument("--mem-small", type=int, default=1000, help="rows of the small memory run")
     ap.add_argument("--mem-copies", type=int, default=20, help="the large memory run streams this many copies of the small split")
@@ -477,7 +466,7 @@ def profile(uri, opts, model_path, images, exclude, ncpu, *, run_s: float, deadl
     out["plain_reference"] = {k: r[k] for k in ("images_per_s", "cpu_ms_per_image", "wall_s")}
     out["processor_breakdown"] = processor_breakdown(model_path)
     out["variants"] = {}
-    for variant in ("footer_actors_1", "footer_actors_1+bin_1MiB", "v1_reader+actor_tokenize"):
+    for variant in ("v2_reader",):
         if time.perf_counter() + run_s > deadline:
             skipped.append(f"profile variant {variant} (time budget: ~{run_s:.0f}s each)")
             continue
