@@ -89,6 +89,27 @@ def ray_cluster(s3_server):
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module: the tiny models' matmuls and convolutions run several
+    times (up to ~20x) slower with two threads fighting over the 2 shared cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_path(tmp_path_factory):
+    """The offline tiny Qwen2.5-VL preset (<|loc|> tokens in its vocabulary, tied lm_head, like
+    the 3B), built once per session into a temp cache."""
+    from raytrain.models.tiny import ensure_preset
+
+    return str(ensure_preset("tiny:qwen2_5_vl", tmp_path_factory.mktemp("qwen-presets")))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
     """The offline tiny PaliGemma preset, built once per session into a temp cache."""

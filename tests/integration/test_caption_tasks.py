@@ -12,16 +12,15 @@ from raytrain import config as config_mod
 from raytrain.data import pipeline, synthetic
 from raytrain.eval import batch as eval_batch
 from raytrain.models import family as model_family
-from raytrain.models.tiny import ensure_preset
 from raytrain.recipes import lora
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.mark.parametrize("family", ["paligemma", "qwen2_5_vl"])
-def test_caption_and_dense_caption_train(family, tmp_path_factory, tiny_model_path):
+def test_caption_and_dense_caption_train(family, request, tiny_model_path):
     torch.set_num_threads(1)
-    path = tiny_model_path if family == "paligemma" else str(ensure_preset("tiny:qwen2_5_vl", tmp_path_factory.mktemp("q")))
+    path = tiny_model_path if family == "paligemma" else request.getfixturevalue("tiny_qwen_path")
     fam = model_family(family)
     proc = fam.load_processor(path)
     hw = fam.image_size(proc)

@@ -14,13 +14,12 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from raytrain import config as config_mod
 from raytrain.launch import smoke as smoke_mod
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 REPO = Path(__file__).resolve().parents[2]
 JOBS = sorted(REPO.glob("jobs/**/*.yaml"))
@@ -35,15 +34,6 @@ def _load(path: Path) -> config_mod.Experiment:
     values = yaml.safe_load(path.read_text()) or {}
     values.pop("tune", None)  # a sweep spec; train ignores it
     return config_mod.from_dict(values)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 shared cores: one intra-op thread is faster than two fighting
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -24,23 +24,14 @@ from raytrain.models import qwen2_5_vl as qw
 from raytrain.models.losses import IGNORE_INDEX, suffix_loss
 from raytrain.models.tiny import ensure_preset
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 PROCESSOR_FILES = ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "raytrain_resize.json")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The CPU cores are shared: one intra-op thread is several times faster than two fighting.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def preset(tmp_path_factory):
-    return str(ensure_preset("tiny:qwen2_5_vl", tmp_path_factory.mktemp("qwen-presets")))
+def preset(tiny_qwen_path):
+    return tiny_qwen_path
 
 
 @pytest.fixture(scope="module")

@@ -29,17 +29,9 @@ from raytrain.models import paligemma, task_head
 from raytrain.recipes import lora
 from raytrain.training import checkpointing
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 HEAD = "model.task_head_queries=16"  # the tiny preset's 16 image tokens
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model on a shared 2-core box: one intra-op thread
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -130,10 +130,8 @@ def test_lora_trains_an_adapter(tmp_path, ray_cluster, tiny_model_path):
     assert metrics["trained"]["examples"] > 0
 
 
-def test_qwen_trains_through_the_same_recipe_and_parses_in_source_frame(tmp_path, ray_cluster, tmp_path_factory):
-    from raytrain.models.tiny import ensure_preset
-
-    qwen = str(ensure_preset("tiny:qwen2_5_vl", tmp_path_factory.mktemp("qwen")))
+def test_qwen_trains_through_the_same_recipe_and_parses_in_source_frame(tmp_path, ray_cluster, tiny_qwen_path):
+    qwen = tiny_qwen_path
     cfg = config_mod.load("jobs/tiny/shapes_qwen.yaml", [f"storage.root={tmp_path}", f"model.name_or_path={qwen}", *SMALL,
                                                          "train.micro_batch_size=4", "train.lr=3e-3", "eval.batch_size=8"])
     out = launch_train.main(cfg)

@@ -20,18 +20,11 @@ from raytrain.formats import paligemma_masks as pm
 from raytrain.formats.annotations import Box, Mask, objects_to_json
 from raytrain.formats.paligemma import decode_bin, encode_bin, loc_token, seg_token
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def fast(n: int) -> settings:
     return settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny convolutions: one thread is faster than two fighting over a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -24,23 +24,16 @@ from raytrain.launch import smoke
 from raytrain.models import family, family_spec, parse_family_spec, tiny_qwen
 from raytrain.models import qwen2_5_vl as qw
 from raytrain.models.losses import IGNORE_INDEX
-from raytrain.models.tiny import ensure_preset
 from raytrain.recipes import lora
 from raytrain.training import checkpointing
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU cores are shared
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def preset(tmp_path_factory):
+def preset(tiny_qwen_path):
     """The tiny preset: <|loc|> tokens already in its vocabulary, tied lm_head (like the 3B)."""
-    return str(ensure_preset("tiny:qwen2_5_vl", tmp_path_factory.mktemp("qwen-presets")))
+    return tiny_qwen_path
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,7 @@ from raytrain.data import pipeline, synthetic
 from raytrain.models import paligemma, task_head
 from raytrain.models.task_head import TaskAttentionHead
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matmuls: a second intra-op thread only adds contention on a shared 2-core box (~20x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _reference(head: TaskAttentionHead, patches: torch.Tensor) -> torch.Tensor:
