@@ -177,26 +177,16 @@ def tree_cpu(exclude=frozenset()) -> dict[int, float]:
     return out
 
 
-class CpuSampler:
-    """Background thread: cumulative CPU-seconds of the process tree (minus `exclude`) every
-    `interval` s, as (time.time(), cumulative) pairs. Per-pid deltas are accumulated, so a process
-    that exits keeps what it used. `between(t0, t1)` interpolates the CPU used in a window."""
+class _Sampler:
+    """Calls `_sample()` on entry, every `interval` s from a daemon thread, and once more on exit."""
 
-    def __init__(self, interval: float = 0.5, exclude=frozenset()):
+    def __init__(self, interval: float):
         self.interval = interval
-        self.exclude = set(exclude)
-        self.points: list[tuple[float, float]] = []
-        self._last: dict[int, float] = {}
-        self._total = 0.0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
-        now = tree_cpu(self.exclude)
-        for pid, v in now.items():
-            self._total += max(0.0, v - self._last.get(pid, 0.0 if self.points else v))
-        self._last.update(now)
-        self.points.append((time.time(), self._total))
+        raise NotImplementedError
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -213,6 +203,27 @@ class CpuSampler:
         self._t.join()
         self._sample()
         return False
+
+
+class CpuSampler(_Sampler):
+    """Background thread: cumulative CPU-seconds of the process tree (minus `exclude`) every
+    `interval` s, as (time.time(), cumulative) pairs. Per-pid deltas are accumulated, so a process
+    that exits keeps what it used. `between(t0, t1)` interpolates the CPU used in a window."""
+
+    def __init__(self, interval: float = 0.5, exclude=frozenset()):
+        super().__init__(interval)
+        self.exclude = set(exclude)
+        self.points: list[tuple[float, float]] = []
+        self._last: dict[int, float] = {}
+        self._total = 0.0
+
+    def _sample(self) -> None:
+        now = tree_cpu(self.exclude)
+        for pid, v in now.items():
+            self._total += max(0.0, v - self._last.get(pid, 0.0 if self.points else v))
+        self._last.update(now)
+        self.points.append((time.time(), self._total))
+
 
     def at(self, t: float) -> float:
         import bisect
@@ -235,8 +246,7 @@ def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(v - before.get(pid, 0.0) for pid, v in after.items())
 
 
-
-class MemorySampler:
+class MemorySampler(_Sampler):
     """Background thread: every `interval` s, RSS of this process + all its descendants (Ray's
     gcs/raylet/workers are children of the driver that called ray.init; other people's Ray
     clusters on the machine are not), and the object store bytes in use. Records the peaks.
@@ -248,9 +258,9 @@ class MemorySampler:
     def __init__(self, interval: float = 0.25, object_store: bool = True, exclude: set[int] = frozenset()):
         import psutil
 
+        super().__init__(interval)
         self._psutil = psutil
         self.exclude = set(exclude)
-        self.interval = interval
         self.object_store = object_store
         self.peak_rss = 0
         self.peak_driver_rss = 0
@@ -261,8 +271,6 @@ class MemorySampler:
             import ray
 
             self._probe = ObjectStoreProbe() if ray.is_initialized() else None
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
         psutil = self._psutil
@@ -280,21 +288,6 @@ class MemorySampler:
                 self.peak_store = max(self.peak_store, used)
         self.samples += 1
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._sample()
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self._sample()
-        return False
 
     def result(self) -> dict:
         mib = 1024**2
