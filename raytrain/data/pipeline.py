@@ -231,21 +231,41 @@ def _chunks(batch: dict, size: int):
         yield {k: v[start:start + size] for k, v in batch.items()}
 
 
+# prepare_block hands its examples to Ray in pieces of about this size: Ray converts every yielded
+# batch to an Arrow table and concatenates them into output blocks, so 64-example pieces cost
+# ~0.05 CPU ms/image more than ~1,000-example ones (bench/data_pipeline.py, 64 px). Half the
+# launcher's 16 MiB output blocks; ~55 examples at 224 px, ~650 at 64 px.
+YIELD_BYTES = 8 * 1024**2
+
+
 def prepare_block(block: dict, *, split: str, tasks, image_hw, model_path: str, max_len: int, family: str = "paligemma",
                   allow_convert: bool = True, counter=None, preprocess=None, batch_size: int = 64):
-    """A whole read block (any number of shard rows) -> tokenized examples, `batch_size` rows /
-    examples at a time: decode_and_expand then tokenize, yielded as they are ready. The block's
-    drop counts are reported once, after its last example (so before the task ends, and before
-    the driver can ask for the totals)."""
+    """A whole read block (any number of shard rows) -> tokenized examples: decode_and_expand then
+    tokenize, `batch_size` rows / examples at a time, yielded in pieces of about YIELD_BYTES. The
+    block's drop counts are reported once, after its last example (so before the task ends, and
+    before the driver can ask for the totals)."""
     counts: Counter = Counter()
+    pending: list[dict] = []
+    size = 0
     for rows in _chunks(block, batch_size):
         examples = decode_and_expand(rows, split=split, tasks=tasks, image_hw=image_hw, family=family, allow_convert=allow_convert,
                                      preprocess=preprocess, counts=counts)
         for part in _chunks(examples, batch_size):
             out = tokenize(part, split=split, model_path=model_path, max_len=max_len, family=family, counts=counts)
-            if out and len(out["input_ids"]):
-                yield out
+            if not out or not len(out["input_ids"]):
+                continue
+            pending.append(out)
+            size += sum(v.nbytes for v in out.values())
+            if size >= YIELD_BYTES:
+                yield _concat(pending)
+                pending, size = [], 0
+    if pending:
+        yield _concat(pending)
     _report(counter, split, counts)
+
+
+def _concat(parts: list[dict]) -> dict:
+    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 # ----------------------------------------------------------------------------------------------
