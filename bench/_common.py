@@ -99,6 +99,8 @@ def init_ray(num_cpus: int, object_store_mb: int = 1024):
     import ray
     import ray.data
 
+    from raytrain.launch import train as launch_train
+
     for attempt in range(3):
         try:
             ray.init(
@@ -107,7 +109,7 @@ def init_ray(num_cpus: int, object_store_mb: int = 1024):
                 object_store_memory=object_store_mb * 1024**2,
                 include_dashboard=False,
                 log_to_driver=False,
-                runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}},
+                runtime_env={"env_vars": launch_train.runtime_env_vars()},  # what `raytrain train` gives its job
             )
             break
         except Exception as e:
@@ -121,7 +123,6 @@ def init_ray(num_cpus: int, object_store_mb: int = 1024):
     # The launcher's Ray Data settings (quiet output, how evaluation pools dispatch, ...): with Ray
     # already up, raytrain.launch.train.init_ray only applies its DataContext part.
     from raytrain import config as config_mod
-    from raytrain.launch import train as launch_train
 
     launch_train.init_ray(config_mod.Experiment())
     logging.getLogger("ray.data").setLevel(logging.WARNING)

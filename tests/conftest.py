@@ -70,6 +70,9 @@ def ray_cluster(s3_server):
     integration tests. Started after `s3_server` so that workers inherit its fake credentials."""
     import ray
 
+    from raytrain import config as config_mod
+    from raytrain.launch import train as launch_train
+
     if not ray.is_initialized():
         ray.init(
             address="local",  # never join another Ray on this machine
@@ -77,13 +80,10 @@ def ray_cluster(s3_server):
             include_dashboard=False,
             object_store_memory=400 * 1024**2,
             log_to_driver=False,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+            runtime_env={"env_vars": launch_train.runtime_env_vars()},  # the job environment `raytrain train` sets
         )
     # The launcher's Ray Data settings (Parquet reader, eval-pool dispatch), so every test runs the
     # pipeline as `raytrain train` does, whichever test happens to call the launcher first.
-    from raytrain import config as config_mod
-    from raytrain.launch import train as launch_train
-
     launch_train.init_ray(config_mod.Experiment())
     yield ray
     ray.shutdown()

@@ -28,6 +28,20 @@ log = logging.getLogger("raytrain.launch.train")
 # Ray
 
 
+def runtime_env_vars() -> dict[str, str]:
+    """Environment of every process of a raytrain job (the job's runtime_env)."""
+    return {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+        # Ray Train V2's controller collects worker reports when it polls them, every 2 s by default,
+        # and a worker's result queue holds ONE report: a worker reporting more often than every
+        # 2 s blocks in ray.train.report until the next poll. Measured on bench/train_overhead.py
+        # (tiny model, a report every 25 steps = ~2 s): 0.61x the plain loop's steps/s at 2 s,
+        # 1.04x at 0.5 s. An operator's own value wins.
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
+    }
+
+
 def init_ray(cfg: Experiment):
     """Join the cluster named by ray.address / RAY_ADDRESS, or start a local one on 127.0.0.1."""
     # Bind a local cluster to loopback rather than the machine's external address.
@@ -62,7 +76,7 @@ def init_ray(cfg: Experiment):
     if ray.is_initialized():
         return ray
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}}
+    env = {"env_vars": runtime_env_vars()}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
