@@ -77,6 +77,19 @@ def drop_counter():
     return _counter_cls().options(scheduling_strategy=here).remote()
 
 
+def drop_counts(counter) -> dict:
+    """The run's counts per split, for the metrics. A counter lost with its node (it is placed on
+    the driver's node, but placement is soft) must not fail a finished run: the loss is logged and
+    recorded in place of the counts."""
+    import ray
+
+    try:
+        return ray.get(counter.get.remote(), timeout=120)
+    except (ray.exceptions.RayError, TimeoutError) as e:
+        log.warning("drop counter unavailable (%s: %s): this run's drop counts are lost", type(e).__name__, e)
+        return {"unavailable": f"drop counter lost: {type(e).__name__}"}
+
+
 def _report(counter, split: str, counts: Counter) -> None:
     """Add a batch's counts and wait for the actor to take them: calls from different processes
     have no order, so a fire-and-forget `add` could land after the driver has already asked for

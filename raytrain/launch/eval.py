@@ -75,7 +75,7 @@ def main(cfg: Experiment) -> str:
         os.makedirs(out_dir, exist_ok=True)
     eval_batch.write_predictions(rows, storage.join(out_dir, f"predictions_{cfg.eval.split}.jsonl"), opts)
     storage.write_json(storage.join(out_dir, f"coco_results_{cfg.eval.split}.json"), coco_results(rows), opts)
-    metrics["run"] = {"checkpoint": ckpt, "data": uri, "split": cfg.eval.split, "data_counts": ray.get(counter.get.remote())}
+    metrics["run"] = {"checkpoint": ckpt, "data": uri, "split": cfg.eval.split, "data_counts": pipeline.drop_counts(counter)}
     out = storage.write_json(storage.join(out_dir, f"metrics_{cfg.eval.split}.json"), metrics, opts)
     cols = {k: metrics[k] for k in ("trained", "untrained", "centre_baseline") if k in metrics}
     print(format_table(cols, ["n", "valid_rate", "mean_norm_distance", "median_norm_distance", "success_rate", "success_rate_all"]))

@@ -313,7 +313,7 @@ def main(cfg: Experiment) -> str:
         "train_metrics": result.metrics,
         "data": uri,
         "split": cfg.eval.split,
-        "data_counts": ray.get(counter.get.remote()),
+        "data_counts": pipeline.drop_counts(counter),
         "seconds_to_checkpoint": round(train_seconds, 1),
         "seconds_total": round(time.perf_counter() - t0, 1),
         "config": cfg.to_dict(),

@@ -38,7 +38,9 @@ def main(root: str, model_path: str) -> None:
         try:
             result["out"] = launch_train.main(cfg)
         except BaseException as e:  # noqa: BLE001 - reported to the test below
-            result["error"] = repr(e)
+            import traceback
+
+            result["error"] = f"{e!r}: {e}\n{traceback.format_exc()}"  # Ray's reprs alone say nothing ("ActorDiedError()")
 
     # the job runs in a thread; the main thread plays chaos (Ray nodes must be added from it)
     t = threading.Thread(target=run, daemon=True)

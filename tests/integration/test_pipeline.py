@@ -152,3 +152,13 @@ def test_training_read_fuses_with_preparation_and_matches_the_staged_functions(t
 ])
 def test_read_blocks(files, cpus, blocks):
     assert pipeline.read_blocks(files, cpus) == blocks
+
+
+def test_lost_drop_counter_is_reported_not_raised(ray_cluster):
+    """A counter that died with its node must not fail a finished run: the counts are marked lost."""
+    counter = pipeline.drop_counter()
+    pipeline._report(counter, "train", {"rows_read": 3})
+    assert pipeline.drop_counts(counter) == {"train": {"rows_read": 3}}
+    ray_cluster.kill(counter)
+    pipeline._report(counter, "train", {"rows_read": 1})  # logged, not raised
+    assert pipeline.drop_counts(counter) == {"unavailable": "drop counter lost: ActorDiedError"}
