@@ -157,6 +157,8 @@ def smoke(cfg: Experiment, *, steps: int = STEPS, root: str | None = None, num_i
         grad_accum=max(1, min(t.grad_accum, MAX_ACCUM)),
         lr=LR.get(t.strategy, 2e-3),
         warmup_steps=min(t.warmup_steps, 1),
+        # a job's new-token warm-up (e.g. 156 steps) would take the whole short run: keep the phase, shortened
+        new_token_warmup_steps=min(t.new_token_warmup_steps, steps // 4),
         checkpoint_every=steps,
         keep_checkpoints=1,
         log_every=1,

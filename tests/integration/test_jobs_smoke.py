@@ -86,6 +86,14 @@ def test_smoke_keeps_what_makes_the_job(tmp_path):
     assert qwen.quant.skip_modules == ["model.visual", "lm_head"]
 
 
+def test_smoke_shortens_a_new_token_warmup_but_keeps_it():
+    cfg = config_mod.load(str(REPO / "jobs/qwen2_5_vl/3b_qlora_dense_captioning_visual_genome.yaml"),
+                          ["model.box_format=tokens", "train.new_token_warmup_steps=156"])  # the job's documented variant
+    s = smoke_mod.smoke(cfg, steps=8)
+    assert (s.model.box_format, s.train.steps, s.train.new_token_warmup_steps) == ("tokens", 8, 2)
+    assert smoke_mod.smoke(_load(REPO / "jobs/tiny/shapes.yaml")).train.new_token_warmup_steps == 0
+
+
 def test_smoke_keeps_the_task_head_at_the_tiny_token_count():
     cfg = _load(REPO / "jobs/paligemma/2-3b_full_shoulder_fracture.yaml")
     assert cfg.model.task_head_queries == 256  # seed 004's head, one query per SigLIP patch at 224 px
