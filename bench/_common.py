@@ -120,11 +120,8 @@ def init_ray(num_cpus: int, object_store_mb: int = 1024):
                 raise
             print(f"ray.init failed ({e}); retrying", file=sys.stderr, flush=True)
     assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1", ray.nodes()[0]["NodeManagerAddress"]
-    # The launcher's Ray Data settings (quiet output, how evaluation pools dispatch, ...): with Ray
-    # already up, raytrain.launch.train.init_ray only applies its DataContext part.
-    from raytrain import config as config_mod
-
-    launch_train.init_ray(config_mod.Experiment())
+    # The launcher's Ray Data settings (quiet output, Parquet reader, block size, eval-pool dispatch)
+    launch_train.configure_ray_data()
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray
 

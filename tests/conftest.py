@@ -70,7 +70,6 @@ def ray_cluster(s3_server):
     integration tests. Started after `s3_server` so that workers inherit its fake credentials."""
     import ray
 
-    from raytrain import config as config_mod
     from raytrain.launch import train as launch_train
 
     if not ray.is_initialized():
@@ -84,7 +83,7 @@ def ray_cluster(s3_server):
         )
     # The launcher's Ray Data settings (Parquet reader, eval-pool dispatch), so every test runs the
     # pipeline as `raytrain train` does, whichever test happens to call the launcher first.
-    launch_train.init_ray(config_mod.Experiment())
+    launch_train.configure_ray_data()
     yield ray
     ray.shutdown()
 

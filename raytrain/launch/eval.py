@@ -60,7 +60,7 @@ def main(cfg: Experiment) -> str:
     from raytrain.eval.metrics.table import format_table
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    ray = launch_train.init_ray(cfg)
+    launch_train.init_ray(cfg)
     uri = launch_train.data_uri(cfg)
     base_path = launch_train.model_path(cfg)
     ckpt = cfg.eval.checkpoint or latest_checkpoint(cfg)

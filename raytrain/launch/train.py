@@ -42,12 +42,10 @@ def runtime_env_vars() -> dict[str, str]:
     }
 
 
-def init_ray(cfg: Experiment):
-    """Join the cluster named by ray.address / RAY_ADDRESS, or start a local one on 127.0.0.1."""
-    # Bind a local cluster to loopback rather than the machine's external address.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
+def configure_ray_data() -> None:
+    """raytrain's Ray Data settings, on this process's DataContext (datasets built here carry it
+    to their tasks). init_ray applies them; so do the test fixture and the benches, which start Ray
+    themselves."""
     import ray.data
 
     # Progress bars and per-dataset execution banners drown the job's own output.
@@ -73,6 +71,16 @@ def init_ray(cfg: Experiment):
     # store holds a few small blocks per task rather than one large one. Still ~100 examples
     # per block at 224 px (150 KB each), ~1,300 at the tiny preset's 64 px.
     ctx.target_max_block_size = 16 * 1024**2
+
+
+def init_ray(cfg: Experiment):
+    """Join the cluster named by ray.address / RAY_ADDRESS, or start a local one on 127.0.0.1, with
+    the job environment (runtime_env_vars) and raytrain's Ray Data settings (configure_ray_data)."""
+    # Bind a local cluster to loopback rather than the machine's external address.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    configure_ray_data()
     if ray.is_initialized():
         return ray
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -281,7 +289,7 @@ def main(cfg: Experiment) -> str:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     t0 = time.perf_counter()
-    ray = init_ray(cfg)
+    init_ray(cfg)
     uri = prepare_data(cfg)
     base_path = model_path(cfg)
     counter = pipeline.drop_counter()
