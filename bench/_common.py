@@ -109,7 +109,7 @@ def init_ray(num_cpus: int, object_store_mb: int = 1024):
                 object_store_memory=object_store_mb * 1024**2,
                 include_dashboard=False,
                 log_to_driver=False,
-                runtime_env={"env_vars": launch_train.runtime_env_vars()},  # what `raytrain train` gives its job
+                runtime_env=launch_train.runtime_env(),  # what `raytrain train` gives its job
             )
             break
         except Exception as e:

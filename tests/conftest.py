@@ -79,7 +79,7 @@ def ray_cluster(s3_server):
             include_dashboard=False,
             object_store_memory=400 * 1024**2,
             log_to_driver=False,
-            runtime_env={"env_vars": launch_train.runtime_env_vars()},  # the job environment `raytrain train` sets
+            runtime_env=launch_train.runtime_env(),  # the job environment `raytrain train` sets
         )
     # The launcher's Ray Data settings (Parquet reader, eval-pool dispatch), so every test runs the
     # pipeline as `raytrain train` does, whichever test happens to call the launcher first.

@@ -42,11 +42,42 @@ def runtime_env_vars() -> dict[str, str]:
     }
 
 
+def runtime_env() -> dict:
+    """The runtime_env of a raytrain job: its environment variables, and a setup hook that gives
+    every worker process (Ray Train's dataset split coordinators run the training pipeline's
+    executor) the process-level Ray Data setting of tune_ray_data_process."""
+    return {"env_vars": runtime_env_vars(), "worker_process_setup_hook": "raytrain.launch.train.tune_ray_data_process"}
+
+
+# How often Ray Data's streaming executor refreshes the CPUs it may use (Ray 2.60: every 1 s). Its
+# first answer comes from Ray's autoscaling-coordinator actor, asynchronously, so for the first
+# refresh interval of EVERY execution the limits are zero and one task runs alone: on 2 CPUs one
+# slot idled for a second per pass (bench/data_pipeline.py, 20,000 rows: 1.42x -> ~1.55x the plain
+# loop at 0.1 s). The refresh is a non-blocking RPC at most every 0.1 s per running execution.
+LIMITS_REFRESH_S = 0.1
+
+
+def tune_ray_data_process() -> None:
+    """Process-level Ray Data setting (a class attribute, not a DataContext field, so it does not
+    travel with a dataset): the executor's resource-limit refresh interval (LIMITS_REFRESH_S).
+    A Ray without that attribute (another version) is left as it is."""
+    try:
+        from ray.data._internal.execution.resource_manager import ResourceManager
+    except ImportError:
+        return
+    current = getattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", None)
+    if isinstance(current, (int, float)) and current > LIMITS_REFRESH_S:
+        ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = LIMITS_REFRESH_S
+
+
 def configure_ray_data() -> None:
     """raytrain's Ray Data settings, on this process's DataContext (datasets built here carry it
-    to their tasks). init_ray applies them; so do the test fixture and the benches, which start Ray
-    themselves."""
+    to their tasks) and, for this process, tune_ray_data_process (runtime_env's setup hook does
+    that in the job's workers). init_ray applies them; so do the test fixture and the benches,
+    which start Ray themselves."""
     import ray.data
+
+    tune_ray_data_process()
 
     # Progress bars and per-dataset execution banners drown the job's own output.
     ctx = ray.data.DataContext.get_current()
@@ -75,7 +106,7 @@ def configure_ray_data() -> None:
 
 def init_ray(cfg: Experiment):
     """Join the cluster named by ray.address / RAY_ADDRESS, or start a local one on 127.0.0.1, with
-    the job environment (runtime_env_vars) and raytrain's Ray Data settings (configure_ray_data)."""
+    the job environment (runtime_env) and raytrain's Ray Data settings (configure_ray_data)."""
     # Bind a local cluster to loopback rather than the machine's external address.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
@@ -84,7 +115,7 @@ def init_ray(cfg: Experiment):
     if ray.is_initialized():
         return ray
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": runtime_env_vars()}
+    env = runtime_env()
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:

@@ -162,3 +162,17 @@ def test_lost_drop_counter_is_reported_not_raised(ray_cluster):
     ray_cluster.kill(counter)
     pipeline._report(counter, "train", {"rows_read": 1})  # logged, not raised
     assert pipeline.drop_counts(counter) == {"unavailable": "drop counter lost: ActorDiedError"}
+
+
+def test_job_workers_get_the_ray_data_process_setting(ray_cluster):
+    """The job's setup hook ran in its worker processes, where Ray Train's split coordinators run
+    the training pipeline's executor (a class attribute does not travel with a dataset)."""
+    from raytrain.launch import train as launch_train
+
+    @ray_cluster.remote(num_cpus=0.1)
+    def refresh_interval():
+        from ray.data._internal.execution.resource_manager import ResourceManager
+
+        return ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S
+
+    assert ray_cluster.get(refresh_interval.remote()) == launch_train.LIMITS_REFRESH_S

@@ -15,3 +15,23 @@ def test_job_env_binds_loopback_and_lets_train_collect_reports_often(monkeypatch
 def test_operator_value_of_the_poll_interval_wins(monkeypatch):
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
     assert launch_train.runtime_env_vars()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
+
+
+def test_ray_data_limit_refresh_is_shortened_once_and_never_lengthened(monkeypatch):
+    from ray.data._internal.execution.resource_manager import ResourceManager
+
+    monkeypatch.setattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", 1)
+    launch_train.tune_ray_data_process()
+    assert ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == launch_train.LIMITS_REFRESH_S
+    monkeypatch.setattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", 0.05)  # already shorter: kept
+    launch_train.tune_ray_data_process()
+    assert ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == 0.05
+
+
+def test_job_runtime_env_carries_the_env_vars_and_the_worker_hook():
+    env = launch_train.runtime_env()
+    assert env["env_vars"] == launch_train.runtime_env_vars()
+    module, _, name = env["worker_process_setup_hook"].rpartition(".")
+    import importlib
+
+    assert getattr(importlib.import_module(module), name) is launch_train.tune_ray_data_process
