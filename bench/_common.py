@@ -364,8 +364,16 @@ def write_result(name: str, result: dict) -> Path:
     return path
 
 
-def tiny_model_path(cache: str | None = None) -> str:
-    """The offline tiny PaliGemma preset, built once into bench/results/presets (git-ignored)."""
-    from raytrain.models.tiny import ensure_preset
+def tiny_model_path(cache: str | None = None, image_size: int = 64) -> str:
+    """The offline tiny PaliGemma preset, built once into bench/results/presets (git-ignored). Another
+    image_size builds the same architecture at that input size (its own directory, built once)."""
+    from raytrain.models import tiny
 
-    return str(ensure_preset("tiny:paligemma", cache or str(RESULTS / "presets")))
+    root = Path(cache or str(RESULTS / "presets"))
+    if image_size == 64:
+        return str(tiny.ensure_preset("tiny:paligemma", root))
+    out = root / f"tiny-paligemma-v{tiny.PRESET_VERSION}-{image_size}px"
+    if not (out / "raytrain_preset.json").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tiny.build_tiny_paligemma(out, image_size=image_size)
+    return str(out)

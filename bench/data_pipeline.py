@@ -50,8 +50,9 @@ import _common as C  # first: it sets Ray's loopback env vars before anything im
 import numpy as np
 
 TASKS = ["point", "detect"]
-IMAGE_HW = (64, 64)
-MAX_LEN = 48
+IMAGE_HW = (64, 64)  # the tiny preset's input size; --image-px changes it (and MAX_LEN) in main()
+MAX_LEN = 48  # image tokens (16 at 64 px) + prompt + target
+TEXT_LEN = MAX_LEN - (IMAGE_HW[0] // 16) ** 2
 BATCH = 64
 COLS = ["id", "image", "width", "height", "objects"]
 TARGET = 1.6
@@ -313,7 +314,16 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=560, help="optional parts (profile variants, the fixed variant's memory runs) run only while they fit in this many seconds")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one round (checks the script, not the numbers)")
+    ap.add_argument("--image-px", type=int, default=64,
+                    help="source images and model input of this size (a multiple of 16): 64 = the tiny preset; 224 builds "
+                         "the same tiny model at PaliGemma-224's input size (196 image tokens); results go to "
+                         "data_pipeline_<px>px.json")
     args = ap.parse_args()
+    global IMAGE_HW, MAX_LEN
+    if args.image_px % 16:
+        ap.error("--image-px must be a multiple of 16 (the tiny model's patch size)")
+    IMAGE_HW = (args.image_px, args.image_px)
+    MAX_LEN = (args.image_px // 16) ** 2 + TEXT_LEN
     if args.smoke:
         args.rows, args.rows_per_shard, args.reps, args.mem_small, args.mem_copies = 300, 100, 1, 100, 3
     t_start = time.perf_counter()
@@ -327,16 +337,18 @@ def main() -> None:
         exclude = {moto_pid}
         uri = f"{bucket}/tp"
         with C.Timer() as t:
-            report = shards.prepare_synthetic(uri, n=args.rows, splits={"train": 1.0}, rows_per_shard=args.rows_per_shard, opts=opts)
+            report = shards.prepare_synthetic(uri, n=args.rows, splits={"train": 1.0}, rows_per_shard=args.rows_per_shard, opts=opts,
+                                              image_size=args.image_px)
         images = report.rows_written["train"]
         print(f"prepared {images} rows in {report.shards['train']} shards on {endpoint} ({t.s:.1f}s)", flush=True)
         mem_small = f"{bucket}/mem-small"
-        shards.prepare_synthetic(mem_small, n=args.mem_small, seed=1, splits={"train": 1.0}, rows_per_shard=args.rows_per_shard, opts=opts)
+        shards.prepare_synthetic(mem_small, n=args.mem_small, seed=1, splits={"train": 1.0}, rows_per_shard=args.rows_per_shard, opts=opts,
+                                 image_size=args.image_px)
         mem_large = f"{bucket}/mem-large"
         rows_small = copy_shards(endpoint, mem_small, mem_large, args.mem_copies)
-        model_path = C.tiny_model_path()
+        model_path = C.tiny_model_path(image_size=args.image_px)
         result["data"] = {"throughput_rows": images, "throughput_shards": report.shards["train"], "rows_per_shard": args.rows_per_shard,
-                          "row_group_rows": 128, "image_px": 64, "examples_per_image": len(TASKS), "batch_size": BATCH,
+                          "row_group_rows": 128, "image_px": args.image_px, "examples_per_image": len(TASKS), "batch_size": BATCH,
                           "max_len": MAX_LEN, "mem_small_rows": rows_small, "mem_large_rows": rows_small * args.mem_copies,
                           "source_bytes_per_row_approx": None}
         plain_loop(mem_small, opts, model_path)  # warm the driver (imports, processor load): not counted
@@ -427,7 +439,7 @@ def main() -> None:
     }
     result["loadavg_end"] = C.loadavg()
     result["elapsed_s"] = round(elapsed(), 1)
-    path = C.write_result("data_pipeline", result)
+    path = C.write_result("data_pipeline" if args.image_px == 64 else f"data_pipeline_{args.image_px}px", result)
     h = result["headline"]
     print(f"wrote {path} ({result['elapsed_s']}s)")
     print(f"data_pipeline: ray/plain images/s at 2 CPUs = {head:.2f}x (ray {h['ray_images_per_s_2cpu']:.1f} vs plain "
@@ -437,8 +449,9 @@ def main() -> None:
 
 def tokenized_bytes() -> int:
     """Bytes of one tokenized example as the pipeline emits it (what materialize() stores):
-    pixel_values float32 (3, H, W) + input_ids/labels int32 + attention_mask/token_type_ids int8."""
-    return 3 * IMAGE_HW[0] * IMAGE_HW[1] * 4 + MAX_LEN * (4 + 4 + 1 + 1)
+    pixel_values uint8 (3, H, W) + pixel_scale/pixel_offset float32 (3) + input_ids/labels int32 +
+    attention_mask/token_type_ids int8."""
+    return 3 * IMAGE_HW[0] * IMAGE_HW[1] + 2 * 3 * 4 + MAX_LEN * (4 + 4 + 1 + 1)
 
 
 def source_bytes_per_row(uri: str, opts) -> float:
@@ -485,14 +498,14 @@ def profile(uri, opts, model_path, images, exclude, ncpu, *, run_s: float, deadl
 
 def processor_breakdown(model_path: str, n: int = 64, reps: int = 5) -> dict:
     """ms per example inside encode_train: the image half vs the text half of the processor, and
-    what skipping the processor's second resize (images arrive already at 64x64) would save."""
+    what skipping the processor's second resize (images arrive already at the model size) would save."""
     from PIL import Image
 
     from raytrain.models import paligemma
 
     proc = paligemma.load_processor(model_path)
     rng = np.random.default_rng(0)
-    imgs = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(n)]
+    imgs = [Image.fromarray(rng.integers(0, 255, (*IMAGE_HW, 3), dtype=np.uint8)) for _ in range(n)]
     prefixes = ["detect red circle"] * n
     suffixes = ["<loc0100><loc0200><loc0300><loc0400> red circle"] * n
 
@@ -510,7 +523,7 @@ def processor_breakdown(model_path: str, n: int = 64, reps: int = 5) -> dict:
     return {"encode_train_ms_per_example": round(full, 3), "image_processor_ms_per_example": round(image_only, 3),
             "image_processor_no_resize_ms_per_example": round(no_resize, 3),
             "text_and_rest_ms_per_example": round(full - image_only, 3),
-            "note": "best of 5 over 64 examples; decode_and_expand already resized to 64x64 and the processor resizes again"}
+            "note": f"best of 5 over 64 examples; decode_and_expand already resized to {IMAGE_HW[0]}x{IMAGE_HW[1]} and the processor resizes again"}
 
 
 if __name__ == "__main__":

@@ -170,13 +170,19 @@ def build_tiny_paligemma(out_dir: str | Path, seed: int = 0, image_size: int = 6
         pos.weight.copy_(_sincos_2d(grid, pos.weight.shape[1]) * 0.5)
     model.config.use_cache = True
 
+    return save_preset(out_dir, model, processor, {"preset": "tiny:paligemma", "seed": seed, "image_size": image_size})
+
+
+def save_preset(out_dir: str | Path, model, processor, record: dict) -> Path:
+    """save_pretrained model (safetensors) + processor and the raytrain_preset.json record (with
+    PRESET_VERSION) into a sibling temp directory, then move it into place: a reader never sees a
+    half-written preset, and a failed build leaves nothing behind."""
+    out_dir = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".building-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        (tmp / "raytrain_preset.json").write_text(
-            json.dumps({"preset": "tiny:paligemma", "version": PRESET_VERSION, "seed": seed, "image_size": image_size})
-        )
+        (tmp / "raytrain_preset.json").write_text(json.dumps({**record, "version": PRESET_VERSION}))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

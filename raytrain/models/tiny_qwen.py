@@ -16,9 +16,6 @@ processor and the tokenizer, produces the same inputs (`<|image_pad|>` expansion
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from transformers.processing_utils import ProcessorMixin
@@ -237,7 +234,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0, loc_tokens: bool =
     import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
-    from raytrain.models.tiny import PRESET_VERSION
+    from raytrain.models.tiny import save_preset
 
     assert smart_resize(IMAGE_SIDE, IMAGE_SIDE, RESIZE["factor"], RESIZE["min_pixels"], RESIZE["max_pixels"]) == (IMAGE_SIDE, IMAGE_SIDE)
     out_dir = Path(out_dir)
@@ -256,19 +253,5 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0, loc_tokens: bool =
     model.generation_config = GenerationConfig(eos_token_id=[im_end, eot], pad_token_id=eot, do_sample=False)
     model.config.use_cache = True
 
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".building-"))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        (tmp / "raytrain_preset.json").write_text(
-            json.dumps(
-                {"preset": "tiny:qwen2_5_vl", "version": PRESET_VERSION, "seed": seed, "image_size": [IMAGE_SIDE, IMAGE_SIDE], "resize": RESIZE}
-            )
-        )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return save_preset(out_dir, model, processor,
+                       {"preset": "tiny:qwen2_5_vl", "seed": seed, "image_size": [IMAGE_SIDE, IMAGE_SIDE], "resize": RESIZE})
