@@ -153,6 +153,7 @@ def smoke(cfg: Experiment, *, steps: int = STEPS, root: str | None = None, num_i
     c.train = dataclasses.replace(
         t,
         steps=steps,
+        epochs=0.0,  # a job that trains by epochs: smoke's fixed step count instead
         micro_batch_size=MICRO_BATCH,
         grad_accum=max(1, min(t.grad_accum, MAX_ACCUM)),
         lr=LR.get(t.strategy, 2e-3),

@@ -94,6 +94,13 @@ def test_smoke_shortens_a_new_token_warmup_but_keeps_it():
     assert smoke_mod.smoke(_load(REPO / "jobs/tiny/shapes.yaml")).train.new_token_warmup_steps == 0
 
 
+def test_smoke_runs_its_own_step_count_for_a_job_that_trains_by_epochs():
+    job = _load(REPO / "jobs/paligemma/2-3b_full_shoulder_fracture.yaml")
+    assert job.train.epochs == 50  # the seed's "50 epochs"; steps would come from the example count
+    s = smoke_mod.smoke(job, steps=8)
+    assert (s.train.epochs, s.train.steps) == (0.0, 8)
+
+
 def test_smoke_keeps_the_task_head_at_the_tiny_token_count():
     cfg = _load(REPO / "jobs/paligemma/2-3b_full_shoulder_fracture.yaml")
     assert cfg.model.task_head_queries == 256  # seed 004's head, one query per SigLIP patch at 224 px
