@@ -364,9 +364,11 @@ def main() -> None:
             for rep in range(args.reps if ncpu == 2 else args.reps_1cpu):
                 t_round = time.perf_counter()
                 runs["plain"].append(run_plain(uri, opts, model_path, exclude, images))
-                runs["shipped"].append(run_ray("shipped", uri, opts, model_path, exclude, images, ncpu))
+                # no memory sampler here: the plain side runs without one, and its psutil walk + raylet
+                # RPC every 0.25 s cost the Ray side 3-5 % of its images/s (memory has its own runs)
+                runs["shipped"].append(run_ray("shipped", uri, opts, model_path, exclude, images, ncpu, memory=False))
                 runs["plain_b"].append(run_plain(uri, opts, model_path, exclude, images))
-                runs[FIXED].append(run_ray(FIXED, uri, opts, model_path, exclude, images, ncpu))
+                runs[FIXED].append(run_ray(FIXED, uri, opts, model_path, exclude, images, ncpu, memory=False))
                 print(f"[{ncpu} CPU] round {rep}: plain {runs['plain'][-1]['images_per_s']:.1f}, shipped {runs['shipped'][-1]['images_per_s']:.1f}, "
                       f"plain {runs['plain_b'][-1]['images_per_s']:.1f}, {FIXED} {runs[FIXED][-1]['images_per_s']:.1f} img/s; "
                       f"load {C.loadavg()} ({time.perf_counter() - t_round:.0f}s)", flush=True)

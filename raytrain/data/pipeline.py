@@ -244,17 +244,24 @@ def _chunks(batch: dict, size: int):
         yield {k: v[start:start + size] for k, v in batch.items()}
 
 
-# prepare_block hands its examples to Ray in pieces of about this size: Ray converts every yielded
-# batch to an Arrow table and concatenates them into output blocks, so 64-example pieces cost
-# ~0.05 CPU ms/image more than ~1,000-example ones (bench/data_pipeline.py, 64 px). Half the
-# launcher's 16 MiB output blocks; ~55 examples at 224 px, ~650 at 64 px.
-YIELD_BYTES = 8 * 1024**2
+# Output block size raytrain asks Ray Data for (launch.train.configure_ray_data sets it as the
+# DataContext's target_max_block_size): a training task then hands its examples over as it goes,
+# in several blocks, rather than in one 128 MiB block at its end. ~110 examples at 224 px, ~1,300
+# at the tiny preset's 64 px.
+BLOCK_BYTES = 16 * 1024**2
+
+# prepare_block hands its examples to Ray in pieces of at least this size. Ray converts every
+# yielded batch to an Arrow table and concatenates batches into output blocks, so 64-example pieces
+# cost ~0.05 CPU ms/image more than ~1,000-example ones (bench/data_pipeline.py, 64 px); pieces of
+# a whole block are emitted as they are, with no concatenation (+1-2 % images/s over half-block
+# pieces in an interleaved A/B, bench/README.md).
+YIELD_BYTES = BLOCK_BYTES
 
 
 def prepare_block(block: dict, *, split: str, tasks, image_hw, model_path: str, max_len: int, family: str = "paligemma",
-                  allow_convert: bool = True, counter=None, preprocess=None, batch_size: int = 64):
+                  allow_convert: bool = True, counter=None, preprocess=None, batch_size: int = 64, yield_bytes: int = YIELD_BYTES):
     """A whole read block (any number of shard rows) -> tokenized examples: decode_and_expand then
-    tokenize, `batch_size` rows / examples at a time, yielded in pieces of about YIELD_BYTES. The
+    tokenize, `batch_size` rows / examples at a time, yielded in pieces of about `yield_bytes`. The
     block's drop counts are reported once, after its last example (so before the task ends, and
     before the driver can ask for the totals)."""
     counts: Counter = Counter()
@@ -269,7 +276,7 @@ def prepare_block(block: dict, *, split: str, tasks, image_hw, model_path: str, 
                 continue
             pending.append(out)
             size += sum(v.nbytes for v in out.values())
-            if size >= YIELD_BYTES:
+            if size >= yield_bytes:
                 yield _concat(pending)
                 pending, size = [], 0
     if pending:

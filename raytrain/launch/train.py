@@ -77,6 +77,8 @@ def configure_ray_data() -> None:
     which start Ray themselves."""
     import ray.data
 
+    from raytrain.data import pipeline
+
     tune_ray_data_process()
 
     # Progress bars and per-dataset execution banners drown the job's own output.
@@ -99,9 +101,8 @@ def configure_ray_data() -> None:
     # Output blocks of 16 MiB rather than Ray's 128 MiB: a training task (read + prepare_block over
     # ~5 shards) then hands its examples over as it goes instead of in one block at its end
     # (bench/data_pipeline.py: first batch after 5.2 s -> see bench/README.md), and the object
-    # store holds a few small blocks per task rather than one large one. Still ~100 examples
-    # per block at 224 px (150 KB each), ~1,300 at the tiny preset's 64 px.
-    ctx.target_max_block_size = 16 * 1024**2
+    # store holds a few small blocks per task rather than one large one (pipeline.BLOCK_BYTES).
+    ctx.target_max_block_size = pipeline.BLOCK_BYTES
 
 
 def init_ray(cfg: Experiment):
