@@ -210,9 +210,14 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     micro = cfg.train.micro_batch_size
     window_loss, window_ce, window_n, t_window = 0.0, 0.0, 0, time.perf_counter()
     first_step_logged = False
+    # Micro-batches of the optimizer step being accumulated. Kept across epochs (as DeepSpeed's engine
+    # does in recipes/zero.py): an epoch's tail joins the next step instead of leaking its gradients
+    # into a step of accum + tail micro-batches, and an epoch shorter than one step (fewer than
+    # grad_accum micro-batches per worker) still makes progress instead of looping forever.
+    # Checkpoints are written at step boundaries only, where it is 0.
+    micro_in_step = 0
     while step < cfg.train.steps:
         batch_in_epoch = 0
-        micro_in_step = 0
         for batch in session.epoch_batches(epoch, micro):
             if batch_in_epoch < skip_batches:  # resuming mid-epoch: skip what the checkpoint consumed
                 batch_in_epoch += 1

@@ -91,3 +91,30 @@ def test_strategy_trains_and_checkpoints(strategy, tiny_model_path):
     # the checkpoint reloads for inference (QLoRA adapters merge into a full-precision base)
     model, proc = checkpointing.load_for_inference(ckpt, tiny_model_path, paligemma)
     assert model.training is False
+
+
+def test_accumulation_carries_across_epochs_shorter_than_one_step(tiny_model_path):
+    """3 micro-batches per epoch, 4 per optimizer step: every step takes exactly 4 micro-batches,
+    crossing epoch boundaries, and the run ends (an epoch shorter than a step used to loop forever,
+    and an epoch's tail leaked its gradients into the next epoch's step)."""
+    torch.set_num_threads(1)
+    cfg = config_mod.load(None, ["train.strategy=lora", "lora.r=4", "lora.alpha=8", "train.steps=3", "train.micro_batch_size=8",
+                                 "train.grad_accum=4", "train.warmup_steps=1", "train.log_every=1", "train.checkpoint_every=100"])
+    batches = _batches(tiny_model_path, n=24)  # 3 batches of 8
+    drawn, epochs = [], []
+
+    def epoch_batches(epoch, micro):
+        epochs.append(epoch)
+        if len(epochs) > 20:
+            raise AssertionError("no progress: 20 epochs without finishing 3 steps")
+        for b in batches:
+            drawn.append(epoch)
+            yield b
+
+    reports = []
+    s = lora.Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=lambda m, d: reports.append(m), epoch_batches=epoch_batches)
+    result = lora.train(cfg, tiny_model_path, s, torch.device("cpu"), wrap_ddp=lambda m: m)
+    assert result["step"] == 3
+    assert len(drawn) == 3 * 4  # no micro-batch dropped or counted twice
+    assert epochs == [0, 1, 2, 3]
+    assert [r["step"] for r in reports if "loss" in r] == [1, 2, 3]
