@@ -365,15 +365,8 @@ def write_result(name: str, result: dict) -> Path:
 
 
 def tiny_model_path(cache: str | None = None, image_size: int = 64) -> str:
-    """The offline tiny PaliGemma preset, built once into bench/results/presets (git-ignored). Another
-    image_size builds the same architecture at that input size (its own directory, built once)."""
-    from raytrain.models import tiny
+    """The offline tiny PaliGemma preset (at `image_size` px), built once into bench/results/presets
+    (git-ignored)."""
+    from raytrain.models.tiny import ensure_preset
 
-    root = Path(cache or str(RESULTS / "presets"))
-    if image_size == 64:
-        return str(tiny.ensure_preset("tiny:paligemma", root))
-    out = root / f"tiny-paligemma-v{tiny.PRESET_VERSION}-{image_size}px"
-    if not (out / "raytrain_preset.json").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        tiny.build_tiny_paligemma(out, image_size=image_size)
-    return str(out)
+    return str(ensure_preset("tiny:paligemma", cache or str(RESULTS / "presets"), image_size=image_size))

@@ -195,19 +195,29 @@ def save_preset(out_dir: str | Path, model, processor, record: dict) -> Path:
 _BUILDERS = {"paligemma": build_tiny_paligemma, "qwen2_5_vl": build_tiny_qwen2_5_vl}
 
 
-def ensure_preset(name: str, cache_dir: str | Path | None = None, seed: int = 0) -> Path:
-    """Path of the saved tiny preset `name` ('tiny:paligemma' or 'paligemma'), building it once."""
+def ensure_preset(name: str, cache_dir: str | Path | None = None, seed: int = 0, image_size: int | None = None) -> Path:
+    """Path of the saved tiny preset `name` ('tiny:paligemma' or 'paligemma'), building it once.
+    image_size (PaliGemma only; a multiple of 16): the same architecture at another input size, e.g.
+    224 for PaliGemma-224's 196 image tokens; cached under its own name."""
     family = name.split(":", 1)[-1]
     if family not in _BUILDERS:
         raise ValueError(f"unknown tiny preset {name!r}; known: {sorted(_BUILDERS)}")
+    kwargs: dict = {"seed": seed}
+    suffix = ""
+    if image_size is not None and image_size != 64:
+        if family != "paligemma":
+            raise ValueError(f"image_size is a tiny PaliGemma option; tiny:{family} has a fixed input size")
+        if image_size <= 0 or image_size % 16:
+            raise ValueError(f"image_size must be a positive multiple of 16 (the patch size), got {image_size}")
+        kwargs["image_size"], suffix = image_size, f"-{image_size}px"
     root = Path(cache_dir) if cache_dir else _default_cache()
-    out = root / f"tiny-{family}-v{PRESET_VERSION}-s{seed}"
+    out = root / f"tiny-{family}-v{PRESET_VERSION}-s{seed}{suffix}"
     marker = out / "raytrain_preset.json"
     if marker.exists():
         return out
     with _file_lock(root / f".tiny-{family}.lock"):
         if not marker.exists():
-            _BUILDERS[family](out, seed=seed)
+            _BUILDERS[family](out, **kwargs)
     return out
 
 

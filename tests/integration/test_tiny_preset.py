@@ -51,6 +51,23 @@ def test_preset_build_is_deterministic_and_cached(tmp_path):
     assert (a / "model.safetensors").stat().st_mtime == mtime  # not rebuilt
 
 
+def test_preset_at_another_input_size_is_its_own_cached_model(tmp_path):
+    default = tiny.ensure_preset("tiny:paligemma", tmp_path)
+    big = tiny.ensure_preset("tiny:paligemma", tmp_path, image_size=96)
+    assert big != default and tiny.ensure_preset("tiny:paligemma", tmp_path, image_size=96) == big
+    assert tiny.ensure_preset("tiny:paligemma", tmp_path, image_size=64) == default  # the default size is the default preset
+    model, proc = paligemma.load(str(big))
+    assert proc.image_seq_length == (96 // 16) ** 2 and paligemma.image_size(proc) == (96, 96)
+    enc = paligemma.encode_train(proc, [Image.new("RGB", (96, 96), (10, 200, 30))], ["detect circle"], ["<loc0001> circle"], 64)
+    with torch.no_grad():
+        out = model(**paligemma.prepare_inputs({k: torch.from_numpy(v) for k, v in enc.items() if k not in ("length", "labels")}))
+    assert out.logits.shape[1] == 64
+    with pytest.raises(ValueError, match="multiple of 16"):
+        tiny.ensure_preset("tiny:paligemma", tmp_path, image_size=100)
+    with pytest.raises(ValueError, match="fixed input size"):
+        tiny.ensure_preset("tiny:qwen2_5_vl", tmp_path, image_size=96)
+
+
 def test_hub_ids_are_passed_through_unchanged():
     assert paligemma.resolve("google/paligemma2-3b-pt-224") == "google/paligemma2-3b-pt-224"
 
