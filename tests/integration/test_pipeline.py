@@ -176,3 +176,25 @@ def test_job_workers_get_the_ray_data_process_setting(ray_cluster):
         return ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S
 
     assert ray_cluster.get(refresh_interval.remote()) == launch_train.LIMITS_REFRESH_S
+
+
+def test_prepare_block_pieces_are_the_whole_block_cut_up_and_counted_once(tmp_path, ray_cluster, tiny_model_path):
+    """prepare_block yields ~yield_bytes pieces: cut at every 4-example chunk (yield_bytes=1) they must
+    be exactly the one-piece output, in order, with the block's drops counted once either way."""
+    rows, _ = _bad_rows()
+    uri = str(tmp_path / "pieces")
+    shards.write_shards(rows, uri, rows_per_shard=100)
+    table = shards.read_split(uri, "train")
+    block = {k: np.array(table[k].to_pylist(), dtype=object) for k in ("id", "image", "width", "height", "objects")}
+    runs = {}
+    for yb in (pipeline.YIELD_BYTES, 1):
+        counter = pipeline.drop_counter()
+        pieces = list(pipeline.prepare_block(block, split="train", tasks=TASKS, image_hw=(64, 64), model_path=tiny_model_path,
+                                             max_len=48, counter=counter, batch_size=4, yield_bytes=yb))
+        runs[yb] = (pieces, ray_cluster.get(counter.get.remote())["train"])
+    (whole, whole_counts), (cut, cut_counts) = runs[pipeline.YIELD_BYTES], runs[1]
+    assert len(whole) == 1 and len(whole[0]["input_ids"]) == 18  # the 18 examples of the bad-rows test
+    assert len(cut) >= 18 // 4 and all(1 <= len(p["input_ids"]) <= 4 for p in cut)
+    for k in whole[0]:
+        np.testing.assert_array_equal(np.concatenate([p[k] for p in cut]), whole[0][k])
+    assert whole_counts == cut_counts == EXPECTED
