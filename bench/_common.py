@@ -367,6 +367,6 @@ def write_result(name: str, result: dict) -> Path:
 def tiny_model_path(cache: str | None = None, image_size: int = 64) -> str:
     """The offline tiny PaliGemma preset (at `image_size` px), built once into bench/results/presets
     (git-ignored)."""
-    from raytrain.models.tiny import ensure_preset
+    from raytrain.models import ensure_preset
 
     return str(ensure_preset("tiny:paligemma", cache or str(RESULTS / "presets"), image_size=image_size))

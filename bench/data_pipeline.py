@@ -6,7 +6,7 @@ raytrain's Ray Data pipeline vs a plain single-process loop doing the same work.
 
 What is compared (the same shards, the same tiny PaliGemma processor, batch size 64):
 
-  shipped    pipeline.train_dataset(...).iter_torch_batches(batch_size=64) consumed fully in the
+  shipped    pipeline.train_dataset(..., family="paligemma").iter_torch_batches(batch_size=64) consumed fully in the
              driver, the way a Ray Train worker consumes its shard, with the launcher's Ray Data
              settings: the Parquet read and pipeline.prepare_block (decode_and_expand + tokenize,
              64 rows/examples at a time) fused into one task per block of ~5 shards.
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 from collections import Counter
@@ -175,7 +174,7 @@ def build(variant: str, uri: str, opts, model_path: str, num_cpus: int):
 
     if not VARIANTS[variant].get("staged"):
         return pipeline.train_dataset(uri, "train", tasks=TASKS, model_path=model_path, image_hw=IMAGE_HW, max_len=MAX_LEN,
-                                      opts=opts, batch_size=BATCH)
+                                      opts=opts, batch_size=BATCH, family="paligemma")
     paths, fs = shards.shard_source(uri, "train", opts)
     blocks = max(len(paths), 4 * num_cpus)  # session 2's rule
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=COLS, override_num_blocks=blocks)

@@ -47,34 +47,16 @@ MAX_NEW_TOKENS = 16
 # decoding modes: one entry each (sequential decode of one example, run_predictions keywords)
 
 
-def _generate_unconstrained(model, processor, image, row) -> str:
-    from raytrain.models import paligemma
+def options(mode: str):
+    """The predict path's decoding options of a mode (raytrain/predict.py): the same code the
+    Predictor actors, Serve and validation run."""
+    from raytrain.predict import DecodeOptions
 
-    return paligemma.generate(model, processor, [image], [str(row["prefix"])], max_new_tokens=MAX_NEW_TOKENS)[0]
-
-
-def _generate_constrained(model, processor, image, row) -> str:
-    """One example through the same grammar-constrained decoder the Predictor uses (labels from the
-    query, PaliGemma loc grammar), with per-object confidences computed as the Predictor does."""
-    from raytrain.eval import decoding
-    from raytrain.formats.grammar import query_labels
-    from raytrain.models import paligemma
-
-    grammars = getattr(processor, "_bench_grammars", None)
-    if grammars is None:
-        grammars = processor._bench_grammars = decoding.PaliGemmaGrammars(processor)
-    kind = paligemma.KIND_OF_TASK[str(row["task"])]
-    (g,) = decoding.generate_detections(model, processor, [image], [str(row["prefix"])],
-                                        grammars=[grammars.for_labels(kind, query_labels(str(row["query"])), None)],
-                                        max_new_tokens=MAX_NEW_TOKENS)
-    decoding.object_confidences(g.logprobs, g.token_ids, processor.tokenizer, kind)
-    return g.text
+    constrained = mode == "constrained"
+    return DecodeOptions(max_new_tokens=MAX_NEW_TOKENS, constrained=constrained, confidence=constrained)
 
 
-DECODING = {
-    "unconstrained": {"sequential": _generate_unconstrained, "run_predictions_kwargs": {}},
-    "constrained": {"sequential": _generate_constrained, "run_predictions_kwargs": {"constrained": True, "confidence": True}},
-}
+DECODING = ("unconstrained", "constrained")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,28 +64,28 @@ DECODING = {
 
 
 def sequential(rows: list[dict], model_path: str, mode: str, threads: int) -> dict:
-    """One example at a time in this process; same parse + score as the actor pool."""
+    """One example at a time in this process through the predict path (decode, parse, source
+    pixels, confidences, score), as the actor pool runs it."""
+    import numpy as np
     import torch
-    from PIL import Image
 
-    from raytrain.eval import batch as eval_batch
-    from raytrain.models import paligemma
+    from raytrain import predict
+    from raytrain.models import family
 
     torch.set_num_threads(threads)
+    fam = family("paligemma")
     t0 = time.perf_counter()
-    model, processor = paligemma.load(model_path, dtype="float32")
+    model, processor = fam.load(model_path, dtype="float32")
     model.eval()
     load_s = time.perf_counter() - t0
-    decode = DECODING[mode]["sequential"]
+    opts = options(mode)
     texts, valid = [], 0
     t1 = time.perf_counter()
     for r in rows:
-        text = decode(model, processor, Image.fromarray(r["image"]), r)
-        w, h = int(r["width"]), int(r["height"])
-        res = paligemma.parse_output(text, str(r["task"]), w, h, tuple(r["image"].shape[:2]))
-        eval_batch.score_example(str(r["task"]), res.objects or None, r["targets"], w, h)
-        valid += bool(res.objects)
-        texts.append(text)
+        one = {k: np.asarray([v]) if k == "image" else np.array([v], dtype=object) for k, v in r.items()}
+        out = predict.predict_batch(model, processor, fam, one, opts)
+        valid += out["objects"][0] not in ("[]", "")
+        texts.append(str(out["text"][0]))
     decode_s = time.perf_counter() - t1
     total = time.perf_counter() - t0
     return {"threads": threads, "samples": len(rows), "load_s": round(load_s, 3), "decode_s": round(decode_s, 3),
@@ -113,32 +95,27 @@ def sequential(rows: list[dict], model_path: str, mode: str, threads: int) -> di
 
 
 def batched(rows: list[dict], model_path: str, mode: str, batch_size: int) -> dict:
-    """The same examples decoded in batches in this process, 1 thread: what batching alone gives,
-    without Ray (left-padded prompts; constrained mode through the same grammar decoder)."""
+    """The same examples through the predict path in batches in this process, 1 thread: what
+    batching alone gives, without Ray (left-padded prompts)."""
+    import numpy as np
     import torch
-    from PIL import Image
 
-    from raytrain.eval import decoding
-    from raytrain.formats.grammar import query_labels
-    from raytrain.models import paligemma
+    from raytrain import predict
+    from raytrain.models import family
 
     torch.set_num_threads(1)
-    model, processor = paligemma.load(model_path, dtype="float32")
+    fam = family("paligemma")
+    model, processor = fam.load(model_path, dtype="float32")
     model.eval()
-    grammars = decoding.PaliGemmaGrammars(processor) if mode == "constrained" else None
+    opts = options(mode)
     t0 = time.perf_counter()
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        images, prefixes = [Image.fromarray(r["image"]) for r in chunk], [str(r["prefix"]) for r in chunk]
-        if grammars is None:
-            paligemma.generate(model, processor, images, prefixes, max_new_tokens=MAX_NEW_TOKENS)
-        else:
-            kinds = [paligemma.KIND_OF_TASK[str(r["task"])] for r in chunk]
-            gs = [grammars.for_labels(k, query_labels(str(r["query"])), None) for k, r in zip(kinds, chunk)]
-            decoding.generate_detections(model, processor, images, prefixes, grammars=gs, max_new_tokens=MAX_NEW_TOKENS)
+        batch = {k: np.stack([r[k] for r in chunk]) if k == "image" else np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]}
+        predict.predict_batch(model, processor, fam, batch, opts)
     wall = time.perf_counter() - t0
     return {"samples": len(rows), "batch_size": batch_size, "threads": 1, "wall_s": round(wall, 3),
-            "samples_per_s": round(len(rows) / wall, 2), "note": "model load excluded; no parse/score"}
+            "samples_per_s": round(len(rows) / wall, 2), "note": "model load excluded; parse + score included"}
 
 
 def pooled(examples, model_path: str, mode: str, *, batch_size: int, num_actors: int, cpus_per_actor: float) -> dict:
@@ -146,9 +123,8 @@ def pooled(examples, model_path: str, mode: str, *, batch_size: int, num_actors:
 
     t0 = time.perf_counter()
     out = eval_batch.run_predictions(examples, family="paligemma", model_path=model_path, checkpoint_uri=None, storage=None,
-                                     dtype="float32", max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size,
-                                     num_actors=num_actors, cpus_per_actor=cpus_per_actor,
-                                     **DECODING[mode]["run_predictions_kwargs"])
+                                     dtype="float32", batch_size=batch_size, num_actors=num_actors,
+                                     cpus_per_actor=cpus_per_actor, options=options(mode))
     wall = time.perf_counter() - t0
     return {"samples": len(out), "wall_s": round(wall, 3), "samples_per_s": round(len(out) / wall, 3),
             "actors_used": len({int(r["worker"]) for r in out}),
@@ -188,7 +164,7 @@ def main() -> None:
         uri = str(Path(root) / "data")
         shards.prepare_synthetic(uri, n=args.examples // len(TASKS), seed=7, splits={"test": 1.0})
         ray = C.init_ray(2)
-        examples = pipeline.examples_dataset(uri, "test", tasks=TASKS, image_hw=(64, 64)).materialize()
+        examples = pipeline.examples_dataset(uri, "test", tasks=TASKS, image_hw=(64, 64), family="paligemma").materialize()
         rows = examples.take_all()
         result["data"] = {"examples": len(rows), "images": args.examples // len(TASKS), "image_px": 64,
                           "max_new_tokens": MAX_NEW_TOKENS}

@@ -32,7 +32,8 @@ from raytrain import config as config_mod  # noqa: E402
 from raytrain.data import pipeline, synthetic  # noqa: E402
 from raytrain.eval import batch as eval_batch  # noqa: E402
 from raytrain.models import paligemma  # noqa: E402
-from raytrain.models.tiny import ensure_preset  # noqa: E402
+from raytrain.models import ensure_preset, family  # noqa: E402
+from raytrain import predict  # noqa: E402
 from raytrain.recipes import lora  # noqa: E402
 from raytrain.training import checkpointing  # noqa: E402
 
@@ -43,7 +44,7 @@ def examples(task: str, start: int, n: int, seed: int = 21):
     rows = []
     for i in range(start, start + n):
         ex = synthetic.make_example(i, seed=seed, image_size=64)
-        (e,) = pipeline.examples_for(ex["objects"], [task], 64, 64)
+        (e,) = pipeline.examples_for(ex["objects"], [task], 64, 64, "paligemma")
         img = Image.open(io.BytesIO(ex["image"])).convert("RGB")
         rows.append((img, e))
     return rows
@@ -83,7 +84,7 @@ def evaluate(model, proc, rows, batch_size: int = 50) -> dict:
     out = []
     for i in range(0, len(rows), batch_size):
         c = rows[i : i + batch_size]
-        texts = paligemma.generate(model, proc, [r[0] for r in c], [r[1]["prefix"] for r in c], max_new_tokens=12)
+        texts = [g.text for g in predict.decode(model, proc, family("paligemma"), [r[0] for r in c], [r[1]["prefix"] for r in c], max_new_tokens=12)]
         for (img, e), text in zip(c, texts):
             res = paligemma.parse_output(text, e["task"], 64, 64)
             score = eval_batch.score_example(e["task"], res.objects or None, e["targets"], 64, 64)

@@ -144,7 +144,7 @@ def tokenized_batches(uri: str, model_path: str, cfg, micro: int) -> tuple[list[
     t = time.perf_counter()
     proc = paligemma.load_processor(model_path)
     ds = pipeline.train_dataset(uri, "train", tasks=cfg.data.tasks, model_path=model_path, image_hw=paligemma.image_size(proc),
-                                max_len=cfg.data.max_seq_len).materialize()
+                                max_len=cfg.data.max_seq_len, family="paligemma").materialize()
     prep_s = time.perf_counter() - t
     return list(ds.iter_torch_batches(batch_size=micro, drop_last=True)), prep_s
 

@@ -127,29 +127,28 @@ class ModelConfig:
     train_projector: bool = False
     """Train the multi-modal projector (frozen by default with the vision tower)."""
     gradient_checkpointing: bool = False
-    box_format: str = "absolute"
-    """qwen2_5_vl: how boxes/points are written (seed 002): absolute (resized-image pixels, Qwen's
-    own) | normalized (0-1) | tokens (1024 added <|loc_DDDD|> tokens, rows initialised from the
-    digit embeddings; LoRA trains their rows too) | pairs ((phrase, [x1, y1, x2, y2]) list).
-    PaliGemma always writes its own <loc> tokens: only "absolute" (the default) is accepted."""
+    box_format: str = ""
+    """How answers write coordinates; "" = the family's own (PaliGemma: <loc> tokens; Qwen2.5-VL:
+    absolute pixels of the resized image). qwen2_5_vl also: normalized (0-1) | tokens (1024 added
+    <|loc_DDDD|> tokens, rows initialised from the digit embeddings; LoRA trains their rows too) |
+    pairs ((phrase, [x1, y1, x2, y2]) list) (seed 002). raytrain.models.answer_formats(family) lists them."""
     task_head_queries: int = 0
     """Seed 004's task attention head: this many learnable queries cross-attend over the vision
     tower's patch embeddings before the projector (always trained; models/task_head.py). 0 = off.
-    PaliGemma only, and must equal the model's image tokens (224 px: 256, 448 px: 1024)."""
+    Families with a fixed number of image tokens (PaliGemma); must equal it (224 px: 256, 448 px: 1024)."""
 
     def __post_init__(self):
-        from raytrain.models import BOX_FORMATS
+        from raytrain.models import family, family_spec
 
-        if self.box_format not in BOX_FORMATS:
-            raise ValueError(f"model.box_format must be one of {list(BOX_FORMATS)}, got {self.box_format!r}")
-        if self.family == "paligemma" and self.box_format != "absolute":
-            raise ValueError(f"model.box_format={self.box_format!r} applies to qwen2_5_vl; PaliGemma writes its own "
-                             "<loc> tokens (leave model.box_format at 'absolute')")
+        try:
+            spec = family_spec(self.family, self.box_format)
+        except ValueError as e:
+            raise ValueError(f"model.family / model.box_format: {e}") from None
         if self.task_head_queries < 0:
             raise ValueError(f"model.task_head_queries must be >= 0 (0 = off), got {self.task_head_queries}")
-        if self.task_head_queries and self.family != "paligemma":
-            raise ValueError(f"model.task_head_queries needs model.family=paligemma (got {self.family!r}): "
-                             "Qwen2.5-VL images have a variable number of tokens each")
+        if self.task_head_queries and not family(spec).supports_task_head:
+            raise ValueError(f"model.task_head_queries needs a family with a fixed number of image tokens per image, "
+                             f"not {self.family!r} (models/task_head.py)")
 
     @property
     def spec(self) -> str:

@@ -104,7 +104,7 @@ def one_torch_thread():
 def tiny_qwen_path(tmp_path_factory):
     """The offline tiny Qwen2.5-VL preset (<|loc|> tokens in its vocabulary, tied lm_head, like
     the 3B), built once per session into a temp cache."""
-    from raytrain.models.tiny import ensure_preset
+    from raytrain.models import ensure_preset
 
     return str(ensure_preset("tiny:qwen2_5_vl", tmp_path_factory.mktemp("qwen-presets")))
 
@@ -112,6 +112,6 @@ def tiny_qwen_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
     """The offline tiny PaliGemma preset, built once per session into a temp cache."""
-    from raytrain.models.tiny import ensure_preset
+    from raytrain.models import ensure_preset
 
     return str(ensure_preset("tiny:paligemma", tmp_path_factory.mktemp("presets")))

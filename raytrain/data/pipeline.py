@@ -29,18 +29,14 @@ import numpy as np
 from PIL import Image
 
 from raytrain import storage
+from raytrain import tasks as task_registry
 from raytrain.data import preprocess as preprocess_mod
 from raytrain.data import shards, validate
-from raytrain.formats.annotations import Box, Caption, Mask, Point, Region, objects_from_json, objects_to_json
+from raytrain.formats.annotations import Box, Caption, Region, objects_from_json, objects_to_json
 from raytrain.models import family as model_family
 
 log = logging.getLogger(__name__)
 
-TASK_KIND = {"point": Point, "detect": Box, "caption": Caption, "dense_caption": Region, "segment": Mask}
-# Tasks asked once per image about all its objects of the kind (no query label). A caption task
-# trains on the image's first caption (the selected one after `prepare`'s caption selection) and
-# keeps all captions as references for evaluation.
-PER_IMAGE_TASKS = ("caption", "dense_caption")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +104,7 @@ def _report(counter, split: str, counts: Counter) -> None:
 # stage 1: decode, validate, resize, expand into (task, label) examples
 
 
-def examples_for(objs: Sequence, tasks: Sequence[str], width: int, height: int, family: str = "paligemma", image_hw=None,
+def examples_for(objs: Sequence, tasks: Sequence[str], width: int, height: int, family: str, image_hw=None,
                  geometry: preprocess_mod.Geometry | None = None) -> list[dict]:
     """One example per task and distinct label: the target is every object of that label and of
     the task's kind (points for 'point', boxes for 'detect'), rendered in the family's format.
@@ -126,8 +122,12 @@ def examples_for(objs: Sequence, tasks: Sequence[str], width: int, height: int, 
     out = []
     labels = sorted({o.label for o in objs if not isinstance(o, (Caption, Region))})
     for task in tasks:
-        kind = TASK_KIND[task]
-        if task in PER_IMAGE_TASKS:
+        spec = task_registry.get(task)
+        kind = spec.object_type
+        # per-image tasks (caption, dense caption) ask once about all the image's objects of the kind;
+        # a caption trains on the image's first caption (the one `prepare`'s selection kept) and
+        # keeps all captions as references for evaluation
+        if spec.per_image:
             targets = [o for o in objs if isinstance(o, kind)]
             if targets:
                 prefix, suffix = render(task, "", targets)
@@ -148,7 +148,7 @@ def decode_and_expand(
     split: str,
     tasks: Sequence[str],
     image_hw: tuple[int, int],
-    family: str = "paligemma",
+    family: str,
     allow_convert: bool = True,
     counter=None,
     preprocess: preprocess_mod.Preprocess | dict | None = None,
@@ -217,7 +217,7 @@ def _processor(family: str, model_path: str):
     return model_family(family).load_processor(model_path)
 
 
-def tokenize(batch: dict, *, split: str, model_path: str, max_len: int, family: str = "paligemma", counter=None,
+def tokenize(batch: dict, *, split: str, model_path: str, max_len: int, family: str, counter=None,
              counts: Counter | None = None) -> dict:
     """Examples -> fixed-length model inputs. Examples longer than max_len are dropped and counted
     (cutting them would teach the model truncated objects). `counts`: as in decode_and_expand."""
@@ -258,7 +258,7 @@ BLOCK_BYTES = 16 * 1024**2
 YIELD_BYTES = BLOCK_BYTES
 
 
-def prepare_block(block: dict, *, split: str, tasks, image_hw, model_path: str, max_len: int, family: str = "paligemma",
+def prepare_block(block: dict, *, split: str, tasks, image_hw, model_path: str, max_len: int, family: str,
                   allow_convert: bool = True, counter=None, preprocess=None, batch_size: int = 64, yield_bytes: int = YIELD_BYTES):
     """A whole read block (any number of shard rows) -> tokenized examples: decode_and_expand then
     tokenize, `batch_size` rows / examples at a time, yielded in pieces of about `yield_bytes`. The
@@ -320,7 +320,7 @@ def read_split(uri: str, split: str, opts: storage.StorageOptions | None = None)
     return ray.data.read_parquet(paths, filesystem=fs, columns=["id", "image", "width", "height", "objects"], override_num_blocks=blocks)
 
 
-def examples_dataset(uri: str, split: str, *, tasks, image_hw, family="paligemma", allow_convert=True, opts=None, counter=None, batch_size=64,
+def examples_dataset(uri: str, split: str, *, tasks, image_hw, family: str, allow_convert=True, opts=None, counter=None, batch_size=64,
                      preprocess=None):
     """Validated, preprocessed, expanded examples of one split (no tokens): the eval input."""
     ds = read_split(uri, split, opts)
@@ -333,7 +333,7 @@ def examples_dataset(uri: str, split: str, *, tasks, image_hw, family="paligemma
     )
 
 
-def train_dataset(uri: str, split: str, *, tasks, model_path: str, image_hw, max_len: int, family="paligemma", allow_convert=True, opts=None, counter=None, batch_size=64,
+def train_dataset(uri: str, split: str, *, tasks, model_path: str, image_hw, max_len: int, family: str, allow_convert=True, opts=None, counter=None, batch_size=64,
                   preprocess=None):
     """Tokenized training examples of one split: read + prepare_block in one Ray task per block
     (batch_size=None hands the whole read block over, which is what lets Ray fuse the two)."""

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from itertools import product
 from typing import Any
 
-from raytrain.eval.decoding import seed_everything
+from raytrain.predict import seed_everything
 
 ROW_KEYS = ("checkpoint", "prompt", "decoding")
 

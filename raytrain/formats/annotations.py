@@ -416,6 +416,52 @@ def box_iou(a: Box, b: Box) -> float:
     return inter / union if union > 0 else 0.0
 
 
+# ---------------------------------------------------------------------------- ranking and NMS
+
+
+def score_order(scores: Sequence[float]) -> list[int]:
+    """Indices best score first; NaN / None rank last; ties keep the input order."""
+    key = [(-s if s is not None and math.isfinite(s) else math.inf) for s in (float(v) for v in scores)]
+    return sorted(range(len(key)), key=lambda i: (key[i], i))
+
+
+def nms(
+    objects: Sequence[Obj],
+    scores: Sequence[float],
+    iou_threshold: float = 0.5,
+    distance_threshold: float | None = None,
+    class_aware: bool = True,
+) -> list[int]:
+    """Greedy non-maximum suppression; returns the indices kept, best score first.
+
+    Boxes: a box is dropped when its IoU with an already kept box is > ``iou_threshold``
+    (as ``torchvision.ops.nms``). Points: a point is dropped when it lies within
+    ``distance_threshold`` pixels (<=) of a kept point; required for points. With
+    ``class_aware`` only objects with the same label suppress each other. NaN scores rank last.
+    """
+    if len(objects) != len(scores):
+        raise ValueError(f"{len(objects)} objects but {len(scores)} scores")
+    if not objects:
+        return []
+    if all(isinstance(o, Box) for o in objects):
+        def overlaps(a, b):
+            return box_iou(a, b) > iou_threshold
+    elif all(isinstance(o, Point) for o in objects):
+        if distance_threshold is None:
+            raise ValueError("nms over points needs distance_threshold (pixels)")
+
+        def overlaps(a, b):
+            return math.hypot(a.x - b.x, a.y - b.y) <= distance_threshold
+    else:
+        raise TypeError("nms needs all boxes or all points")
+    kept: list[int] = []
+    for i in score_order(scores):
+        o = objects[i]
+        if not any((not class_aware or objects[k].label == o.label) and overlaps(objects[k], o) for k in kept):
+            kept.append(i)
+    return kept
+
+
 # ---------------------------------------------------------------------------- parse results
 
 

@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import inspect
 import io
 import logging
 import shutil
@@ -52,12 +51,10 @@ NUM_IMAGES = 64
 MICRO_BATCH = 4
 MAX_ACCUM = 2
 """Gradient accumulation is kept (capped at 2) so the no-sync path of the recipe still runs."""
-TINY = {"paligemma": "tiny:paligemma", "qwen2_5_vl": "tiny:qwen2_5_vl"}
-# Tokens per example / tokens generated that the tiny presets need: PaliGemma tiny has 16 image
-# tokens + ~12 text tokens per synthetic example; Qwen tiny has 16 merged image tokens inside a chat
-# template (~70 tokens before the answer) and writes answers as JSON (~35 tokens for one box).
-MAX_SEQ_LEN = {"paligemma": 48, "qwen2_5_vl": 160}
-MAX_NEW_TOKENS = {"paligemma": 16, "qwen2_5_vl": 48}
+SEQ_MARGIN = 8
+"""Tokens added to the longest smoke example (data.max_seq_len) and to its longest answer
+(eval.max_new_tokens): both are measured on the smoke data with the family's own encoding
+(`token_budget`), so no family's prompt or answer length is written down here."""
 LR = {"full": 2e-3, "lora": 5e-3, "zero2": 2e-3, "zero3": 2e-3}
 FALLBACK_TASK = {"caption": "detect", "dense_caption": "detect", "segment": "detect"}
 """Closest task the synthetic shapes can render: a label-bearing box answer for the text tasks
@@ -110,11 +107,12 @@ def smoke(cfg: Experiment, *, steps: int = STEPS, root: str | None = None, num_i
     """A copy of `cfg` shrunk to run on CPU in seconds (see the module docstring for what is kept).
 
     root: storage root of the smoke run (default: the job's, with the run named `<name>-smoke`)."""
+    from raytrain.models import family as model_family
+
     c = copy.deepcopy(cfg)
-    fam = c.model.family
-    if fam not in TINY:
-        raise ValueError(f"no tiny preset for model family {fam!r}; known: {sorted(TINY)}")
-    plan = smoke_plan(list(c.data.tasks), fam)
+    fam = model_family(c.model.spec)
+    tiny_name = f"tiny:{fam.name}"  # every family ships an offline tiny preset under this name
+    plan = smoke_plan(list(c.data.tasks), c.model.spec)
     for note in plan.notes:
         log.warning("smoke: %s", note)
 
@@ -132,18 +130,19 @@ def smoke(cfg: Experiment, *, steps: int = STEPS, root: str | None = None, num_i
         shapes_per_image=1,
         splits={"train": 0.8, "val": 0.1, "test": 0.1},
         tasks=plan.tasks,
-        max_seq_len=MAX_SEQ_LEN[fam],
+        max_seq_len=4096,  # measured below (token_budget)
         rows_per_shard=num_images,
         prepare=config_mod.PrepareOptions(),
     )
 
     # ---- model: the tiny preset of the same family, float32 on CPU; freeze policy unchanged
     # (unfreeze_vision_layers larger than the tiny tower's 2 layers unfreezes all of them)
-    c.model = dataclasses.replace(c.model, name_or_path=TINY[fam], dtype="float32")
+    c.model = dataclasses.replace(c.model, name_or_path=tiny_name, dtype="float32")
+    processor = fam.load_processor(tiny_name)
     if c.model.task_head_queries:  # the head outputs one token per image token: the tiny preset's count
-        from raytrain.models import family as model_family
-
-        c.model.task_head_queries = model_family(fam).load_processor(TINY[fam]).image_seq_length
+        c.model.task_head_queries = fam.image_tokens(processor)
+    seq_len, answer_len = token_budget(c, processor)
+    c.data.max_seq_len = seq_len + SEQ_MARGIN
     if c.quant.bits:
         c.quant = dataclasses.replace(c.quant, compute_dtype="float32")
 
@@ -178,7 +177,7 @@ def smoke(cfg: Experiment, *, steps: int = STEPS, root: str | None = None, num_i
     # ---- eval: the job's decoding settings on a handful of examples, no baselines
     c.eval = dataclasses.replace(
         c.eval, split="test", batch_size=8, num_actors=1, cpus_per_actor=1.0, baselines=False, checkpoint="",
-        max_new_tokens=MAX_NEW_TOKENS[fam],
+        max_new_tokens=answer_len + SEQ_MARGIN,
     )
     c.ray = config_mod.RayConfig(address=None, num_cpus=None, object_store_mb=256)
 
@@ -199,6 +198,42 @@ def smoke(cfg: Experiment, *, steps: int = STEPS, root: str | None = None, num_i
     return c
 
 
+def token_budget(cfg: Experiment, processor, n_images: int = 8, seed: int = 11) -> tuple[int, int]:
+    """(longest example, longest answer) in tokens over a few smoke examples of `cfg` (its tasks,
+    preprocessing and family), encoded exactly as training encodes them."""
+    import numpy as np
+
+    from raytrain.models import family as model_family
+
+    fam = model_family(cfg.model.spec)
+    images, prefixes, suffixes = _synthetic_rows(cfg, fam, processor, n_images, seed)
+    enc = fam.encode_train(processor, images, prefixes, suffixes, max_len=4096)
+    answer = (np.asarray(enc["labels"]) != -100).sum(axis=1)
+    return int(np.max(enc["length"])), int(np.max(answer))
+
+
+def _synthetic_rows(cfg: Experiment, fam, processor, n_rows: int, seed: int) -> tuple[list, list, list]:
+    """(images as the model sees them, prefixes, suffixes) of at least `n_rows` synthetic examples."""
+    from PIL import Image
+
+    from raytrain.data import pipeline, preprocess, synthetic
+
+    hw = fam.image_size(processor)
+    prep = preprocess.from_data_config(cfg.data)
+    images, prefixes, suffixes = [], [], []
+    i = 0
+    while len(images) < n_rows:
+        ex = synthetic.make_example(i, seed=seed, image_size=cfg.data.image_size)
+        i += 1
+        geom = prep.geometry(ex["width"], ex["height"], hw)
+        image = Image.fromarray(prep.apply(Image.open(io.BytesIO(ex["image"])), geom))
+        for e in pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], cfg.model.spec, hw, geom):
+            images.append(image)
+            prefixes.append(e["prefix"])
+            suffixes.append(e["suffix"])
+    return images, prefixes, suffixes
+
+
 # ----------------------------------------------------------------------------------------------
 # Ray-free run: the recipe loop on synthetic batches
 
@@ -208,24 +243,12 @@ class SmokeUnavailable(RuntimeError):
 
 
 def missing_support(cfg: Experiment) -> str | None:
-    """Why the recipe cannot run `cfg` here (a missing recipe or family function), or None."""
-    from raytrain.models import family
-
-    fam = family(cfg.model.spec)
+    """Why the recipe cannot run `cfg` here (a strategy whose dependencies do not import), or None."""
     if cfg.train.strategy in ("zero2", "zero3"):
         try:
             from raytrain.recipes import zero  # noqa: F401
         except ImportError as e:
             return f"strategy {cfg.train.strategy} needs raytrain.recipes.zero, which does not import here: {e}"
-        return None
-    missing = []
-    if "quant" not in inspect.signature(fam.load).parameters:
-        missing.append("load(..., quant=...)")
-    if not hasattr(fam, "apply_freeze_policy"):
-        missing.append("apply_freeze_policy")
-    if missing:
-        return (f"recipes/lora.py calls raytrain.models.{cfg.model.family}.{' and '.join(missing)}, "
-                f"which the {cfg.model.family} family module does not provide yet")
     return None
 
 
@@ -235,30 +258,16 @@ def synthetic_batches(cfg: Experiment, model_path: str, n_batches: int, seed: in
     data.edge_* say, targets in that frame, family encode_train)."""
     import numpy as np
     import torch
-    from PIL import Image
 
-    from raytrain.data import pipeline, preprocess, synthetic
     from raytrain.models import family
 
     fam = family(cfg.model.spec)
     proc = fam.load_processor(model_path)
-    hw = fam.image_size(proc)
-    prep = preprocess.from_data_config(cfg.data)
     micro = cfg.train.micro_batch_size
-    rows: list[tuple] = []
-    i = 0
-    while len(rows) < n_batches * micro:
-        ex = synthetic.make_example(i, seed=seed, image_size=cfg.data.image_size)
-        i += 1
-        geom = prep.geometry(ex["width"], ex["height"], hw)
-        image = Image.fromarray(prep.apply(Image.open(io.BytesIO(ex["image"])), geom))
-        for e in pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], cfg.model.spec, hw, geom):
-            rows.append((image, e["prefix"], e["suffix"]))
-    rows = rows[: n_batches * micro]
+    images, prefixes, suffixes = _synthetic_rows(cfg, fam, proc, n_batches * micro, seed)
     out = []
-    for s in range(0, len(rows), micro):
-        chunk = rows[s : s + micro]
-        enc = fam.encode_train(proc, [r[0] for r in chunk], [r[1] for r in chunk], [r[2] for r in chunk], cfg.data.max_seq_len)
+    for s in range(0, n_batches * micro, micro):
+        enc = fam.encode_train(proc, images[s : s + micro], prefixes[s : s + micro], suffixes[s : s + micro], cfg.data.max_seq_len)
         length = enc.pop("length")
         if (np.asarray(length) > cfg.data.max_seq_len).any():
             raise ValueError(f"smoke examples need {int(np.max(length))} tokens > data.max_seq_len={cfg.data.max_seq_len}")
@@ -324,24 +333,31 @@ def run_local(cfg: Experiment, out_dir: str | Path, *, model_path: str | None = 
 
 
 def _generate(cfg: Experiment, ckpt: Path, model_path: str, fam, checkpointing) -> list[str]:
-    """Two test-split prompts through `generate` with the job's eval.decoding: checks that the
-    checkpoint reloads for inference and that the decoding settings are valid generate() kwargs."""
+    """Two test-split examples through the predict path with the job's eval decoding settings:
+    checks that the checkpoint reloads for inference, that the settings are valid generate()
+    kwargs, and that constrained decoding / confidences run for the job's family and format."""
     from PIL import Image
 
+    from raytrain import predict
     from raytrain.data import pipeline, preprocess, synthetic
 
     model, proc = checkpointing.load_for_inference(ckpt, model_path, fam)
     hw = fam.image_size(proc)
     # as `raytrain eval` does: the checkpoint's recorded preprocessing
     prep = preprocess.resolve_recorded(checkpointing.recorded_preprocess(ckpt), preprocess.from_data_config(cfg.data), str(ckpt))
-    images, prefixes = [], []
+    images, tasks, queries, prefixes, geoms = [], [], [], [], []
     for i in range(2):
         ex = synthetic.make_example(10_000 + i, seed=11, image_size=cfg.data.image_size)
         geom = prep.geometry(ex["width"], ex["height"], hw)
         e = pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], cfg.model.spec, hw, geom)[0]
         images.append(Image.fromarray(prep.apply(Image.open(io.BytesIO(ex["image"])), geom)))
+        tasks.append(e["task"])
+        queries.append(e["query"])
         prefixes.append(e["prefix"])
-    return fam.generate(model, proc, images, prefixes, max_new_tokens=cfg.eval.max_new_tokens, **dict(cfg.eval.decoding))
+        geoms.append(geom)
+    options = predict.DecodeOptions(max_new_tokens=cfg.eval.max_new_tokens, constrained=cfg.eval.constrained,
+                                    confidence=cfg.eval.confidence, max_objects=cfg.eval.max_objects, generate=dict(cfg.eval.decoding))
+    return [p.text for p in predict.predict(model, proc, fam, images, tasks, queries, prefixes, geoms, options)]
 
 
 # ----------------------------------------------------------------------------------------------

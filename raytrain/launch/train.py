@@ -262,6 +262,7 @@ def evaluate(cfg: Experiment, uri: str, base_path: str, ckpt_uri: str | None, co
     from raytrain.data import pipeline, preprocess
     from raytrain.eval import batch as eval_batch
     from raytrain.models import family
+    from raytrain.predict import DecodeOptions
 
     fam = family(cfg.model.spec)
     processor = fam.load_processor(base_path)
@@ -288,14 +289,11 @@ def evaluate(cfg: Experiment, uri: str, base_path: str, ckpt_uri: str | None, co
         model_path=base_path,
         storage={"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region},
         dtype=cfg.model.dtype,
-        max_new_tokens=cfg.eval.max_new_tokens,
         batch_size=cfg.eval.batch_size,
         num_actors=cfg.eval.num_actors,
         cpus_per_actor=cfg.eval.cpus_per_actor,
-        decoding=cfg.eval.decoding,
-        constrained=cfg.eval.constrained,
-        max_objects=cfg.eval.max_objects,
-        confidence=cfg.eval.confidence,
+        options=DecodeOptions(max_new_tokens=cfg.eval.max_new_tokens, constrained=cfg.eval.constrained,
+                              confidence=cfg.eval.confidence, max_objects=cfg.eval.max_objects, generate=dict(cfg.eval.decoding)),
     )
     results: dict = {}
     t = time.perf_counter()

@@ -1,45 +1,75 @@
-"""Model families. Each module exposes the same functions (load, load_processor,
-lora_target_modules, encode_train, encode_prompts, generate, loc_token_ids).
+"""Model families behind one interface (`raytrain.models.interface.ModelFamily`).
 
-A family SPEC names the module and, where the family offers several, how it writes boxes:
-"qwen2_5_vl" (absolute pixels, the default), "qwen2_5_vl+normalized", "qwen2_5_vl+tokens",
-"qwen2_5_vl+pairs". `family(spec)` returns the module itself for a plain name, or the module's view
-bound to that box format (its `with_box_format`), which every caller uses exactly like the module.
-The spec is what the recipes record in state.json ("family") and what eval/serve take, so a
-checkpoint is always read in the format it was trained in. `family_spec(cfg.model.family,
-cfg.model.box_format)` builds it from the config."""
+A family SPEC names a family and, where it can write answers several ways, the answer format:
+"paligemma" (its <loc> tokens), "qwen2_5_vl" (absolute pixels, its default), "qwen2_5_vl+tokens",
+"qwen2_5_vl+normalized", "qwen2_5_vl+pairs". `family(spec)` returns ONE immutable family object for
+it; the spec is what checkpoints record (state.json "family") and what eval / Serve take, so a
+checkpoint is always read in the format it was trained in. `family_spec(name, answer_format)` builds
+a spec from the config's model.family / model.box_format.
+
+Adding a family: a module here with a frozen dataclass implementing every ModelFamily member, a
+line in FAMILIES, its format codec under formats/, a tiny preset builder, tests and a job YAML.
+"""
+
+from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from functools import cache
+from pathlib import Path
 
-FAMILIES = {"paligemma": "raytrain.models.paligemma", "qwen2_5_vl": "raytrain.models.qwen2_5_vl"}
-BOX_FORMATS = ("absolute", "normalized", "tokens", "pairs")
-DEFAULT_BOX_FORMAT = "absolute"
+FAMILIES = {
+    "paligemma": ("raytrain.models.paligemma", "PaliGemma"),
+    "qwen2_5_vl": ("raytrain.models.qwen2_5_vl", "Qwen2_5_VL"),
+}
+"""Family name -> (module, class) of its ModelFamily implementation."""
 
 
-def family_spec(name: str, box_format: str = DEFAULT_BOX_FORMAT) -> str:
-    """'qwen2_5_vl', 'tokens' -> 'qwen2_5_vl+tokens'; the default format adds nothing."""
-    return name if box_format == DEFAULT_BOX_FORMAT else f"{name}+{box_format}"
+def _family_class(name: str) -> type:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
+    module, cls = FAMILIES[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def answer_formats(name: str) -> tuple[str, ...]:
+    """The answer formats family `name` can write; the first is its default."""
+    return tuple(_family_class(name).ANSWER_FORMATS)
 
 
 def parse_family_spec(spec: str) -> tuple[str, str]:
-    """'qwen2_5_vl+tokens' -> ('qwen2_5_vl', 'tokens'); raises ValueError for unknown parts."""
-    name, _, box_format = spec.partition("+")
-    box_format = box_format or DEFAULT_BOX_FORMAT
-    if name not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
-    if box_format not in BOX_FORMATS:
-        raise ValueError(f"unknown box format {box_format!r} in family {spec!r}; known: {list(BOX_FORMATS)}")
-    return name, box_format
+    """'qwen2_5_vl+tokens' -> ('qwen2_5_vl', 'tokens'); 'paligemma' -> ('paligemma', 'loc').
+    ValueError for an unknown family or a format the family cannot write."""
+    name, _, fmt = spec.partition("+")
+    formats = answer_formats(name)
+    fmt = fmt or formats[0]
+    if fmt not in formats:
+        raise ValueError(f"model family {name!r} writes answers as {list(formats)}, not {fmt!r} (spec {spec!r})")
+    return name, fmt
 
 
+def family_spec(name: str, answer_format: str = "") -> str:
+    """('qwen2_5_vl', 'tokens') -> 'qwen2_5_vl+tokens'; the family's default format ('' too) adds nothing."""
+    formats = answer_formats(name)
+    fmt = answer_format or formats[0]
+    if fmt not in formats:
+        raise ValueError(f"model family {name!r} writes answers as {list(formats)}, not {fmt!r}")
+    return name if fmt == formats[0] else f"{name}+{fmt}"
+
+
+@cache
 def family(spec: str):
-    """The family module for `spec` (a plain family name), or its view bound to the spec's box format."""
-    name, box_format = parse_family_spec(spec)
-    module: ModuleType = importlib.import_module(FAMILIES[name])
-    if box_format == DEFAULT_BOX_FORMAT:
-        return module
-    bind = getattr(module, "with_box_format", None)
-    if bind is None:
-        raise ValueError(f"model family {name!r} writes boxes in its own fixed format; box format {box_format!r} applies to qwen2_5_vl only")
-    return bind(box_format)
+    """The immutable family object for `spec` (cached: one per spec per process)."""
+    name, fmt = parse_family_spec(spec)
+    return _family_class(name)(answer_format=fmt)
+
+
+def ensure_preset(name: str, cache_dir: str | Path | None = None, seed: int = 0, image_size: int | None = None) -> Path:
+    """Path of the offline tiny preset 'tiny:<family>' (or '<family>'), built once (models/tiny.py);
+    image_size: another input side (the family's builder says which it accepts)."""
+    from raytrain.models import tiny
+
+    fam_name = name.split(":", 1)[-1]
+    fam = family(fam_name)
+    if image_size == fam.TINY_IMAGE_SIZE:
+        image_size = None  # the default size is the default preset
+    return tiny.ensure_preset(fam_name, fam.build_tiny_preset, cache_dir, seed=seed, image_size=image_size)

@@ -70,6 +70,7 @@ import functools
 import sys
 from dataclasses import dataclass, field
 
+from raytrain.models import family as model_family
 from raytrain.models import presets
 
 GiB = float(2**30)
@@ -129,9 +130,10 @@ class Tower:
     eager_softcap: bool  # attention runs eagerly with softcapping (Gemma 2)
 
 
-def towers(cfg) -> tuple[Tower, Tower]:
-    """(language decoder, vision encoder) shapes of a PaliGemmaConfig or Qwen2_5_VLConfig."""
-    t, v = cfg.text_config, cfg.vision_config
+def towers(cfg, family_name: str | None = None) -> tuple[Tower, Tower]:
+    """(language decoder, vision encoder) shapes of a model config (PaliGemmaConfig, Qwen2_5_VLConfig,
+    ...); `family_name`: the raytrain family (default: the config's model_type, which names it)."""
+    t = cfg.text_config
     gemma2 = t.model_type == "gemma2"
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     text = Tower(
@@ -148,36 +150,8 @@ def towers(cfg) -> tuple[Tower, Tower]:
         rotary=True,
         eager_softcap=gemma2,
     )
-    if cfg.model_type == "paligemma":  # SigLIP: LayerNorm, GELU MLP, learned positions
-        vision = Tower(
-            layers=v.num_hidden_layers,
-            width=v.hidden_size,
-            q=v.hidden_size,
-            kv=v.hidden_size,
-            heads=v.num_attention_heads,
-            mlp=v.intermediate_size,
-            n_norm=2,
-            rms=False,
-            rms_fp32_bytes=0,
-            gated=False,
-            rotary=False,
-            eager_softcap=False,
-        )
-    else:  # Qwen2.5-VL ViT: RMSNorm, SwiGLU, 2-D rotary
-        vision = Tower(
-            layers=v.depth,
-            width=v.hidden_size,
-            q=v.hidden_size,
-            kv=v.hidden_size,
-            heads=v.num_heads,
-            mlp=v.intermediate_size,
-            n_norm=2,
-            rms=True,
-            rms_fp32_bytes=6,
-            gated=True,
-            rotary=True,
-            eager_softcap=False,
-        )
+    # the vision tower's shape is the family's to describe (SigLIP, Qwen's ViT, ...)
+    vision = Tower(**model_family(family_name or cfg.model_type).vision_tower_dims(cfg))
     return text, vision
 
 
@@ -185,7 +159,7 @@ def towers(cfg) -> tuple[Tower, Tower]:
 def _arch(name: str) -> dict:
     p = presets.get(name)
     cfg = presets.build_config(name)
-    text, vision = towers(cfg)
+    text, vision = towers(cfg, p.family)
     merge = getattr(cfg.vision_config, "spatial_merge_size", 1)
     shapes = presets.linear_shapes(name, "language")
     return {
@@ -338,7 +312,7 @@ def estimate(
     loss_bytes = micro_batch * seq_len * arch["vocab"] * 12.0
     extra_bytes = t_tokens * text.width * 12.0  # embeddings out, final norm, lm_head input
     mask_bytes = (
-        micro_batch * tokens_per_example**2 * 2.0 if preset.family == "paligemma" else 0.0
+        micro_batch * tokens_per_example**2 * 2.0 if model_family(preset.family).PREFIX_LM_MASK else 0.0
     )  # 4-D prefix-LM mask
     act_bytes = act_text + act_vision + logit_bytes + loss_bytes + extra_bytes + mask_bytes
 

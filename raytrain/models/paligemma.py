@@ -1,36 +1,39 @@
-"""PaliGemma 1/2 family: loading, LoRA targets, target text, batch encoding, generation, parsing.
+"""PaliGemma 1/2 family: loading, LoRA targets, freezing, target text, batch encoding, parsing,
+constrained decoding and confidences (`<loc>` answers), tiny preset.
 
-Every model family module exposes the same names (see DESIGN.md and raytrain/models/__init__.py):
-`resolve`, `load`, `load_processor`, `image_size`, `lora_target_modules`, `render_example`,
-`parse_output`, `encode_train`, `encode_prompts`, `generate`, `loc_token_ids`, `prepare_inputs`, `SEQ_KEYS`.
+The module's functions are plain and testable on their own; `PaliGemma` at the bottom binds them
+into the family object (the `raytrain.models.interface.ModelFamily` interface) that every caller
+outside `models/` uses: `raytrain.models.family("paligemma")`.
 Arguments are plain values; nothing here reads the experiment config.
 """
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 
+from raytrain import tasks
 from raytrain.formats import paligemma as fmt
-from raytrain.models import _quant
 from raytrain.formats.paligemma import NUM_LOC, loc_token
+from raytrain.models import _quant, paligemma_decoding, tiny
+from raytrain.models.tiny_paligemma import DEFAULT_IMAGE_SIZE, build_tiny_paligemma
 
+NAME = "paligemma"
 IGNORE_INDEX = -100  # label value the loss skips (prefix, image and padding positions)
 # Per-token (B, T) arrays of encode_train: the recipe trims their shared padding per batch.
 # Every other key (pixel_values, ...) is passed to the model as is.
 SEQ_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-KIND_OF_TASK = {"point": "point", "detect": "box", "segment": "mask"}
 
 
 def resolve(name_or_path: str, cache_dir: str | None = None) -> str:
     """'tiny:paligemma' -> local path of the offline preset (built once); anything else unchanged
     (a hub id such as google/paligemma2-3b-pt-224, or a local directory)."""
-    if name_or_path.startswith("tiny:"):
-        from raytrain.models.tiny import ensure_preset
-
-        return str(ensure_preset(name_or_path, cache_dir))
+    if tiny.is_tiny(name_or_path):
+        return str(tiny.ensure_preset(NAME, build_tiny_paligemma, cache_dir))
     return name_or_path
 
 
@@ -53,7 +56,7 @@ def load(name_or_path: str, dtype: str = "float32", cache_dir: str | None = None
     model = PaliGemmaForConditionalGeneration.from_pretrained(path, **kwargs)
     _quant.after_load(model, quant, device)
     processor = load_processor(path)
-    from raytrain.models import task_head
+    from raytrain.models import task_head  # torch: imported only when a model loads
 
     if (Path(path) / task_head.FILE).exists():  # a full checkpoint trained with the task head
         task_head.load(model, path, install_missing=True, processor=processor)
@@ -140,7 +143,7 @@ def parse_output(text: str, task: str, width: int, height: int, image_hw: tuple[
         from raytrain.formats import paligemma_masks
 
         return paligemma_masks.parse_segments(text, width, height, divisor=divisor)
-    return fmt.parse(text, width, height, KIND_OF_TASK[task], divisor=divisor)
+    return fmt.parse(text, width, height, tasks.kind(task), divisor=divisor)
 
 
 def image_size(processor) -> tuple[int, int]:
@@ -257,27 +260,122 @@ def encode_prompts(processor, images: Sequence, prefixes: Sequence[str]) -> dict
     return dict(enc)
 
 
-def generate(model, processor, images: Sequence, prefixes: Sequence[str], max_new_tokens: int = 16, **decoding) -> list[str]:
-    """Decode a batch; returns the generated suffix text per example with special tokens removed
-    (<loc>/<seg> are ordinary added tokens in PaliGemma vocabularies, so they are kept)."""
-    import torch
-
-    enc = encode_prompts(processor, images, prefixes)
-    device = next(model.parameters()).device
-    enc = {k: v.to(device) for k, v in enc.items()}
-    decoding.setdefault("do_sample", False)
-    with torch.inference_mode():
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=processor.tokenizer.pad_token_id,
-            eos_token_id=processor.tokenizer.eos_token_id,
-            **decoding,
-        )
-    new = out[:, enc["input_ids"].shape[1] :]
-    return processor.tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-
 def save_inference_files(processor, out_dir: str | Path) -> None:
     """The processor travels with every full checkpoint so inference uses the training settings."""
     processor.save_pretrained(str(out_dir))
+
+
+# ----------------------------------------------------------------------------------------------
+# the family object (raytrain.models.interface.ModelFamily)
+
+_GRAMMARS: dict[int, paligemma_decoding.PaliGemmaGrammars] = {}
+
+
+def _grammars(processor) -> paligemma_decoding.PaliGemmaGrammars:
+    """One grammar builder per processor (it caches label ids), dropped with the processor."""
+    key = id(processor)
+    if key not in _GRAMMARS:
+        _GRAMMARS[key] = paligemma_decoding.PaliGemmaGrammars(processor)
+        weakref.finalize(processor, _GRAMMARS.pop, key, None)
+    return _GRAMMARS[key]
+
+
+def vision_tower_dims(hf_config) -> dict:
+    """SigLIP: LayerNorm, GELU MLP, learned positions (models/memory.py's Tower fields)."""
+    v = hf_config.vision_config
+    return dict(layers=v.num_hidden_layers, width=v.hidden_size, q=v.hidden_size, kv=v.hidden_size, heads=v.num_attention_heads,
+                mlp=v.intermediate_size, n_norm=2, rms=False, rms_fp32_bytes=0, gated=False, rotary=False, eager_softcap=False)
+
+
+def component(param_name: str) -> str:
+    """'vision' | 'projector' | 'language' for a parameter name of the transformers 5 layout."""
+    if param_name.startswith(VISION):
+        return "vision"
+    if param_name.startswith(PROJECTOR):
+        return "projector"
+    return "language"
+
+
+@dataclass(frozen=True)
+class PaliGemma:
+    """PaliGemma 1/2 with its `<loc>` answer format (`raytrain.models.family("paligemma")`)."""
+
+    answer_format: str = "loc"
+
+    name: ClassVar[str] = NAME
+    ANSWER_FORMATS: ClassVar[tuple[str, ...]] = ("loc",)
+    SEQ_KEYS: ClassVar[tuple[str, ...]] = SEQ_KEYS
+    TASKS: ClassVar[tuple[str, ...]] = ("point", "detect", "segment", "caption", "dense_caption")
+    supports_task_head: ClassVar[bool] = True
+    TINY_IMAGE_SIZE: ClassVar[int] = DEFAULT_IMAGE_SIZE
+    PREFIX_LM_MASK: ClassVar[bool] = True  # image + prefix attend bidirectionally
+
+    def __post_init__(self):
+        if self.answer_format not in self.ANSWER_FORMATS:
+            raise ValueError(f"PaliGemma writes answers as {list(self.ANSWER_FORMATS)}, not {self.answer_format!r}")
+
+    @property
+    def spec(self) -> str:
+        return NAME if self.answer_format == self.ANSWER_FORMATS[0] else f"{NAME}+{self.answer_format}"
+
+    # loading
+    resolve = staticmethod(resolve)
+    load = staticmethod(load)
+    load_processor = staticmethod(load_processor)
+
+    def hf_model_class(self) -> type:
+        from transformers import PaliGemmaForConditionalGeneration
+
+        return PaliGemmaForConditionalGeneration
+
+    def build_tiny_preset(self, out_dir, seed: int = 0, image_size: int | None = None) -> Path:
+        return build_tiny_paligemma(out_dir, seed=seed, image_size=image_size)
+
+    # training
+    lora_target_modules = staticmethod(lora_target_modules)
+    apply_freeze_policy = staticmethod(apply_freeze_policy)
+    component = staticmethod(component)
+    loc_token_ids = staticmethod(loc_token_ids)
+    vision_tower_dims = staticmethod(vision_tower_dims)
+
+    def new_token_ids(self, processor) -> list[int]:
+        return []  # <loc>/<seg> are part of every PaliGemma vocabulary
+
+    def image_tokens(self, processor) -> int | None:
+        return int(processor.image_seq_length)
+
+    # text
+    def render_example(self, task, query, targets, width, height, image_hw=None):
+        return render_example(task, query, targets, width, height, image_hw)
+
+    def parse_output(self, text, task, width, height, image_hw=None):
+        return parse_output(text, task, width, height, image_hw)
+
+    # encoding
+    image_size = staticmethod(image_size)
+    encode_train = staticmethod(encode_train)
+    encode_prompts = staticmethod(encode_prompts)
+    prepare_inputs = staticmethod(prepare_inputs)
+
+    def stop_token_ids(self, tokenizer) -> list[int]:
+        return [int(tokenizer.eos_token_id)]
+
+    # constrained decoding, confidences
+    def grammar(self, processor, kind: str, labels, image_hw, max_objects: int | None = None):
+        if kind not in fmt.KINDS or not labels:  # masks, captions: no grammar
+            return None
+        return _grammars(processor).for_labels(kind, list(labels), max_objects or None)
+
+    def object_confidences(self, logprobs, token_ids, tokenizer, kind: str) -> list[float]:
+        if kind not in fmt.KINDS:
+            return []  # masks, captions: no per-object confidence
+        return paligemma_decoding.object_confidences(logprobs, token_ids, tokenizer, kind)
+
+    # checkpoints
+    save_inference_files = staticmethod(save_inference_files)
+
+    def save_adapter_files(self, processor, out_dir) -> None:
+        return None  # the base model's processor is the adapter's: nothing to add
+
+    def check_inference_files(self, processor, saved_dir) -> None:
+        return None  # PaliGemma's processor has a fixed input size and vocabulary

@@ -41,6 +41,8 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from raytrain.models import family as model_family
+
 PALIGEMMA_VOCAB = 257216
 PALIGEMMA_IMAGE_TOKEN_ID = 257152  # "<image>", the first id after the 256000-word Gemma vocabulary + 1152 loc/seg
 SIGLIP_PATCH = 14
@@ -247,16 +249,8 @@ def build_config(name: str):
     return get(name).config_fn()
 
 
-def _model_class(family: str):
-    if family == "paligemma":
-        from transformers import PaliGemmaForConditionalGeneration
-
-        return PaliGemmaForConditionalGeneration
-    if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        return Qwen2_5_VLForConditionalGeneration
-    raise ValueError(f"unknown family {family!r}")
+def _model_class(family_name: str):
+    return model_family(family_name).hf_model_class()
 
 
 def random_model(name: str, dtype="bfloat16", device="cpu", *, seed: int = 0, attn_implementation: str | None = None):
@@ -293,19 +287,9 @@ def meta_model(name: str):
         return _model_class(preset.family)._from_config(cfg)
 
 
-def _component(family: str, param_name: str) -> str:
+def _component(family_name: str, param_name: str) -> str:
     """'vision' | 'projector' | 'language' for a parameter name of the transformers 5 layout."""
-    if family == "paligemma":
-        if param_name.startswith("model.vision_tower."):
-            return "vision"
-        if param_name.startswith("model.multi_modal_projector."):
-            return "projector"
-        return "language"
-    if param_name.startswith("model.visual.merger."):
-        return "projector"
-    if param_name.startswith("model.visual."):
-        return "vision"
-    return "language"
+    return model_family(family_name).component(param_name)
 
 
 @functools.cache

@@ -1,12 +1,11 @@
-"""Qwen2.5-VL family: loading, LoRA targets, target text, batch encoding, generation, parsing.
+"""Qwen2.5-VL family: loading, LoRA targets, freezing, target text, batch encoding, parsing, added
+location tokens, tiny preset; `Qwen2_5_VL` at the bottom binds them, with one answer format
+(absolute | normalized | tokens | pairs), into the family object (`raytrain.models.interface.ModelFamily`):
+`raytrain.models.family("qwen2_5_vl+tokens")`.
 
-The same names as `raytrain/models/paligemma.py` (`resolve`, `load`, `load_processor`, `image_size`,
-`lora_target_modules`, `render_example`, `parse_output`, `encode_train`, `encode_prompts`, `generate`,
-`loc_token_ids`, `SEQ_KEYS`, `prepare_inputs`, `save_inference_files`), plus what only this family
-needs: the resize record (`resize_settings`, `write_resize_record`, `check_resize`), added location
-tokens (`add_loc_tokens`, `init_new_token_embeddings`, `check_tokenizer`; their warm-up is
-`raytrain.training.new_tokens`) and the box format views (`with_box_format`: what
-`raytrain.models.family("qwen2_5_vl+tokens")` returns).
+What only this family needs: the resize record (`models/qwen_resize.py`: `resize_settings`,
+`write_resize_record`, `check_resize`) and added location tokens (`add_loc_tokens`,
+`init_new_token_embeddings`, `check_tokenizer`; their warm-up is `raytrain.training.new_tokens`).
 Arguments are plain values; nothing here reads the experiment config.
 
 Frames: Qwen2.5-VL answers in pixels of the image AFTER `smart_resize`. The pipeline stretches every
@@ -24,20 +23,25 @@ same size — and `prepare_inputs` flattens it back right before `model(**inputs
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
+from raytrain import tasks
 from raytrain.formats import qwen as fmt
+from raytrain.models import _quant, tiny
+from raytrain.models.qwen_resize import DEFAULT_RESIZE, RESIZE_RECORD, check_resize, resize_settings, write_resize_record
+from raytrain.models.tiny_qwen import IMAGE_SIDE, build_tiny_qwen2_5_vl
 
+NAME = "qwen2_5_vl"
 IGNORE_INDEX = -100  # label value the loss skips (prompt, image and padding positions)
 # Per-token (B, T) arrays of encode_train: the recipe trims their shared padding per batch.
 # mm_token_type_ids (1 on image tokens) is what the model builds its 3-D M-RoPE positions from.
 SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
-KIND_OF_TASK = {"point": "point", "detect": "box"}
 CAPTION_PROMPT = "Describe this image."
 # seed 002's dense-captioning instruction shape: every region, a short phrase and its box
 DENSE_PROMPT = "Describe every region of the image with a short phrase and output bbox_2d coordinates in JSON format."
@@ -48,11 +52,6 @@ DENSE_PROMPTS = {
     "tokens": "Describe every region of the image with a short phrase and output bbox_2d location tokens in JSON format.",
     "pairs": "Describe every region of the image with a short phrase and output a list of (phrase, [x1, y1, x2, y2]) pairs.",
 }
-RESIZE_RECORD = "raytrain_resize.json"
-RESIZE_KEYS = ("factor", "min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size")
-# The released Qwen2.5-VL-*-Instruct processors' settings (preprocessor_config.json): the frame used
-# when a caller passes no `resize`. The tiny preset's 112x112 input is a fixed point of both.
-DEFAULT_RESIZE = {"factor": 28, "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
 NOMINAL_SIDE = 448  # px: the fixed square input real models are fed (1024 patches -> 256 LM tokens)
 IM_END = "<|im_end|>"
 END_OF_TEXT = "<|endoftext|>"
@@ -61,84 +60,16 @@ END_OF_TEXT = "<|endoftext|>"
 def resolve(name_or_path: str, cache_dir: str | None = None) -> str:
     """'tiny:qwen2_5_vl' -> local path of the offline preset (built once); anything else unchanged
     (a hub id such as Qwen/Qwen2.5-VL-3B-Instruct, or a local directory)."""
-    if name_or_path.startswith("tiny:"):
-        from raytrain.models.tiny import ensure_preset
-
-        return str(ensure_preset(name_or_path, cache_dir))
+    if tiny.is_tiny(name_or_path):
+        return str(tiny.ensure_preset(NAME, build_tiny_qwen2_5_vl, cache_dir))
     return name_or_path
 
 
-# ----------------------------------------------------------------------------------------------
-# processor and resize record
-
-
-def resize_settings(processor) -> dict:
-    """The resize a processor applies: factor (patch * merge), min/max pixels, patch sizes."""
-    ip = processor.image_processor
-    size = ip.size
-
-    def get(k):
-        return size[k] if isinstance(size, dict) else getattr(size, k)
-
-    return {
-        "factor": int(ip.patch_size * ip.merge_size),
-        "min_pixels": int(get("shortest_edge")),
-        "max_pixels": int(get("longest_edge")),
-        "patch_size": int(ip.patch_size),
-        "merge_size": int(ip.merge_size),
-        "temporal_patch_size": int(ip.temporal_patch_size),
-    }
-
-
-def write_resize_record(processor, out_dir: str | Path) -> Path:
-    """Write `raytrain_resize.json` (the processor's resize settings) into out_dir."""
-    path = Path(out_dir) / RESIZE_RECORD
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(resize_settings(processor), indent=2, sort_keys=True))
-    return path
-
-
-def check_resize(processor, recorded: dict | str | Path) -> None:
-    """Raise ValueError unless `processor` resizes as `recorded` (a dict, a record file, or a directory
-    holding one) says training did."""
-    if not isinstance(recorded, dict):
-        p = Path(recorded)
-        recorded = json.loads((p / RESIZE_RECORD if p.is_dir() else p).read_text())
-    have = resize_settings(processor)
-    diff = {k: (recorded.get(k), have[k]) for k in RESIZE_KEYS if k in recorded and recorded[k] != have[k]}
-    if diff:
-        raise ValueError(
-            "the processor resizes images differently from the recorded training settings "
-            f"(key: (recorded, processor)): {diff}; coordinates would land in the wrong frame"
-        )
-
-
-def _saved_processor_class(path: Path) -> str | None:
-    cfg = path / "processor_config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        return json.loads(cfg.read_text()).get("processor_class")
-    except (OSError, ValueError):
-        return None
-
-
 def load_processor(name_or_path: str, cache_dir: str | None = None):
-    """AutoProcessor for hub ids and stock saved processors; the image-only processor when the saved
-    processor_config.json names it (the tiny preset). Checks `raytrain_resize.json` when present."""
-    path = resolve(name_or_path, cache_dir)
-    local = Path(path)
-    if local.is_dir() and _saved_processor_class(local) == "Qwen2_5_VLImageOnlyProcessor":
-        from raytrain.models.tiny_qwen import Qwen2_5_VLImageOnlyProcessor
+    """The processor of a hub id, a saved directory or the tiny preset (resize record checked)."""
+    from raytrain.models import qwen_processor  # transformers: imported when a processor loads
 
-        processor = Qwen2_5_VLImageOnlyProcessor.from_pretrained(path)
-    else:
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(path)
-    if local.is_dir() and (local / RESIZE_RECORD).is_file():
-        check_resize(processor, local)
-    return processor
+    return qwen_processor.load_processor(resolve(name_or_path, cache_dir))
 
 
 def load(name_or_path: str, dtype: str = "float32", cache_dir: str | None = None, device: str | None = None, quant: dict | None = None):
@@ -146,8 +77,6 @@ def load(name_or_path: str, dtype: str = "float32", cache_dir: str | None = None
     `quant` ({"bits": 4|8, ...}) loads the language model through bitsandbytes (seed 002: 4-bit)."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from raytrain.models import _quant
 
     path = resolve(name_or_path, cache_dir)
     if quant and quant.get("bits"):
@@ -388,7 +317,7 @@ def parse_output(
     if task == "dense_caption":
         res = fmt.parse(text, "box", width, height, rw, rh, representation)
         return ParseResult([Region(b.x1, b.y1, b.x2, b.y2, b.label) for b in res.objects], res.errors)
-    return fmt.parse(text, KIND_OF_TASK[task], width, height, rw, rh, representation)
+    return fmt.parse(text, tasks.kind(task), width, height, rw, rh, representation)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,81 +422,132 @@ def encode_prompts(processor, images: Sequence, prefixes: Sequence[str]) -> dict
     return out
 
 
-def generate(model, processor, images: Sequence, prefixes: Sequence[str], max_new_tokens: int = 64, **decoding) -> list[str]:
-    """Decode a batch greedily (unless told otherwise); returns the answer text per example with
-    special tokens removed (<|loc_DDDD|> tokens are ordinary added tokens, so they are kept).
-    Generation stops at <|im_end|> or <|endoftext|>."""
-    import torch
-
-    tok = processor.tokenizer
-    enc = encode_prompts(processor, images, prefixes)
-    device = next(model.parameters()).device
-    enc = {k: v.to(device) for k, v in enc.items()}
-    decoding.setdefault("do_sample", False)
-    stop = [i for i in tok.convert_tokens_to_ids([IM_END, END_OF_TEXT]) if i is not None]
-    with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=stop, **decoding)
-    new = out[:, enc["input_ids"].shape[1] :]
-    return tok.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-
 # ----------------------------------------------------------------------------------------------
-# box format views
+# the family object (raytrain.models.interface.ModelFamily)
 
 
-class BoxFormatFamily:
-    """This family with its box format bound: what `raytrain.models.family("qwen2_5_vl+<format>")`
-    returns. Every attribute is the module's, except that
+def vision_tower_dims(hf_config) -> dict:
+    """Qwen2.5-VL's ViT: RMSNorm, SwiGLU, 2-D rotary (models/memory.py's Tower fields)."""
+    v = hf_config.vision_config
+    return dict(layers=v.depth, width=v.hidden_size, q=v.hidden_size, kv=v.hidden_size, heads=v.num_heads, mlp=v.intermediate_size,
+                n_norm=2, rms=True, rms_fp32_bytes=6, gated=True, rotary=True, eager_softcap=False)
 
-    * `render_example` / `parse_output` default to `representation=box_format`;
-    * for "tokens": `load_processor` adds the 1024 <|loc_DDDD|> tokens to the tokenizer, `load` adds
-      them to tokenizer and model (resized embeddings, new rows initialised by
-      init_new_token_embeddings), and `save_adapter_files` also writes the tokenizer. Adding is
-      deterministic and a no-op where the tokens exist (the tiny preset, a saved tokens checkpoint),
-      so data workers, trainer and eval agree on every id without shipping a tokenizer around.
+
+def component(param_name: str) -> str:
+    """'vision' | 'projector' | 'language' for a parameter name of the transformers 5 layout."""
+    if param_name.startswith(PROJECTOR):
+        return "projector"
+    if param_name.startswith(VISION):
+        return "vision"
+    return "language"
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """<|im_end|> ends an assistant turn; <|endoftext|> is the pad / end of a plain completion."""
+    return [int(i) for i in tokenizer.convert_tokens_to_ids([IM_END, END_OF_TEXT]) if i is not None]
+
+
+@dataclass(frozen=True)
+class Qwen2_5_VL:
+    """Qwen2.5-VL bound to one answer format (`raytrain.models.family("qwen2_5_vl+<format>")`).
+
+    "tokens": `load_processor` adds the 1024 <|loc_DDDD|> tokens to the tokenizer, `load` adds them
+    to tokenizer and model (resized embeddings, new rows initialised by init_new_token_embeddings),
+    and `save_adapter_files` also writes the tokenizer. Adding is deterministic and a no-op where
+    the tokens exist (the tiny preset, a saved tokens checkpoint), so data workers, trainer and eval
+    agree on every id without shipping a tokenizer around.
     """
 
-    def __init__(self, box_format: str):
-        if box_format not in fmt.REPRESENTATIONS:
-            raise ValueError(f"unknown box format {box_format!r}, expected one of {fmt.REPRESENTATIONS}")
-        self.BOX_FORMAT = box_format
-        self.__name__ = f"{__name__}+{box_format}"
+    answer_format: str = "absolute"
 
-    def __getattr__(self, name: str):
-        import sys
+    name: ClassVar[str] = NAME
+    ANSWER_FORMATS: ClassVar[tuple[str, ...]] = fmt.REPRESENTATIONS
+    SEQ_KEYS: ClassVar[tuple[str, ...]] = SEQ_KEYS
+    TASKS: ClassVar[tuple[str, ...]] = ("point", "detect", "caption", "dense_caption")
+    supports_task_head: ClassVar[bool] = False  # variable image tokens per image (models/task_head.py)
+    TINY_IMAGE_SIZE: ClassVar[int] = IMAGE_SIDE
+    PREFIX_LM_MASK: ClassVar[bool] = False  # causal attention throughout
 
-        return getattr(sys.modules[__name__], name)
+    def __post_init__(self):
+        if self.answer_format not in self.ANSWER_FORMATS:
+            raise ValueError(f"unknown Qwen2.5-VL answer format {self.answer_format!r}; known: {list(self.ANSWER_FORMATS)}")
 
-    def __repr__(self) -> str:
-        return f"<family view {self.__name__}>"
+    @property
+    def spec(self) -> str:
+        return NAME if self.answer_format == self.ANSWER_FORMATS[0] else f"{NAME}+{self.answer_format}"
 
-    def render_example(self, *args, **kwargs):
-        kwargs.setdefault("representation", self.BOX_FORMAT)
-        return render_example(*args, **kwargs)
+    @property
+    def _tokens(self) -> bool:
+        return self.answer_format == "tokens"
 
-    def parse_output(self, *args, **kwargs):
-        kwargs.setdefault("representation", self.BOX_FORMAT)
-        return parse_output(*args, **kwargs)
+    # loading
+    resolve = staticmethod(resolve)
+
+    def load(self, name_or_path: str, dtype: str = "float32", cache_dir: str | None = None, device: str | None = None,
+             quant: dict | None = None):
+        model, processor = load(name_or_path, dtype=dtype, cache_dir=cache_dir, device=device, quant=quant)
+        if self._tokens:
+            add_loc_tokens(model, processor.tokenizer)
+        return model, processor
 
     def load_processor(self, name_or_path: str, cache_dir: str | None = None):
         processor = load_processor(name_or_path, cache_dir)
-        if self.BOX_FORMAT == "tokens":
+        if self._tokens:
             add_loc_tokens_to_tokenizer(processor.tokenizer)
         return processor
 
-    def load(self, name_or_path: str, dtype: str = "float32", cache_dir: str | None = None, device: str | None = None,
-             quant: dict | None = None, new_token_init: str = "digits"):
-        model, processor = load(name_or_path, dtype=dtype, cache_dir=cache_dir, device=device, quant=quant)
-        if self.BOX_FORMAT == "tokens":
-            add_loc_tokens(model, processor.tokenizer, method=new_token_init)
-        return model, processor
+    def hf_model_class(self) -> type:
+        from transformers import Qwen2_5_VLForConditionalGeneration
 
-    def save_adapter_files(self, processor, out_dir: str | Path) -> None:
+        return Qwen2_5_VLForConditionalGeneration
+
+    def build_tiny_preset(self, out_dir, seed: int = 0, image_size: int | None = None) -> Path:
+        return build_tiny_qwen2_5_vl(out_dir, seed=seed, image_size=image_size)
+
+    # training
+    lora_target_modules = staticmethod(lora_target_modules)
+    apply_freeze_policy = staticmethod(apply_freeze_policy)
+    component = staticmethod(component)
+    loc_token_ids = staticmethod(loc_token_ids)
+    vision_tower_dims = staticmethod(vision_tower_dims)
+
+    def new_token_ids(self, processor) -> list[int]:
+        return [int(i) for i in loc_token_ids(processor.tokenizer)] if self._tokens else []
+
+    def image_tokens(self, processor) -> int | None:
+        return None  # smart_resize: the count follows each image's size
+
+    # text
+    def render_example(self, task, query, targets, width, height, image_hw=None):
+        return render_example(task, query, targets, width, height, image_hw, representation=self.answer_format)
+
+    def parse_output(self, text, task, width, height, image_hw=None):
+        return parse_output(text, task, width, height, image_hw, representation=self.answer_format)
+
+    # encoding
+    image_size = staticmethod(image_size)
+    encode_train = staticmethod(encode_train)
+    encode_prompts = staticmethod(encode_prompts)
+    prepare_inputs = staticmethod(prepare_inputs)
+    stop_token_ids = staticmethod(stop_token_ids)
+
+    # constrained decoding, confidences
+    def grammar(self, processor, kind: str, labels, image_hw, max_objects: int | None = None):
+        return None  # text grammars for the JSON / pairs answers: see formats/text_grammar.py
+
+    def object_confidences(self, logprobs, token_ids, tokenizer, kind: str) -> list[float]:
+        return []
+
+    # checkpoints
+    save_inference_files = staticmethod(save_inference_files)
+
+    def save_adapter_files(self, processor, out_dir) -> None:
         save_adapter_files(processor, out_dir)
-        if self.BOX_FORMAT == "tokens":
+        if self._tokens:
             processor.tokenizer.save_pretrained(str(out_dir))  # check_tokenizer compares it on load
 
-
-def with_box_format(box_format: str) -> BoxFormatFamily:
-    """The family view for one of fmt.REPRESENTATIONS (see BoxFormatFamily)."""
-    return BoxFormatFamily(box_format)
+    def check_inference_files(self, processor, saved_dir) -> None:
+        d = Path(saved_dir)
+        if (d / RESIZE_RECORD).is_file():
+            check_resize(processor, d)  # the base's processor must resize as training did
+        check_tokenizer(processor, d)  # added <|loc|> tokens: the same ids as in training

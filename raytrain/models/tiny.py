@@ -1,9 +1,11 @@
-"""Offline tiny presets: a locally trained tokenizer and a random-init model, saved with
-`save_pretrained` so that tests and the demo load them through the SAME `from_pretrained` path that
-loads `google/paligemma2-3b-pt-224` for real users. Nothing here touches the network.
+"""Offline tiny presets, resolved in this one place: a cache directory per (family, seed, size),
+built once under a file lock and saved atomically with `save_pretrained`, so tests and the demo load
+them through the SAME `from_pretrained` path that loads `google/paligemma2-3b-pt-224` for users.
 
-The tiny PaliGemma mirrors PaliGemma 2's architecture (SigLIP encoder -> linear projector -> Gemma 2
-decoder) at ~0.6M parameters: 64-px images, 16-px patches -> 16 image tokens.
+Each family brings its own builder (`models/tiny_paligemma.py`, `models/tiny_qwen.py`) through its
+`build_tiny_preset` member; `raytrain.models.ensure_preset("tiny:<family>")` looks the family up and
+calls `ensure_preset` here. This module imports no family, so nothing cycles. Nothing here touches
+the network.
 """
 
 from __future__ import annotations
@@ -14,22 +16,15 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from raytrain.formats.paligemma import NUM_LOC, NUM_SEG, loc_token, seg_token
-from raytrain.models.tiny_qwen import build_tiny_qwen2_5_vl
+PRESET_VERSION = 1  # bump when a builder changes; the cache key includes it
+PREFIX = "tiny:"
 
-PRESET_VERSION = 1  # bump when the builder changes; the cache key includes it
 
-# Words the tokenizer is trained on: the synthetic task vocabulary plus a little general English,
-# so that prompts of converted datasets still tokenize into sub-words rather than <unk>.
-_CORPUS = """
-point to detect segment caption en describe the image a an of in on with and is are red green blue
-yellow magenta cyan orange purple white black gray grey brown pink circle square triangle diamond
-cross star rectangle ellipse shape object left right top bottom middle centre center small large
-person people man woman child dog cat car bus bike boat sky tree house road water hand table chair
-cup bottle plate window door building street grass sign light phone book bag shirt hat head face
-"""
+def is_tiny(name_or_path: str) -> bool:
+    return str(name_or_path).startswith(PREFIX)
 
 
 def _default_cache() -> Path:
@@ -48,129 +43,24 @@ def _file_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def build_tokenizer(extra_words: str = ""):
-    """A small BPE tokenizer (sentencepiece-style metaspace) with Gemma's special-token layout
-    (<pad>=0, <eos>=1, <bos>=2, <unk>=3), `<image>`, 1024 `<locNNNN>` and 128 `<segNNN>` tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-        # "\n" must be a token: the PaliGemma processor ends every prefix with it.
-        initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"()-_/<>=[]{}#%&*+\n"),
-        show_progress=False,
-    )
-    words = (_CORPUS + " " + extra_words).split()
-    # Every word many times, in sliding phrases, so each becomes a single token where the vocab allows.
-    corpus = [" ".join(words[i : i + 8]) for i in range(0, len(words))] * 8
-    tok.train_from_iterator(corpus, trainer=trainer)
-
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        bos_token="<bos>",
-        unk_token="<unk>",
-        padding_side="right",
-        model_max_length=4096,
-    )
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    # Same order as the real PaliGemma vocabulary: 1024 locs then 128 segs, contiguous ids.
-    fast.add_tokens([loc_token(i) for i in range(NUM_LOC)] + [seg_token(i) for i in range(NUM_SEG)])
-    return fast
-
-
-def _sincos_2d(grid: int, dim: int):
-    """2-D sin-cos position embeddings (MAE-style), (grid*grid, dim). Random-init SigLIP position
-    embeddings make the tiny model slow to learn *where* things are; a fixed 2-D layout fixes that."""
-    import torch
-
-    assert dim % 4 == 0, dim
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
-    omega = 1.0 / (10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4)))
-    out = []
-    for coord in (ys.flatten(), xs.flatten()):
-        arg = coord[:, None] * omega[None, :]
-        out += [torch.sin(arg), torch.cos(arg)]
-    return torch.cat(out, dim=1)
-
-
-def tiny_paligemma_config(vocab_size: int, image_token_id: int, pad_token_id: int, image_size: int = 64):
-    from transformers import Gemma2Config, PaliGemmaConfig, SiglipVisionConfig
-
-    patch = 16
-    vision = SiglipVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch,
-        vision_use_head=False,
-    )
-    text = Gemma2Config(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=512,
-        sliding_window=512,
-        pad_token_id=pad_token_id,
-        bos_token_id=2,
-        eos_token_id=1,
-        attn_implementation="eager",
-    )
-    cfg = PaliGemmaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=image_token_id,
-        projection_dim=text.hidden_size,
-        hidden_size=text.hidden_size,
-    )
-    cfg.vision_config.projection_dim = text.hidden_size
-    return cfg, (image_size // patch) ** 2
-
-
-def build_tiny_paligemma(out_dir: str | Path, seed: int = 0, image_size: int = 64) -> Path:
-    """Build tokenizer + processor + random-init model and `save_pretrained` them into out_dir."""
-    import torch
-    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-
-    out_dir = Path(out_dir)
-    tokenizer = build_tokenizer()
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    cfg, n_img_tokens = tiny_paligemma_config(len(tokenizer), image_token_id, tokenizer.pad_token_id, image_size)
-
-    image_processor = SiglipImageProcessorPil(
-        size={"height": image_size, "width": image_size},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-        do_convert_rgb=True,
-    )
-    image_processor.image_seq_length = n_img_tokens
-    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
-
-    torch.manual_seed(seed)
-    model = PaliGemmaForConditionalGeneration(cfg)
-    with torch.no_grad():
-        # Larger embedding init (std 0.05, vs 0.02) separates the 1024 <loc> rows at random init;
-        # measured on this preset: it is what lets pointing leave the "constant location" collapse.
-        emb = model.get_input_embeddings()
-        emb.weight.normal_(0.0, 0.05)
-        pos = model.model.vision_tower.embeddings.position_embedding
-        grid = image_size // 16
-        pos.weight.copy_(_sincos_2d(grid, pos.weight.shape[1]) * 0.5)
-    model.config.use_cache = True
-
-    return save_preset(out_dir, model, processor, {"preset": "tiny:paligemma", "seed": seed, "image_size": image_size})
+def ensure_preset(family: str, builder: Callable[..., Path], cache_dir: str | Path | None = None, seed: int = 0,
+                  image_size: int | None = None) -> Path:
+    """Path of the saved tiny preset of `family`, built once with `builder(out_dir, seed=..., [image_size=...])`.
+    image_size None = the builder's default size; another size is cached under its own name (the
+    builder rejects sizes its family cannot take)."""
+    kwargs: dict = {"seed": seed}
+    suffix = ""
+    if image_size is not None:
+        kwargs["image_size"], suffix = int(image_size), f"-{int(image_size)}px"
+    root = Path(cache_dir) if cache_dir else _default_cache()
+    out = root / f"tiny-{family}-v{PRESET_VERSION}-s{seed}{suffix}"
+    marker = out / "raytrain_preset.json"
+    if marker.exists():
+        return out
+    with _file_lock(root / f".tiny-{family}.lock"):
+        if not marker.exists():
+            builder(out, **kwargs)
+    return out
 
 
 def save_preset(out_dir: str | Path, model, processor, record: dict) -> Path:
@@ -178,6 +68,7 @@ def save_preset(out_dir: str | Path, model, processor, record: dict) -> Path:
     PRESET_VERSION) into a sibling temp directory, then move it into place: a reader never sees a
     half-written preset, and a failed build leaves nothing behind."""
     out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".building-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -190,38 +81,3 @@ def save_preset(out_dir: str | Path, model, processor, record: dict) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-_BUILDERS = {"paligemma": build_tiny_paligemma, "qwen2_5_vl": build_tiny_qwen2_5_vl}
-
-
-def ensure_preset(name: str, cache_dir: str | Path | None = None, seed: int = 0, image_size: int | None = None) -> Path:
-    """Path of the saved tiny preset `name` ('tiny:paligemma' or 'paligemma'), building it once.
-    image_size (PaliGemma only; a multiple of 16): the same architecture at another input size, e.g.
-    224 for PaliGemma-224's 196 image tokens; cached under its own name."""
-    family = name.split(":", 1)[-1]
-    if family not in _BUILDERS:
-        raise ValueError(f"unknown tiny preset {name!r}; known: {sorted(_BUILDERS)}")
-    kwargs: dict = {"seed": seed}
-    suffix = ""
-    if image_size is not None and image_size != 64:
-        if family != "paligemma":
-            raise ValueError(f"image_size is a tiny PaliGemma option; tiny:{family} has a fixed input size")
-        if image_size <= 0 or image_size % 16:
-            raise ValueError(f"image_size must be a positive multiple of 16 (the patch size), got {image_size}")
-        kwargs["image_size"], suffix = image_size, f"-{image_size}px"
-    root = Path(cache_dir) if cache_dir else _default_cache()
-    out = root / f"tiny-{family}-v{PRESET_VERSION}-s{seed}{suffix}"
-    marker = out / "raytrain_preset.json"
-    if marker.exists():
-        return out
-    with _file_lock(root / f".tiny-{family}.lock"):
-        if not marker.exists():
-            _BUILDERS[family](out, **kwargs)
-    return out
-
-
-if __name__ == "__main__":  # python -m raytrain.models.tiny [cache_dir]
-    import sys
-
-    print(ensure_preset("tiny:paligemma", sys.argv[1] if len(sys.argv) > 1 else None))

@@ -7,20 +7,16 @@ Architecture: Qwen2.5-VL's (window-attention ViT with 2-D RoPE -> 2x2 patch merg
 with M-RoPE) at ~0.6M parameters. Images are fixed at 112x112 (min_pixels = max_pixels = 112*112):
 8x8 patches of 14 px -> 2x2 merge -> 16 image tokens per image, so every batch has the same shapes.
 
-Why an image-only processor: the stock `Qwen2_5_VLProcessor` cannot be built or loaded without a
-video processor, and this preset has no video. `Qwen2_5_VLImageOnlyProcessor` holds only the image
-processor and the tokenizer, produces the same inputs (`<|image_pad|>` expansion, `image_grid_thw`,
-`mm_token_type_ids`), and says so in `processor_config.json` ("processor_class"), which is what
-`raytrain.models.qwen2_5_vl.load_processor` reads to pick it; hub ids keep going through AutoProcessor.
+The preset saves the image-only processor of `models/qwen_processor.py` (the stock
+`Qwen2_5_VLProcessor` cannot be built without a video processor).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from transformers.processing_utils import ProcessorMixin
-
 from raytrain.formats.qwen import FACTOR, LOC_TOKENS, smart_resize
+from raytrain.models.tiny import save_preset
 
 IMAGE_SIDE = 112  # px; a multiple of 28 (patch 14 x merge 2)
 PATCH = 14
@@ -92,38 +88,6 @@ person people man woman child dog cat car bus bike boat sky tree house road wate
 cup bottle plate window door building street grass sign light phone book bag shirt hat head face
 detect point to segment caption describe the a an of in on with and is are
 """
-
-
-class Qwen2_5_VLImageOnlyProcessor(ProcessorMixin):
-    """Qwen2.5-VL processor without a video processor: image processor + tokenizer + chat template.
-
-    Same outputs as `Qwen2_5_VLProcessor` for image+text input: each `<|image_pad|>` expands to
-    grid_t*grid_h*grid_w / merge_size**2 tokens, plus `pixel_values` (patches, C*T*P*P),
-    `image_grid_thw` (images, 3) and `mm_token_type_ids` (1 on image tokens: the model's M-RoPE
-    needs it). `save_pretrained` also writes `raytrain_resize.json` (see qwen2_5_vl.write_resize_record).
-    """
-
-    return_mm_token_type_ids = True
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        merge_length = self.image_processor.merge_size**2
-        return self.image_token * int(image_inputs["image_grid_thw"][image_idx].prod() // merge_length)
-
-    @property
-    def model_input_names(self):
-        return super().model_input_names + ["mm_token_type_ids"]
-
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        from raytrain.models.qwen2_5_vl import write_resize_record
-
-        files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-        write_resize_record(self, save_directory)
-        return files
 
 
 def build_tokenizer(vocab_size: int = 1024, loc_tokens: bool = True):
@@ -227,14 +191,19 @@ def tiny_qwen_config(tokenizer, tie_embeddings: bool = True):
     )
 
 
-def build_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0, loc_tokens: bool = True, tie_embeddings: bool = True) -> Path:
+def build_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0, loc_tokens: bool = True, tie_embeddings: bool = True,
+                          image_size: int | None = None) -> Path:
     """Build tokenizer + image-only processor + random-init model and `save_pretrained` them into out_dir.
     loc_tokens=False, tie_embeddings=False: a stand-in for a released Qwen2.5-VL-7B (no <|loc|> tokens
-    in the vocabulary, untied lm_head), what the `tokens` box format has to add tokens to."""
+    in the vocabulary, untied lm_head), what the `tokens` box format has to add tokens to.
+    image_size: the preset's input is fixed at IMAGE_SIDE; None or IMAGE_SIDE only."""
     import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
-    from raytrain.models.tiny import save_preset
+    from raytrain.models.qwen_processor import Qwen2_5_VLImageOnlyProcessor
+
+    if image_size not in (None, IMAGE_SIDE):
+        raise ValueError(f"tiny:qwen2_5_vl has a fixed input size of {IMAGE_SIDE} px; image_size={image_size} is a tiny PaliGemma option")
 
     assert smart_resize(IMAGE_SIDE, IMAGE_SIDE, RESIZE["factor"], RESIZE["min_pixels"], RESIZE["max_pixels"]) == (IMAGE_SIDE, IMAGE_SIDE)
     out_dir = Path(out_dir)

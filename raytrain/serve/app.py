@@ -86,7 +86,6 @@ import concurrent.futures
 import io
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -101,6 +100,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.requests import Request
+
+from raytrain import predict as predict_path
 
 log = logging.getLogger("raytrain.serve")
 
@@ -384,43 +385,17 @@ def _check_array(a: np.ndarray, limits: Limits) -> np.ndarray:
 # decoding and answers (run on the model thread)
 
 
-def decode(family: str, fam, model, processor, images: list, prefixes: list[str], max_new_tokens: int) -> list:
-    """Greedy decoding of one batch -> per example (text, token_ids, logprobs). PaliGemma goes
-    through eval/decoding.generate_detections, which also returns the token log-probabilities
-    that per-object confidence needs (the project's one definition of it); other families
-    through their own `generate`, without log-probabilities (confidence null)."""
-    if family == "paligemma":
-        from raytrain.eval import decoding
-
-        gens = decoding.generate_detections(model, processor, images, prefixes, max_new_tokens=max_new_tokens)
-        return [(g.text, g.token_ids, g.logprobs) for g in gens]
-    return [(t, None, None) for t in fam.generate(model, processor, images, prefixes, max_new_tokens=max_new_tokens)]
-
-
-def answer(family: str, fam, tokenizer, task: str, width: int, height: int, text: str, token_ids, logprobs, geometry=None) -> dict:
-    """The response body for one decoded example: objects parsed back to source pixels, parse
-    rejections, and one confidence per object (None when not available). `geometry` (a
-    preprocess.Geometry): the model saw the preprocessed image, so parse in its frame and map back;
-    None: the model saw the width x height image itself."""
+def answer_body(pred) -> dict:
+    """The response body for one answer read by the predict path (raytrain/predict.py): objects
+    in source pixels, the raw text, parse rejections, one confidence per object (None when the
+    family has none or the object could not be placed in the tokens)."""
     from raytrain.formats.annotations import objects_to_json
 
-    if geometry is None:
-        res = fam.parse_output(text, task, width, height, (height, width))
-    else:
-        res = fam.parse_output(text, task, *geometry.parse_size, (geometry.out_h, geometry.out_w))
-        res.objects = geometry.from_frame(res.objects)
-    conf: list = [None] * len(res.objects)
-    if family == "paligemma" and token_ids is not None and res.objects:
-        from raytrain.eval import decoding
-
-        scores = decoding.object_confidences(logprobs, token_ids, tokenizer, fam.KIND_OF_TASK[task])
-        if len(scores) == len(conf):  # same parser, same order; NaN = an object it could not place
-            conf = [None if math.isnan(c) else round(float(c), 6) for c in scores]
     return {
-        "objects": json.loads(objects_to_json(res.objects)),
-        "text": text,
-        "errors": [{"reason": e.reason, "text": e.text} for e in res.errors],
-        "confidence": conf,
+        "objects": json.loads(objects_to_json(pred.objects)),
+        "text": pred.text,
+        "errors": [{"reason": e.reason, "text": e.text} for e in pred.errors],
+        "confidence": [None if c is None else round(float(c), 6) for c in pred.scores],
     }
 
 
@@ -549,8 +524,15 @@ class GroundingModel:
                                       "so it cannot share the base model; serve it alone via checkpointing.load_for_inference")
         state_uri = storage.join(uri, checkpointing.STATE_JSON)
         state = storage.read_json(state_uri, self.opts) if storage.exists(state_uri, self.opts) else {}
-        if state.get("family") and state["family"] != self.cfg.family:
-            raise AdapterIncompatible(f"adapter {adapter_id!r} was trained for family {state['family']}, serving {self.cfg.family}")
+        if state.get("family"):
+            from raytrain.models import family as model_family
+
+            try:
+                trained = model_family(state["family"])
+            except ValueError as e:
+                raise AdapterIncompatible(f"adapter {adapter_id!r}: unknown family in state.json ({e})") from None
+            if trained != self.fam:  # same family AND answer format, or the answers would be misread
+                raise AdapterIncompatible(f"adapter {adapter_id!r} was trained for family {state['family']}, serving {self.fam.spec}")
         if state.get("base_model") and state["base_model"] != self.cfg.model:
             log.warning("adapter %s was trained on %s, served on %s", adapter_id, state["base_model"], self.cfg.model)
         from raytrain.data.preprocess import Preprocess
@@ -701,14 +683,18 @@ class GroundingModel:
             model, ctx = self.peft, self.peft.disable_adapter()
         else:
             model, ctx = self.base, contextlib.nullcontext()
+        # base-model requests: the processor sees the image as sent (identity geometry); adapter
+        # requests: the image preprocessed as the adapter's training data was, answers mapped back
+        geoms = [r.get("geometry") or predict_path.identity_geometry(r["image"].shape[1], r["image"].shape[0]) for r in reqs]
+        options = predict_path.DecodeOptions(max_new_tokens=max_new_tokens, constrained=False, confidence=True)
         with ctx:
-            outs = decode(self.cfg.family, self.fam, model, self.processor, [Image.fromarray(r.get("model_image", r["image"])) for r in reqs],
-                          [r["prefix"] for r in reqs], max_new_tokens)
+            preds = predict_path.predict(model, self.processor, self.fam, [Image.fromarray(r.get("model_image", r["image"])) for r in reqs],
+                                    [r["task"] for r in reqs], [r["query"] for r in reqs], [r["prefix"] for r in reqs], geoms, options)
         self.batch_sizes[len(reqs)] += 1
         results = []
-        for r, (text, ids, logprobs) in zip(reqs, outs):
+        for r, pred in zip(reqs, preds):
             h, w = r["image"].shape[:2]
-            out = answer(self.cfg.family, self.fam, self.processor.tokenizer, r["task"], w, h, text, ids, logprobs, r.get("geometry"))
+            out = answer_body(pred)
             out.update(adapter=adapter, task=r["task"], image_size=[w, h])
             if r["debug"]:
                 out["debug"] = {"replica": self.replica, "pid": os.getpid(), "batch_size": len(reqs)}

@@ -164,12 +164,8 @@ def load_for_inference(ckpt_dir: str | Path, base_model_path: str, family_module
         from peft import PeftModel
 
         base, processor = family_module.load(base_model_path, dtype=dtype)
-        check = getattr(family_module, "check_resize", None)
-        if check is not None and (d / "adapter" / "raytrain_resize.json").exists():
-            check(processor, d / "adapter")  # the base's processor must resize as training did
-        check_tok = getattr(family_module, "check_tokenizer", None)
-        if check_tok is not None:
-            check_tok(processor, d / "adapter")  # added <|loc|> tokens: same ids as in training
+        # the base's processor must read inputs as training did (resize, added token ids)
+        family_module.check_inference_files(processor, d / "adapter")
         peft_model = PeftModel.from_pretrained(base, str(d / "adapter"))
         _load_extra(peft_model, d / "adapter")
         task_head.load(peft_model, d / "adapter", install_missing=True, processor=processor)

@@ -53,11 +53,9 @@ def _input_and_untied_output(model) -> tuple[str, str | None]:
 
 
 def token_rows(fam, processor) -> list[int]:
-    """Vocabulary ids of the added rows for this family view: the <|loc|> tokens of the `tokens`
-    box format, else none."""
-    if getattr(fam, "BOX_FORMAT", None) != "tokens":
-        return []
-    return [int(i) for i in fam.loc_token_ids(processor.tokenizer)]
+    """Vocabulary ids of the rows the family's answer format added (Qwen2.5-VL `tokens`: the 1024
+    <|loc|> tokens), else none."""
+    return [int(i) for i in fam.new_token_ids(processor)]
 
 
 def lora_token_indices(fam, model, processor) -> dict[str, list[int]] | None:

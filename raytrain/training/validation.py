@@ -1,6 +1,6 @@
 """Periodic validation inside training: greedy-decode a small FIXED validation subset on rank 0,
-parse the text back to objects and score it with the same code as `raytrain eval`
-(`raytrain.eval.batch`: family parser -> `raytrain.eval.metrics` pointing / box scoring).
+parse the text back to objects and score it through the one predict path (`raytrain/predict.py`,
+what `raytrain eval` and Serve run: family parser -> source pixels -> `raytrain.eval.metrics`).
 
 It gives sweeps (`raytrain tune`) an objective that is a grounding metric rather than the loss:
 
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from raytrain import storage
+from raytrain import predict, storage
 from raytrain.data import pipeline, shards
 from raytrain.eval import batch as eval_batch
 
@@ -42,7 +42,7 @@ def load_examples(
     *,
     tasks: Sequence[str],
     image_hw: tuple[int, int],
-    family: str = "paligemma",
+    family: str,
     allow_convert: bool = True,
     opts: storage.StorageOptions | None = None,
     preprocess=None,
@@ -90,8 +90,9 @@ def _unwrap(model):
 
 
 def evaluate(model, processor, family_module, examples: Examples, *, batch_size: int = 32, max_new_tokens: int = 16,
-             prefix: str = "val_") -> dict[str, float]:
-    """Greedy-decode `examples`, parse, score; returns flat metrics named `<prefix><key>`.
+             prefix: str = "val_", options: predict.DecodeOptions | None = None) -> dict[str, float]:
+    """Decode `examples` (greedy and unconstrained unless `options` say otherwise: the model's own
+    answers, at the cost of plain generation), parse, score; returns flat metrics `<prefix><key>`.
 
     Call on ONE rank (rank 0): it runs no collective, so the other ranks simply wait for it at
     the next gradient all-reduce. The model is put in eval mode (no dropout) and restored to its
@@ -119,7 +120,7 @@ def evaluate(model, processor, family_module, examples: Examples, *, batch_size:
     device = next(net.parameters()).device
     was_training = net.training
     n = len(examples["id"])
-    image_hw = tuple(examples["image"].shape[1:3])
+    opts = options or predict.DecodeOptions(max_new_tokens=max_new_tokens, constrained=False, confidence=False)
     rows: list[dict] = []
     rng_devices = [device] if device.type == "cuda" else []
     net.eval()
@@ -127,22 +128,14 @@ def evaluate(model, processor, family_module, examples: Examples, *, batch_size:
         with torch.random.fork_rng(devices=rng_devices):
             for start in range(0, n, batch_size):
                 chunk = {k: v[start : start + batch_size] for k, v in examples.items()}
-                images = [_pil(a) for a in chunk["image"]]
-                texts = family_module.generate(net, processor, images, list(chunk["prefix"]), max_new_tokens=max_new_tokens)
-                # the same parse -> score path as `raytrain eval`, so the numbers mean the same
-                out = eval_batch._rows_from_predictions(chunk, texts, family_module, image_hw)
-                rows.extend({k: out[k][i] for k in out} for i in range(len(texts)))
+                # the same decode -> parse -> score path as `raytrain eval`, so the numbers mean the same
+                out = predict.predict_batch(net, processor, family_module, chunk, opts)
+                rows.extend({k: out[k][i] for k in out} for i in range(len(out["id"])))
     finally:
         net.train(was_training)
     metrics = summarize(rows)
     metrics["seconds"] = time.perf_counter() - t0
     return {f"{prefix}{k}": float(v) for k, v in metrics.items()}
-
-
-def _pil(a: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray(np.asarray(a, dtype=np.uint8))
 
 
 def summarize(rows: list[dict]) -> dict[str, float]:

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from raytrain import config as config_mod
+from raytrain import predict
 from raytrain.data import pipeline, synthetic
 from raytrain.eval import batch as eval_batch
 from raytrain.models import family as model_family
@@ -48,11 +49,11 @@ def test_caption_and_dense_caption_train(family, request, tiny_model_path):
 
 def test_caption_metrics_in_evaluation():
     ex = synthetic.make_example(0, seed=1, image_size=64, shapes_per_image=2)
-    exs = pipeline.examples_for(ex["objects"], ["caption", "dense_caption"], 64, 64)
+    exs = pipeline.examples_for(ex["objects"], ["caption", "dense_caption"], 64, 64, "paligemma")
     batch = {k: [e[k] for e in exs] for k in exs[0]}
     batch.update(id=["a", "a"], width=[64, 64], height=[64, 64])
     # perfect outputs: the rendered targets themselves
-    rows = eval_batch._rows_from_predictions(batch, [e["suffix"] for e in exs], model_family("paligemma"), (64, 64))
+    rows = predict.texts_to_rows(model_family("paligemma"), batch, [e["suffix"] for e in exs], (64, 64))
     rows = [{k: rows[k][i] for k in rows} for i in range(2)]
     out = eval_batch.aggregate(rows)
     assert out["captions"]["bleu_4"] > 0.99 and out["captions"]["valid_rate"] == 1.0

@@ -10,8 +10,10 @@ import pytest
 from PIL import Image
 
 from raytrain.data.synthetic import make_example
-from raytrain.eval import decoding as dec
+from raytrain import predict, tasks
 from raytrain.formats import paligemma as fmt
+from raytrain.models import family
+from raytrain.models import paligemma_decoding as dec
 from raytrain.formats.grammar import query_labels
 
 pytestmark = pytest.mark.integration
@@ -83,8 +85,8 @@ def test_batch_is_left_padded(tiny, batch):
 def test_random_weights_free_decoding_is_mostly_invalid(tiny, batch, task):
     model, processor = tiny
     images, queries = batch
-    gens = dec.generate_detections(model, processor, images, prefixes(task, queries), max_new_tokens=MAX_NEW)
-    assert valid_rate([g.text for g in gens], dec.KIND_OF_TASK[task], queries) < 0.5
+    gens = predict.decode(model, processor, family("paligemma"), images, prefixes(task, queries), max_new_tokens=MAX_NEW, logprobs=True)
+    assert valid_rate([g.text for g in gens], tasks.kind(task), queries) < 0.5
 
 
 @pytest.mark.parametrize("task", ["point", "detect"])
@@ -101,12 +103,12 @@ def test_constrained_outputs_always_parse(tiny, batch, task, decoding):
 
     model, processor = tiny
     images, queries = batch
-    kind = dec.KIND_OF_TASK[task]
+    kind = tasks.kind(task)
     max_objects = 3
     grammars = dec.PaliGemmaGrammars(processor).for_queries(kind, queries, max_objects)
     torch.manual_seed(0)
-    gens = dec.generate_detections(model, processor, images, prefixes(task, queries), grammars=grammars,
-                                   max_new_tokens=MAX_NEW, **decoding)
+    gens = predict.decode(model, processor, family("paligemma"), images, prefixes(task, queries), grammars=grammars,
+                            max_new_tokens=MAX_NEW, logprobs=True, **decoding)
     eos = processor.tokenizer.eos_token_id
     n_objects = []
     for g, q in zip(gens, queries):
@@ -135,8 +137,8 @@ def test_confidence_matches_a_teacher_forced_pass(tiny, batch):
     images, queries = batch
     grammars = dec.PaliGemmaGrammars(processor).for_queries("box", queries[:1], 2)
     prefix = prefixes("detect", queries[:1])
-    (g,) = dec.generate_detections(model, processor, images[:1], prefix, grammars=grammars, max_new_tokens=MAX_NEW,
-                                   num_beams=3, min_new_tokens=MAX_NEW)
+    (g,) = predict.decode(model, processor, family("paligemma"), images[:1], prefix, grammars=grammars, max_new_tokens=MAX_NEW,
+                              logprobs=True, num_beams=3, min_new_tokens=MAX_NEW)
     enc = encode_prompts(processor, images[:1], prefix)
     ids = torch.cat([enc["input_ids"], torch.tensor([g.token_ids])], dim=1)
     n_prompt = enc["input_ids"].shape[1]
@@ -163,7 +165,7 @@ def test_without_the_duplicate_ban_this_model_repeats_itself(tiny, batch):
     model, processor = tiny
     images, queries = batch
     grammars = dec.PaliGemmaGrammars(processor, forbid_duplicates=False).for_queries("point", queries, 3)
-    gens = dec.generate_detections(model, processor, images, prefixes("point", queries), grammars=grammars,
-                                   max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW)
+    gens = predict.decode(model, processor, family("paligemma"), images, prefixes("point", queries), grammars=grammars,
+                            max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW)
     objs = [fmt.parse(g.text, 64, 64, "point").objects for g in gens]
     assert any(len(set(o)) < len(o) for o in objs)

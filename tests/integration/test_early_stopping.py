@@ -23,7 +23,7 @@ def _batches(model_path, n=32, micro=8):
         items = []
         for j in range(i, i + micro):
             ex = synthetic.make_example(j, seed=2, image_size=64)
-            (e,) = pipeline.examples_for(ex["objects"], ["point"], 64, 64)
+            (e,) = pipeline.examples_for(ex["objects"], ["point"], 64, 64, "paligemma")
             items.append((Image.open(io.BytesIO(ex["image"])).convert("RGB"), e["prefix"], e["suffix"]))
         enc = paligemma.encode_train(proc, [x[0] for x in items], [x[1] for x in items], [x[2] for x in items], 48)
         enc.pop("length")
@@ -40,7 +40,7 @@ def test_early_stopping_on_validation_metric(lr, patience, expect_stop, tmp_path
                                  "train.checkpoint_every=100", f"train.lr={lr}", "model.freeze_vision=false",
                                  "train.val_every=4", "train.val_examples=12", "data.tasks=[point]",
                                  "train.early_stop_metric=val_norm_distance_all", f"train.early_stop_patience={patience}"])
-    examples = validation.load_examples(uri, "val", 12, tasks=["point"], image_hw=(64, 64))
+    examples = validation.load_examples(uri, "val", 12, tasks=["point"], image_hw=(64, 64), family="paligemma")
     reports = []
     session = lora.Session(rank=0, world_size=1, checkpoint_dir=lambda: None,
                            report=lambda m, d: reports.append(m), epoch_batches=lambda e, m: _batches(tiny_model_path),

@@ -20,6 +20,8 @@ from raytrain.launch import eval as launch_eval
 from raytrain.launch import train as launch_train
 from raytrain.models import paligemma
 from raytrain.training import checkpointing
+from raytrain import predict
+from raytrain.models import family
 
 pytestmark = pytest.mark.integration
 
@@ -56,8 +58,8 @@ def test_eval_full_split_matches_single_process_reference(tmp_path, ray_cluster,
     for rid, data, w, h, objs in zip(*(table[c].to_pylist() for c in ("id", "image", "width", "height", "objects"))):
         src = Image.open(io.BytesIO(data)).convert("RGB")
         img = Image.fromarray(recorded.apply(src, recorded.geometry(w, h, (64, 64))))  # 0.7 * image + 0.3 * edges
-        for ex in pipeline.examples_for(objects_from_json(objs), ["point", "detect"], w, h):
-            text = paligemma.generate(model, proc, [img], [ex["prefix"]], max_new_tokens=cfg.eval.max_new_tokens)[0]
+        for ex in pipeline.examples_for(objects_from_json(objs), ["point", "detect"], w, h, "paligemma"):
+            text = predict.decode(model, proc, family("paligemma"), [img], [ex["prefix"]], max_new_tokens=cfg.eval.max_new_tokens)[0].text
             res = paligemma.parse_output(text, ex["task"], w, h)
             score = eval_batch.score_example(ex["task"], res.objects or None, ex["targets"], w, h)
             ref_rows.append({"task": ex["task"], "score": json.dumps(score), "errors": json.dumps([[e.reason, e.text] for e in res.errors])})

@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 
 from raytrain.data.synthetic import make_example
-from raytrain.eval import decoding as dec
+from raytrain import predict
+from raytrain.models import family
+from raytrain.models import paligemma_decoding as dec
 from raytrain.eval.grid import (
     SEED003_DECODINGS,
     DecodingConfig,
@@ -70,9 +72,8 @@ def test_grid_on_tiny_preset_end_to_end(tiny_model_path):
             model, processor = pg.load(checkpoint)
             loaded[checkpoint] = (model.eval(), processor, dec.PaliGemmaGrammars(processor))
         model, processor, grammars = loaded[checkpoint]
-        gens = dec.generate_detections(model, processor, images, [prompt.format(query=q) for q in queries],
-                                       grammars=grammars.for_queries("point", queries, max_objects=2),
-                                       **decoding.generate_kwargs())
+        gens = predict.decode(model, processor, family("paligemma"), images, [prompt.format(query=q) for q in queries],
+                              grammars=grammars.for_queries("point", queries, max_objects=2), **decoding.generate_kwargs())
         texts = [g.text for g in gens]
         outputs.append(texts)
         return [fmt.parse(t, 64, 64, "point").objects for t in texts]

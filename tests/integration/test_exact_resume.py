@@ -26,7 +26,7 @@ def _batches(model_path, n=40, micro=4):
     items = []
     for i in range(n):
         ex = synthetic.make_example(i, seed=5, image_size=64)
-        (e,) = pipeline.examples_for(ex["objects"], ["detect"], 64, 64)
+        (e,) = pipeline.examples_for(ex["objects"], ["detect"], 64, 64, "paligemma")
         items.append((Image.open(io.BytesIO(ex["image"])).convert("RGB"), e["prefix"], e["suffix"]))
     out = []
     for i in range(0, n, micro):

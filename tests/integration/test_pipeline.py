@@ -77,7 +77,7 @@ def test_bad_rows_counted_valid_rows_kept(where, tmp_path, request, ray_cluster,
 
     counter = pipeline.drop_counter()
     common = dict(tasks=TASKS, image_hw=(64, 64), opts=opts, counter=counter, batch_size=4)
-    tokenized = pipeline.train_dataset(uri, "train", model_path=tiny_model_path, max_len=48, **common).take_all()
+    tokenized = pipeline.train_dataset(uri, "train", model_path=tiny_model_path, max_len=48, **common, family="paligemma").take_all()
     counts = ray_cluster.get(counter.get.remote())["train"]
     assert counts == EXPECTED
     # every example is a full, untruncated target: the suffix ends with <eos> inside max_len
@@ -86,7 +86,7 @@ def test_bad_rows_counted_valid_rows_kept(where, tmp_path, request, ray_cluster,
         assert r["pixel_values"].shape == (3, 64, 64)
         assert (r["labels"] != -100).sum() >= 4
 
-    examples = pipeline.examples_dataset(uri, "train", **dict(common, counter=None)).take_all()
+    examples = pipeline.examples_dataset(uri, "train", **dict(common, counter=None), family="paligemma").take_all()
     assert sorted({e["id"] for e in examples}) == sorted(kept_ids)
     by_task = {t: sorted(e["id"] for e in examples if e["task"] == t) for t in TASKS}
     assert by_task["point"] == by_task["detect"] == sorted(kept_ids)
@@ -98,7 +98,7 @@ def test_too_long_examples_are_dropped_and_counted(tmp_path, ray_cluster, tiny_m
     shards.write_shards(rows, uri)
     counter = pipeline.drop_counter()
     # 16 image tokens + <bos> + prompt + "\n" + 4 locs + label + <eos> does not fit in 20 tokens
-    out = pipeline.train_dataset(uri, "train", tasks=["detect"], model_path=tiny_model_path, image_hw=(64, 64), max_len=20, counter=counter).take_all()
+    out = pipeline.train_dataset(uri, "train", tasks=["detect"], model_path=tiny_model_path, image_hw=(64, 64), max_len=20, counter=counter, family="paligemma").take_all()
     counts = ray_cluster.get(counter.get.remote())["train"]
     assert out == []
     assert counts["dropped:too_long"] == 8 and counts.get("tokenized", 0) == 0
@@ -107,7 +107,7 @@ def test_too_long_examples_are_dropped_and_counted(tmp_path, ray_cluster, tiny_m
 def test_examples_render_source_pixel_targets():
     ex = synthetic.make_example(0, seed=0, image_size=64)
     (box,) = [o for o in ex["objects"] if o.__class__.__name__ == "Box"]
-    out = pipeline.examples_for(ex["objects"], TASKS, 64, 64)
+    out = pipeline.examples_for(ex["objects"], TASKS, 64, 64, "paligemma")
     assert [e["task"] for e in out] == TASKS
     assert out[0]["prefix"] == f"point to {box.label}"
     assert out[1]["prefix"] == f"detect {box.label}"
@@ -123,15 +123,15 @@ def test_training_read_fuses_with_preparation_and_matches_the_staged_functions(t
     uri = str(tmp_path / "fused")
     rows = list(synthetic.generate_rows(40, seed=5, image_size=64, splits={"train": 1.0}))
     shards.write_shards(rows, uri, rows_per_shard=10)  # 4 files >= the test cluster's CPUs
-    ds = pipeline.train_dataset(uri, "train", tasks=TASKS, model_path=tiny_model_path, image_hw=(64, 64), max_len=48, batch_size=8)
+    ds = pipeline.train_dataset(uri, "train", tasks=TASKS, model_path=tiny_model_path, image_hw=(64, 64), max_len=48, batch_size=8, family="paligemma")
     got = ds.take_all()
     stats = ds.stats()
     assert "ReadParquet->MapBatches(prepare_block)" in stats, stats
 
     table = shards.read_split(uri, "train")
     batch = {k: np.array(table[k].to_pylist(), dtype=object) for k in ("id", "image", "width", "height", "objects")}
-    examples = pipeline.decode_and_expand(batch, split="train", tasks=TASKS, image_hw=(64, 64))
-    want = pipeline.tokenize(examples, split="train", model_path=tiny_model_path, max_len=48)
+    examples = pipeline.decode_and_expand(batch, split="train", tasks=TASKS, image_hw=(64, 64), family="paligemma")
+    want = pipeline.tokenize(examples, split="train", model_path=tiny_model_path, max_len=48, family="paligemma")
     assert len(got) == len(want["input_ids"]) > 40
 
     def key(ids, pix):
@@ -190,7 +190,7 @@ def test_prepare_block_pieces_are_the_whole_block_cut_up_and_counted_once(tmp_pa
     for yb in (pipeline.YIELD_BYTES, 1):
         counter = pipeline.drop_counter()
         pieces = list(pipeline.prepare_block(block, split="train", tasks=TASKS, image_hw=(64, 64), model_path=tiny_model_path,
-                                             max_len=48, counter=counter, batch_size=4, yield_bytes=yb))
+                                             max_len=48, counter=counter, batch_size=4, yield_bytes=yb, family="paligemma"))
         runs[yb] = (pieces, ray_cluster.get(counter.get.remote())["train"])
     (whole, whole_counts), (cut, cut_counts) = runs[pipeline.YIELD_BYTES], runs[1]
     assert len(whole) == 1 and len(whole[0]["input_ids"]) == 18  # the 18 examples of the bad-rows test

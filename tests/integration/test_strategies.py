@@ -25,7 +25,7 @@ def _batches(model_path, n=64, micro=8, task="point"):
     rows = []
     for i in range(n):
         ex = synthetic.make_example(i, seed=11, image_size=64)
-        (e,) = [x for x in pipeline.examples_for(ex["objects"], [task], 64, 64)]
+        (e,) = [x for x in pipeline.examples_for(ex["objects"], [task], 64, 64, "paligemma")]
         rows.append((Image.open(__import__("io").BytesIO(ex["image"])).convert("RGB"), e["prefix"], e["suffix"]))
     out = []
     for i in range(0, n, micro):

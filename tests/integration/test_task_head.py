@@ -41,7 +41,7 @@ def batches(tiny_model_path):
     items = []
     for i in range(32):
         ex = synthetic.make_example(i, seed=5, image_size=64)
-        (e,) = pipeline.examples_for(ex["objects"], ["detect"], 64, 64)
+        (e,) = pipeline.examples_for(ex["objects"], ["detect"], 64, 64, "paligemma")
         items.append((Image.open(io.BytesIO(ex["image"])).convert("RGB"), e["prefix"], e["suffix"]))
     enc = paligemma.encode_train(proc, [x[0] for x in items], [x[1] for x in items], [x[2] for x in items], 48)
     enc.pop("length")
@@ -216,9 +216,11 @@ def test_ray_train_with_the_head_then_eval_from_the_checkpoint(tmp_path, ray_clu
     proc = paligemma.load_processor(tiny_model_path)
     batch = pipeline.examples_dataset(launch_train.data_uri(cfg), cfg.eval.split, tasks=cfg.data.tasks,
                                       image_hw=paligemma.image_size(proc), family="paligemma").take_batch(6, batch_format="numpy")
-    predictor = Predictor(family="paligemma", model_path=tiny_model_path, checkpoint_uri=str(ckpt), max_new_tokens=cfg.eval.max_new_tokens,
-                          decoding=cfg.eval.decoding, constrained=cfg.eval.constrained, max_objects=cfg.eval.max_objects,
-                          confidence=cfg.eval.confidence)
+    from raytrain.predict import DecodeOptions
+
+    opts = DecodeOptions(max_new_tokens=cfg.eval.max_new_tokens, constrained=cfg.eval.constrained, confidence=cfg.eval.confidence,
+                         max_objects=cfg.eval.max_objects, generate=dict(cfg.eval.decoding))
+    predictor = Predictor(family="paligemma", model_path=tiny_model_path, checkpoint_uri=str(ckpt), options=opts)
     assert task_head.find(predictor.model) is not None
     out = predictor(batch)
     assert [preds[i] for i in out["id"]] == list(out["text"])

@@ -251,7 +251,7 @@ def _batches(model_path: str, n: int = 48) -> dict[str, torch.Tensor]:
     items = []
     for i in range(n):
         ex = synthetic.make_example(i, seed=5, image_size=64)
-        (e,) = pipeline.examples_for(ex["objects"], ["detect"], 64, 64)
+        (e,) = pipeline.examples_for(ex["objects"], ["detect"], 64, 64, "paligemma")
         items.append((Image.open(io.BytesIO(ex["image"])).convert("RGB"), e["prefix"], e["suffix"]))
     enc = paligemma.encode_train(proc, [x[0] for x in items], [x[1] for x in items], [x[2] for x in items], 48)
     enc.pop("length")

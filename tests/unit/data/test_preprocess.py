@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from raytrain import config as config_mod
+from raytrain import predict
 from raytrain.data import pipeline
 from raytrain.data.preprocess import Geometry, Preprocess, blend_edges, canny_edges, resolve_recorded
 from raytrain.eval import batch as eval_batch
@@ -243,7 +244,7 @@ def test_letterboxed_stage_renders_targets_in_the_padded_frame(fam_name, hw):
     naive = fam.parse_output(str(out["suffix"][det]), "detect", 200, 100, hw).objects[0]
     assert box_iou(naive, box) < 0.8
     # ... and eval's parse-back (content_box) returns the source box; the point too
-    rows = eval_batch._rows_from_predictions(out, [str(s) for s in out["suffix"]], fam, hw)
+    rows = predict.texts_to_rows(fam, out, [str(s) for s in out["suffix"]], hw)
     scores = {t: json.loads(s) for t, s in zip(rows["task"], rows["score"])}
     parsed = {t: objects_from_json(o)[0] for t, o in zip(rows["task"], rows["objects"])}
     src_tol = tol / g.to_model(Box(0, 0, 1, 1)).width + 1e-6
@@ -256,7 +257,7 @@ def test_letterboxed_stage_renders_targets_in_the_padded_frame(fam_name, hw):
 
 
 def test_default_stage_is_unchanged_stretch():
-    out = pipeline.decode_and_expand(_row(), split="val", tasks=["detect"], image_hw=(224, 224))
+    out = pipeline.decode_and_expand(_row(), split="val", tasks=["detect"], image_hw=(224, 224), family="paligemma")
     src = Image.open(io.BytesIO(_row()["image"][0])).convert("RGB")
     assert np.array_equal(out["image"][0], np.asarray(src.resize((224, 224), Image.BILINEAR)))
     assert out["content_box"].tolist() == [[0, 0, 224, 224]]
@@ -265,16 +266,16 @@ def test_default_stage_is_unchanged_stretch():
 
 
 def test_serve_answer_maps_back_from_the_recorded_frame():
-    from raytrain.serve.app import answer
+    from raytrain.serve.app import answer_body
 
     fam = family("paligemma")
     g = LETTERBOX.geometry(200, 100, (224, 224))
     box = Box(40, 20, 120, 70, "cat")
-    text = fam.render_example("detect", "cat", *g.target_frame([box]), (224, 224))[1]
-    got = answer("paligemma", fam, None, "detect", 200, 100, text, None, None, g)["objects"][0]
+    text = predict.Generation(fam.render_example("detect", "cat", *g.target_frame([box]), (224, 224))[1], [], [])
+    got = answer_body(predict.read_answer(fam, None, "detect", text, g))["objects"][0]
     assert box_iou(Box(got["x1"], got["y1"], got["x2"], got["y2"]), box) >= 0.97
     # without the geometry the same text would be read as a stretched image: wrong place
-    wrong = answer("paligemma", fam, None, "detect", 200, 100, text, None, None)["objects"][0]
+    wrong = answer_body(predict.read_answer(fam, None, "detect", text, predict.identity_geometry(200, 100)))["objects"][0]
     assert box_iou(Box(wrong["x1"], wrong["y1"], wrong["x2"], wrong["y2"]), box) < 0.8
 
 

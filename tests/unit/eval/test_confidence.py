@@ -6,23 +6,17 @@ import math
 import numpy as np
 import pytest
 
-from raytrain.eval.decoding import (
-    GrammarLogitsProcessor,
-    correct_predictions,
-    expected_calibration_error,
-    label_sequences,
-    nms,
-    object_confidences,
-    reliability_bins,
-)
-from raytrain.formats.annotations import Box, Point
+from raytrain.eval.metrics.calibration import correct_predictions, expected_calibration_error, reliability_bins
+from raytrain.formats.annotations import Box, Point, nms
+from raytrain.models.paligemma_decoding import label_sequences, object_confidences
+from raytrain.predict import GrammarLogitsProcessor
 from raytrain.formats.grammar import DetectionGrammar
 from raytrain.formats.paligemma import loc_token, parse
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from raytrain.models.tiny import build_tokenizer
+    from raytrain.models.tiny_paligemma import build_tokenizer
 
     return build_tokenizer()
 

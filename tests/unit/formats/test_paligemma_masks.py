@@ -392,7 +392,7 @@ def test_training_targets_refuse_without_weights(monkeypatch):
 
 def test_family_pipeline_and_eval_wiring(monkeypatch, synthetic_ckpt):
     from raytrain.data.pipeline import examples_for
-    from raytrain.eval import batch
+    from raytrain import predict
     from raytrain.formats import paligemma as fmt
     from raytrain.models import paligemma as family
 
@@ -400,25 +400,29 @@ def test_family_pipeline_and_eval_wiring(monkeypatch, synthetic_ckpt):
     arr = np.zeros((60, 90), bool)
     arr[10:40, 20:70] = True
     gt = Mask.from_array(arr, "blob")
-    assert family.KIND_OF_TASK["segment"] == "mask"
+    from raytrain import tasks
+
+    assert tasks.kind("segment") == "mask"
     prefix, suffix = family.render_example("segment", "blob", [gt], 90, 60)
     assert prefix == "segment blob" and _OBJ.fullmatch(suffix)
     # point / detect unchanged
     box = Box(20, 10, 70, 40, "blob")
     assert family.render_example("detect", "blob", [box], 90, 60) == ("detect blob", fmt.render_objects([box], 90, 60))
-    exs = examples_for([gt, box], ["segment", "detect"], 90, 60)
+    exs = examples_for([gt, box], ["segment", "detect"], 90, 60, "paligemma")
     assert [(e["task"], e["suffix"]) for e in exs] == [("segment", suffix), ("detect", fmt.render_objects([box], 90, 60))]
 
     res = family.parse_output(suffix + "<eos>", "segment", 90, 60)
     assert len(res.objects) == 1 and not res.errors
     targets = objects_to_json([gt])
-    s = batch.score_example("segment", res.objects, targets, 90, 60)
+    s = predict.score_example("segment", res.objects, targets, 90, 60)
     assert s["valid"] == 1 and 0 <= s["mask_iou"] <= 1 and s["box_iou"] > 0.95 and s["box_hit_75"] == 1
     perfect = pm.PredictedMask(gt.size, gt.counts, "blob", loc_box=gt.box)
-    assert batch.score_example("segment", [perfect], targets, 90, 60)["mask_iou"] == 1.0
-    miss = batch.score_example("segment", None, targets, 90, 60)
+    assert predict.score_example("segment", [perfect], targets, 90, 60)["mask_iou"] == 1.0
+    miss = predict.score_example("segment", None, targets, 90, 60)
     assert miss["valid"] == 0 and miss["mask_iou"] == 0.0
-    rows = [{"task": "segment", "score": json.dumps(x), "errors": "[]"} for x in (batch.score_example("segment", [perfect], targets, 90, 60), miss)]
+    rows = [{"task": "segment", "score": json.dumps(x), "errors": "[]"} for x in (predict.score_example("segment", [perfect], targets, 90, 60), miss)]
+    from raytrain.eval import batch
+
     agg = batch.aggregate(rows)["segmentation"]
     assert agg["miou"] == 0.5 and agg["n"] == 2 and agg["invalid"] == 1 and agg["box_acc_50"] == 0.5
 

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from raytrain import config as config_mod
+from raytrain import predict
 from raytrain.formats import qwen as fmt
 from raytrain.formats.annotations import Box, Point, Region
 from raytrain.launch import smoke
@@ -46,14 +47,16 @@ def bare(tmp_path_factory):
 
 
 def test_family_spec_binds_a_box_format():
-    assert family("qwen2_5_vl") is qw and family_spec("qwen2_5_vl", "absolute") == "qwen2_5_vl"
-    assert family_spec("qwen2_5_vl", "tokens") == "qwen2_5_vl+tokens"
+    assert family("qwen2_5_vl") == family("qwen2_5_vl+absolute") and family_spec("qwen2_5_vl", "absolute") == "qwen2_5_vl"
+    assert family_spec("qwen2_5_vl", "tokens") == "qwen2_5_vl+tokens" and family_spec("qwen2_5_vl", "") == "qwen2_5_vl"
     assert parse_family_spec("qwen2_5_vl+pairs") == ("qwen2_5_vl", "pairs")
     view = family("qwen2_5_vl+normalized")
-    assert view.BOX_FORMAT == "normalized" and view.KIND_OF_TASK is qw.KIND_OF_TASK and view.encode_train is qw.encode_train
-    with pytest.raises(ValueError, match="unknown box format 'polar'"):
+    assert view.answer_format == "normalized" and view.spec == "qwen2_5_vl+normalized" and view.encode_train is qw.encode_train
+    with pytest.raises(AttributeError):  # immutable: one object per spec
+        view.answer_format = "tokens"
+    with pytest.raises(ValueError, match="not 'polar'"):
         family("qwen2_5_vl+polar")
-    with pytest.raises(ValueError, match="own fixed format"):
+    with pytest.raises(ValueError, match="writes answers as \\['loc'\\]"):
         family("paligemma+tokens")
     with pytest.raises(ValueError, match="unknown model family"):
         family("llava+tokens")
@@ -63,10 +66,10 @@ def test_config_keys_are_validated():
     cfg = config_mod.load(None, ["model.family=qwen2_5_vl", "model.box_format=tokens", "train.new_token_warmup_steps=5"])
     assert cfg.model.spec == "qwen2_5_vl+tokens" and cfg.train.new_token_warmup_steps == 5
     default = config_mod.load(None)
-    assert (default.model.box_format, default.train.new_token_warmup_steps, default.model.spec) == ("absolute", 0, "paligemma")
+    assert (default.model.box_format, default.train.new_token_warmup_steps, default.model.spec) == ("", 0, "paligemma")
     bad = {
-        "model.box_format must be one of": ["model.family=qwen2_5_vl", "model.box_format=xyxy"],
-        "PaliGemma writes its own": ["model.box_format=normalized"],
+        "not 'xyxy'": ["model.family=qwen2_5_vl", "model.box_format=xyxy"],
+        "paligemma' writes answers as": ["model.box_format=normalized"],
         "must be >= 0": ["train.new_token_warmup_steps=-1"],
         "needs model.box_format=tokens": ["model.family=qwen2_5_vl", "train.new_token_warmup_steps=3"],
         "not supported with strategy zero2/zero3": ["model.family=qwen2_5_vl", "model.box_format=tokens",
@@ -125,7 +128,7 @@ def test_every_box_format_round_trips_in_the_processor_frame(rep, preset):
     ImageDraw.Draw(src).rectangle([BOX.x1, BOX.y1, BOX.x2 - 1, BOX.y2 - 1], fill="white")
     img = src.resize((hw[1], hw[0]), Image.BILINEAR)  # what the pipeline does before encoding
     for task, obj in (("detect", BOX), ("point", POINT)):
-        prompt, answer = fam.render_example(task, obj.label, [obj], SRC_W, SRC_H, hw, fenced=False)
+        prompt, answer = qw.render_example(task, obj.label, [obj], SRC_W, SRC_H, hw, representation=rep, fenced=False)
         assert answer == EXPECTED[(rep, task)], (rep, task, answer)
         assert prompt == fmt.render_prompt(task, obj.label, rep)
         enc = fam.encode_train(proc, [img], [prompt], [answer], max_len=200)
@@ -148,7 +151,7 @@ def test_every_box_format_round_trips_in_the_processor_frame(rep, preset):
             seen = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
             assert np.allclose(_model_frame_coords(obj, rep, text), seen, atol=1.0), (rep, seen)
     # dense captioning asks for the answer's shape too
-    prompt, answer = fam.render_example("dense_caption", "", [Region(50, 30, 150, 90, "a box")], SRC_W, SRC_H, hw, fenced=False)
+    prompt, answer = qw.render_example("dense_caption", "", [Region(50, 30, 150, 90, "a box")], SRC_W, SRC_H, hw, representation=fam.answer_format, fenced=False)
     assert prompt == qw.DENSE_PROMPTS[rep]
     assert fam.parse_output(answer, "dense_caption", SRC_W, SRC_H, hw).objects[0].phrase == "a box"
 
@@ -334,7 +337,8 @@ def test_lora_trains_added_rows_through_the_adapter_and_back_to_inference(bare):
     assert torch.equal(model.get_input_embeddings().weight[ids], sd[3][delta_in])
     assert torch.equal(model.get_output_embeddings().weight[ids], sd[3][delta_out])
     hw = fam.image_size(proc)
-    texts = fam.generate(model, proc, [Image.new("RGB", hw)], [fmt.render_prompt("detect", "red circle", "tokens")], max_new_tokens=4)
+    texts = [g.text for g in predict.decode(model, proc, fam, [Image.new("RGB", hw)], [fmt.render_prompt("detect", "red circle", "tokens")],
+                                            max_new_tokens=4)]
     assert len(texts) == 1 and isinstance(texts[0], str)
     with pytest.raises(ValueError, match="qwen2_5_vl\\+tokens"):  # read with the wrong family: refused, not misdecoded
         checkpointing.load_for_inference(saved[3], bare, family("qwen2_5_vl"))

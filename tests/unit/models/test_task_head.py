@@ -88,7 +88,7 @@ def batch(tiny_model_path):
     imgs, prefixes, suffixes = [], [], []
     for i in range(8):
         ex = synthetic.make_example(i, seed=5, image_size=64)
-        (e,) = pipeline.examples_for(ex["objects"], ["detect"], 64, 64)
+        (e,) = pipeline.examples_for(ex["objects"], ["detect"], 64, 64, "paligemma")
         imgs.append(Image.open(io.BytesIO(ex["image"])).convert("RGB"))
         prefixes.append(e["prefix"])
         suffixes.append(e["suffix"])
@@ -222,7 +222,7 @@ def test_config_key_defaults_off_and_is_validated():
     assert config_mod.load(None, ["model.task_head_queries=256"]).model.task_head_queries == 256
     with pytest.raises(ValueError, match=">= 0"):
         config_mod.load(None, ["model.task_head_queries=-1"])
-    with pytest.raises(ValueError, match="family=paligemma"):
+    with pytest.raises(ValueError, match="fixed number of image tokens"):
         config_mod.load(None, ["model.family=qwen2_5_vl", "model.task_head_queries=16"])
     with pytest.raises(ValueError, match="expected int"):
         config_mod.load(None, ["model.task_head_queries=many"])

@@ -1,0 +1,162 @@
+"""The model-family interface: every member a family provides, in one place.
+
+A family object is one model family (PaliGemma, Qwen2.5-VL, ...) bound to one answer format (how
+its answers write coordinates: PaliGemma's <loc> tokens; Qwen2.5-VL's absolute pixels, normalized
+0-1, added location tokens or (phrase, box) pairs). `raytrain.models.family(spec)` returns one
+immutable object per spec ("paligemma", "qwen2_5_vl+tokens"); every caller outside `models/` talks
+to it through these members only, never by comparing family names or probing with hasattr.
+
+Each family module (`models/<family>.py`) implements ALL of it as a frozen dataclass, a no-op where
+nothing applies. No implementation inheritance between families: a member two families share is a
+plain function both call. A new family adds a module here (and its answer-format codec under
+`formats/`), a tiny preset builder, tests and a job YAML, and registers itself in
+`raytrain.models.FAMILIES`; nothing else changes.
+
+Arguments are plain values: no family member reads the experiment config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class ModelFamily(Protocol):
+    # ---- identity ------------------------------------------------------------------------------
+    name: ClassVar[str]
+    """Family name: the part of a spec before '+', the key in raytrain.models.FAMILIES."""
+    ANSWER_FORMATS: ClassVar[tuple[str, ...]]
+    """Answer formats this family can be trained to write; the first is its default."""
+    answer_format: str
+    """The format this object renders, parses, constrains and scores."""
+    SEQ_KEYS: ClassVar[tuple[str, ...]]
+    """Per-token (B, T) arrays of `encode_train` whose shared right padding the recipe trims."""
+    TASKS: ClassVar[tuple[str, ...]]
+    """Tasks (raytrain.tasks names) this family renders and parses."""
+    supports_task_head: ClassVar[bool]
+    """Whether seed 004's task attention head (models/task_head.py) fits the family's prompt layout."""
+
+    @property
+    def spec(self) -> str:
+        """'qwen2_5_vl+tokens' ('qwen2_5_vl' for the default format): what checkpoints record."""
+        ...
+
+    # ---- loading -------------------------------------------------------------------------------
+    def resolve(self, name_or_path: str, cache_dir: str | None = None) -> str:
+        """'tiny:<family>' -> the offline preset's directory (built once); anything else unchanged."""
+        ...
+
+    def load(self, name_or_path: str, dtype: str = "float32", cache_dir: str | None = None, device: str | None = None,
+             quant: dict | None = None) -> tuple[Any, Any]:
+        """(model, processor) through `from_pretrained`; `quant` = config.QuantConfig as a dict."""
+        ...
+
+    def load_processor(self, name_or_path: str, cache_dir: str | None = None) -> Any: ...
+
+    def hf_model_class(self) -> type:
+        """The transformers class (for random-weight real-size models and checkpoint loading)."""
+        ...
+
+    def build_tiny_preset(self, out_dir: str | Path, seed: int = 0, image_size: int | None = None) -> Path:
+        """Build the offline tiny preset (tokenizer + processor + random-init model) into out_dir."""
+        ...
+
+    TINY_IMAGE_SIZE: ClassVar[int]
+    """The tiny preset's default input side (ensure_preset maps it to the default cache entry)."""
+
+    # ---- training ------------------------------------------------------------------------------
+    def lora_target_modules(self, names: Sequence[str], include_vision: bool = False) -> str:
+        """peft `target_modules` regex over the language model's (and optionally the tower's) linears."""
+        ...
+
+    def apply_freeze_policy(self, model, *, freeze_vision: bool = True, unfreeze_vision_layers: int = 0,
+                            train_projector: bool = False, train_language: bool = True) -> None: ...
+
+    def component(self, param_name: str) -> str:
+        """'vision' | 'projector' | 'language' for a parameter name of the transformers layout."""
+        ...
+
+    def new_token_ids(self, processor) -> list[int]:
+        """Vocabulary rows the answer format adds (trained by LoRA's trainable tokens, warmed up first)."""
+        ...
+
+    def loc_token_ids(self, tokenizer):
+        """int64 array of the coordinate-bin token ids in bin order (the distance-aware loss's bins);
+        empty when the format writes coordinates as text."""
+        ...
+
+    def image_tokens(self, processor) -> int | None:
+        """Language-model tokens per image, or None when it varies per image."""
+        ...
+
+    def vision_tower_dims(self, hf_config) -> dict:
+        """The vision tower's shape for the memory planner (models/memory.py Tower fields)."""
+        ...
+
+    PREFIX_LM_MASK: ClassVar[bool]
+    """True when training builds a 4-D prefix-LM attention mask (memory planner)."""
+
+    # ---- text: prompts, targets, parsing ---------------------------------------------------------
+    def render_example(self, task: str, query: str, targets: Sequence, width: int, height: int,
+                       image_hw: tuple[int, int] | None = None) -> tuple[str, str]:
+        """(prompt, answer) for one example; targets in source pixels of a width x height image,
+        answer in the frame of the model input image_hw."""
+        ...
+
+    def parse_output(self, text: str, task: str, width: int, height: int, image_hw: tuple[int, int] | None = None):
+        """Model text -> ParseResult in source pixels; never raises on text."""
+        ...
+
+    # ---- encoding and generation -------------------------------------------------------------------
+    def image_size(self, processor) -> tuple[int, int]:
+        """(height, width) the pipeline resizes images to for this processor."""
+        ...
+
+    def encode_train(self, processor, images: Sequence, prefixes: Sequence[str], suffixes: Sequence[str], max_len: int) -> dict: ...
+
+    def encode_prompts(self, processor, images: Sequence, prefixes: Sequence[str]) -> dict:
+        """Left-padded, model-ready prompt batch (torch tensors) for generation."""
+        ...
+
+    def prepare_inputs(self, inputs: dict) -> dict:
+        """A delivered training batch -> `model(**inputs)` keywords (pixels normalised, layouts flattened)."""
+        ...
+
+    def stop_token_ids(self, tokenizer) -> list[int]:
+        """Token ids that end an answer."""
+        ...
+
+    # ---- constrained decoding and confidences -----------------------------------------------------
+    def grammar(self, processor, kind: str, labels: Sequence[str], image_hw: tuple[int, int], max_objects: int | None = None):
+        """A decoding grammar (the `allowed(generated_ids, remaining)` / `loc_ids` interface of
+        formats/grammar.py) for answers of `kind` naming only `labels`, or None when the format has
+        no grammar for that kind (captions: free text)."""
+        ...
+
+    def object_confidences(self, logprobs: Sequence[float], token_ids: Sequence[int], tokenizer, kind: str) -> list[float]:
+        """One confidence per object of the parsed answer (same order; NaN where an object cannot be
+        placed in the tokens): the geometric mean of the raw probabilities of its tokens."""
+        ...
+
+    # ---- checkpoints: inference files and adapter extras ---------------------------------------
+    def save_inference_files(self, processor, out_dir: str | Path) -> None:
+        """What a full-weights checkpoint needs to be used as trained (processor, resize record...)."""
+        ...
+
+    def save_adapter_files(self, processor, out_dir: str | Path) -> None:
+        """What an adapter checkpoint needs beside its weights (resize record, added tokenizer...)."""
+        ...
+
+    def check_inference_files(self, processor, saved_dir: str | Path) -> None:
+        """Raise ValueError when `processor` would not read inputs as the files saved in
+        `saved_dir` say training did (another resize, other token ids); no-op when nothing is saved."""
+        ...
+
+
+REQUIRED_MEMBERS: tuple[str, ...] = tuple(sorted(
+    {n for n in ModelFamily.__annotations__ if not n.startswith("_")}
+    | {n for n, v in vars(ModelFamily).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))}
+))
+"""Every member name of the interface (the tests check each family provides all of them)."""

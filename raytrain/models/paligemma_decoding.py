@@ -1,0 +1,188 @@
+"""PaliGemma's constrained decoding and per-object confidences (its `<loc>` answer format).
+
+* ``PaliGemmaGrammars`` reads the token ids of each allowed label (and of the ``" ; "``
+  separator after it) from a rendered training target, through the same processor call that
+  builds training labels, and builds ``formats.grammar.DetectionGrammar``s from them: what the
+  family's ``grammar`` member returns, driven by ``raytrain.predict.GrammarLogitsProcessor``.
+* ``object_confidences``: one confidence per parsed object, the GEOMETRIC MEAN of the
+  probabilities of its tokens (its loc tokens, then its label tokens up to, not including, the
+  ``;`` separator or <eos>; whitespace-only tokens are formatting and left out), i.e.
+  ``exp(mean log p)``. The probabilities are the model's own (``raytrain.predict`` reads them
+  before any logits processor), so constrained decoding does not inflate them. A product would
+  penalise boxes (4 locs) against points (2 locs) and long labels against short ones; the
+  geometric mean does not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Sequence
+
+from raytrain.formats import paligemma as fmt
+from raytrain.formats.annotations import Obj, Point
+from raytrain.formats.grammar import DetectionGrammar, query_labels
+
+IGNORE_INDEX = -100  # the processor's label value outside the suffix
+
+# ---------------------------------------------------------------------------- token ids
+
+
+def suffix_token_ids(processor, suffixes: Sequence[str]) -> list[list[int]]:
+    """Ids of each target ``suffix`` exactly as training sees them (the ``labels`` of
+    ``models.paligemma.encode_train``: the same processor call), <eos> included. With a bare tokenizer instead of a
+    processor: ``tokenizer(suffix + eos, add_special_tokens=False)``."""
+    if hasattr(processor, "image_processor"):
+        from PIL import Image
+
+        # the processor call encode_train makes (one <image> prompt + suffix -> labels); the image is
+        # a blank of the model size (the labels do not depend on it)
+        size = processor.image_processor.size
+        blank = Image.new("RGB", (int(size["width"]), int(size["height"])))
+        enc = processor(text=["<image>"] * len(suffixes), images=[blank] * len(suffixes), suffix=list(suffixes),
+                        padding="longest", return_tensors="np")
+        return [[int(t) for t, m in zip(row, mask) if m and t != IGNORE_INDEX] for row, mask in zip(enc["labels"], enc["attention_mask"])]
+    tok = processor
+    return [list(tok(s + tok.eos_token, add_special_tokens=False)["input_ids"]) for s in suffixes]
+
+
+def label_sequences(processor, labels: Sequence[str]) -> dict[str, tuple[list[int], list[int]]]:
+    """``{label: (ids of " label ; ", ids of " label")}`` as they appear inside a target.
+
+    Each label is rendered twice, ``<loc><loc> label ; <loc><loc> label``, and read back: the
+    ids between the two loc runs are the label followed by a separator, the ids after the
+    second run (before <eos>) the label that ends the output. Reading them from a rendered
+    target, instead of tokenizing ``" label"`` alone, keeps whatever the tokenizer does at the
+    boundaries (a leading "▁", a label end merged with the separator). Raises ValueError for a
+    label that cannot be rendered (``;``, ``<``, surrounding spaces)."""
+    tok = getattr(processor, "tokenizer", processor)
+    loc_set = set(tok.convert_tokens_to_ids([fmt.loc_token(i) for i in range(fmt.NUM_LOC)]))
+    suffixes = [fmt.render_objects([Point(0, 0, lb), Point(0, 0, lb)], 1, 1) for lb in labels]
+    out = {}
+    for lb, ids in zip(labels, suffix_token_ids(processor, suffixes)):
+        if ids and ids[-1] == tok.eos_token_id:
+            ids = ids[:-1]
+        is_loc = [t in loc_set for t in ids]
+        # expected layout: loc loc <label ; > loc loc <label>
+        runs = [i for i in range(len(ids)) if is_loc[i] and (i == 0 or not is_loc[i - 1])]
+        if len(runs) != 2 or runs[0] != 0 or sum(is_loc) != 4:
+            raise ValueError(f"label {lb!r}: unexpected target ids {ids} (loc runs at {runs})")
+        out[lb] = (ids[2 : runs[1]], ids[runs[1] + 2 :])
+        if not out[lb][0] or not out[lb][1]:
+            raise ValueError(f"label {lb!r}: empty label ids in target {ids}")
+    return out
+
+
+class PaliGemmaGrammars:
+    """Builds per-example ``DetectionGrammar``s for one processor, caching label ids.
+
+    ``for_labels(kind, labels, max_objects)``: grammar for "point" / "box" output restricted
+    to ``labels``. ``for_queries(kind, queries, max_objects)``: one per example, its labels
+    read from the prompt query (``"cat ; dog"`` -> cat, dog), as ``detect`` prompts list them.
+    """
+
+    def __init__(self, processor, forbid_duplicates: bool = True):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.loc_ids = [int(i) for i in self.tokenizer.convert_tokens_to_ids([fmt.loc_token(i) for i in range(fmt.NUM_LOC)])]
+        self.eos_id = int(self.tokenizer.eos_token_id)
+        self.forbid_duplicates = forbid_duplicates
+        self._seqs: dict[str, tuple[list[int], list[int]]] = {}
+        self._grammars: dict[tuple, DetectionGrammar] = {}
+
+    def _sequences(self, labels: Sequence[str]) -> dict[str, tuple[list[int], list[int]]]:
+        missing = [lb for lb in dict.fromkeys(labels) if lb not in self._seqs]
+        if missing:
+            self._seqs.update(label_sequences(self.processor, missing))
+        return {lb: self._seqs[lb] for lb in labels}
+
+    def for_labels(self, kind: str, labels: Sequence[str], max_objects: int | None = None) -> DetectionGrammar:
+        key = (kind, tuple(labels), max_objects)
+        if key not in self._grammars:  # grammars hold no per-call state: one per key is enough
+            self._grammars[key] = DetectionGrammar(self.loc_ids, self._sequences(list(labels)), self.eos_id, kind,
+                                                   max_objects, self.forbid_duplicates)
+        return self._grammars[key]
+
+    def for_queries(self, kind: str, queries: Sequence[str], max_objects: int | None = None) -> list[DetectionGrammar]:
+        return [self.for_labels(kind, query_labels(q), max_objects) for q in queries]
+
+
+# ---------------------------------------------------------------------------- confidence
+
+
+def _token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
+    return [tokenizer.decode([t], skip_special_tokens=True, clean_up_tokenization_spaces=False) for t in ids]
+
+
+def object_confidences(
+    logprobs: Sequence[float],
+    token_ids: Sequence[int],
+    tokenizer,
+    kind: str,
+    allowed_labels: Collection[str] | None = None,
+) -> list[float]:
+    """One confidence per object of ``fmt.parse(text, w, h, kind, allowed_labels).objects``
+    (same order, same length), where ``text`` is ``token_ids`` up to the first <eos> (what
+    follows is padding), decoded without special tokens, as ``Generation.text`` is.
+
+    ``logprobs[i]``: log-probability of ``token_ids[i]`` (``Generation.logprobs``). Confidence =
+    geometric mean of the object's token probabilities (module docstring). The ids are split
+    into objects at each run of loc tokens, each piece is parsed on its own, and its object is
+    matched to the parse of the whole text; an object that cannot be matched (text that spells
+    a loc token out of ordinary tokens) gets NaN.
+    """
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    ids = [int(t) for t in token_ids]
+    if len(logprobs) < len(ids):
+        raise ValueError(f"{len(logprobs)} log-probs for {len(ids)} tokens")
+    if tok.eos_token_id in ids:
+        ids = ids[: ids.index(tok.eos_token_id)]
+    texts = _token_texts(tok, ids)
+    loc_set = set(tok.convert_tokens_to_ids([fmt.loc_token(i) for i in range(fmt.NUM_LOC)]))
+    seg_set = set(tok.convert_tokens_to_ids([fmt.seg_token(i) for i in range(fmt.NUM_SEG)]))
+
+    # start of each object: a loc token not preceded (whitespace aside) by a loc token, as
+    # the parser's loc runs ("<loc>(\s*<loc>)*(\s*<seg>)*") are delimited
+    starts, prev = [], None
+    for i, t in enumerate(ids):
+        if t in loc_set:
+            if prev != "loc":
+                starts.append(i)
+            prev = "loc"
+        elif t in seg_set:
+            prev = "seg" if prev in ("loc", "seg") else "text"
+        elif texts[i].strip():
+            prev = "text"
+    pieces: list[tuple[Obj, float]] = []
+    for j, s in enumerate(starts):
+        e = starts[j + 1] if j + 1 < len(starts) else len(ids)
+        lps, in_label = [], False
+        for i in range(s, e):
+            t = ids[i]
+            if t in loc_set or t in seg_set:
+                if in_label:
+                    break
+                lps.append(logprobs[i])
+                continue
+            in_label = True
+            if ";" in texts[i]:
+                break
+            if texts[i].strip():
+                lps.append(logprobs[i])
+        conf = float(math.exp(sum(lps) / len(lps))) if lps else float("nan")
+        text = tok.decode(ids[s:e], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        for o in fmt.parse(text, 1, 1, kind, allowed_labels).objects:
+            pieces.append((o, conf))
+    full = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    out, k = [], 0
+    for o in fmt.parse(full, 1, 1, kind, allowed_labels).objects:
+        j = k
+        while j < len(pieces) and pieces[j][0] != o:
+            j += 1
+        if j < len(pieces):
+            out.append(pieces[j][1])
+            k = j + 1
+        else:
+            out.append(float("nan"))
+    return out
+
+
