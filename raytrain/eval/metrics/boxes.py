@@ -36,6 +36,28 @@ def iou_matrix(gt: Sequence[Box], pred: Sequence[Box]) -> np.ndarray:
     return m
 
 
+def match_boxes(
+    pred: Sequence[Box],
+    gt: Sequence[Box],
+    iou_threshold: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The one-to-one assignment ``score_boxes`` scores: ``(rows, cols, iou)`` where
+    ``gt[rows[k]]`` is paired with ``pred[cols[k]]`` (min(G, P) pairs, hits and misses alike)
+    and ``iou`` is the ``(G, P)`` matrix of ``iou_matrix``. Empty arrays when either side is.
+
+    The objective is lexicographic: first the number of pairs with ``IoU >= iou_threshold``,
+    then the total IoU (see ``score_boxes``)."""
+    iou = iou_matrix(gt, pred)
+    if not len(gt) or not len(pred):
+        empty = np.zeros(0, dtype=np.intp)
+        return empty, empty, iou
+    hit = iou >= iou_threshold
+    # A TP weighs more than any total IoU (at most min(n_gt, n_pred)), so TPs come first.
+    weight = hit * float(min(len(gt), len(pred)) + 1) + iou
+    rows, cols = linear_sum_assignment(weight, maximize=True)
+    return rows, cols, iou
+
+
 def score_boxes(
     pred: Sequence[Box] | None,
     gt: Sequence[Box],
@@ -64,12 +86,8 @@ def score_boxes(
     tp = 0
     iou_sum = 0.0
     if n_gt and n_pred:
-        iou = iou_matrix(gt, pred)
-        hit = iou >= iou_threshold
-        # A TP weighs more than any total IoU (at most min(n_gt, n_pred)), so TPs come first.
-        weight = hit * float(min(n_gt, n_pred) + 1) + iou
-        rows, cols = linear_sum_assignment(weight, maximize=True)
-        tp = int(hit[rows, cols].sum())
+        rows, cols, iou = match_boxes(pred, gt, iou_threshold)
+        tp = int((iou[rows, cols] >= iou_threshold).sum())
         iou_sum = float(iou[rows, cols].sum())
     return {
         "valid": 1,

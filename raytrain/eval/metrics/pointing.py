@@ -24,6 +24,9 @@ import numpy as np
 from raytrain.formats.annotations import Point
 from raytrain.eval.metrics.values import finite
 
+# A prediction is a success when closer than this fraction of the image diagonal (seed 000).
+DEFAULT_SUCCESS_FRAC = 0.05
+
 # Keys of one scored sample, in order. Kept here so batch code can build empty columns.
 SAMPLE_KEYS = ("valid", "distance", "norm_distance", "se_x", "se_y", "ae_x", "ae_y", "success")
 
@@ -51,12 +54,25 @@ def centre_point(width: int, height: int) -> Point:
     return Point(x=width / 2.0, y=height / 2.0)
 
 
+def closest_offsets(pred: Sequence[Point], gt: Sequence[Point]) -> np.ndarray:
+    """``(G, 2)`` float array: ``(dx, dy) = pred - GT`` in pixels from each GT point to its
+    CLOSEST predicted point, the pairing ``score_points`` measures (several GT points may
+    share one prediction). Shape ``(0, 2)`` when either side is empty."""
+    if len(gt) == 0 or len(pred) == 0:
+        return np.zeros((0, 2), dtype=np.float64)
+    g = np.array([(p.x, p.y) for p in gt], dtype=np.float64)  # (G, 2)
+    q = np.array([(p.x, p.y) for p in pred], dtype=np.float64)  # (P, 2)
+    diff = q[None, :, :] - g[:, None, :]  # (G, P, 2): pred - gt
+    closest = np.sqrt((diff**2).sum(-1)).argmin(axis=1)  # (G,)
+    return diff[np.arange(len(g)), closest]
+
+
 def score_points(
     pred: Sequence[Point] | None,
     gt: Sequence[Point],
     width: int,
     height: int,
-    success_frac: float = 0.05,
+    success_frac: float = DEFAULT_SUCCESS_FRAC,
 ) -> dict:
     """Score one sample's predicted points against its ground-truth points.
 
@@ -93,15 +109,9 @@ def score_points(
         out["success"] = 0
         return out
 
-    g = np.array([(p.x, p.y) for p in gt], dtype=np.float64)  # (G, 2)
-    q = np.array([(p.x, p.y) for p in pred], dtype=np.float64)  # (P, 2)
-    diff = q[None, :, :] - g[:, None, :]  # (G, P, 2): pred - gt
-    dist = np.sqrt((diff**2).sum(-1))  # (G, P)
-    closest = dist.argmin(axis=1)  # (G,)
-    rows = np.arange(len(g))
-    d = dist[rows, closest]  # (G,)
-    dx = diff[rows, closest, 0]
-    dy = diff[rows, closest, 1]
+    off = closest_offsets(pred, gt)  # (G, 2)
+    d = np.sqrt((off**2).sum(-1))  # (G,)
+    dx, dy = off[:, 0], off[:, 1]
 
     distance = float(d.mean())
     out["distance"] = distance
