@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from raytrain import predict
 from raytrain.data import synthetic
 from raytrain.data.pipeline import examples_for
 from raytrain.formats import qwen as fmt
@@ -22,7 +23,7 @@ from raytrain.models import family
 from raytrain.models import paligemma as pg
 from raytrain.models import qwen2_5_vl as qw
 from raytrain.models.losses import IGNORE_INDEX, suffix_loss
-from raytrain.models.tiny import ensure_preset
+from raytrain.models import ensure_preset
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -240,7 +241,7 @@ def test_generate_returns_strings(loaded):
     model, proc = loaded
     img = Image.new("RGB", (112, 112), (120, 120, 120))
     prompts = [fmt.render_prompt("detect", "red circle"), fmt.render_prompt("point", "a large blue square")]  # different lengths: left padding
-    texts = qw.generate(model, proc, [img, img], prompts, max_new_tokens=6)
+    texts = [g.text for g in predict.decode(model, proc, family("qwen2_5_vl"), [img, img], prompts, max_new_tokens=6)]
     assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) for t in texts)
     assert all("<|im_end|>" not in t and "<|endoftext|>" not in t for t in texts)
     for t in texts:  # whatever an untrained model says, the parser accounts for it

@@ -317,32 +317,36 @@ def test_http_proxy_listens_on_loopback_only(served):
     assert {c.laddr.ip for c in listening} == {"127.0.0.1"}, listening
 
 
-def test_answer_and_decode_reuse_the_eval_confidence(tiny_model_path):
-    """The response body: objects in source pixels, and per-object confidence computed by
-    eval/decoding.py from the token log-probabilities that `decode` returns."""
+def test_answer_body_and_decode_are_the_predict_path(tiny_model_path):
+    """The response body: objects in source pixels and per-object confidences, read by the one
+    predict path (raytrain/predict.py) from the token log-probabilities its decode returns."""
     import math
 
+    from raytrain import predict
     from raytrain.formats.annotations import Point
-    from raytrain.models import paligemma
-    from raytrain.serve.app import answer, decode
+    from raytrain.models import family
+    from raytrain.serve.app import answer_body
 
-    model, proc = paligemma.load(tiny_model_path)
+    fam = family("paligemma")
+    model, proc = fam.load(tiny_model_path)
     model.eval()
     tok = proc.tokenizer
     objs = [Point(10.0, 20.0, "red circle"), Point(40.0, 30.0, "blue square")]
-    text = paligemma.render_example("point", "x", objs, 64, 48)[1]
+    text = fam.render_example("point", "x", objs, 64, 48)[1]
     ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    out = answer("paligemma", paligemma, tok, "point", 64, 48, text, ids, [math.log(0.5)] * len(ids))
+    gen = predict.Generation(text, ids, [math.log(0.5)] * len(ids))
+    out = answer_body(predict.read_answer(fam, tok, "point", gen, predict.identity_geometry(64, 48)))
     assert [o["label"] for o in out["objects"]] == ["red circle", "blue square"] and not out["errors"]
     assert abs(out["objects"][0]["x"] - 10) < 0.1 and abs(out["objects"][1]["y"] - 30) < 0.1
     assert out["confidence"] == [pytest.approx(0.5), pytest.approx(0.5)]
-    assert answer("paligemma", paligemma, tok, "point", 64, 48, text, None, None)["confidence"] == [None, None]
-    # decode returns what the family's own generate returns, plus one log-prob per token
+    no_lp = predict.read_answer(fam, tok, "point", predict.Generation(text, ids, []), predict.identity_geometry(64, 48))
+    assert answer_body(no_lp)["confidence"] == [None, None]
+    # decoding with log-probs changes no text: one log-prob per generated token
     images = [Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (32, 32), (30, 70, 220))]
     prefixes = ["point to red circle", "detect blue square"]
-    got = decode("paligemma", paligemma, model, proc, images, prefixes, 6)
-    assert [g[0] for g in got] == paligemma.generate(model, proc, images, prefixes, max_new_tokens=6)
-    assert all(len(g[1]) == len(g[2]) and all(lp <= 0 for lp in g[2]) for g in got)
+    got = predict.decode(model, proc, fam, images, prefixes, max_new_tokens=6, logprobs=True)
+    assert [g.text for g in got] == [g.text for g in predict.decode(model, proc, fam, images, prefixes, max_new_tokens=6)]
+    assert all(len(g.token_ids) == len(g.logprobs) and all(lp <= 0 for lp in g.logprobs) for g in got)
 
 
 def test_launcher_config_and_fields():

@@ -10,7 +10,8 @@ from PIL import Image
 from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
 
 from raytrain.formats.paligemma import NUM_LOC, NUM_SEG
-from raytrain.models import paligemma, tiny
+from raytrain import predict
+from raytrain.models import ensure_preset, family, paligemma
 
 pytestmark = pytest.mark.integration
 
@@ -41,21 +42,21 @@ def test_saved_preset_reloads_identically(tiny_model_path, tmp_path):
 
 
 def test_preset_build_is_deterministic_and_cached(tmp_path):
-    a = tiny.ensure_preset("tiny:paligemma", tmp_path / "a")
-    b = tiny.ensure_preset("tiny:paligemma", tmp_path / "b")
+    a = ensure_preset("tiny:paligemma", tmp_path / "a")
+    b = ensure_preset("tiny:paligemma", tmp_path / "b")
     wa = PaliGemmaForConditionalGeneration.from_pretrained(a).state_dict()
     wb = PaliGemmaForConditionalGeneration.from_pretrained(b).state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     mtime = (a / "model.safetensors").stat().st_mtime
-    assert tiny.ensure_preset("tiny:paligemma", tmp_path / "a") == a
+    assert ensure_preset("tiny:paligemma", tmp_path / "a") == a
     assert (a / "model.safetensors").stat().st_mtime == mtime  # not rebuilt
 
 
 def test_preset_at_another_input_size_is_its_own_cached_model(tmp_path):
-    default = tiny.ensure_preset("tiny:paligemma", tmp_path)
-    big = tiny.ensure_preset("tiny:paligemma", tmp_path, image_size=96)
-    assert big != default and tiny.ensure_preset("tiny:paligemma", tmp_path, image_size=96) == big
-    assert tiny.ensure_preset("tiny:paligemma", tmp_path, image_size=64) == default  # the default size is the default preset
+    default = ensure_preset("tiny:paligemma", tmp_path)
+    big = ensure_preset("tiny:paligemma", tmp_path, image_size=96)
+    assert big != default and ensure_preset("tiny:paligemma", tmp_path, image_size=96) == big
+    assert ensure_preset("tiny:paligemma", tmp_path, image_size=64) == default  # the default size is the default preset
     model, proc = paligemma.load(str(big))
     assert proc.image_seq_length == (96 // 16) ** 2 and paligemma.image_size(proc) == (96, 96)
     enc = paligemma.encode_train(proc, [Image.new("RGB", (96, 96), (10, 200, 30))], ["detect circle"], ["<loc0001> circle"], 64)
@@ -63,9 +64,9 @@ def test_preset_at_another_input_size_is_its_own_cached_model(tmp_path):
         out = model(**paligemma.prepare_inputs({k: torch.from_numpy(v) for k, v in enc.items() if k not in ("length", "labels")}))
     assert out.logits.shape[1] == 64
     with pytest.raises(ValueError, match="multiple of 16"):
-        tiny.ensure_preset("tiny:paligemma", tmp_path, image_size=100)
+        ensure_preset("tiny:paligemma", tmp_path, image_size=100)
     with pytest.raises(ValueError, match="fixed input size"):
-        tiny.ensure_preset("tiny:qwen2_5_vl", tmp_path, image_size=96)
+        ensure_preset("tiny:qwen2_5_vl", tmp_path, image_size=96)
 
 
 def test_hub_ids_are_passed_through_unchanged():
@@ -80,7 +81,7 @@ def test_forward_and_generate(tiny_model_path):
     # the suffix (and only the suffix + eos) is supervised
     n_sup = (enc["labels"] != paligemma.IGNORE_INDEX).sum()
     assert n_sup == enc["token_type_ids"].sum()
-    out = paligemma.generate(model, proc, [img, img], ["point to red circle", "detect blue square"], max_new_tokens=4)
+    out = [g.text for g in predict.decode(model, proc, family("paligemma"), [img, img], ["point to red circle", "detect blue square"], max_new_tokens=4)]
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
 
 
