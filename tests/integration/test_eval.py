@@ -61,7 +61,7 @@ def test_eval_full_split_matches_single_process_reference(tmp_path, ray_cluster,
         for ex in pipeline.examples_for(objects_from_json(objs), ["point", "detect"], w, h, "paligemma"):
             text = predict.decode(model, proc, family("paligemma"), [img], [ex["prefix"]], max_new_tokens=cfg.eval.max_new_tokens)[0].text
             res = paligemma.parse_output(text, ex["task"], w, h)
-            score = eval_batch.score_example(ex["task"], res.objects or None, ex["targets"], w, h)
+            score = predict.score_example(ex["task"], res.objects or None, ex["targets"], w, h)
             ref_rows.append({"task": ex["task"], "score": json.dumps(score), "errors": json.dumps([[e.reason, e.text] for e in res.errors])})
     reference = eval_batch.aggregate(ref_rows)
     got = {k: v for k, v in metrics["trained"].items() if k != "eval_seconds"}
