@@ -45,6 +45,8 @@ from raytrain.data.convert import (
     coco,
     common,
     jsonl,
+    llamafactory,
+    ms_swift,
     pixmo_points,
     visual_genome,
 )
@@ -54,7 +56,7 @@ from raytrain.storage import StorageOptions
 
 log = logging.getLogger("raytrain.launch.prepare")
 
-FORMATS = ("coco", "jsonl", "pixmo_points", "visual_genome", "captions")
+FORMATS = ("coco", "jsonl", "pixmo_points", "visual_genome", "captions", "ms_swift", "llamafactory")
 EXAMPLES_PER_REASON = 20
 
 
@@ -66,10 +68,11 @@ class PrepareConfig(PrepareOptions):
     ``data.source: "<format>:<path>"``."""
 
     format: str
-    """coco | jsonl | pixmo_points | visual_genome | captions."""
+    """coco | jsonl | pixmo_points | visual_genome | captions | ms_swift | llamafactory."""
     path: str
     """Annotation file or its folder (local or s3://). pixmo_points: a .parquet/.jsonl/.json file in the
-    hub schema, or a hub dataset id (allenai/pixmo-points) read through the `datasets` library."""
+    hub schema, or a hub dataset id (allenai/pixmo-points) read through the `datasets` library.
+    llamafactory: a folder / dataset_info.json, "#<dataset name>" to pick one, or a data file."""
     out: str
     """Where shards and prep_report.json go (local dir or s3://)."""
     splits: str | dict[str, float] = "90/10"
@@ -140,6 +143,11 @@ def source_records(pc: PrepareConfig, report: PrepReport, object_drops: Counter)
             if not path:
                 raise FileNotFoundError(f"no captions.csv / captions.json in {pc.path}")
         return captions.records(path, root, report, opts=opts), captions.to_objects
+    if pc.format == "ms_swift":
+        path = pc.path if is_file else ms_swift.find_file(pc.path, opts)
+        return ms_swift.records(path, root, report, opts=opts), ms_swift.to_objects
+    if pc.format == "llamafactory":  # resolves its own path: folder, dataset_info.json#name or data file
+        return llamafactory.records(pc.path, root, report, opts=opts), llamafactory.to_objects
     raise ValueError(f"unknown format {pc.format!r}, expected one of {FORMATS}")
 
 

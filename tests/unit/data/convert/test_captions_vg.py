@@ -13,16 +13,20 @@ RISC = Path(__file__).parents[3] / "assets" / "risc_mini" / "captions.csv"
 
 
 def test_risc_csv(tmp_path, images):
-    shutil.copy(RISC, tmp_path / "captions.csv")
+    # the edge-case rows (first four) get made-up images; the seed-003 rows after them have real
+    # photos in the folder (tests/unit/data/convert/test_seed_fixtures.py reads those)
+    shutil.copytree(RISC.parent, tmp_path, dirs_exist_ok=True)
     for i, name in enumerate(["airport_001.png", "harbor_002.png"]):
         (tmp_path / name).write_bytes(images.encode(images.photo(24, 24, seed=i), "PNG"))
     report, drops = PrepReport(), Counter()
     recs = captions.records(str(tmp_path / "captions.csv"), report=report)
     rows = {r["id"]: r for r in common.iter_rows(recs, captions.to_objects, report, object_drops=drops)}
-    assert report.rows_in == 4 and report.dropped == {"missing_field": 1, "image_missing": 1}
+    assert report.rows_in == 7 and report.dropped == {"missing_field": 1, "image_missing": 1}
     report.check()
     # the source's own splits are kept
-    assert {k: r["split"] for k, r in rows.items()} == {"captions-airport_001.png": "train", "captions-harbor_002.png": "val"}
+    assert {k: r["split"] for k, r in rows.items()} == {
+        "captions-airport_001.png": "train", "captions-harbor_002.png": "val", "captions-moon_004.jpg": "train",
+        "captions-galaxies_005.jpg": "val", "captions-gravel_006.jpg": "test"}
     caps = objects_from_json(rows["captions-airport_001.png"]["objects"])
     assert len(caps) == 5 and caps[0] == Caption("a plane is parked at the airport .")
     assert objects_from_json(rows["captions-harbor_002.png"]["objects"]) == [
