@@ -192,6 +192,10 @@ class LossConfig:
     """Class-weighted CE on label tokens, e.g. {"person": 1.0, "boat": 3.0} (seed 004)."""
     box_iou_weight: float = 0.0
     """Weight of a GIoU loss on soft-argmax boxes from the <loc> logits (seed 004's CIoU analogue)."""
+    number_weight: float = 1.0
+    """Weight of the distance-aware number loss on coordinates written as digits (Qwen2.5-VL absolute /
+    normalized / pairs, Molmo percent): place-weighted Wasserstein distance over the digit tokens
+    (models/losses.py). Applies only where a format writes digits; 0 = plain cross-entropy there."""
 
 
 @dataclass

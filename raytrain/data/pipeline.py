@@ -20,6 +20,7 @@ leaves a 0.1-0.3 s gap on a CPU slot between consecutive tasks). bench/data_pipe
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 from collections import Counter
@@ -32,6 +33,7 @@ from raytrain import storage
 from raytrain import tasks as task_registry
 from raytrain.data import preprocess as preprocess_mod
 from raytrain.data import shards, validate
+from raytrain.formats.numbers import NumberSpan
 from raytrain.formats.annotations import Box, Caption, Region, objects_from_json, objects_to_json
 from raytrain.models import family as model_family
 
@@ -109,15 +111,17 @@ def examples_for(objs: Sequence, tasks: Sequence[str], width: int, height: int, 
     """One example per task and distinct label: the target is every object of that label and of
     the task's kind (points for 'point', boxes for 'detect'), rendered in the family's format.
     `geometry` (source -> model input): targets are rendered in the frame the model sees (a
-    letterbox's padded input); None = the image fills the input. "targets" stay in source pixels.
+    letterbox's padded input); None = the image fills the input. "targets" stay in source pixels;
+    "numbers" (JSON [[start, end, range], ...]) are the suffix's coordinates written as digits, as
+    the format rendered them (the number loss's positions; [] for <loc> formats).
     Raises ValueError for labels the format cannot carry (e.g. PaliGemma: empty, ';' or '<')."""
     fam = model_family(family)
 
     def render(task, label, targets):
-        if geometry is None:
-            return fam.render_example(task, label, targets, width, height, image_hw)
-        framed, fw, fh = geometry.target_frame(targets)
-        return fam.render_example(task, label, framed, fw, fh, image_hw)
+        args = (targets, width, height) if geometry is None else geometry.target_frame(targets)
+        prefix, suffix = fam.render_example(task, label, *args, image_hw)
+        numbers = fam.answer_numbers(task, label, *args, image_hw)
+        return prefix, suffix, json.dumps([list(n) for n in numbers])
 
     out = []
     labels = sorted({o.label for o in objs if not isinstance(o, (Caption, Region))})
@@ -130,15 +134,17 @@ def examples_for(objs: Sequence, tasks: Sequence[str], width: int, height: int, 
         if spec.per_image:
             targets = [o for o in objs if isinstance(o, kind)]
             if targets:
-                prefix, suffix = render(task, "", targets)
-                out.append({"task": task, "query": "", "prefix": prefix, "suffix": suffix, "targets": objects_to_json(targets)})
+                prefix, suffix, numbers = render(task, "", targets)
+                out.append({"task": task, "query": "", "prefix": prefix, "suffix": suffix, "numbers": numbers,
+                            "targets": objects_to_json(targets)})
             continue
         for label in labels:
             targets = [o for o in objs if o.label == label and isinstance(o, kind)]
             if not targets:
                 continue
-            prefix, suffix = render(task, label, targets)
-            out.append({"task": task, "query": label, "prefix": prefix, "suffix": suffix, "targets": objects_to_json(targets)})
+            prefix, suffix, numbers = render(task, label, targets)
+            out.append({"task": task, "query": label, "prefix": prefix, "suffix": suffix, "numbers": numbers,
+                        "targets": objects_to_json(targets)})
     return out
 
 
@@ -162,7 +168,8 @@ def decode_and_expand(
     prep = preprocess_mod.coerce(preprocess)
     report = counts is None
     counts = Counter() if counts is None else counts
-    cols: dict[str, list] = {k: [] for k in ("id", "task", "query", "prefix", "suffix", "targets", "width", "height", "image", "content_box")}
+    cols: dict[str, list] = {k: [] for k in ("id", "task", "query", "prefix", "suffix", "numbers", "targets", "width", "height", "image",
+                                             "content_box")}
     n = len(batch["id"])
     counts["rows_read"] += n
     for i in range(n):
@@ -194,7 +201,7 @@ def decode_and_expand(
             cols["height"].append(int(checked["height"]))
             cols["image"].append(arr)
             cols["content_box"].append(geom.content_box)
-            for k in ("task", "query", "prefix", "suffix", "targets"):
+            for k in ("task", "query", "prefix", "suffix", "numbers", "targets"):
                 cols[k].append(ex[k])
         counts["examples"] += len(exs)
     if report:
@@ -226,7 +233,8 @@ def tokenize(batch: dict, *, split: str, model_path: str, max_len: int, family: 
         return {}
     proc = _processor(family, model_path)
     images = [Image.fromarray(a) for a in batch["image"]]
-    enc = model_family(family).encode_train(proc, images, list(batch["prefix"]), list(batch["suffix"]), max_len)
+    numbers = [[NumberSpan(*n) for n in json.loads(str(js))] for js in batch["numbers"]] if "numbers" in batch else None
+    enc = model_family(family).encode_train(proc, images, list(batch["prefix"]), list(batch["suffix"]), max_len, numbers)
     fits = enc.pop("length") <= max_len
     mine = Counter({"tokenized": int(fits.sum())})
     if (~fits).any():

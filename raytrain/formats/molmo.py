@@ -25,6 +25,7 @@ import math
 import re
 from collections.abc import Collection, Sequence
 
+from raytrain.formats.numbers import NumberSpan
 from raytrain.formats.annotations import Obj, ParseError, ParseResult, Point
 
 DECIMALS = 1  # Molmo's `{x:0.1f}`
@@ -59,13 +60,30 @@ def _check_label(label: str) -> None:
         raise ValueError(f"label {label!r} cannot be rendered: it must be a non-empty string without surrounding whitespace")
 
 
-def _element(pcts: list[tuple[float, float]], label: str, decimals: int) -> str:
+def _element(pcts: list[tuple[float, float]], label: str, decimals: int) -> tuple[str, list[NumberSpan]]:
+    """One element's text and the spans (relative to it) of its percent numbers."""
     esc = _escape(label)
+    parts: list[str] = []
+    spans: list[NumberSpan] = []
+    n = 0
+
+    def put(t: str, number: bool = False) -> None:
+        nonlocal n
+        if number:
+            spans.append(NumberSpan(n, n + len(t), 100.0))
+        parts.append(t)
+        n += len(t)
+
     if len(pcts) == 1:
         x, y = pcts[0]
-        return f'<point x="{x:.{decimals}f}" y="{y:.{decimals}f}" alt="{esc}">{esc}</point>'
-    coords = " ".join(f'x{i}="{x:.{decimals}f}" y{i}="{y:.{decimals}f}"' for i, (x, y) in enumerate(pcts, start=1))
-    return f'<points {coords} alt="{esc}">{esc}</points>'
+        put('<point x="'), put(f"{x:.{decimals}f}", True), put('" y="'), put(f"{y:.{decimals}f}", True)
+        put(f'" alt="{esc}">{esc}</point>')
+        return "".join(parts), spans
+    put("<points")
+    for i, (x, y) in enumerate(pcts, start=1):
+        put(f' x{i}="'), put(f"{x:.{decimals}f}", True), put(f'" y{i}="'), put(f"{y:.{decimals}f}", True), put('"')
+    put(f' alt="{esc}">{esc}</points>')
+    return "".join(parts), spans
 
 
 def render_points(
@@ -76,7 +94,20 @@ def render_points(
     decimals: int = DECIMALS,
     nothing_found: str = NOTHING_FOUND,
 ) -> str:
-    """Target text for points in source pixels of a ``width`` x ``height`` image.
+    """Target text for points in source pixels (see `render_points_spans`)."""
+    return render_points_spans(points, width, height, label, decimals, nothing_found)[0]
+
+
+def render_points_spans(
+    points: Sequence[Point],
+    width: int,
+    height: int,
+    label: str | None = None,
+    decimals: int = DECIMALS,
+    nothing_found: str = NOTHING_FOUND,
+) -> tuple[str, list[NumberSpan]]:
+    """Target text for points in source pixels of a ``width`` x ``height`` image, and the span of
+    every percent number in it (formats/numbers.py: what the distance-aware number loss weighs).
 
     ``label`` names them all (one element); without it each point's own label is used, one
     element per label in label order. Coordinates outside the image are clipped to its edge
@@ -99,8 +130,16 @@ def render_points(
         pct = tuple(round(min(max(v * 100 / side, 0.0), 100.0), decimals) for v, side in ((p.x, width), (p.y, height)))
         groups.setdefault(name, []).append(pct)
     if not groups:
-        return nothing_found
-    return " ".join(_element(sorted(groups[name]), name, decimals) for name in sorted(groups))
+        return nothing_found, []
+    texts, spans, n = [], [], 0
+    for name in sorted(groups):
+        if texts:
+            n += 1  # the " " between elements
+        text, rel = _element(sorted(groups[name]), name, decimals)
+        spans += [NumberSpan(n + sp.start, n + sp.end, sp.range) for sp in rel]
+        texts.append(text)
+        n += len(text)
+    return " ".join(texts), spans
 
 
 # ---------------------------------------------------------------------------- parsing

@@ -36,6 +36,7 @@ import re
 import warnings
 from collections.abc import Collection, Sequence
 
+from raytrain.formats.numbers import NumberSpan
 from raytrain.formats.annotations import Box, Obj, ParseError, ParseResult, Point
 
 # transformers' smart_resize defaults (Qwen2-VL / Qwen2.5-VL image processors):
@@ -151,7 +152,8 @@ def _check_label(label: str) -> None:
 
 
 def _sort_key(o: Obj) -> tuple:
-    return (o.y, o.x, o.label) if isinstance(o, Point) else (o.y1, o.x1, o.y2, o.x2, o.label)
+    # same-length keys, so a list that mixes points and boxes sorts too (points first on a tie)
+    return (o.y, o.x, 0, 0.0, 0.0, o.label) if isinstance(o, Point) else (o.y1, o.x1, 1, o.y2, o.x2, o.label)
 
 
 def order_objects(objs: Sequence[Obj], shuffle: bool = False, seed: int = 0) -> list[Obj]:
@@ -186,6 +188,22 @@ def render_objects(
 
     Raises ValueError for non-finite coordinates, unrenderable labels or unknown representations
     (``pairs`` is never fenced: seed 002 writes the bare list)."""
+    return render_objects_spans(objs, src_w, src_h, resized_w, resized_h, representation, fenced, shuffle, seed)[0]
+
+
+def render_objects_spans(
+    objs: Sequence[Obj],
+    src_w: int,
+    src_h: int,
+    resized_w: int,
+    resized_h: int,
+    representation: str = "absolute",
+    fenced: bool = True,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> tuple[str, list[NumberSpan]]:
+    """`render_objects`' text and, recorded while writing it, the span and range of every coordinate
+    number (formats/numbers.py: what the distance-aware number loss weighs; none for `tokens`)."""
     if representation not in REPRESENTATIONS:
         raise ValueError(f"unknown representation {representation!r}, expected one of {REPRESENTATIONS}")
     _check_sizes(src_w, src_h, resized_w, resized_h)
@@ -200,19 +218,75 @@ def render_objects(
         lims = [resized_w, resized_h] * (len(coords) // 2)
         if representation in ("absolute", "pairs"):
             value = [round(_clip(v, hi)) for v, hi in zip(coords, lims)]  # round(float) -> int
+            ranges = [float(hi) for hi in lims]
         elif representation == "normalized":
             value = [round(_clip(v / hi, 1.0), NORMALIZED_DECIMALS) for v, hi in zip(coords, lims)]
+            ranges = [1.0] * len(lims)
         else:  # tokens
             value = "".join(loc_token(encode_bin(v / hi)) for v, hi in zip(coords, lims))
-        items.append((o, value))
+            ranges = []
+        items.append((o, value, ranges))
 
-    if representation == "pairs":
-        return str([(o.label, value) for o, value in items])
-    dicts = [{_KEY["point" if isinstance(o, Point) else "box"]: value, "label": o.label} for o, value in items]
+    out = _Writer()
+    if representation == "pairs":  # str() of a list of (label, [numbers]) tuples, as seed 002 writes it
+        out.put("[")
+        for i, (o, value, ranges) in enumerate(items):
+            out.put(", " if i else "")
+            out.put("(" + repr(o.label) + ", ")
+            out.numbers(value, ranges)
+            out.put(")")
+        out.put("]")
+        return out.text(), out.spans
+    dicts = [(_KEY["point" if isinstance(o, Point) else "box"], value, ranges, o.label) for o, value, ranges in items]
+
+    def put_dict(key, value, ranges, label):  # json.dumps of {key: value, "label": label}, spans kept
+        out.put("{" + json.dumps(key) + ": ")
+        if isinstance(value, str):
+            out.put(json.dumps(value))
+        else:
+            out.numbers(value, ranges)
+        out.put(", " + json.dumps("label") + ": " + json.dumps(label, ensure_ascii=False) + "}")
+
     if not fenced:
-        return json.dumps(dicts, ensure_ascii=False)
-    body = ",\n".join("\t" + json.dumps(d, ensure_ascii=False) for d in dicts)
-    return "```json\n[\n" + body + "\n]\n```" if dicts else "```json\n[]\n```"
+        out.put("[")
+        for i, d in enumerate(dicts):
+            out.put(", " if i else "")
+            put_dict(*d)
+        out.put("]")
+        return out.text(), out.spans
+    out.put("```json\n[\n" if dicts else "```json\n[]\n```")
+    for i, d in enumerate(dicts):
+        out.put(",\n\t" if i else "\t")
+        put_dict(*d)
+    if dicts:
+        out.put("\n]\n```")
+    return out.text(), out.spans
+
+
+class _Writer:
+    """Appends text pieces and records the span of every coordinate number written."""
+
+    def __init__(self):
+        self.parts: list[str] = []
+        self.n = 0
+        self.spans: list[NumberSpan] = []
+
+    def put(self, s: str) -> None:
+        self.parts.append(s)
+        self.n += len(s)
+
+    def numbers(self, values, ranges) -> None:
+        """A JSON / Python list of numbers: '[12, 34, 56, 78]' (json.dumps and str() agree on it)."""
+        self.put("[")
+        for i, (v, r) in enumerate(zip(values, ranges)):
+            self.put(", " if i else "")
+            s = json.dumps(v)
+            self.spans.append(NumberSpan(self.n, self.n + len(s), r))
+            self.put(s)
+        self.put("]")
+
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 def render_prompt(task: str, query: str, representation: str = "absolute") -> str:

@@ -109,12 +109,27 @@ class ModelFamily(Protocol):
         """Model text -> ParseResult in source pixels; never raises on text."""
         ...
 
+    def answer_numbers(self, task: str, query: str, targets: Sequence, width: int, height: int,
+                       image_hw: tuple[int, int] | None = None) -> list:
+        """The coordinate numbers written as digits in `render_example`'s answer for the same
+        arguments: formats.numbers.NumberSpan (span, range) each, recorded while rendering; [] for
+        formats without digits (<loc> / <|loc|> tokens)."""
+        ...
+
+    def digit_token_ids(self, tokenizer):
+        """int64 ids of the tokens '0'..'9' (the number loss's digit distribution), or None."""
+        ...
+
     # ---- encoding and generation -------------------------------------------------------------------
     def image_size(self, processor) -> tuple[int, int]:
         """(height, width) the pipeline resizes images to for this processor."""
         ...
 
-    def encode_train(self, processor, images: Sequence, prefixes: Sequence[str], suffixes: Sequence[str], max_len: int) -> dict: ...
+    def encode_train(self, processor, images: Sequence, prefixes: Sequence[str], suffixes: Sequence[str], max_len: int,
+                     numbers: Sequence | None = None) -> dict:
+        """Teacher-forced batch padded to max_len (numpy); `numbers` (answer_numbers per example)
+        adds `num_place`, each coordinate digit's signed place weight at its label position."""
+        ...
 
     def encode_prompts(self, processor, images: Sequence, prefixes: Sequence[str]) -> dict:
         """Left-padded, model-ready prompt batch (torch tensors) for generation."""

@@ -17,7 +17,9 @@ from typing import ClassVar, Sequence
 import numpy as np
 
 from raytrain import tasks
+from raytrain.formats import molmo
 from raytrain.formats import paligemma as fmt
+from raytrain.formats.numbers import digit_token_ids, token_place_weights
 from raytrain.formats.paligemma import NUM_LOC, loc_token
 from raytrain.models import _quant, paligemma_decoding, tiny
 from raytrain.models.tiny_paligemma import DEFAULT_IMAGE_SIZE, build_tiny_paligemma
@@ -113,10 +115,24 @@ def _region_boxes(targets: Sequence) -> list:
     return [Box(r.x1, r.y1, r.x2, r.y2, r.phrase) for r in targets]
 
 
-def render_example(task: str, query: str, targets: Sequence, width: int, height: int, image_hw: tuple[int, int] | None = None) -> tuple[str, str]:
+def render_example(task: str, query: str, targets: Sequence, width: int, height: int, image_hw: tuple[int, int] | None = None,
+                   answer_format: str = "loc") -> tuple[str, str]:
     """(prefix, suffix) text for one example; targets in source pixels. PaliGemma's <loc> bins are
     normalised, so the model input size (image_hw) does not enter. caption: the first caption;
-    dense_caption: every region as `<loc>x4 phrase`, joined by ' ; '."""
+    dense_caption: every region as `<loc>x4 phrase`, joined by ' ; '. answer_format "molmo":
+    pointing answers in Molmo's percent text (formats/molmo.py); the other tasks keep <loc>."""
+    return render_with_numbers(task, query, targets, width, height, image_hw, answer_format)[:2]
+
+
+def render_with_numbers(task: str, query: str, targets: Sequence, width: int, height: int, image_hw=None,
+                        answer_format: str = "loc"):
+    """(prefix, suffix, number spans of the suffix's coordinates written as digits: Molmo only)."""
+    if task == "point" and answer_format == "molmo":
+        return (fmt.render_prefix(task, query), *molmo.render_points_spans(targets, width, height, label=query))
+    return (*_render_loc(task, query, targets, width, height), [])
+
+
+def _render_loc(task: str, query: str, targets: Sequence, width: int, height: int) -> tuple[str, str]:
     if task == "caption":
         return CAPTION_PREFIX, targets[0].text.strip()
     if task == "dense_caption":
@@ -128,11 +144,14 @@ def render_example(task: str, query: str, targets: Sequence, width: int, height:
     return fmt.render_prefix(task, query), fmt.render_objects(targets, width, height)
 
 
-def parse_output(text: str, task: str, width: int, height: int, image_hw: tuple[int, int] | None = None, divisor: int = 1023):
+def parse_output(text: str, task: str, width: int, height: int, image_hw: tuple[int, int] | None = None, divisor: int = 1023,
+                 answer_format: str = "loc"):
     """Model text -> ParseResult with objects in source pixels (never raises on text).
     divisor 1023 inverts big_vision's encoder exactly; 1024 is supervision's / Google's demo parser."""
     from raytrain.formats.annotations import Caption, ParseError, ParseResult, Region
 
+    if task == "point" and answer_format == "molmo":
+        return molmo.parse(text.replace("<eos>", ""), width, height)
     if task == "caption":
         clean = text.replace("<eos>", "").strip()
         return ParseResult([Caption(clean)], []) if clean else ParseResult([], [ParseError("empty_output", text)])
@@ -158,7 +177,8 @@ def _prompt(prefix: str) -> str:
     return "<image>" + prefix
 
 
-def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes: Sequence[str], max_len: int) -> dict:
+def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes: Sequence[str], max_len: int,
+                 numbers: Sequence | None = None) -> dict:
     """Tokenize a batch for teacher-forced training, padded/truncated to exactly `max_len`.
 
     Returns numpy arrays: input_ids, attention_mask, token_type_ids (0 = prefix: image + prompt,
@@ -169,6 +189,10 @@ def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes:
     not fit instead of silently cutting their targets.
 
     Shipping uint8 instead of the processor's float32 makes every tokenized example 4x smaller in
+    `numbers` (per example, the suffix's coordinate NumberSpans, `render_with_numbers`): also
+    `num_place` (B, max_len) float32, each coordinate digit's signed place weight at its label
+    position (formats/numbers.py), for the distance-aware number loss.
+
     Ray's object store and skips the per-pixel float work on the CPU data stage (measured:
     0.43 -> 0.19 ms per example at 64 px; bench/README.md); the model sees the same values
     (tests/unit/models/test_paligemma_pixels.py checks them against the processor's own output).
@@ -197,7 +221,7 @@ def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes:
             return a[:, :max_len]
         return np.concatenate([a, np.full((b, max_len - n), fill, dtype=a.dtype)], axis=1)
 
-    return {
+    out = {
         "input_ids": fit(enc["input_ids"].astype(np.int32), pad_id),
         "attention_mask": fit(enc["attention_mask"].astype(np.int8), 0),
         "token_type_ids": fit(enc["token_type_ids"].astype(np.int8), 0),
@@ -207,6 +231,27 @@ def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes:
         "pixel_offset": np.broadcast_to(offset, (len(images), 3)).copy(),
         "length": length,
     }
+    if numbers is not None:
+        out["num_place"] = _num_place(processor.tokenizer, out["labels"], suffixes, numbers)
+    return out
+
+
+def _num_place(tokenizer, labels: np.ndarray, suffixes: Sequence[str], numbers: Sequence) -> np.ndarray:
+    """Signed digit place weights at the label positions of each suffix's coordinate digits. The
+    suffix is tokenized alone for its character offsets; a row whose ids differ from its labels
+    (a tokenizer that merges across the prefix boundary) gets no weights rather than wrong ones."""
+    out = np.zeros(labels.shape, dtype=np.float32)
+    for i, (suffix, spans) in enumerate(zip(suffixes, numbers)):
+        if not spans:
+            continue
+        enc = tokenizer(suffix, add_special_tokens=False, return_offsets_mapping=True)
+        pos = np.nonzero(labels[i] != IGNORE_INDEX)[0]
+        ids = enc["input_ids"]
+        if len(pos) < len(ids) or labels[i, pos[: len(ids)]].tolist() != list(ids):
+            continue
+        w = token_place_weights(suffix, spans, enc["offset_mapping"])
+        out[i, pos[: len(ids)]] = w
+    return out
 
 
 def pixel_affine(processor) -> tuple[np.ndarray, np.ndarray]:
@@ -303,7 +348,9 @@ class PaliGemma:
     answer_format: str = "loc"
 
     name: ClassVar[str] = NAME
-    ANSWER_FORMATS: ClassVar[tuple[str, ...]] = ("loc",)
+    ANSWER_FORMATS: ClassVar[tuple[str, ...]] = ("loc", "molmo")
+    """loc: <loc> tokens (big_vision's); molmo: pointing answers in Molmo's percent text (seed 000),
+    the other tasks in <loc> tokens."""
     SEQ_KEYS: ClassVar[tuple[str, ...]] = SEQ_KEYS
     TASKS: ClassVar[tuple[str, ...]] = ("point", "detect", "segment", "caption", "dense_caption")
     supports_task_head: ClassVar[bool] = True
@@ -346,10 +393,16 @@ class PaliGemma:
 
     # text
     def render_example(self, task, query, targets, width, height, image_hw=None):
-        return render_example(task, query, targets, width, height, image_hw)
+        return render_example(task, query, targets, width, height, image_hw, answer_format=self.answer_format)
 
     def parse_output(self, text, task, width, height, image_hw=None):
-        return parse_output(text, task, width, height, image_hw)
+        return parse_output(text, task, width, height, image_hw, answer_format=self.answer_format)
+
+    def answer_numbers(self, task, query, targets, width, height, image_hw=None) -> list:
+        return render_with_numbers(task, query, targets, width, height, image_hw, self.answer_format)[2]
+
+    def digit_token_ids(self, tokenizer):
+        return digit_token_ids(tokenizer)
 
     # encoding
     image_size = staticmethod(image_size)
@@ -362,12 +415,14 @@ class PaliGemma:
 
     # constrained decoding, confidences
     def grammar(self, processor, kind: str, labels, image_hw, max_objects: int | None = None):
+        if self.answer_format == "molmo" and kind == "point":
+            return None  # Molmo text: see formats/text_grammar.py
         if kind not in fmt.KINDS or not labels:  # masks, captions: no grammar
             return None
         return _grammars(processor).for_labels(kind, list(labels), max_objects or None)
 
     def object_confidences(self, logprobs, token_ids, tokenizer, kind: str) -> list[float]:
-        if kind not in fmt.KINDS:
+        if kind not in fmt.KINDS or (self.answer_format == "molmo" and kind == "point"):
             return []  # masks, captions: no per-object confidence
         return paligemma_decoding.object_confidences(logprobs, token_ids, tokenizer, kind)
 

@@ -32,7 +32,9 @@ from typing import ClassVar
 import numpy as np
 
 from raytrain import tasks
+from raytrain.formats import molmo
 from raytrain.formats import qwen as fmt
+from raytrain.formats.numbers import digit_token_ids, token_place_weights
 from raytrain.models import _quant, tiny
 from raytrain.models.qwen_resize import DEFAULT_RESIZE, RESIZE_RECORD, check_resize, resize_settings, write_resize_record
 from raytrain.models.tiny_qwen import IMAGE_SIDE, build_tiny_qwen2_5_vl
@@ -53,6 +55,8 @@ DENSE_PROMPTS = {
     "pairs": "Describe every region of the image with a short phrase and output a list of (phrase, [x1, y1, x2, y2]) pairs.",
 }
 NOMINAL_SIDE = 448  # px: the fixed square input real models are fed (1024 patches -> 256 LM tokens)
+MOLMO = "molmo"  # answer format: pointing in Molmo's percent text (formats/molmo.py), the rest as absolute
+MOLMO_POINT_PROMPT = "Point to every {query} in the image."
 IM_END = "<|im_end|>"
 END_OF_TEXT = "<|endoftext|>"
 
@@ -286,16 +290,28 @@ def render_example(
     """(user prompt, assistant answer) for one example; targets in source pixels (width x height),
     rendered in the model frame smart_resize(image_hw) (see _model_frame). The chat template is
     applied at encoding time, not here."""
+    return render_with_numbers(task, query, targets, width, height, image_hw, representation, resize, fenced)[:2]
+
+
+def render_with_numbers(task: str, query: str, targets: Sequence, width: int, height: int, image_hw=None,
+                        representation: str = "absolute", resize: dict | None = None, fenced: bool = True):
+    """(prompt, answer, number spans): `render_example` plus the span and range of every coordinate
+    number of the answer, recorded while rendering it (formats/numbers.py)."""
+    if representation == MOLMO:  # Molmo's percent points for pointing; the rest as absolute JSON
+        if task == "point":
+            return MOLMO_POINT_PROMPT.format(query=query), *molmo.render_points_spans(targets, width, height, label=query)
+        representation = "absolute"
     rw, rh = _model_frame(width, height, image_hw, resize)
     if task == "caption":
-        return CAPTION_PROMPT, targets[0].text.strip()
+        return CAPTION_PROMPT, targets[0].text.strip(), []
     if task == "dense_caption":
         from raytrain.formats.annotations import Box
 
         boxes = [Box(r.x1, r.y1, r.x2, r.y2, r.phrase) for r in targets]
-        return DENSE_PROMPTS.get(representation, DENSE_PROMPT), fmt.render_objects(boxes, width, height, rw, rh, representation, fenced=fenced)
+        return (DENSE_PROMPTS.get(representation, DENSE_PROMPT),
+                *fmt.render_objects_spans(boxes, width, height, rw, rh, representation, fenced=fenced))
     prompt = fmt.render_prompt(task, query, representation)
-    return prompt, fmt.render_objects(targets, width, height, rw, rh, representation, fenced=fenced)
+    return (prompt, *fmt.render_objects_spans(targets, width, height, rw, rh, representation, fenced=fenced))
 
 
 def parse_output(
@@ -310,6 +326,10 @@ def parse_output(
     """Model text -> ParseResult with objects in source pixels (never raises on text)."""
     from raytrain.formats.annotations import Caption, ParseError, ParseResult, Region
 
+    if representation == MOLMO:
+        if task == "point":
+            return molmo.parse(text, width, height)
+        representation = "absolute"
     rw, rh = _model_frame(width, height, image_hw, resize)
     if task == "caption":
         clean = text.strip()
@@ -351,7 +371,8 @@ def _per_example_pixels(pixel_values: np.ndarray, grid: np.ndarray) -> np.ndarra
     return pixel_values.reshape(grid.shape[0], int(np.prod(grid[0])), pixel_values.shape[-1])
 
 
-def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes: Sequence[str], max_len: int) -> dict:
+def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes: Sequence[str], max_len: int,
+                 numbers: Sequence | None = None) -> dict:
     """Tokenize a batch for teacher-forced training, padded/truncated to exactly `max_len`.
 
     Each row is the chat-templated prompt (exactly the tokens `encode_prompts` feeds generation)
@@ -360,16 +381,21 @@ def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes:
     pixel_values (B, patches, C*T*P*P) float32, image_grid_thw (B, 3) int64 (prepare_inputs flattens
     them for the model), and `length` (untruncated tokens) so callers can count and drop examples that
     would not fit instead of silently cutting their targets. Right padding with <|endoftext|>.
+    `numbers` (per example, the answer's coordinate NumberSpans from `render_with_numbers`): also
+    `num_place` (B, max_len) float32, each answer digit's signed place weight (formats/numbers.py)
+    at its label position, for the distance-aware number loss.
     """
     tok = processor.tokenizer
     enc = _encode_prompts_np(processor, images, prefixes, "right")
-    answers = tok([s + IM_END for s in suffixes], add_special_tokens=False)["input_ids"]
+    answer_enc = tok([s + IM_END for s in suffixes], add_special_tokens=False, return_offsets_mapping=numbers is not None)
+    answers = answer_enc["input_ids"]
     prompt_len = enc["attention_mask"].sum(axis=1).astype(np.int64)
     b = len(answers)
     ids = np.full((b, max_len), tok.pad_token_id, dtype=np.int32)
     attn = np.zeros((b, max_len), dtype=np.int8)
     mm = np.zeros((b, max_len), dtype=np.int8)
     labels = np.full((b, max_len), IGNORE_INDEX, dtype=np.int32)
+    num_place = np.zeros((b, max_len), dtype=np.float32)
     length = np.zeros((b,), dtype=np.int32)
     for i in range(b):
         p = int(prompt_len[i])
@@ -380,6 +406,9 @@ def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes:
         attn[i, :n] = 1
         mm[i, : min(p, max_len)] = enc["mm_token_type_ids"][i, : min(p, max_len)]
         labels[i, p:n] = row[p:n]
+        if numbers is not None and p < n:
+            w = token_place_weights(suffixes[i], numbers[i] or [], answer_enc["offset_mapping"][i])
+            num_place[i, p:n] = w[: n - p]
     grid = np.asarray(enc["image_grid_thw"], dtype=np.int64)
     return {
         "input_ids": ids,
@@ -389,6 +418,7 @@ def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes:
         "pixel_values": _per_example_pixels(np.asarray(enc["pixel_values"], dtype=np.float32), grid),
         "image_grid_thw": grid,
         "length": length,
+        **({"num_place": num_place} if numbers is not None else {}),
     }
 
 
@@ -461,7 +491,7 @@ class Qwen2_5_VL:
     answer_format: str = "absolute"
 
     name: ClassVar[str] = NAME
-    ANSWER_FORMATS: ClassVar[tuple[str, ...]] = fmt.REPRESENTATIONS
+    ANSWER_FORMATS: ClassVar[tuple[str, ...]] = (*fmt.REPRESENTATIONS, MOLMO)
     SEQ_KEYS: ClassVar[tuple[str, ...]] = SEQ_KEYS
     TASKS: ClassVar[tuple[str, ...]] = ("point", "detect", "caption", "dense_caption")
     supports_task_head: ClassVar[bool] = False  # variable image tokens per image (models/task_head.py)
@@ -523,6 +553,12 @@ class Qwen2_5_VL:
 
     def parse_output(self, text, task, width, height, image_hw=None):
         return parse_output(text, task, width, height, image_hw, representation=self.answer_format)
+
+    def answer_numbers(self, task, query, targets, width, height, image_hw=None) -> list:
+        return render_with_numbers(task, query, targets, width, height, image_hw, representation=self.answer_format)[2]
+
+    def digit_token_ids(self, tokenizer):
+        return digit_token_ids(tokenizer)
 
     # encoding
     image_size = staticmethod(image_size)

@@ -47,32 +47,39 @@ class Session:
 # model setup
 
 
-def batch_to_model(batch: dict, fam, device: torch.device, pixel_dtype: torch.dtype) -> tuple[dict, torch.Tensor]:
-    """A delivered batch -> (model keywords, labels), shared by every recipe: on the device, the
-    padding columns the whole batch shares trimmed (rows are right-padded to a fixed length, so
+TARGET_KEYS = ("labels", "num_place")  # per-token arrays the loss reads, never the model
+
+
+def batch_to_model(batch: dict, fam, device: torch.device, pixel_dtype: torch.dtype) -> tuple[dict, dict]:
+    """A delivered batch -> (model keywords, loss targets), shared by every recipe: on the device,
+    the padding columns the whole batch shares trimmed (rows are right-padded to a fixed length, so
     work follows the longest row), the family's layout applied (uint8 pixels normalised; Qwen:
-    flat patches + grid), pixels in the dtype the vision tower computes in."""
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    labels = batch["labels"].to(device).long()
+    flat patches + grid), pixels in the dtype the vision tower computes in. Targets: `labels` and,
+    where the pipeline wrote them, `num_place` (coordinate digits' place weights)."""
+    inputs = {k: v.to(device) for k, v in batch.items() if k not in TARGET_KEYS}
     width = int(inputs["attention_mask"].sum(1).max())
+    targets = {k: batch[k].to(device)[:, :width] for k in TARGET_KEYS if k in batch}
+    targets["labels"] = targets["labels"].long()
     for k in fam.SEQ_KEYS:
         if k in inputs:
             inputs[k] = inputs[k][:, :width].long()
     inputs = fam.prepare_inputs(inputs)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(pixel_dtype)
-    return inputs, labels[:, :width]
+    return inputs, targets
 
 
-def training_loss(cfg: config_mod.Experiment, tokenizer, loc_ids: torch.Tensor, vocab_size: int):
-    """`loss(logits, labels) -> (loss, stats)` with every `loss.*` option of the config (distance-aware
-    <loc> targets, focal / class-weighted label tokens, GIoU on soft-argmax boxes): one definition for
-    all recipes, so no strategy silently trains a different objective."""
+def training_loss(cfg: config_mod.Experiment, tokenizer, loc_ids: torch.Tensor, vocab_size: int, digit_ids: torch.Tensor | None = None):
+    """`loss(logits, targets) -> (loss, stats)` with every `loss.*` option of the config (distance-aware
+    <loc> targets, the number loss on coordinate digits, focal / class-weighted label tokens, GIoU on
+    soft-argmax boxes): one definition for all recipes, so no strategy silently trains a different
+    objective. `targets`: batch_to_model's."""
     label_w = token_weights(tokenizer, cfg.loss.class_weights, vocab_size)
 
-    def loss(logits: torch.Tensor, labels: torch.Tensor):
-        return suffix_loss(logits, labels, loc_ids, cfg.loss.loc_sigma, cfg.loss.loc_weight, focal_gamma=cfg.loss.focal_gamma,
-                           label_token_weights=label_w, box_iou_weight=cfg.loss.box_iou_weight)
+    def loss(logits: torch.Tensor, targets: dict):
+        return suffix_loss(logits, targets["labels"], loc_ids, cfg.loss.loc_sigma, cfg.loss.loc_weight, focal_gamma=cfg.loss.focal_gamma,
+                           label_token_weights=label_w, box_iou_weight=cfg.loss.box_iou_weight, num_place=targets.get("num_place"),
+                           digit_ids=digit_ids, number_weight=cfg.loss.number_weight)
 
     return loss
 
@@ -151,7 +158,9 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     pixel_dtype = next(p.dtype for n, p in model.named_parameters() if "patch_embed" in n)
 
     optimizer = optim.build_optimizer(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, name=cfg.train.optimizer)
-    loss_fn = training_loss(cfg, processor.tokenizer, loc_ids, model.get_output_embeddings().weight.shape[0])
+    digits = fam.digit_token_ids(processor.tokenizer)
+    loss_fn = training_loss(cfg, processor.tokenizer, loc_ids, model.get_output_embeddings().weight.shape[0],
+                            None if digits is None else torch.as_tensor(digits, device=device))
     scheduler = optim.build_scheduler(optimizer, warmup=cfg.train.warmup_steps, total=cfg.train.steps, kind=cfg.train.schedule)
 
     # ---- resume: weights, optimizer, scheduler, RNG and the data position ---------------------
@@ -208,7 +217,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
 
     accum = cfg.train.grad_accum
     micro = cfg.train.micro_batch_size
-    window_loss, window_ce, window_n, t_window = 0.0, 0.0, 0, time.perf_counter()
+    window_loss, window_ce, window_num, window_n, t_window = 0.0, 0.0, 0.0, 0, time.perf_counter()
     first_step_logged = False
     # Micro-batches of the optimizer step being accumulated. Kept across epochs (as DeepSpeed's engine
     # does in recipes/zero.py): an epoch's tail joins the next step instead of leaking its gradients
@@ -223,7 +232,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
                 batch_in_epoch += 1
                 continue
             batch_in_epoch += 1
-            inputs, labels = batch_to_model(batch, fam, device, pixel_dtype)
+            inputs, targets = batch_to_model(batch, fam, device, pixel_dtype)
 
             micro_in_step += 1
             sync = micro_in_step == accum
@@ -232,11 +241,12 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
             ctx_sync = no_sync() if (no_sync is not None and not sync) else _null()
             with ctx_sync:
                 out = model(**inputs, use_cache=False)
-                loss, stats = loss_fn(out.logits, labels)
+                loss, stats = loss_fn(out.logits, targets)
                 del out  # free logits before backward: they dominate activation memory
                 (loss / accum).backward()  # each backward sums grads => normalise by accumulation here
             window_loss += float(loss.detach())
             window_ce += stats["ce"]
+            window_num += stats.get("num_loss", 0.0)
             window_n += 1
             if not sync:
                 continue
@@ -263,6 +273,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
                     "epoch": epoch,
                     "loss": window_loss / max(1, window_n),
                     "ce": window_ce / max(1, window_n),
+                    "num_loss": window_num / max(1, window_n),
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm),
                     "samples_per_s": window_n * micro * session.world_size / max(dt, 1e-9),
@@ -279,7 +290,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
                     save_and_report(metrics, batch_in_epoch)
                 else:
                     session.report(metrics, None)
-                window_loss, window_ce, window_n, t_window = 0.0, 0.0, 0, time.perf_counter()
+                window_loss, window_ce, window_num, window_n, t_window = 0.0, 0.0, 0.0, 0, time.perf_counter()
             if step >= cfg.train.steps or stop:
                 break
         skip_batches = 0

@@ -198,7 +198,9 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     # the same objective as the other recipes (every loss.* option); the head's rows are partitioned
     # under ZeRO-3, so its full size comes from DeepSpeed's ds_shape
     head_w = model.get_output_embeddings().weight
-    loss_fn = training_loss(cfg, processor.tokenizer, loc_ids, int(getattr(head_w, "ds_shape", head_w.shape)[0]))
+    digits = fam.digit_token_ids(processor.tokenizer)
+    loss_fn = training_loss(cfg, processor.tokenizer, loc_ids, int(getattr(head_w, "ds_shape", head_w.shape)[0]),
+                            None if digits is None else torch.as_tensor(digits, device=device))
 
     optimizer = build_optimizer(model, cfg, zero)
     scheduler = optim.build_scheduler(optimizer, warmup=cfg.train.warmup_steps, total=cfg.train.steps, kind=cfg.train.schedule)
@@ -251,7 +253,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
             zero_checkpoint.save(d, engine, rank=session.rank, tag=tag, state=state)
             session.report(metrics, d)
 
-    window_loss, window_ce, window_n, t_window = 0.0, 0.0, 0, time.perf_counter()
+    window_loss, window_ce, window_num, window_n, t_window = 0.0, 0.0, 0.0, 0, time.perf_counter()
     first_step_logged = False
     while step < cfg.train.steps:
         batch_in_epoch = 0
@@ -260,9 +262,9 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
                 batch_in_epoch += 1
                 continue
             batch_in_epoch += 1
-            inputs, labels = batch_to_model(batch, fam, device, pixel_dtype)
+            inputs, targets = batch_to_model(batch, fam, device, pixel_dtype)
             out = engine(**inputs, use_cache=False)
-            loss, stats = loss_fn(out.logits, labels)
+            loss, stats = loss_fn(out.logits, targets)
             del out  # free logits before backward: they dominate activation memory
             # The engine divides by grad_accum itself, reduces/partitions gradients, and only
             # steps optimizer + scheduler (with clipping) at the accumulation boundary.
@@ -271,6 +273,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
             engine.step()
             window_loss += float(loss.detach())
             window_ce += stats["ce"]
+            window_num += stats.get("num_loss", 0.0)
             window_n += 1
             if not boundary:
                 continue
@@ -289,6 +292,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
                     "epoch": epoch,
                     "loss": window_loss / max(1, window_n),
                     "ce": window_ce / max(1, window_n),
+                    "num_loss": window_num / max(1, window_n),
                     "lr": float(scheduler.get_last_lr()[0]),
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "samples_per_s": window_n * micro * session.world_size / max(dt, 1e-9),
@@ -302,7 +306,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
                     save_and_report(metrics, batch_in_epoch)
                 else:
                     session.report(metrics, None)
-                window_loss, window_ce, window_n, t_window = 0.0, 0.0, 0, time.perf_counter()
+                window_loss, window_ce, window_num, window_n, t_window = 0.0, 0.0, 0.0, 0, time.perf_counter()
             if step >= cfg.train.steps:
                 break
         skip_batches = 0

@@ -107,3 +107,73 @@ def test_giou_matches_hand_values():
     assert torch.allclose(losses.giou_loss(a, a), torch.zeros(1), atol=1e-6)
     b = torch.tensor([[0.5, 0.5, 1.0, 1.0]])  # disjoint, hull area 1, union 0.5 -> giou = 0 - 0.5
     assert torch.allclose(losses.giou_loss(a, b), torch.tensor([1.5]))
+
+
+# ---------------------------------------------------------------------------- numbers written as digits
+
+DIG = torch.arange(10, 20)  # vocab ids of the digits "0".."9"
+
+
+def _number_case(digits: str, place_range: float, guess: dict[int, int], other: int = 7):
+    """One sequence whose suffix writes `digits` then a text token; `guess` maps a digit position to
+    the digit the logits peak on (elsewhere the true digit)."""
+    suffix = [int(DIG[int(c)]) for c in digits] + [other]
+    labels = torch.tensor([[losses.IGNORE_INDEX] + suffix])
+    place = torch.zeros(labels.shape, dtype=torch.float32)
+    for k in range(len(digits)):
+        w = 10.0 ** (len(digits) - 1 - k) / place_range
+        place[0, 1 + k] = -w if k == 0 else w  # label-aligned, negative on the first digit
+    logits = torch.zeros(1, labels.shape[1], V)
+    for k, c in enumerate(digits):
+        logits[0, k, DIG[guess.get(k, int(c))]] = 9.0
+    logits[0, len(digits), other] = 9.0
+    return logits, labels, place
+
+
+def _num(logits, labels, place, weight=1.0):
+    return losses.suffix_loss(logits, labels, LOC, num_place=place, digit_ids=DIG, number_weight=weight)
+
+
+def test_number_loss_is_zero_ish_when_right_and_grows_with_the_numeric_error():
+    right = _num(*_number_case("105", 112.0, {}))[1]["num_loss"]
+    near = _num(*_number_case("105", 112.0, {2: 6}))[1]["num_loss"]  # 106 for 105
+    far_unit = _num(*_number_case("105", 112.0, {2: 9}))[1]["num_loss"]  # 109
+    tens = _num(*_number_case("105", 112.0, {1: 1}))[1]["num_loss"]  # 115
+    hundreds = _num(*_number_case("105", 112.0, {0: 0}))[1]["num_loss"]  # 005
+    assert right < 0.01 < near < far_unit < tens < hundreds
+    # place-value weighting: one unit at the tens place costs ~10x one at the units place
+    assert 8 < (tens - right) / (near - right) < 12
+    # plain cross-entropy cannot tell them apart: the same per-token CE wherever the wrong digit is
+    ces = [_num(*_number_case("105", 112.0, g), weight=0.0)[1]["ce"] for g in ({2: 6}, {2: 9}, {1: 1}, {0: 0})]
+    assert max(ces) - min(ces) < 1e-5
+
+
+def test_number_loss_is_a_fraction_of_the_range_per_number():
+    # all mass on a digit d away at the units place: the loss is ~d / range for one number
+    loss = _num(*_number_case("50", 100.0, {1: 3}))[1]["num_loss"]
+    assert abs(loss - 3 / 100) < 2e-3
+    # two numbers, one off by 3 units and one exact: the mean per number halves it
+    logits, labels, place = _number_case("5050", 100.0, {1: 3})
+    place[0, 1:5] = torch.tensor([-10 / 100, 1 / 100, -10 / 100, 1 / 100])  # "50" then another "50"
+    assert abs(_num(logits, labels, place)[1]["num_loss"] - 3 / 200) < 2e-3
+
+
+def test_number_loss_off_without_weights_or_places():
+    logits, labels, place = _number_case("105", 112.0, {0: 0})
+    base, st0 = losses.suffix_loss(logits, labels, LOC)
+    off, st1 = _num(logits, labels, place, weight=0.0)
+    none, st2 = _num(logits, labels, torch.zeros_like(place))
+    assert torch.equal(base, off) and torch.equal(base, none) and st0["ce"] == st1["ce"] == st2["ce"]
+    assert st1["num_loss"] == st2["num_loss"] == 0.0
+    on, _ = _num(logits, labels, place)
+    assert on > base
+
+
+def test_number_loss_gradient_points_towards_the_right_digit():
+    logits, labels, place = _number_case("105", 112.0, {0: 4})  # 405 for 105
+    logits.requires_grad_(True)
+    loss, _ = losses.suffix_loss(logits, labels, LOC, num_place=place, digit_ids=DIG, number_weight=1.0)
+    loss.backward()
+    g = -logits.grad[0, 0, DIG]  # descent direction on the hundreds digit's logits
+    assert g[1] > 0 and g[4] < 0  # raise the true "1", lower the guessed "4"
+    assert g[2] > g[3] > 0  # and closer digits more than farther ones (the distance-aware part)
