@@ -131,6 +131,10 @@ class PaliGemmaGrammars:
 class GrammarLogitsProcessor(_LogitsProcessorBase):
     """Masks (sets to -inf) every token the grammar does not allow next.
 
+    A grammar is anything with ``allowed(generated_ids, remaining) -> Allowed(tokens, locs)`` and
+    ``loc_ids``: PaliGemma's ``formats.grammar.DetectionGrammar`` or a text answer's
+    ``formats.text_grammar.TextGrammar`` (``locs`` None, every allowed id in ``tokens``).
+
     ``grammars``: one per example of the batch; row ``r`` of the (batch x beams x returned
     sequences) rows that ``generate`` passes belongs to example ``r // (rows // batch)``, the
     order in which ``generate`` expands inputs. ``prompt_len``: length of the (left-padded)

@@ -43,6 +43,7 @@ import math
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -66,10 +67,25 @@ __all__ = ["AnswerGrammar", "Label", "Lit", "Num", "Part", "TextGrammar", "Token
 
 # ---------------------------------------------------------------------------- engine
 
+
+def _with_prefix(sorted_opts: list[bytes], s: bytes):
+    """The strings of ``sorted_opts`` that start with ``s``."""
+    at = bisect_left(sorted_opts, s)
+    while at < len(sorted_opts) and sorted_opts[at].startswith(s):
+        yield sorted_opts[at]
+        at += 1
+
+
 _H, _E, _I, _S, _T, _F = range(6)  # phases: head, empty answer, item, separator, tail, final
 _DEAD: frozenset = frozenset()
 _DONE: frozenset = frozenset({(-1,)})
-_CACHE_STATES = 50_000  # per-state caches are dropped past this many states (memory bound)
+_CACHE_STATES = 20_000  # per-state caches are dropped past this many states (~30-150 MB)
+
+
+class _Succ(NamedTuple):
+    states: dict  # token id -> state after it
+    group: tuple | None  # (part, lowest index, excluded indices) of a Token slot's symbols, made lazily
+    made: dict  # token id -> state, for the group's symbols asked for so far
 
 
 class TextGrammar:
@@ -96,7 +112,7 @@ class TextGrammar:
             if isinstance(p, Label):
                 data = tuple(r.encode() for r in p.rendered)
                 order = sorted(range(len(data)), key=lambda i: (len(data[i]), i))  # shortest first: cheap completions
-                self._item.append(("B", p, slot, (data, order)))
+                self._item.append(("B", p, slot, (data, order, {o: i for i, o in enumerate(data)}, sorted(data))))
             elif isinstance(p, Token):
                 syms = []
                 for t in p.texts:
@@ -104,7 +120,7 @@ class TextGrammar:
                     if tid is None:
                         raise ValueError(f"the tokenizer has no added token {t!r}")
                     syms.append(SYM + tid)
-                self._item.append(("K", p, slot, (tuple(syms), {s: i for i, s in enumerate(syms)})))
+                self._item.append(("K", p, slot, (tuple(syms), {s: i for i, s in enumerate(syms)}, tuple(x - SYM for x in syms))))
             else:
                 self._item.append(("N", p, slot, None))
             slot += 1
@@ -123,9 +139,7 @@ class TextGrammar:
     def _clear(self) -> None:
         self._trans: dict = {}
         self._succ: dict = {}
-        self._tokens: dict = {}
         self._u: dict = {}
-        self._groups: dict = {}
         self._runs: dict = {}  # bytes -> fewest tokens spelling them
         self._root: list = [self._start, {}]
         self._n_prefixes = 0
@@ -192,12 +206,11 @@ class TextGrammar:
                     out.append(((_I, pos, s, values, objects), (k, slot, len(partial))))
             done = num_complete(part, partial, b)
         else:  # label
-            opts = data[0]
             if x < SYM:
                 s = partial + bytes((x,))
-                if any(o.startswith(s) for o in opts):
+                if next(_with_prefix(data[3], s), None) is not None:
                     out.append(((_I, pos, s, values, objects), (k, slot, len(partial))))
-            done = next((i for i, o in enumerate(opts) if o == partial), None)
+            done = data[2].get(partial)
         if done is not None:  # the slot may end here: x then belongs to what follows
             for c in self._enter(_I, pos + 1, values + (done,), objects):
                 out.extend(self._feed(c, x))
@@ -267,8 +280,8 @@ class TextGrammar:
             out = set(DIGITS) | ({46} if part.decimals else set())
             done = num_complete(part, partial, self._bound(part, values))
         else:
-            out = {o[len(partial)] for o in data[0] if len(o) > len(partial) and o.startswith(partial)}
-            done = next((i for i, o in enumerate(data[0]) if o == partial), None)
+            out = {o[len(partial)] for o in _with_prefix(data[3], partial) if len(o) > len(partial)}
+            done = data[2].get(partial)
         if done is not None:
             for c in self._enter(_I, pos + 1, values + (done,), objects):
                 out |= self._next_inputs(c)
@@ -276,17 +289,18 @@ class TextGrammar:
 
     # ------------------------------------------------------------------ tokens
 
-    def _successors(self, s: frozenset) -> dict:
-        """{token id: state after it} for every token allowed in ``s`` (cached)."""
+    def _successors(self, s: frozenset) -> _Succ:
+        """What may follow ``s`` (cached): {token id: state} plus, where one Token slot takes the
+        symbols, the group of symbols whose states are made only when asked for."""
         got = self._succ.get(s)
         if got is not None:
             return got
-        if len(self._succ) > _CACHE_STATES or len(self._trans) > 20 * _CACHE_STATES or self._n_prefixes > 20 * _CACHE_STATES:
+        if len(self._succ) > _CACHE_STATES or len(self._trans) > 10 * _CACHE_STATES or self._n_prefixes > 10 * _CACHE_STATES:
             self._clear()
-        got = {}
+        states: dict = {}
         if any(c[0] == _F for c in s):
             for e in self.end_ids:
-                got[e] = _DONE
+                states[e] = _DONE
         inputs = set().union(*(self._next_inputs(c) for c in s))
         keys, ids = self.vocab.keys, self.vocab.key_ids
         stack = [(s, b"", 0, len(keys), sorted(x for x in inputs if x < SYM))]
@@ -303,43 +317,52 @@ class TextGrammar:
                     continue
                 if len(keys[i]) == len(p2):
                     for t in ids[i]:
-                        got[t] = ns
+                        states[t] = ns
                     i += 1
                 if i < j:
                     more = sorted(x for x in set().union(*(self._next_inputs(c) for c in ns)) if x < SYM)
                     stack.append((ns, p2, i, j, more))
-        syms = [x for x in inputs if x >= SYM]
+        syms = {x for x in inputs if x >= SYM}
         token_cfgs = [c for c in s if c[0] == _I and self._item[c[1]][0] == "K"]
-        group: list[int] = []
-        if syms and len(token_cfgs) == 1 and not any(self._next_inputs(c) & set(syms) for c in s if c not in token_cfgs):
-            # One Token slot takes every symbol: a symbol that does not start a repeat of an earlier
-            # object leaves a live state whose completion only differs in that symbol. Their states
-            # are made when needed (None here), and one of them stands for all in the budget check.
+        group = None
+        if syms and len(token_cfgs) == 1 and not any(self._next_inputs(c) & syms for c in s if c not in token_cfgs):
+            # One Token slot takes every symbol (1024 loc tokens): a symbol that does not start a
+            # repeat of an earlier object leaves a live state whose completion differs only in that
+            # symbol. Those states are made when asked for, and one stands for all in the budget check.
             _, pos, _, values, objects = token_cfgs[0]
-            _, part, _, (opts, _) = self._item[pos]
-            taken = {o[len(values)] for o in objects if o[: len(values)] == values} if self._dedupe else set()
-            for i in range(self._bound(part, values) or 0, len(opts)):
-                if i in taken:
-                    ns = self._step(s, opts[i])
-                    if ns:
-                        got[opts[i] - SYM] = ns
-                else:
-                    got[opts[i] - SYM] = None
-                    group.append(opts[i] - SYM)
+            part, (opts, _, tids) = self._item[pos][1], self._item[pos][3]
+            taken = frozenset(o[len(values)] for o in objects if o[: len(values)] == values) if self._dedupe else frozenset()
+            b = self._bound(part, values) or 0
+            for i in taken:
+                if i >= b and (ns := self._step(s, opts[i])):
+                    states[tids[i]] = ns
+            group = (pos, b, taken)
         else:
             for x in syms:
-                ns = self._step(s, x)
-                if ns:
-                    got[x - SYM] = ns
-        self._succ[s] = got
-        self._groups[s] = group
+                if ns := self._step(s, x):
+                    states[x - SYM] = ns
+        got = self._succ[s] = _Succ(states, group, {})
         return got
 
-    def _next_state(self, s: frozenset, succ: dict, t: int) -> frozenset:
-        ns = succ.get(t, _DEAD)
-        if ns is None:  # a symbol whose state was left for later
-            ns = succ[t] = self._step(s, SYM + t)
-        return ns
+    def _group_ids(self, group) -> tuple[int, ...]:
+        pos, b, taken = group
+        tids = self._item[pos][3][2]
+        return tids[b:] if not taken else tuple(t for i, t in enumerate(tids) if i >= b and i not in taken)
+
+    def _next_state(self, s: frozenset, succ: _Succ, t: int) -> frozenset:
+        ns = succ.states.get(t)
+        if ns is not None:
+            return ns
+        if succ.group is not None:
+            ns = succ.made.get(t)
+            if ns is None:
+                pos, b, taken = succ.group
+                i = self._item[pos][3][1].get(SYM + t)
+                if i is None or i < b or i in taken:
+                    return _DEAD
+                ns = succ.made[t] = self._step(s, SYM + t)
+            return ns
+        return _DEAD
 
     def _step_token(self, s: frozenset, t: int) -> frozenset:
         if s is _DONE or not s:
@@ -463,16 +486,14 @@ class TextGrammar:
         if s is _DONE or not s:
             return Allowed(self.end_ids, None)
         succ = self._successors(s)
-        full = self._tokens.get(s)
-        if full is None:
-            full = self._tokens[s] = tuple(sorted(succ))
+        full = tuple(succ.states)
+        group = () if succ.group is None else self._group_ids(succ.group)
         if remaining is None or remaining - 1 >= self._u_max or self.tokens_to_finish(s) > remaining:
-            return Allowed(full, None)
-        group = self._groups.get(s, ())
-        group_fits = bool(group) and self.tokens_to_finish(self._next_state(s, succ, group[0])) <= remaining - 1
-        in_group = set(group)
-        fit = tuple(t for t in full if (group_fits if t in in_group else self.tokens_to_finish(self._next_state(s, succ, t)) <= remaining - 1))
-        return Allowed(fit or full, None)
+            return Allowed(full + group, None)
+        fit = tuple(t for t in full if self.tokens_to_finish(succ.states[t]) <= remaining - 1)
+        if group and self.tokens_to_finish(self._next_state(s, succ, group[0])) <= remaining - 1:
+            fit += group
+        return Allowed(fit or full + group, None)
 
     # ------------------------------------------------------------------ reading an answer back
 
