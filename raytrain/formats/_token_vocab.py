@@ -10,8 +10,10 @@ input; special ones never appear in decoded text.
 
 from __future__ import annotations
 
+import math
 import re
 import weakref
+from bisect import bisect_left
 from collections.abc import Collection, Mapping, Sequence
 
 SYM = 256  # grammar inputs: 0..255 bytes, SYM + id an added token
@@ -60,6 +62,22 @@ class TokenVocab:
 
     def __len__(self) -> int:
         return len(self.pieces) + len(self.added)
+
+    def min_tokens(self, run: bytes) -> float:
+        """Fewest ordinary tokens that spell ``run`` exactly (inf if none do)."""
+        keys, n = self.keys, len(run)
+        best = [0.0] + [math.inf] * n
+        for i in range(n):
+            if best[i] == math.inf:
+                continue
+            for j in range(i + 1, min(n, i + self.max_len) + 1):
+                piece = run[i:j]
+                if piece in self.key_index:
+                    best[j] = min(best[j], best[i] + 1)
+                at = bisect_left(keys, piece)
+                if at >= len(keys) or not keys[at].startswith(piece):
+                    break  # no token starts with this piece: none with a longer one either
+        return best[n]
 
     def input_of(self, t: int):
         """The bytes of ordinary token ``t``, ``SYM + t`` for an added token, None for a special or

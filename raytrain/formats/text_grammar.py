@@ -28,7 +28,9 @@ part, partial slot text, slot values so far, earlier objects): a set, because a 
 two ways (``"```json\\n["`` starts both the empty and a non-empty answer; ``"12"`` may be a whole
 number or the start of ``"123"``). The tokens allowed in a state are found by walking the sorted
 vocabulary like a trie, one byte at a time, only along bytes the automaton accepts (bisect on the
-sorted byte strings, no per-node memory), and are cached per state. A configuration is kept only
+sorted byte strings, no per-node memory), and are cached per state; added tokens are whole
+symbols, and the 1024 of a Token slot one group whose states are made only for the token that is
+chosen (and one stand-in for the budget check). A configuration is kept only
 if the object can still be finished without repeating an earlier one, so decoding never reaches a
 dead end. Token budget: the upper bound ``U(state)`` on the tokens needed to finish is the fewest
 tokens that spell one fixed completion (the first in a fixed order over slot values), <end>
@@ -47,18 +49,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from raytrain.formats._text_parts import (
-    DIGITS,
-    AnswerGrammar,
-    Label,
-    Lit,
-    Num,
-    Part,
-    Token,
-    num_complete,
-    num_values,
-    num_viable,
-)
+from raytrain.formats import _text_parts as tp
+from raytrain.formats._text_parts import AnswerGrammar, Label, Lit, Num, Part, Token
 from raytrain.formats._token_vocab import SYM, TokenVocab, token_vocab
 from raytrain.formats.grammar import Allowed
 
@@ -202,9 +194,9 @@ class TextGrammar:
             b = self._bound(part, values)
             if x < SYM:
                 s = partial + bytes((x,))
-                if (x in DIGITS or (x == 46 and part.decimals)) and num_viable(part, s, b):
+                if (x in tp.DIGITS or (x == 46 and part.decimals)) and tp.num_viable(part, s, b):
                     out.append(((_I, pos, s, values, objects), (k, slot, len(partial))))
-            done = num_complete(part, partial, b)
+            done = tp.num_complete(part, partial, b)
         else:  # label
             if x < SYM:
                 s = partial + bytes((x,))
@@ -221,7 +213,7 @@ class TextGrammar:
         kind, part, _, data = self._item[self._slot_pos[j]]
         b = self._bound(part, values)
         if kind == "N":
-            return num_values(part, partial, b)
+            return tp.num_values(part, partial, b)
         if kind == "B":
             return (i for i in data[1] if data[0][i].startswith(partial))
         return iter(range(0 if b is None else b, len(data[0])))
@@ -277,8 +269,8 @@ class TextGrammar:
             b = self._bound(part, values) or 0
             return set(data[0][b:])
         if kind == "N":
-            out = set(DIGITS) | ({46} if part.decimals else set())
-            done = num_complete(part, partial, self._bound(part, values))
+            out = set(tp.DIGITS) | ({46} if part.decimals else set())
+            done = tp.num_complete(part, partial, self._bound(part, values))
         else:
             out = {o[len(partial)] for o in _with_prefix(data[3], partial) if len(o) > len(partial)}
             done = data[2].get(partial)
@@ -442,26 +434,11 @@ class TextGrammar:
                 key = bytes(run)
                 n = self._runs.get(key)
                 if n is None:
-                    n = self._runs[key] = self._run_tokens(key)
+                    n = self._runs[key] = self.vocab.min_tokens(key)
                 total += n
                 run.clear()
             total += 1
         return total - 1
-
-    def _run_tokens(self, run: bytes) -> float:
-        keys, index, n = self.vocab.keys, self.vocab.key_index, len(run)
-        best = [0.0] + [math.inf] * n
-        for i in range(n):
-            if best[i] == math.inf:
-                continue
-            for j in range(i + 1, min(n, i + self.vocab.max_len) + 1):
-                piece = run[i:j]
-                if piece in index:
-                    best[j] = min(best[j], best[i] + 1)
-                at = bisect_left(keys, piece)
-                if at >= len(keys) or not keys[at].startswith(piece):
-                    break  # no token starts with this piece: none with a longer one either
-        return best[n]
 
     def tokens_to_finish(self, s: frozenset) -> float:
         """U(s): tokens (end token included) of the fixed completion; 0 when done, inf when dead."""
@@ -541,7 +518,8 @@ class TextGrammar:
 
 def compile_grammar(answer: AnswerGrammar, tokenizer, end_tokens: Sequence[str] | None = None) -> TextGrammar:
     """``TextGrammar`` for a Hugging Face tokenizer (or processor); ``end_tokens``: the tokens that
-    end an answer (default: the tokenizer's eos token)."""
+    end an answer (default: the tokenizer's eos token). Cheap: the vocabulary is read once per
+    tokenizer; one grammar serves every row (and beam) of a batch that shares its labels."""
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     ends = [tok.eos_token_id] if end_tokens is None else tok.convert_tokens_to_ids(list(end_tokens))
     if any(e is None for e in ends):

@@ -207,10 +207,8 @@ def test_toy_budget_ends_the_answer_in_time(rep):
             assert len(ids) <= budget
             res = parse(TOY.decode(ids), "box", rep)
             assert res.errors == [] and res.objects
-    # a budget that cannot hold the shortest answer is ignored: the output is cut, not corrupted
-    ids = [END]
-    a = g.allowed([], int(least) - 1)
-    assert a.tokens == g.allowed([], None).tokens and END not in a.tokens and ids
+    # a budget that cannot hold the shortest answer is ignored (the output will be cut there)
+    assert g.allowed([], int(least) - 1).tokens == g.allowed([], None).tokens
 
 
 def test_toy_duplicate_ban_never_leaves_a_dead_end():
