@@ -22,6 +22,9 @@ JSON answers are written the way Qwen2.5-VL writes them when ``fenced`` (a ```js
 per line) and as one compact line otherwise. Objects are rendered in canonical order (sorted by y1,
 then x1; points by y, x) unless ``shuffle`` asks for a seeded random order.
 
+``answer_grammar`` describes exactly the answers ``render_objects`` writes (``text_grammar``), for
+grammar-constrained decoding and per-object confidences.
+
 Parsing never raises on model text: ``parse`` returns every object it could read (in source pixels)
 and a ``ParseError`` with a reason from ``PARSE_REASONS`` for everything it rejected.
 """
