@@ -206,7 +206,7 @@ def identity_geometry(width: int, height: int) -> Geometry:
     return Geometry(int(width), int(height), int(width), int(height), 0, 0, int(width), int(height))
 
 
-def read_answer(fam, tokenizer, task: str, gen: Generation, geometry: Geometry, *, confidence: bool = True,
+def read_answer(fam, processor, task: str, query: str, gen: Generation, geometry: Geometry, *, confidence: bool = True,
                 nms_iou: float = 0.0) -> Prediction:
     """Parse `gen` in the model input's frame, map the objects to source pixels, attach confidences."""
     image_hw = (geometry.out_h, geometry.out_w)
@@ -214,7 +214,9 @@ def read_answer(fam, tokenizer, task: str, gen: Generation, geometry: Geometry, 
     objects = geometry.from_frame(res.objects)  # source pixels (clipped) for scoring and output
     scores: list = [None] * len(objects)
     if confidence and gen.logprobs and objects:
-        conf = fam.object_confidences(gen.logprobs, gen.token_ids, tokenizer, task_registry.kind(task))
+        spec = task_registry.get(task)
+        labels = [] if spec.per_image else query_labels(str(query))
+        conf = fam.object_confidences(gen.logprobs, gen.token_ids, processor, spec.kind, labels, image_hw)
         if len(conf) == len(objects):  # same parser, same order; NaN = an object it could not place
             scores = [None if (c is None or math.isnan(c)) else float(c) for c in conf]
     if nms_iou > 0 and objects and all(isinstance(o, Box) for o in objects) and all(s is not None for s in scores):
@@ -244,9 +246,8 @@ def predict(model, processor, fam, images: Sequence, task_names: Sequence[str], 
     want_lp = options.confidence or options.nms_iou > 0
     gens = decode(model, processor, fam, images, prefixes, grammars=grammars, max_new_tokens=options.max_new_tokens,
                   logprobs=want_lp, **options.generate)
-    tok = processor.tokenizer
-    return [read_answer(fam, tok, t, g, geom, confidence=want_lp, nms_iou=options.nms_iou)
-            for t, g, geom in zip(task_names, gens, geometries)]
+    return [read_answer(fam, processor, t, q, g, geom, confidence=want_lp, nms_iou=options.nms_iou)
+            for t, q, g, geom in zip(task_names, queries, gens, geometries)]
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -348,8 +349,8 @@ def texts_to_rows(fam, batch: dict, texts: Sequence[str], image_hw: tuple[int, i
     """Score given answer texts (a blind baseline's, a reference parser's) through the same
     parse -> source pixels -> score path as model answers (image_hw: see batch_geometries)."""
     geoms = batch_geometries(batch, image_hw)
-    preds = [read_answer(fam, None, str(t), Generation(text, [], []), g, confidence=False)
-             for t, text, g in zip(batch["task"], texts, geoms)]
+    preds = [read_answer(fam, None, str(t), str(q), Generation(text, [], []), g, confidence=False)
+             for t, q, text, g in zip(batch["task"], batch["query"], texts, geoms)]
     return score_rows(batch, preds)
 
 

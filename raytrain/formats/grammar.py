@@ -1,6 +1,6 @@
 """Token-level grammar of PaliGemma detection / pointing output, for constrained decoding.
 
-Pure state machine over token ids (no torch, no tokenizer): ``eval/decoding.py`` reads the ids
+Pure state machine over token ids (no torch, no tokenizer): ``models/paligemma_decoding.py`` reads the ids
 from the real processor (``grammar_from_processor``) and masks logits with ``allowed``.
 
 Accepted sequences, with n = 2 loc tokens per object (point, ``<locY><locX>``) or 4 (box,
@@ -84,7 +84,7 @@ class DetectionGrammar:
 
     ``loc_ids``: the 1024 ids of ``<loc0000>``..``<loc1023>`` in bin order.
     ``label_sequences``: ``{label: (ids of " label ; ", ids of " label")}`` as the tokenizer
-    writes them inside a rendered target (see ``eval.decoding.label_sequences``).
+    writes them inside a rendered target (see ``models.paligemma_decoding.label_sequences``).
     ``max_objects``: at most this many objects (None: unlimited); then only the <eos> path.
     """
 

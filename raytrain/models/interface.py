@@ -150,9 +150,11 @@ class ModelFamily(Protocol):
         no grammar for that kind (captions: free text)."""
         ...
 
-    def object_confidences(self, logprobs: Sequence[float], token_ids: Sequence[int], tokenizer, kind: str) -> list[float]:
+    def object_confidences(self, logprobs: Sequence[float], token_ids: Sequence[int], processor, kind: str,
+                           labels: Sequence[str], image_hw: tuple[int, int]) -> list[float]:
         """One confidence per object of the parsed answer (same order; NaN where an object cannot be
-        placed in the tokens): the geometric mean of the raw probabilities of its tokens."""
+        placed in the tokens; [] where the format has none): the geometric mean of the raw
+        probabilities of the tokens that spell its coordinates and label. `labels`: the query's."""
         ...
 
     # ---- checkpoints: inference files and adapter extras ---------------------------------------

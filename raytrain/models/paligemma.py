@@ -421,10 +421,10 @@ class PaliGemma:
             return None
         return _grammars(processor).for_labels(kind, list(labels), max_objects or None)
 
-    def object_confidences(self, logprobs, token_ids, tokenizer, kind: str) -> list[float]:
+    def object_confidences(self, logprobs, token_ids, processor, kind: str, labels, image_hw) -> list[float]:
         if kind not in fmt.KINDS or (self.answer_format == "molmo" and kind == "point"):
             return []  # masks, captions: no per-object confidence
-        return paligemma_decoding.object_confidences(logprobs, token_ids, tokenizer, kind)
+        return paligemma_decoding.object_confidences(logprobs, token_ids, processor.tokenizer, kind)
 
     # checkpoints
     save_inference_files = staticmethod(save_inference_files)

@@ -34,6 +34,7 @@ import numpy as np
 from raytrain import tasks
 from raytrain.formats import molmo
 from raytrain.formats import qwen as fmt
+from raytrain.formats import text_grammar
 from raytrain.formats.numbers import digit_token_ids, token_place_weights
 from raytrain.models import _quant, tiny
 from raytrain.models.qwen_resize import DEFAULT_RESIZE, RESIZE_RECORD, check_resize, resize_settings, write_resize_record
@@ -472,6 +473,23 @@ def component(param_name: str) -> str:
     return "language"
 
 
+_GRAMMARS: dict[tuple, object] = {}
+_GRAMMAR_CACHE = 256  # compiled grammars kept per process (label sets x kinds x frames)
+
+
+def _text_grammar(processor, kind: str, labels: tuple, representation: str, fw: int, fh: int, max_objects):
+    """The compiled answer grammar (formats/text_grammar.py) of one label set, cached: every row and
+    beam of a batch and every batch with the same labels share it (it keeps no per-call state)."""
+    key = (id(processor.tokenizer), kind, labels, representation, fw, fh, max_objects)
+    g = _GRAMMARS.get(key)
+    if g is None:
+        if len(_GRAMMARS) >= _GRAMMAR_CACHE:
+            _GRAMMARS.pop(next(iter(_GRAMMARS)))
+        answer = fmt.answer_grammar(kind, labels, representation, fw, fh, max_objects=max_objects)
+        g = _GRAMMARS[key] = text_grammar.compile_grammar(answer, processor.tokenizer, end_tokens=[IM_END])
+    return g
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """<|im_end|> ends an assistant turn; <|endoftext|> is the pad / end of a plain completion."""
     return [int(i) for i in tokenizer.convert_tokens_to_ids([IM_END, END_OF_TEXT]) if i is not None]
@@ -569,10 +587,19 @@ class Qwen2_5_VL:
 
     # constrained decoding, confidences
     def grammar(self, processor, kind: str, labels, image_hw, max_objects: int | None = None):
-        return None  # text grammars for the JSON / pairs answers: see formats/text_grammar.py
+        if self.answer_format == MOLMO or kind not in fmt.KINDS or not labels:
+            return None  # Molmo text: no grammar yet; captions: free text
+        fw, fh = _model_frame(image_hw[1], image_hw[0], image_hw, None)
+        return _text_grammar(processor, kind, tuple(labels), self.answer_format, fw, fh, max_objects or None)
 
-    def object_confidences(self, logprobs, token_ids, tokenizer, kind: str) -> list[float]:
-        return []
+    def object_confidences(self, logprobs, token_ids, processor, kind: str, labels, image_hw) -> list[float]:
+        g = self.grammar(processor, kind, labels, image_hw)
+        if g is None:
+            return []
+        fw, fh = _model_frame(image_hw[1], image_hw[0], image_hw, None)
+        # the same parse read_answer makes (no label filter), in frame units: objects match by order
+        return text_grammar.text_object_confidences(
+            logprobs, token_ids, g, lambda text: fmt.parse(text, kind, fw, fh, fw, fh, self.answer_format).objects)
 
     # checkpoints
     save_inference_files = staticmethod(save_inference_files)

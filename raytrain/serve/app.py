@@ -37,7 +37,7 @@ was (the checkpoint's state.json "preprocess" record, raytrain/data/preprocess.p
 letterbox to the model input, optional edge blend; no record = stretch) and its answers are mapped
 back from that frame; base-model requests go to the processor as sent.
 
-`confidence` follows raytrain/eval/decoding.py: the geometric mean of the model's raw probabilities
+`confidence` follows the predict path (raytrain/predict.py, the family's object_confidences): the geometric mean of the model's raw probabilities
 of the tokens that spell the object (locs, then label); null when the object cannot be placed in
 the tokens, or for families without log-probabilities (PaliGemma has them; Qwen2.5-VL answers null
 for now).

@@ -335,11 +335,11 @@ def test_answer_body_and_decode_are_the_predict_path(tiny_model_path):
     text = fam.render_example("point", "x", objs, 64, 48)[1]
     ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     gen = predict.Generation(text, ids, [math.log(0.5)] * len(ids))
-    out = answer_body(predict.read_answer(fam, tok, "point", gen, predict.identity_geometry(64, 48)))
+    out = answer_body(predict.read_answer(fam, proc, "point", "red circle ; blue square", gen, predict.identity_geometry(64, 48)))
     assert [o["label"] for o in out["objects"]] == ["red circle", "blue square"] and not out["errors"]
     assert abs(out["objects"][0]["x"] - 10) < 0.1 and abs(out["objects"][1]["y"] - 30) < 0.1
     assert out["confidence"] == [pytest.approx(0.5), pytest.approx(0.5)]
-    no_lp = predict.read_answer(fam, tok, "point", predict.Generation(text, ids, []), predict.identity_geometry(64, 48))
+    no_lp = predict.read_answer(fam, proc, "point", "x", predict.Generation(text, ids, []), predict.identity_geometry(64, 48))
     assert answer_body(no_lp)["confidence"] == [None, None]
     # decoding with log-probs changes no text: one log-prob per generated token
     images = [Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (32, 32), (30, 70, 220))]

@@ -272,10 +272,10 @@ def test_serve_answer_maps_back_from_the_recorded_frame():
     g = LETTERBOX.geometry(200, 100, (224, 224))
     box = Box(40, 20, 120, 70, "cat")
     text = predict.Generation(fam.render_example("detect", "cat", *g.target_frame([box]), (224, 224))[1], [], [])
-    got = answer_body(predict.read_answer(fam, None, "detect", text, g))["objects"][0]
+    got = answer_body(predict.read_answer(fam, None, "detect", "cat", text, g))["objects"][0]
     assert box_iou(Box(got["x1"], got["y1"], got["x2"], got["y2"]), box) >= 0.97
     # without the geometry the same text would be read as a stretched image: wrong place
-    wrong = answer_body(predict.read_answer(fam, None, "detect", text, predict.identity_geometry(200, 100)))["objects"][0]
+    wrong = answer_body(predict.read_answer(fam, None, "detect", "cat", text, predict.identity_geometry(200, 100)))["objects"][0]
     assert box_iou(Box(wrong["x1"], wrong["y1"], wrong["x2"], wrong["y2"]), box) < 0.8
 
 

@@ -24,7 +24,7 @@ def test_confidences_do_not_change_scores():
     b, exs = _batch(["point", "detect"])
     fam = family("paligemma")
     geoms = predict.batch_geometries(b)
-    plain = [predict.read_answer(fam, None, t, predict.Generation(e["suffix"], [], []), g, confidence=False)
+    plain = [predict.read_answer(fam, None, t, e["query"], predict.Generation(e["suffix"], [], []), g, confidence=False)
              for t, e, g in zip(b["task"], exs, geoms)]
     scored = [predict.Prediction(p.text, p.objects, [c], p.errors) for p, c in zip(plain, [0.9, 0.4])]
     plain_rows, scored_rows = predict.score_rows(b, plain), predict.score_rows(b, scored)
