@@ -140,7 +140,7 @@ def build_image_processor(resize: dict = RESIZE):
     )
 
 
-def tiny_qwen_config(tokenizer, tie_embeddings: bool = True):
+def tiny_qwen_config(tokenizer, tie_embeddings: bool = True, rope_theta: float = 1000000.0):
     """The tiny architecture for `tokenizer`'s vocabulary; tie_embeddings=False gives the lm_head its
     own weight (as Qwen2.5-VL-7B and larger have; the 3B ties them)."""
     from transformers import Qwen2_5_VLConfig
@@ -174,7 +174,7 @@ def tiny_qwen_config(tokenizer, tie_embeddings: bool = True):
         rms_norm_eps=1e-6,
         use_sliding_window=False,
         # head_dim 32 -> 16 rotary frequencies split temporal/height/width like the real 16/24/24 of 64
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": [4, 6, 6]},
         tie_word_embeddings=tie_embeddings,
         bos_token_id=None,
         eos_token_id=ids["<|im_end|>"],
@@ -192,7 +192,7 @@ def tiny_qwen_config(tokenizer, tie_embeddings: bool = True):
 
 
 def build_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0, loc_tokens: bool = True, tie_embeddings: bool = True,
-                          image_size: int | None = None) -> Path:
+                          image_size: int | None = None, rope_theta: float = 1000000.0) -> Path:
     """Build tokenizer + image-only processor + random-init model and `save_pretrained` them into out_dir.
     loc_tokens=False, tie_embeddings=False: a stand-in for a released Qwen2.5-VL-7B (no <|loc|> tokens
     in the vocabulary, untied lm_head), what the `tokens` box format has to add tokens to.
@@ -210,7 +210,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0, loc_tokens: bool =
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(loc_tokens=loc_tokens)
     processor = Qwen2_5_VLImageOnlyProcessor(build_image_processor(), tokenizer, chat_template=CHAT_TEMPLATE)
-    cfg = tiny_qwen_config(tokenizer, tie_embeddings=tie_embeddings)
+    cfg = tiny_qwen_config(tokenizer, tie_embeddings=tie_embeddings, rope_theta=rope_theta)
 
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg)
