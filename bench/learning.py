@@ -33,7 +33,8 @@ from raytrain.data import pipeline, synthetic  # noqa: E402
 from raytrain.eval import batch as eval_batch  # noqa: E402
 from raytrain.models import paligemma  # noqa: E402
 from raytrain.models.tiny import ensure_preset  # noqa: E402
-from raytrain.recipes import lora  # noqa: E402
+from raytrain.recipes import ddp  # noqa: E402
+from raytrain.training.session import Session  # noqa: E402
 from raytrain.training import checkpointing  # noqa: E402
 
 OUT = REPO / "bench" / "results"
@@ -74,8 +75,8 @@ def train(model_path: str, overrides: list[str], batches) -> tuple[Path, list[di
         order = np.random.default_rng(epoch).permutation(len(batches))
         return [batches[i] for i in order]
 
-    session = lora.Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=report, epoch_batches=epoch_batches)
-    lora.train(cfg, model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
+    session = Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=report, epoch_batches=epoch_batches)
+    ddp.train(cfg, model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
     return saved[-1], reports
 
 

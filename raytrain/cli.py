@@ -8,6 +8,7 @@
     raytrain serve   model=tiny:paligemma adapter_root=<dir or s3://> [port=8000]
     raytrain config  [--config FILE] [a.b=value ...]    # print the resolved config
     raytrain config  --help-fields                      # every field, its default and its help
+                                                        # (job YAML sections, then `raytrain serve` settings)
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_fields(rows: list[tuple[str, str, str]]) -> None:
+    for name, default, help_ in rows:
+        print(f"{name} = {default}\n    {help_}" if help_ else f"{name} = {default}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASSTHROUGH:
@@ -55,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         return rc if isinstance(rc, int) else 0
     args = _parser().parse_args(argv)
     if args.command == "config" and args.help_fields:
-        for name, default, help_ in config_mod.field_help():
-            print(f"{name} = {default}\n    {help_}" if help_ else f"{name} = {default}")
+        _print_fields(config_mod.field_help())
+        print("\n# raytrain serve settings (its own YAML / key=value; raytrain serve --help-fields)")
+        _print_fields(config_mod.field_help(config_mod.ServeConfig))
         return 0
     if args.command == "tune":
         from raytrain.launch import tune as launch_tune

@@ -18,7 +18,7 @@ task it can (`FALLBACK_TASK`); `smoke_plan` says which, and `smoke` logs it.
 
 Two ways to run the result:
 
-* `run_local`: the recipe loop (`recipes.lora.train`, or `recipes.zero.train` for zero2/zero3)
+* `run_local`: the recipe loop (`recipes.ddp.train`, or `recipes.zero.train` for zero2/zero3)
   with a plain `Session` over a few batches encoded by the family's `encode_train`, no Ray; then
   one `generate` with the job's decoding settings from the written checkpoint. This is what
   tests/integration/test_jobs_smoke.py runs for every YAML in jobs/.
@@ -183,19 +183,11 @@ def smoke(cfg: Experiment, *, steps: int = STEPS, root: str | None = None, num_i
     c.ray = config_mod.RayConfig(address=None, num_cpus=None, object_store_mb=256)
 
     # ---- sweep: two short trials, one at a time
-    if c.tune:
-        tune = copy.deepcopy(c.tune)
-        tune["num_samples"] = min(int(tune.get("num_samples", 2)), 2)
-        tune["max_concurrent"] = 1
-        sched = tune.get("scheduler")
-        if isinstance(sched, dict):
-            for k in ("max_t", "grace_period"):
-                if k in sched:
-                    sched[k] = min(int(sched[k]), steps)
-        search = tune.get("search")
-        if isinstance(search, dict) and "n_startup_trials" in search:
-            search["n_startup_trials"] = 1
-        c.tune = tune
+    if c.tune.space:
+        sched = dataclasses.replace(c.tune.scheduler, max_t=min(c.tune.scheduler.max_t, steps),
+                                    grace_period=min(c.tune.scheduler.grace_period, steps))
+        c.tune = dataclasses.replace(c.tune, num_samples=min(c.tune.num_samples, 2), max_concurrent=1, scheduler=sched,
+                                     search=dataclasses.replace(c.tune.search, n_startup_trials=1))
     return c
 
 
@@ -212,7 +204,7 @@ def missing_support(cfg: Experiment) -> str | None:
     from raytrain.models import family
 
     fam = family(cfg.model.spec)
-    if cfg.train.strategy in ("zero2", "zero3"):
+    if cfg.train.strategy in config_mod.ZERO_STAGES:
         try:
             from raytrain.recipes import zero  # noqa: F401
         except ImportError as e:
@@ -224,15 +216,15 @@ def missing_support(cfg: Experiment) -> str | None:
     if not hasattr(fam, "apply_freeze_policy"):
         missing.append("apply_freeze_policy")
     if missing:
-        return (f"recipes/lora.py calls raytrain.models.{cfg.model.family}.{' and '.join(missing)}, "
+        return (f"recipes/ddp.py calls raytrain.models.{cfg.model.family}.{' and '.join(missing)}, "
                 f"which the {cfg.model.family} family module does not provide yet")
     return None
 
 
 def synthetic_batches(cfg: Experiment, model_path: str, n_batches: int, seed: int = 11) -> list[dict]:
     """`n_batches` tokenized micro-batches of synthetic examples for `cfg.data.tasks`, encoded
-    exactly as the Ray Data pipeline does (images preprocessed to the model input as data.resize /
-    data.edge_* say, targets in that frame, family encode_train)."""
+    exactly as the Ray Data pipeline does (images preprocessed to the model input as data.preprocess
+    says, targets in that frame, family encode_train)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -243,15 +235,15 @@ def synthetic_batches(cfg: Experiment, model_path: str, n_batches: int, seed: in
     fam = family(cfg.model.spec)
     proc = fam.load_processor(model_path)
     hw = fam.image_size(proc)
-    prep = preprocess.from_data_config(cfg.data)
+    prep = cfg.data.preprocess
     micro = cfg.train.micro_batch_size
     rows: list[tuple] = []
     i = 0
     while len(rows) < n_batches * micro:
         ex = synthetic.make_example(i, seed=seed, image_size=cfg.data.image_size)
         i += 1
-        geom = prep.geometry(ex["width"], ex["height"], hw)
-        image = Image.fromarray(prep.apply(Image.open(io.BytesIO(ex["image"])), geom))
+        geom = preprocess.geometry(prep, ex["width"], ex["height"], hw)
+        image = Image.fromarray(preprocess.apply(prep, Image.open(io.BytesIO(ex["image"])), geom))
         for e in pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], cfg.model.spec, hw, geom):
             rows.append((image, e["prefix"], e["suffix"]))
     rows = rows[: n_batches * micro]
@@ -286,8 +278,8 @@ def run_local(cfg: Experiment, out_dir: str | Path, *, model_path: str | None = 
     import torch
 
     from raytrain.models import family
-    from raytrain.recipes import lora
     from raytrain.training import checkpointing
+    from raytrain.training.session import Session
 
     reason = missing_support(cfg)
     if reason:
@@ -307,15 +299,16 @@ def run_local(cfg: Experiment, out_dir: str | Path, *, model_path: str | None = 
             shutil.copytree(ckpt_dir, keep, dirs_exist_ok=True)
             saved.append(keep)
 
-    session = lora.Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=report,
-                           epoch_batches=lambda epoch, micro: batches)
+    session = Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=report, epoch_batches=lambda epoch, micro: batches)
     device = torch.device("cpu")
-    if cfg.train.strategy in ("zero2", "zero3"):
+    if cfg.train.strategy in config_mod.ZERO_STAGES:
         from raytrain.recipes import zero
 
         zero.train(cfg, model_path, session, device)
     else:
-        lora.train(cfg, model_path, session, device, wrap_ddp=lambda m: m)
+        from raytrain.recipes import ddp
+
+        ddp.train(cfg, model_path, session, device, wrap_ddp=lambda m: m)
 
     generated: list[str] = []
     if saved and (saved[-1] / "state.json").exists() and ((saved[-1] / "adapter").exists() or (saved[-1] / "model").exists()):
@@ -333,13 +326,13 @@ def _generate(cfg: Experiment, ckpt: Path, model_path: str, fam, checkpointing) 
     model, proc = checkpointing.load_for_inference(ckpt, model_path, fam)
     hw = fam.image_size(proc)
     # as `raytrain eval` does: the checkpoint's recorded preprocessing
-    prep = preprocess.resolve_recorded(checkpointing.recorded_preprocess(ckpt), preprocess.from_data_config(cfg.data), str(ckpt))
+    prep = preprocess.resolve_recorded(checkpointing.recorded_preprocess(ckpt), cfg.data.preprocess, str(ckpt))
     images, prefixes = [], []
     for i in range(2):
         ex = synthetic.make_example(10_000 + i, seed=11, image_size=cfg.data.image_size)
-        geom = prep.geometry(ex["width"], ex["height"], hw)
+        geom = preprocess.geometry(prep, ex["width"], ex["height"], hw)
         e = pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], cfg.model.spec, hw, geom)[0]
-        images.append(Image.fromarray(prep.apply(Image.open(io.BytesIO(ex["image"])), geom)))
+        images.append(Image.fromarray(preprocess.apply(prep, Image.open(io.BytesIO(ex["image"])), geom)))
         prefixes.append(e["prefix"])
     return fam.generate(model, proc, images, prefixes, max_new_tokens=cfg.eval.max_new_tokens, **dict(cfg.eval.decoding))
 

@@ -14,7 +14,8 @@ from PIL import Image
 from raytrain import config as config_mod
 from raytrain.data import pipeline, synthetic
 from raytrain.models import paligemma
-from raytrain.recipes import lora
+from raytrain.recipes import ddp
+from raytrain.training.session import Session
 from raytrain.training import checkpointing
 
 pytestmark = pytest.mark.integration
@@ -51,7 +52,7 @@ def _session(batches, reports, resume_dir=None):
             shutil.copytree(ckpt_dir, keep, dirs_exist_ok=True)
             saved.append(keep)
 
-    s = lora.Session(rank=0, world_size=1, checkpoint_dir=checkpoint_dir, report=report, epoch_batches=lambda epoch, micro: batches)
+    s = Session(rank=0, world_size=1, checkpoint_dir=checkpoint_dir, report=report, epoch_batches=lambda epoch, micro: batches)
     return s, saved
 
 
@@ -75,7 +76,7 @@ def test_strategy_trains_and_checkpoints(strategy, tiny_model_path):
     batches = _batches(tiny_model_path, task=cfg.data.tasks[0] if cfg.data.tasks == ["detect"] else "point")
     reports = []
     session, saved = _session(batches, reports)
-    lora.train(cfg, tiny_model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
+    ddp.train(cfg, tiny_model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
     losses = [r["loss"] for r in reports]
     assert len(losses) == 24
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5, losses  # half a nat in 24 steps
@@ -112,8 +113,8 @@ def test_accumulation_carries_across_epochs_shorter_than_one_step(tiny_model_pat
             yield b
 
     reports = []
-    s = lora.Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=lambda m, d: reports.append(m), epoch_batches=epoch_batches)
-    result = lora.train(cfg, tiny_model_path, s, torch.device("cpu"), wrap_ddp=lambda m: m)
+    s = Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=lambda m, d: reports.append(m), epoch_batches=epoch_batches)
+    result = ddp.train(cfg, tiny_model_path, s, torch.device("cpu"), wrap_ddp=lambda m: m)
     assert result["step"] == 3
     assert len(drawn) == 3 * 4  # no micro-batch dropped or counted twice
     assert epochs == [0, 1, 2, 3]
