@@ -47,11 +47,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _print_fields(rows: list[tuple[str, str, str]]) -> None:
-    for name, default, help_ in rows:
-        print(f"{name} = {default}\n    {help_}" if help_ else f"{name} = {default}")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASSTHROUGH:
@@ -61,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return rc if isinstance(rc, int) else 0
     args = _parser().parse_args(argv)
     if args.command == "config" and args.help_fields:
-        _print_fields(config_mod.field_help())
+        print(config_mod.field_listing())
         print("\n# raytrain serve settings (its own YAML / key=value; raytrain serve --help-fields)")
-        _print_fields(config_mod.field_help(config_mod.ServeConfig))
+        print(config_mod.field_listing(config_mod.ServeConfig))
         return 0
     if args.command == "tune":
         from raytrain.launch import tune as launch_tune

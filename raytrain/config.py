@@ -587,5 +587,10 @@ def dumps(cfg: Experiment) -> str:
 
 
 def field_help(cls: type = Experiment, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted name, default, help) for every leaf field, for the CLI's --help-fields."""
+    """(dotted name, default, help) for every leaf field."""
     return schema.field_help(cls, prefix)
+
+
+def field_listing(cls: type = Experiment) -> str:
+    """`--help-fields` text: every field with its default and help."""
+    return schema.field_listing(cls)

@@ -153,6 +153,11 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def field_listing(cls: type) -> str:
+    """The CLI's --help-fields text: `name = default` lines, each followed by its indented help."""
+    return "\n".join(f"{name} = {default}\n    {help_}" if help_ else f"{name} = {default}" for name, default, help_ in field_help(cls))
+
+
 def field_help(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted name, default, help) for every leaf field, nested sections flattened."""
     docs: dict[str, str] = {}

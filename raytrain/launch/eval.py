@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import time
 
@@ -94,6 +95,17 @@ def evaluate(cfg: Experiment, uri: str, base_path: str, ckpt_uri: str | None, co
     return results, trained_rows
 
 
+def save_predictions(cfg: Experiment, rows: list[dict]) -> str:
+    """The predictions as `<run>/eval/predictions_<split>.jsonl` (local or S3); returns that eval dir."""
+    from raytrain.eval import batch as eval_batch
+
+    out_dir = storage.join(storage.run_dir(job.runs_root(cfg), cfg.name), "eval")
+    if not storage.is_s3(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+    eval_batch.write_predictions(rows, storage.join(out_dir, f"predictions_{cfg.eval.split}.jsonl"), job.storage_opts(cfg))
+    return out_dir
+
+
 def coco_results(rows: list[dict]) -> list[dict]:
     """Detection predictions in COCO results format (image ids = example ids, category = label).
     Scores are 1.0 until per-object confidences are produced by the predictor."""
@@ -111,7 +123,6 @@ def coco_results(rows: list[dict]) -> list[dict]:
 
 def main(cfg: Experiment) -> str:
     from raytrain.data import pipeline
-    from raytrain.eval import batch as eval_batch
     from raytrain.eval.metrics.table import format_table
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -123,12 +134,7 @@ def main(cfg: Experiment) -> str:
     counter = pipeline.drop_counter()
     metrics, rows = evaluate(cfg, uri, base_path, ckpt, counter)
     opts = job.storage_opts(cfg)
-    out_dir = storage.join(storage.run_dir(job.runs_root(cfg), cfg.name), "eval")
-    if not storage.is_s3(out_dir):
-        import os
-
-        os.makedirs(out_dir, exist_ok=True)
-    eval_batch.write_predictions(rows, storage.join(out_dir, f"predictions_{cfg.eval.split}.jsonl"), opts)
+    out_dir = save_predictions(cfg, rows)
     storage.write_json(storage.join(out_dir, f"coco_results_{cfg.eval.split}.json"), coco_results(rows), opts)
     metrics["run"] = {"checkpoint": ckpt, "data": uri, "split": cfg.eval.split, "data_counts": pipeline.drop_counts(counter)}
     out = storage.write_json(storage.join(out_dir, f"metrics_{cfg.eval.split}.json"), metrics, opts)

@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from raytrain.serve import app
 
     if args.help_fields:
-        for name, default, help_ in config_mod.field_help(ServeConfig):
-            print(f"{name} = {default}\n    {help_}" if help_ else f"{name} = {default}")
+        print(config_mod.field_listing(ServeConfig))
         return 0
     try:
         cfg = load_config(args.config, args.overrides)

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 
 from raytrain import config as config_mod
 from raytrain import storage
 from raytrain.config import ZERO_STAGES, Experiment
 from raytrain.launch import job, trainer
-from raytrain.launch.eval import evaluate
+from raytrain.launch.eval import evaluate, save_predictions
 from raytrain.launch.prepare import prepare_data
 from raytrain.launch.ray_runtime import init_ray
 
@@ -48,7 +47,6 @@ def fit(cfg: Experiment, uri: str, base_path: str, counter):
 def main(cfg: Experiment) -> str:
     """Run the whole job; returns the metrics JSON URI (also printed as the last line)."""
     from raytrain.data import pipeline
-    from raytrain.eval import batch as eval_batch
     from raytrain.eval.metrics.table import format_table
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -72,11 +70,8 @@ def main(cfg: Experiment) -> str:
 
     metrics, rows = evaluate(cfg, uri, base_path, ckpt, counter)
     run = storage.run_dir(job.runs_root(cfg), cfg.name)
-    eval_dir = storage.join(run, "eval")
+    eval_dir = save_predictions(cfg, rows)
     opts = job.storage_opts(cfg)
-    if not storage.is_s3(eval_dir):
-        os.makedirs(eval_dir, exist_ok=True)
-    eval_batch.write_predictions(rows, storage.join(eval_dir, f"predictions_{cfg.eval.split}.jsonl"), opts)
 
     metrics["run"] = {
         "name": cfg.name,
