@@ -309,6 +309,8 @@ class TrainConfig:
             raise ValueError(f"train.strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
         if self.early_stop_mode not in ("min", "max"):
             raise ValueError(f"train.early_stop_mode must be min | max, got {self.early_stop_mode!r}")
+        if self.early_stop_metric and self.val_every <= 0:
+            raise ValueError(f"train.early_stop_metric={self.early_stop_metric!r} is measured by validation: set train.val_every > 0")
         if self.new_token_warmup_steps < 0:
             raise ValueError(f"train.new_token_warmup_steps must be >= 0, got {self.new_token_warmup_steps}")
 
@@ -576,10 +578,7 @@ def load_section(cls: type, path: str | Path | None = None, overrides: list[str]
 
 def override(base: dict, dotted: dict[str, Any]) -> Experiment:
     """An experiment dict with {"train.lr": 1e-3, ...} applied, checked by the schema (a Tune trial's config)."""
-    tree: dict = {}
-    for key, value in dotted.items():
-        schema.set_dotted(tree, key, value)
-    return from_dict(schema.merge(base, tree))
+    return from_dict(schema.merge(base, schema.dotted_tree(dotted)))
 
 
 def dumps(cfg: Experiment) -> str:

@@ -102,6 +102,14 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def dotted_tree(dotted: dict[str, Any]) -> dict:
+    """{"train.lr": 1e-3} -> {"train": {"lr": 1e-3}}."""
+    tree: dict = {}
+    for key, value in dotted.items():
+        set_dotted(tree, key, value)
+    return tree
+
+
 def parse_overrides(overrides: list[str] | None) -> dict:
     """`["train.steps=10", "data.tasks=[point]"]` -> nested dict; values parsed as YAML scalars."""
     tree: dict = {}

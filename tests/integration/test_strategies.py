@@ -1,4 +1,4 @@
-"""Each strategy of recipes/lora.py trains the tiny preset on CPU through the Ray-free loop
+"""Each strategy of recipes/ddp.py trains the tiny preset on CPU through the Ray-free loop
 (`train` with a plain Session): full fine-tuning, LoRA, QLoRA 4-bit (nf4, double quant) and
 QLoRA 8-bit with real bitsandbytes and peft. The same loop runs under Ray Train in the e2e tests."""
 

@@ -52,7 +52,7 @@ def batches(tiny_model_path):
 
 
 def _train(cfg, model_path, batches, resume=None):
-    """recipes.lora.train in this process; returns (reports, {step: checkpoint copy})."""
+    """recipes.ddp.train in this process; returns (reports, {step: checkpoint copy})."""
     reports, saved = [], {}
 
     def report(metrics, ckpt_dir):

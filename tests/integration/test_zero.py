@@ -197,7 +197,7 @@ def test_zero3_on_ray_trains_consolidates_and_resumes_on_one_worker(tmp_path, sh
     t_resume = time.perf_counter() - t1
     assert rows1[0]["resumed_from"] == 20 and rows1[0]["step"] > 20 and rows1[-1]["step"] == 24
     # the lr schedule continues at the restored step (scheduler state came through the conversion);
-    # as in recipes/lora.py, a report's lr is the scheduler's after that step: lr_lambda(step)
+    # as in recipes/ddp.py, a report's lr is the scheduler's after that step: lr_lambda(step)
     for r in rows1:
         assert r["lr"] == pytest.approx(cfg1.train.lr * optim.lr_lambda(r["step"], warmup=cfg1.train.warmup_steps, total=24), rel=1e-6)
     assert rows1[0]["loss"] < 0.8 * rows[0]["loss"]  # trained weights came back

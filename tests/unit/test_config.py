@@ -93,7 +93,7 @@ def test_new_sections_load_from_yaml_and_round_trip(tmp_path):
 @pytest.mark.parametrize("bad", ["tune.nope=1", "tune.scheduler.nope=1", "zero.offload=true", "data.preprocess.clahe=true",
                                  "tune.mode=best", "tune.scheduler.type=hyperband", "tune.search.type=grid", "tune.num_samples=0",
                                  "train.strategy=deepspeed", "scale.placement_strategy=RANDOM", "data.preprocess.pad_color=[1,2]",
-                                 "train.early_stop_mode=lowest"])
+                                 "train.early_stop_mode=lowest", "train.early_stop_metric=val_box_f1"])
 def test_new_sections_reject_unknown_keys_and_bad_values(bad):
     with pytest.raises(ValueError):
         config_mod.load(None, [bad])
