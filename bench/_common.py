@@ -99,7 +99,7 @@ def init_ray(num_cpus: int, object_store_mb: int = 1024):
     import ray
     import ray.data
 
-    from raytrain.launch import train as launch_train
+    from raytrain.launch import ray_runtime
 
     for attempt in range(3):
         try:
@@ -109,7 +109,7 @@ def init_ray(num_cpus: int, object_store_mb: int = 1024):
                 object_store_memory=object_store_mb * 1024**2,
                 include_dashboard=False,
                 log_to_driver=False,
-                runtime_env=launch_train.runtime_env(),  # what `raytrain train` gives its job
+                runtime_env=ray_runtime.runtime_env(),  # what `raytrain train` gives its job
             )
             break
         except Exception as e:
@@ -121,7 +121,7 @@ def init_ray(num_cpus: int, object_store_mb: int = 1024):
             print(f"ray.init failed ({e}); retrying", file=sys.stderr, flush=True)
     assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1", ray.nodes()[0]["NodeManagerAddress"]
     # The launcher's Ray Data settings (quiet output, Parquet reader, block size, eval-pool dispatch)
-    launch_train.configure_ray_data()
+    ray_runtime.configure_ray_data()
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray
 

@@ -185,7 +185,7 @@ def build(variant: str, uri: str, opts, model_path: str, num_cpus: int):
 
 
 def consume(ds) -> dict:
-    """Iterate every batch as torch tensors, as recipes.lora's worker does (batch 64 here)."""
+    """Iterate every batch as torch tensors, as the recipes' workers do (training/session.py) (batch 64 here)."""
     examples = checksum = 0
     t0 = time.perf_counter()
     first = None

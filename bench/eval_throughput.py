@@ -5,7 +5,7 @@ batch 64) vs sequential per-sample generate, on the same tiny model and the same
     python bench/eval_throughput.py          # ~5-8 min on 2 shared cores; bench/results/eval_throughput.json
 
 Both sides start from the same materialized examples (pipeline.examples_dataset of a held-out
-split, as launch.train.evaluate builds it) and do the same work per example: generate
+split, as launch.eval.evaluate builds it) and do the same work per example: generate
 (max_new_tokens 16; by default grammar-constrained with per-object confidences, as
 `eval.constrained: true` runs), parse_output, score_example.
 

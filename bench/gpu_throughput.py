@@ -10,7 +10,7 @@ Per strategy and side: tokens/s (every attended token, image tokens included), s
 peak GPU memory (torch.cuda.max_memory_allocated, per rank). Steady state: --warmup optimizer
 steps are excluded, --steps are timed (CUDA-synchronised).
 
-  raytrain  the recipe's model setup (recipes.lora.build_model: freeze policy, peft LoRA on the
+  raytrain  the recipe's model setup (training.model.build_model: freeze policy, peft LoRA on the
             language model's q/k/v/o/gate/up/down, QLoRA through bitsandbytes at load) and its
             loop body (padding trim, forward, models.losses.suffix_loss with the <loc> soft target,
             backward / grad-accum, clip, AdamW from training.optim), DDP when WORLD_SIZE > 1.
@@ -111,7 +111,7 @@ def save_random_checkpoint(preset: str, out: Path, smoke: bool, rank: int, world
 
 
 def save_stand_in_processor(path: Path, image_size: int) -> None:
-    """recipes.lora.build_model loads a processor next to the weights. Offline there is no real
+    """training.model.build_model loads a processor next to the weights. Offline there is no real
     PaliGemma tokenizer, so the tiny preset's tokenizer stands in (only the batches' token ids
     matter here, and they are synthetic) with a SigLIP image processor of the preset's size."""
     from transformers import AutoTokenizer, PaliGemmaProcessor
@@ -188,11 +188,11 @@ def run_raytrain(cfg, model_path: str, batches: list[dict], loc_ids, device, wor
     import torch
 
     from raytrain.models.losses import suffix_loss
-    from raytrain.recipes import lora
     from raytrain.training import optim
+    from raytrain.training.model import build_model
 
     torch.manual_seed(0)
-    model, _processor, n_train = lora.build_model(cfg, model_path)
+    model, _processor, n_train = build_model(cfg, model_path)
     loc_ids = loc_ids.to(device)  # the real vocabulary's <loc> ids (the stand-in tokenizer's are not)
     if not cfg.quant.bits:
         model.to(device)

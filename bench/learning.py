@@ -38,7 +38,8 @@ from raytrain.formats.numbers import NumberSpan  # noqa: E402
 from raytrain.models import ensure_preset, family  # noqa: E402
 from raytrain import predict  # noqa: E402
 from raytrain.eval.metrics import pointing  # noqa: E402
-from raytrain.recipes import lora  # noqa: E402
+from raytrain.recipes import ddp  # noqa: E402
+from raytrain.training.session import Session  # noqa: E402
 from raytrain.training import checkpointing  # noqa: E402
 
 OUT = REPO / "bench" / "results"
@@ -83,8 +84,8 @@ def train(model_path: str, overrides: list[str], batches) -> tuple[Path, list[di
         order = np.random.default_rng(epoch).permutation(len(batches))
         return [batches[i] for i in order]
 
-    session = lora.Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=report, epoch_batches=epoch_batches)
-    lora.train(cfg, model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
+    session = Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=report, epoch_batches=epoch_batches)
+    ddp.train(cfg, model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
     return saved[-1], reports
 
 

@@ -7,11 +7,11 @@ loop on the same tiny model and the same pre-tokenized batches, and time from fi
 Sides (all with 1 torch thread, micro-batch 16, same LoRA model, AdamW, suffix_loss):
 
   ray      raytrain.launch.train.fit(): TorchTrainer, 1 worker (scale.cpus_per_worker=1),
-           recipes.lora.train_fn_per_worker, the tokenized split materialized in the object store
+           recipes.ddp.train_fn_per_worker, the tokenized split materialized in the object store
            (data.cache_preprocessed, the default) and read with iter_torch_batches + local shuffle.
-  recipe   recipes.lora.train() without Ray: the same loop body, fed by a plain Session whose
+  recipe   recipes.ddp.train() without Ray: the same loop body, fed by a plain Session whose
            batches are the same tokenized examples held in memory as torch tensors.
-  plain    a hand-written loop: lora.build_model, optim.build_optimizer/build_scheduler,
+  plain    a hand-written loop: training.model.build_model, optim.build_optimizer/build_scheduler,
            forward -> models.losses.suffix_loss -> backward -> clip -> step (no logging, no
            checkpoints), same batches, same padding trim.
 
@@ -60,7 +60,7 @@ def experiment(root: str, model_path: str, steps: int, name: str):
 
 
 def _timed_train_fn(config: dict) -> None:
-    """recipes.lora.train_fn_per_worker, with time.time() added to every ray.train.report (the
+    """recipes.ddp.train_fn_per_worker, with time.time() added to every ray.train.report (the
     only change: the bench needs worker-side timestamps to cut out the steady-state window)."""
     import time as _time
 
@@ -77,20 +77,21 @@ def _timed_train_fn(config: dict) -> None:
         return real({**metrics, **marks}, checkpoint=checkpoint, **kw)
 
     ray.train.report = report
-    from raytrain.recipes import lora
+    from raytrain.recipes import ddp
 
-    lora.train_fn_per_worker(config)
+    ddp.train_fn_per_worker(config)
 
 
 def run_ray(cfg, uri: str, model_path: str) -> dict:
     import ray.data
 
     from raytrain.data import pipeline
+    from raytrain.launch import job
     from raytrain.launch import train as launch_train
-    from raytrain.recipes import lora
+    from raytrain.recipes import ddp
     from raytrain.training.metrics import read_history
 
-    real = lora.train_fn_per_worker
+    real = ddp.train_fn_per_worker
     real_materialize = ray.data.Dataset.materialize
     spans: list[tuple[float, float]] = []
 
@@ -101,7 +102,7 @@ def run_ray(cfg, uri: str, model_path: str) -> dict:
         finally:
             spans.append((t, time.time()))
 
-    lora.train_fn_per_worker = _timed_train_fn  # fit() looks it up at call time
+    ddp.train_fn_per_worker = _timed_train_fn  # fit() looks it up at call time
     ray.data.Dataset.materialize = materialize
     try:
         with C.CpuSampler() as tree:
@@ -109,11 +110,11 @@ def run_ray(cfg, uri: str, model_path: str) -> dict:
             result = launch_train.fit(cfg, uri, model_path, pipeline.drop_counter())
             t_end = time.time()
     finally:
-        lora.train_fn_per_worker = real
+        ddp.train_fn_per_worker = real
         ray.data.Dataset.materialize = real_materialize
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
-    hist = read_history(launch_train.history_uri(cfg))
+    hist = read_history(job.history_uri(cfg))
     marks = [(int(h["step"]), float(h["t_wall"]), float(h["cpu_thread"]), float(h["cpu_proc"]), tree.at(float(h["t_wall"])))
              for h in hist]
     t_enter = float(hist[0]["t_worker_enter"])
@@ -161,22 +162,23 @@ def epochs_of(batches: list[dict], seed: int):
 
 
 def run_recipe(cfg, model_path: str, batches: list[dict]) -> dict:
-    """recipes.lora.train() with a plain Session (no Ray, no DDP)."""
+    """recipes.ddp.train() with a plain Session (no Ray, no DDP)."""
     import torch
 
-    from raytrain.recipes import lora
+    from raytrain.recipes import ddp
+    from raytrain.training.session import Session
 
     raw: list[tuple[int, float, float, float]] = []
 
     def report(metrics: dict, ckpt_dir):
         raw.append((int(metrics["step"]), time.time(), time.thread_time(), time.process_time()))
 
-    session = lora.Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=report,
-                           epoch_batches=epochs_of(batches, cfg.train.seed))
+    session = Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=report,
+                      epoch_batches=epochs_of(batches, cfg.train.seed))
     torch.set_num_threads(1)
     with C.CpuSampler() as tree:
         t0 = time.time()
-        lora.train(cfg, model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
+        ddp.train(cfg, model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
     marks = [(*m, tree.at(m[1])) for m in raw]
     return {"marks": marks, "fit_to_first_step_s": round(marks[0][1] - t0, 2), "fit_total_s": round(time.time() - t0, 2)}
 
@@ -187,14 +189,14 @@ def run_plain(cfg, model_path: str, batches: list[dict]) -> dict:
 
     from raytrain.models import family as model_family
     from raytrain.models.losses import suffix_loss
-    from raytrain.recipes import lora
     from raytrain.training import optim
+    from raytrain.training.model import build_model
 
     torch.set_num_threads(1)
     tree = C.CpuSampler().__enter__()
     t0 = time.time()
     torch.manual_seed(cfg.train.seed)
-    model, processor, _ = lora.build_model(cfg, model_path)
+    model, processor, _ = build_model(cfg, model_path)
     fam = model_family(cfg.model.family)
     loc_ids = torch.as_tensor(fam.loc_token_ids(processor.tokenizer))
     model.train()
@@ -278,9 +280,9 @@ def main() -> None:
                           "micro_batch_size": cfg0.train.micro_batch_size, "materialize_s_driver": round(prep_s, 2)}
         print(f"{len(batches)} batches of {cfg0.train.micro_batch_size}; materialize took {prep_s:.1f}s", flush=True)
 
-        from raytrain.recipes import lora
+        from raytrain.training.model import build_model
 
-        lora.build_model(cfg0, model_path)  # warm imports (peft, transformers) so no side pays them
+        build_model(cfg0, model_path)  # warm imports (peft, transformers) so no side pays them
         runs: dict = {"plain": [], "recipe": [], "ray": []}
         for rnd in range(args.rounds):
             for side in ("plain", "recipe", "ray"):

@@ -8,6 +8,7 @@
     raytrain serve   model=tiny:paligemma adapter_root=<dir or s3://> [port=8000]
     raytrain config  [--config FILE] [a.b=value ...]    # print the resolved config
     raytrain config  --help-fields                      # every field, its default and its help
+                                                        # (job YAML sections, then `raytrain serve` settings)
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return rc if isinstance(rc, int) else 0
     args = _parser().parse_args(argv)
     if args.command == "config" and args.help_fields:
-        for name, default, help_ in config_mod.field_help():
-            print(f"{name} = {default}\n    {help_}" if help_ else f"{name} = {default}")
+        print(config_mod.field_listing())
+        print("\n# raytrain serve settings (its own YAML / key=value; raytrain serve --help-fields)")
+        print(config_mod.field_listing(config_mod.ServeConfig))
         return 0
     if args.command == "tune":
         from raytrain.launch import tune as launch_tune

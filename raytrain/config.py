@@ -4,19 +4,34 @@ Defaults live here and nowhere else. Each field's docstring-comment is its help 
 and launchers read an `Experiment`; components take plain arguments.
 
     cfg = load("jobs/tiny/shapes.yaml", ["train.steps=200", "scale.num_workers=1"])
+
+A job YAML is an `Experiment`. `ServeConfig` (`raytrain serve`'s own YAML) and `PrepareConfig` (what
+`raytrain prepare` runs, derived from an Experiment) live here too: their defaults are config as well.
+The YAML machinery (type checks, dotted overrides, the field listing) is `raytrain.schema`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import yaml
+from raytrain import schema
+from raytrain.storage import StorageOptions
+
+STRATEGIES = ("full", "lora", "zero2", "zero3")
+"""train.strategy values: full / lora (quant.bits > 0: QLoRA) run recipes/ddp.py, zero2 / zero3 run recipes/zero.py."""
+ZERO_STAGES = {"zero2": 2, "zero3": 3}
+"""DeepSpeed ZeRO stage of each ZeRO strategy (the stage comes from train.strategy)."""
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+RESIZE_MODES = ("stretch", "letterbox")
+PREPARE_FORMATS = ("coco", "jsonl", "pixmo_points", "visual_genome", "captions", "ms_swift", "llamafactory")
+ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""A Serve adapter id: one path segment, letters, digits, '.', '_', '-', starting with a letter or digit (never '..')."""
 
 
 @dataclass
@@ -61,11 +76,71 @@ class PrepareOptions:
     clip_path: str = ""
 
 
+@dataclass(frozen=True)
+class Preprocess:
+    """What happens to an image between decoding and the model (`data.preprocess`). Components take
+    it as is; checkpoints record it (`to_dict`, state.json "preprocess") and inference rebuilds it
+    from that record (`from_dict`). Validated on construction."""
+
+    resize: str = "stretch"
+    """stretch (scale to the model input, aspect not kept) | letterbox (fit inside it keeping the
+    aspect ratio, centred, padded with pad_color; targets are rendered in the padded frame)."""
+    pad_color: tuple[int, int, int] = (0, 0, 0)
+    """Letterbox padding colour, R G B in 0..255."""
+    edge_blend: float = 0.0
+    """Weight of Canny edges blended over the image, 0..1: (1-w)*image + w*edges (seed 004: 0.3); 0 = off.
+    Needs scikit-image."""
+    edge_sigma: float = 1.0
+    """Gaussian smoothing (pixels of the model input) before Canny."""
+    edge_low: float = 0.1
+    """Canny hysteresis low threshold, a fraction of full-scale gradient (skimage.feature.canny on [0, 1] luma)."""
+    edge_high: float = 0.2
+    """Canny hysteresis high threshold (>= edge_low)."""
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"preprocess.resize must be one of {list(RESIZE_MODES)}, got {self.resize!r}")
+        pad = tuple(self.pad_color) if isinstance(self.pad_color, (list, tuple)) else None
+        if pad is None or len(pad) != 3 or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in pad):
+            raise ValueError(f"preprocess.pad_color must be three integers in 0..255 (R, G, B), got {self.pad_color!r}")
+        object.__setattr__(self, "pad_color", pad)
+        for name in ("edge_blend", "edge_sigma", "edge_low", "edge_high"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"preprocess.{name} must be a finite number, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        if not 0.0 <= self.edge_blend <= 1.0:
+            raise ValueError(f"preprocess.edge_blend is the weight of the edge image, 0..1 (0 = off), got {self.edge_blend}")
+        if self.edge_sigma < 0:
+            raise ValueError(f"preprocess.edge_sigma must be >= 0, got {self.edge_sigma}")
+        if not 0.0 <= self.edge_low <= self.edge_high <= 1.0:
+            raise ValueError("need 0 <= preprocess.edge_low <= preprocess.edge_high <= 1 (fractions of full scale), "
+                             f"got {self.edge_low}, {self.edge_high}")
+
+    def to_dict(self) -> dict:
+        """JSON-ready record (what state.json stores under "preprocess")."""
+        return {**dataclasses.asdict(self), "pad_color": list(self.pad_color)}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> Preprocess:
+        """From a record; None (a checkpoint written before records existed) = the defaults, i.e.
+        stretch without edges, the only preprocessing there was. Unknown keys raise ValueError."""
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise ValueError(f"a preprocess record is a mapping, got {type(d).__name__}")
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown preprocess key(s) {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**d)
+
+
 @dataclass
 class DataConfig:
     source: str = "synthetic"
     """'synthetic' (generate the shapes dataset into `uri` if absent), 'shards' (already prepared), or
-    '<format>:<path>' for `raytrain prepare` (coco | jsonl | pixmo_points | visual_genome | captions)."""
+    '<format>:<path>' for `raytrain prepare` (coco | jsonl | pixmo_points | visual_genome | captions |
+    ms_swift | llamafactory)."""
     uri: str = ""
     """Shard location (local dir or s3://). Empty: <storage.root>/data/<experiment name>."""
     num_images: int = 6000
@@ -87,30 +162,12 @@ class DataConfig:
     """Materialize the tokenized train split in the object store once (small datasets); False streams
     and re-preprocesses every epoch."""
     prepare: PrepareOptions = field(default_factory=PrepareOptions)
-    # Image preprocessing (raytrain/data/preprocess.py): applied in the Ray Data stage, recorded in
-    # every checkpoint's state.json and applied from that record by `raytrain eval` and Serve.
-    resize: str = "stretch"
-    """stretch (scale to the model input, aspect not kept) | letterbox (fit inside it keeping the
-    aspect ratio, centred, padded with pad_color; targets are rendered in the padded frame)."""
-    pad_color: list[int] = field(default_factory=lambda: [0, 0, 0])
-    """Letterbox padding colour, R G B in 0..255."""
-    edge_blend: float = 0.0
-    """Weight of Canny edges blended over the image, 0..1: (1-w)*image + w*edges (seed 004: 0.3); 0 = off.
-    Needs scikit-image."""
-    edge_sigma: float = 1.0
-    """Gaussian smoothing (pixels of the model input) before Canny."""
-    edge_low: float = 0.1
-    """Canny hysteresis low threshold, a fraction of full-scale gradient (skimage.feature.canny on [0, 1] luma)."""
-    edge_high: float = 0.2
-    """Canny hysteresis high threshold (>= edge_low)."""
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    """Image preprocessing (raytrain/data/preprocess.py): applied in the Ray Data stage, recorded in every
+    checkpoint's state.json and applied from that record by `raytrain eval` and Serve."""
 
-    def __post_init__(self):
-        from raytrain.data import preprocess
-
-        try:
-            preprocess.from_data_config(self)
-        except ValueError as e:
-            raise ValueError(f"data: {e}") from None
+    MOVED_KEYS: ClassVar[dict[str, str]] = {k: f"data.preprocess.{k}" for k in
+                                            ("resize", "pad_color", "edge_blend", "edge_sigma", "edge_low", "edge_high")}
 
 
 @dataclass
@@ -181,6 +238,17 @@ class LoraConfig:
 
 
 @dataclass
+class ZeroConfig:
+    """DeepSpeed switches of strategy zero2 / zero3 (the stage itself comes from train.strategy)."""
+
+    offload_optimizer: bool = False
+    """Keep fp32 master weights and Adam moments in CPU memory; steps with DeepSpeedCPUAdam
+    (a JIT-compiled op, built on first use like the comm op)."""
+    offload_param: bool = False
+    """zero3 only: keep parameter partitions in CPU memory between uses."""
+
+
+@dataclass
 class LossConfig:
     loc_sigma: float = 60.0
     """Std (in <loc> bins) of the Gaussian soft target over neighbouring bins; 0 = plain cross-entropy."""
@@ -241,6 +309,12 @@ class TrainConfig:
     0 = off. Not supported by strategy zero2/zero3."""
 
     def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"train.strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+        if self.early_stop_mode not in ("min", "max"):
+            raise ValueError(f"train.early_stop_mode must be min | max, got {self.early_stop_mode!r}")
+        if self.early_stop_metric and self.val_every <= 0:
+            raise ValueError(f"train.early_stop_metric={self.early_stop_metric!r} is measured by validation: set train.val_every > 0")
         if self.new_token_warmup_steps < 0:
             raise ValueError(f"train.new_token_warmup_steps must be >= 0, got {self.new_token_warmup_steps}")
 
@@ -259,6 +333,10 @@ class ScaleConfig:
     """Pin workers to a GPU type (e.g. 'H100', 'A100') on clusters with several worker types."""
     max_failures: int = 2
     """Worker-group restarts from the latest checkpoint before the run fails."""
+
+    def __post_init__(self):
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"scale.placement_strategy must be one of {list(PLACEMENT_STRATEGIES)}, got {self.placement_strategy!r}")
 
 
 @dataclass
@@ -292,6 +370,67 @@ class RayConfig:
 
 
 @dataclass
+class SchedulerConfig:
+    type: str = "asha"
+    """asha (async successive halving: stop the worse trials at rungs) | fifo (no early stopping)."""
+    time_attr: str = "step"
+    """The reported counter rungs are measured in (optimizer steps)."""
+    grace_period: int = 100
+    """Steps every trial runs before it can be stopped; the first rung."""
+    reduction_factor: float = 2.0
+    """Rungs at grace_period * reduction_factor**k; at each, only the best 1/reduction_factor go on."""
+    max_t: int = 0
+    """Last rung (steps); 0 = train.steps of the job."""
+
+    def __post_init__(self):
+        if self.type not in ("asha", "fifo"):
+            raise ValueError(f"tune.scheduler.type must be asha | fifo, not {self.type!r}")
+        if self.type == "asha" and self.grace_period < 1:
+            raise ValueError("tune.scheduler.grace_period must be >= 1 step")
+
+
+@dataclass
+class SearchConfig:
+    type: str = "optuna"
+    """optuna (Bayesian: TPE over the finished trials) | random."""
+    seed: int = 0
+    n_startup_trials: int = 4
+    """optuna: random trials before TPE starts modelling the objective."""
+
+    def __post_init__(self):
+        if self.type not in ("optuna", "random"):
+            raise ValueError(f"tune.search.type must be optuna | random, not {self.type!r}")
+
+
+@dataclass
+class SweepConfig:
+    """`raytrain tune`'s sweep (launch/tune.py); `raytrain train` ignores it."""
+
+    metric: str = "val_norm_distance_all"
+    """Objective: a metric in the recipe's reports (val_* come from train.val_every validation)."""
+    mode: str = "min"
+    """min | max."""
+    num_samples: int = 8
+    """Trials in the sweep."""
+    max_concurrent: int = 1
+    """Trials running at once (each holds scale.num_workers workers)."""
+    trial_cpus: float = 0.01
+    """CPUs reserved for each trial's driver function: a sliver (Tune refuses 0), as it only waits on
+    its TorchTrainer, whose workers reserve scale.cpus_per_worker (+ scale.resources_per_worker) each."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Dotted experiment key -> domain: {loguniform: [lo, hi]} | {uniform: [lo, hi]} |
+    {quniform: [lo, hi, q]} | {randint: [lo, hi)} | {choice: [v, ...]}. Empty: no sweep."""
+
+    def __post_init__(self):
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"tune.mode must be min | max, not {self.mode!r}")
+        if self.num_samples < 1 or self.max_concurrent < 1:
+            raise ValueError("tune.num_samples and tune.max_concurrent must be >= 1")
+
+
+@dataclass
 class Experiment:
     name: str = "shapes"
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -299,131 +438,152 @@ class Experiment:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    tune: dict[str, Any] = field(default_factory=dict)
-    """Sweep spec for `raytrain tune` (metric, mode, num_samples, scheduler, search, space); ignored by train."""
+    tune: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self):
         if self.train.new_token_warmup_steps > 0:
             if self.model.box_format != "tokens":
                 raise ValueError("train.new_token_warmup_steps > 0 warms up added tokens: it needs model.box_format=tokens, "
                                  f"got {self.model.box_format!r}")
-            if self.train.strategy in ("zero2", "zero3"):
+            if self.train.strategy in ZERO_STAGES:
                 raise ValueError("train.new_token_warmup_steps is not supported with strategy zero2/zero3 (DeepSpeed owns the "
                                  "gradients and partitions the embedding); use strategy full or lora")
+        if (self.zero.offload_optimizer or self.zero.offload_param) and self.train.strategy not in ZERO_STAGES:
+            raise ValueError(f"zero.offload_* are DeepSpeed options: they need train.strategy zero2 | zero3, got {self.train.strategy!r}")
+        if self.zero.offload_param and self.train.strategy != "zero3":
+            raise ValueError("zero.offload_param needs train.strategy=zero3 (ZeRO-2 does not partition parameters)")
+        if self.quant.bits and self.train.strategy != "lora":
+            raise ValueError("quant.bits needs train.strategy=lora (QLoRA): quantized weights cannot be fully fine-tuned")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------
-# loading
+# derived settings: what `raytrain prepare` and `raytrain serve` run with
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    """Check/convert a YAML value to the dataclass field type `tp`."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return _build(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(a, value, where)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError("; ".join(errors))
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        k_t, v_t = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return {_coerce(k_t, k, where): _coerce(v_t, v, f"{where}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        # YAML 1.1 reads "2e-3" (no dot) as a string; accept what float() accepts
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp is Any:
-        return value
-    if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
-    raise ValueError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+@dataclass(kw_only=True)
+class PrepareConfig(PrepareOptions):
+    """Everything `raytrain prepare` needs for a real source: the source and destination plus the
+    options of the experiment's ``data.prepare`` section (`PrepareOptions`, where each option is
+    documented), built by `launch.prepare.prepare_config` from ``data.source: "<format>:<path>"``."""
+
+    format: str
+    """coco | jsonl | pixmo_points | visual_genome | captions | ms_swift | llamafactory."""
+    path: str
+    """Annotation file or its folder (local or s3://). pixmo_points: a .parquet/.jsonl/.json file in the
+    hub schema, or a hub dataset id (allenai/pixmo-points) read through the `datasets` library.
+    llamafactory: a folder / dataset_info.json, "#<dataset name>" to pick one, or a data file."""
+    out: str
+    """Where shards and prep_report.json go (local dir or s3://)."""
+    splits: str | dict[str, float] = "90/10"
+    """A preset ("90/10", "70/20/10") or {name: fraction}; by image, seeded, stable when rows are added."""
+    seed: int = 0
+    rows_per_shard: int = 1000
+    """Rows per Ray Data batch, so at most this many rows per Parquet file."""
+    allow_convert: bool = True
+    storage: StorageOptions | None = None
+
+    def params(self) -> dict:
+        """What determines the output (equal params => the prepared data is reused)."""
+        skip = {"cache_dir", "timeout_s", "retries", "fetch_threads", "storage"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
-def _build(cls: type, values: dict, where: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
-    if unknown:
-        raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where or 'top level'}; known: {sorted(names)}")
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in values.items()}
-    return cls(**kwargs)
+@dataclass
+class ServeConfig:
+    """`raytrain serve` settings (raytrain/serve/app.py): its own YAML file (`-c serve.yaml`) and
+    key=value overrides, listed by `raytrain serve --help-fields` and `raytrain config --help-fields`."""
+
+    family: str = "paligemma"
+    """Model family module (raytrain/models/<family>.py)."""
+    model: str = "tiny:paligemma"
+    """Base model: hub id, local dir, or 'tiny:<family>' (offline preset). Every adapter must be a LoRA of it."""
+    adapter_root: str | None = None
+    """Adapter id X maps to <adapter_root>/X, a checkpoint dir holding adapter/ (local dir or s3://)."""
+    adapters: dict[str, str] = field(default_factory=dict)
+    """Explicit id -> checkpoint dir (local or s3://); checked before adapter_root."""
+    endpoint_url: str | None = None
+    """S3 endpoint for s3:// adapters (e.g. http://127.0.0.1:9000); None = AWS. Keys only from the environment."""
+    region: str | None = None
+    dtype: str = "float32"
+    """Base model dtype: float32 | bfloat16 | float16."""
+    device: str | None = None
+    """torch device of the model replica; None = cuda when the replica has a GPU, else cpu."""
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds. Loopback by default; put an authenticating proxy in front before exposing it."""
+    port: int = 8000
+    app_name: str = "raytrain"
+    route_prefix: str = "/"
+    num_replicas: int = 1
+    """Model replicas (each holds one copy of the base model)."""
+    num_cpus: float = 1.0
+    """CPUs reserved per model replica (also its torch thread count, at least 1)."""
+    num_gpus: float = 0.0
+    """GPUs per model replica."""
+    max_adapters_per_replica: int = 4
+    """LoRA adapters kept resident per replica (LRU beyond that, Serve's multiplexing)."""
+    max_batch_size: int = 8
+    """Requests of one adapter decoded together."""
+    batch_wait_timeout_s: float = 0.01
+    """How long the first request of a batch waits for company."""
+    max_ongoing_requests: int = 16
+    """Per model replica; must be >= max_batch_size or batches never fill."""
+    max_queued_requests: int = 64
+    """Per caller (each proxy, each handle); beyond it the proxy answers 503, a handle raises BackPressureError."""
+    retry_after_s: float = 1.0
+    """Retry-After header on 503 backpressure answers."""
+    max_new_tokens: int = 32
+    """Default decoding budget per request."""
+    max_new_tokens_limit: int = 128
+    """Largest max_new_tokens a request may ask for."""
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_image_bytes: int = 10 * 1024 * 1024
+    """Encoded image size limit (after base64 decoding)."""
+    max_image_pixels: int = 4096 * 4096
+    """width * height limit, checked before decoding pixels (decompression bombs)."""
+    max_image_side: int = 8192
+    max_query_chars: int = 256
+
+    def __post_init__(self):
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                             f"({self.max_batch_size}), or a replica never sees a full batch")
+        if not 1 <= self.max_new_tokens <= self.max_new_tokens_limit:
+            raise ValueError("need 1 <= max_new_tokens <= max_new_tokens_limit")
+        for k in self.adapters:
+            if not ADAPTER_ID.fullmatch(k):
+                raise ValueError(f"adapter id {k!r} must match {ADAPTER_ID.pattern}")
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"override {dotted}: {k} is not a section")
-    node[keys[-1]] = value
-
-
-def parse_overrides(overrides: list[str] | None) -> dict:
-    """`["train.steps=10", "data.tasks=[point]"]` -> nested dict; values parsed as YAML scalars."""
-    tree: dict = {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like a.b=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
-    return tree
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
+# ----------------------------------------------------------------------------------------------
+# loading (raytrain.schema does the type checking)
 
 
 def from_dict(values: dict) -> Experiment:
-    return _build(Experiment, values)
+    return schema.build(Experiment, values)
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Experiment:
     """Load an experiment YAML (None = all defaults) and apply dotted overrides."""
-    values: dict = {}
-    if path is not None:
-        text = Path(path).read_text()
-        values = yaml.safe_load(text) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: top level must be a mapping")
-    values = _merge(values, parse_overrides(overrides))
-    return from_dict(values)
+    return schema.load(Experiment, path, overrides)
+
+
+def load_section(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Any config dataclass of this module (e.g. ServeConfig) from its own YAML + key=value overrides."""
+    return schema.load(cls, path, overrides)
+
+
+def override(base: dict, dotted: dict[str, Any]) -> Experiment:
+    """An experiment dict with {"train.lr": 1e-3, ...} applied, checked by the schema (a Tune trial's config)."""
+    return from_dict(schema.merge(base, schema.dotted_tree(dotted)))
 
 
 def dumps(cfg: Experiment) -> str:
@@ -431,26 +591,10 @@ def dumps(cfg: Experiment) -> str:
 
 
 def field_help(cls: type = Experiment, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted name, default, help) for every leaf field, for the CLI's --help-config."""
-    import ast
-    import inspect
+    """(dotted name, default, help) for every leaf field."""
+    return schema.field_help(cls, prefix)
 
-    docs: dict[str, str] = {}
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
-    except (OSError, TypeError):
-        pass
-    rows = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        name = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
-            rows.extend(field_help(hints[f.name], name + "."))
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            rows.append((name, repr(default), docs.get(f.name, "")))
-    return rows
+
+def field_listing(cls: type = Experiment) -> str:
+    """`--help-fields` text: every field with its default and help."""
+    return schema.field_listing(cls)

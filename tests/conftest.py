@@ -70,7 +70,7 @@ def ray_cluster(s3_server):
     integration tests. Started after `s3_server` so that workers inherit its fake credentials."""
     import ray
 
-    from raytrain.launch import train as launch_train
+    from raytrain.launch import ray_runtime
 
     if not ray.is_initialized():
         ray.init(
@@ -79,11 +79,11 @@ def ray_cluster(s3_server):
             include_dashboard=False,
             object_store_memory=400 * 1024**2,
             log_to_driver=False,
-            runtime_env=launch_train.runtime_env(),  # the job environment `raytrain train` sets
+            runtime_env=ray_runtime.runtime_env(),  # the job environment `raytrain train` sets
         )
     # The launcher's Ray Data settings (Parquet reader, eval-pool dispatch), so every test runs the
     # pipeline as `raytrain train` does, whichever test happens to call the launcher first.
-    launch_train.configure_ray_data()
+    ray_runtime.configure_ray_data()
     yield ray
     ray.shutdown()
 

@@ -182,7 +182,7 @@ def decode_and_expand(
         if note:
             counts[f"converted:{note}"] += 1
         objs = objects_from_json(row["objects"]) if isinstance(row["objects"], str) else row["objects"]
-        geom = prep.geometry(checked["width"], checked["height"], image_hw)
+        geom = preprocess_mod.geometry(prep, checked["width"], checked["height"], image_hw)
         try:
             exs = examples_for(objs, tasks, checked["width"], checked["height"], family, image_hw, geom)
         except ValueError as e:
@@ -193,7 +193,7 @@ def decode_and_expand(
         if not exs:
             counts["dropped:no_target_for_tasks"] += 1
             continue
-        arr = prep.apply(checked["pil"], geom)
+        arr = preprocess_mod.apply(prep, checked["pil"], geom)
         counts["rows_kept"] += 1
         for ex in exs:
             cols["id"].append(str(row["id"]))

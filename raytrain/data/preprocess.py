@@ -1,6 +1,7 @@
 """Image preprocessing between a source image and the model input, and the frame it implies.
 
-Two independent options (`Preprocess`), applied in the Ray Data stage (`pipeline.decode_and_expand`),
+Two independent options (`raytrain.config.Preprocess`, the `data.preprocess` section: this module
+holds what they do, the config holds what they are), applied in the Ray Data stage (`pipeline.decode_and_expand`),
 recorded with every checkpoint (state.json key "preprocess") and applied again, from that record,
 by evaluation and Serve, so inference sees what training saw:
 
@@ -31,107 +32,49 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
+from raytrain.config import Preprocess
 from raytrain.formats.annotations import Box, Caption, Mask, Point, Region
 
 log = logging.getLogger(__name__)
 
-RESIZE_MODES = ("stretch", "letterbox")
 RECORD_KEY = "preprocess"  # the key in a checkpoint's state.json
 
 
-@dataclass(frozen=True)
-class Preprocess:
-    """What happens to an image between decoding and the model. Validated on construction."""
-
-    resize: str = "stretch"
-    pad_color: tuple[int, int, int] = (0, 0, 0)
-    edge_blend: float = 0.0
-    edge_sigma: float = 1.0
-    edge_low: float = 0.1
-    edge_high: float = 0.2
-
-    def __post_init__(self):
-        if self.resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {list(RESIZE_MODES)}, got {self.resize!r}")
-        pad = tuple(self.pad_color) if isinstance(self.pad_color, (list, tuple)) else None
-        if pad is None or len(pad) != 3 or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in pad):
-            raise ValueError(f"pad_color must be three integers in 0..255 (R, G, B), got {self.pad_color!r}")
-        object.__setattr__(self, "pad_color", pad)
-        for name in ("edge_blend", "edge_sigma", "edge_low", "edge_high"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
-            object.__setattr__(self, name, float(v))
-        if not 0.0 <= self.edge_blend <= 1.0:
-            raise ValueError(f"edge_blend is the weight of the edge image, 0..1 (0 = off), got {self.edge_blend}")
-        if self.edge_sigma < 0:
-            raise ValueError(f"edge_sigma must be >= 0, got {self.edge_sigma}")
-        if not 0.0 <= self.edge_low <= self.edge_high <= 1.0:
-            raise ValueError(f"need 0 <= edge_low <= edge_high <= 1 (fractions of full scale), got {self.edge_low}, {self.edge_high}")
-
-    # ---- record ---------------------------------------------------------------------------
-
-    def to_dict(self) -> dict:
-        """JSON-ready record (what state.json stores)."""
-        d = dataclasses.asdict(self)
-        d["pad_color"] = list(self.pad_color)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> Preprocess:
-        """From a record; None (a checkpoint written before records existed) = the defaults, i.e.
-        stretch without edges, the only preprocessing there was. Unknown keys raise ValueError."""
-        if d is None:
-            return cls()
-        if not isinstance(d, dict):
-            raise ValueError(f"a preprocess record is a mapping, got {type(d).__name__}")
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown preprocess key(s) {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(cls)]}")
-        return cls(**d)
-
-    # ---- geometry and pixels --------------------------------------------------------------
-
-    def geometry(self, width: int, height: int, image_hw: Sequence[int]) -> Geometry:
-        """The map from a `width` x `height` source image to the model input (image_hw = (H, W))."""
-        out_h, out_w = int(image_hw[0]), int(image_hw[1])
-        if width < 1 or height < 1 or out_w < 1 or out_h < 1:
-            raise ValueError(f"sizes must be positive: source {width}x{height}, model input {out_w}x{out_h}")
-        if self.resize == "stretch":
-            return Geometry(width, height, out_w, out_h, 0, 0, out_w, out_h)
-        s = min(out_w / width, out_h / height)
-        cw = min(out_w, max(1, round(width * s)))
-        ch = min(out_h, max(1, round(height * s)))
-        x0, y0 = (out_w - cw) // 2, (out_h - ch) // 2  # centred; an odd remainder goes right/bottom
-        return Geometry(width, height, out_w, out_h, x0, y0, x0 + cw, y0 + ch)
-
-    def apply(self, image: Image.Image | np.ndarray, geometry: Geometry) -> np.ndarray:
-        """Source image (PIL or HxWx3 uint8) -> model input, (H, W, 3) uint8."""
-        img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        if (img.width, img.height) != (geometry.src_w, geometry.src_h):
-            raise ValueError(f"image is {img.width}x{img.height}, geometry is for {geometry.src_w}x{geometry.src_h}")
-        content = np.asarray(img.resize((geometry.x1 - geometry.x0, geometry.y1 - geometry.y0), Image.BILINEAR), dtype=np.uint8)
-        if self.edge_blend > 0:
-            content = blend_edges(content, self.edge_blend, self.edge_sigma, self.edge_low, self.edge_high)
-        if geometry.covers_input:
-            return content
-        out = np.empty((geometry.out_h, geometry.out_w, 3), np.uint8)
-        out[:] = np.asarray(self.pad_color, np.uint8)
-        out[geometry.y0 : geometry.y1, geometry.x0 : geometry.x1] = content
-        return out
+def geometry(prep: Preprocess, width: int, height: int, image_hw: Sequence[int]) -> Geometry:
+    """The map from a `width` x `height` source image to the model input (image_hw = (H, W))."""
+    out_h, out_w = int(image_hw[0]), int(image_hw[1])
+    if width < 1 or height < 1 or out_w < 1 or out_h < 1:
+        raise ValueError(f"sizes must be positive: source {width}x{height}, model input {out_w}x{out_h}")
+    if prep.resize == "stretch":
+        return Geometry(width, height, out_w, out_h, 0, 0, out_w, out_h)
+    s = min(out_w / width, out_h / height)
+    cw = min(out_w, max(1, round(width * s)))
+    ch = min(out_h, max(1, round(height * s)))
+    x0, y0 = (out_w - cw) // 2, (out_h - ch) // 2  # centred; an odd remainder goes right/bottom
+    return Geometry(width, height, out_w, out_h, x0, y0, x0 + cw, y0 + ch)
 
 
-def from_data_config(data: Any) -> Preprocess:
-    """The preprocessing a `config.DataConfig` asks for (data.resize, data.pad_color, data.edge_*)."""
-    return Preprocess(resize=data.resize, pad_color=tuple(data.pad_color), edge_blend=data.edge_blend,
-                      edge_sigma=data.edge_sigma, edge_low=data.edge_low, edge_high=data.edge_high)
+def apply(prep: Preprocess, image: Image.Image | np.ndarray, geom: Geometry) -> np.ndarray:
+    """Source image (PIL or HxWx3 uint8) -> model input, (H, W, 3) uint8."""
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if (img.width, img.height) != (geom.src_w, geom.src_h):
+        raise ValueError(f"image is {img.width}x{img.height}, geometry is for {geom.src_w}x{geom.src_h}")
+    content = np.asarray(img.resize((geom.x1 - geom.x0, geom.y1 - geom.y0), Image.BILINEAR), dtype=np.uint8)
+    if prep.edge_blend > 0:
+        content = blend_edges(content, prep.edge_blend, prep.edge_sigma, prep.edge_low, prep.edge_high)
+    if geom.covers_input:
+        return content
+    out = np.empty((geom.out_h, geom.out_w, 3), np.uint8)
+    out[:] = np.asarray(prep.pad_color, np.uint8)
+    out[geom.y0 : geom.y1, geom.x0 : geom.x1] = content
+    return out
 
 
 def coerce(spec: Preprocess | dict | None) -> Preprocess:
@@ -165,8 +108,8 @@ def canny_edges(rgb: np.ndarray, sigma: float = 1.0, low: float = 0.1, high: flo
     try:
         from skimage.feature import canny
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("data.edge_blend > 0 needs scikit-image (skimage.feature.canny): "
-                          "pip install scikit-image, or set data.edge_blend=0") from e
+        raise ImportError("data.preprocess.edge_blend > 0 needs scikit-image (skimage.feature.canny): "
+                          "pip install scikit-image, or set data.preprocess.edge_blend=0") from e
     gray = np.asarray(Image.fromarray(np.asarray(rgb, np.uint8)).convert("L"), dtype=np.float64) / 255.0
     return canny(gray, sigma=sigma, low_threshold=low, high_threshold=high)
 

@@ -25,7 +25,7 @@ import math
 import re
 from collections.abc import Collection, Sequence
 
-from raytrain.formats.numbers import NumberSpan
+from raytrain.formats.numbers import NumberSpan, SpanWriter
 from raytrain.formats.annotations import Obj, ParseError, ParseResult, Point
 
 DECIMALS = 1  # Molmo's `{x:0.1f}`
@@ -60,30 +60,19 @@ def _check_label(label: str) -> None:
         raise ValueError(f"label {label!r} cannot be rendered: it must be a non-empty string without surrounding whitespace")
 
 
-def _element(pcts: list[tuple[float, float]], label: str, decimals: int) -> tuple[str, list[NumberSpan]]:
-    """One element's text and the spans (relative to it) of its percent numbers."""
+def _element(pcts: list[tuple[float, float]], label: str, decimals: int, out: SpanWriter) -> None:
+    """One element's text, its percent numbers' spans recorded by `out`."""
     esc = _escape(label)
-    parts: list[str] = []
-    spans: list[NumberSpan] = []
-    n = 0
-
-    def put(t: str, number: bool = False) -> None:
-        nonlocal n
-        if number:
-            spans.append(NumberSpan(n, n + len(t), 100.0))
-        parts.append(t)
-        n += len(t)
-
     if len(pcts) == 1:
         x, y = pcts[0]
-        put('<point x="'), put(f"{x:.{decimals}f}", True), put('" y="'), put(f"{y:.{decimals}f}", True)
-        put(f'" alt="{esc}">{esc}</point>')
-        return "".join(parts), spans
-    put("<points")
+        out.put('<point x="'), out.number(f"{x:.{decimals}f}", 100.0), out.put('" y="'), out.number(f"{y:.{decimals}f}", 100.0)
+        out.put(f'" alt="{esc}">{esc}</point>')
+        return
+    out.put("<points")
     for i, (x, y) in enumerate(pcts, start=1):
-        put(f' x{i}="'), put(f"{x:.{decimals}f}", True), put(f'" y{i}="'), put(f"{y:.{decimals}f}", True), put('"')
-    put(f' alt="{esc}">{esc}</points>')
-    return "".join(parts), spans
+        out.put(f' x{i}="'), out.number(f"{x:.{decimals}f}", 100.0), out.put(f'" y{i}="'), out.number(f"{y:.{decimals}f}", 100.0)
+        out.put('"')
+    out.put(f' alt="{esc}">{esc}</points>')
 
 
 def render_points(
@@ -131,15 +120,11 @@ def render_points_spans(
         groups.setdefault(name, []).append(pct)
     if not groups:
         return nothing_found, []
-    texts, spans, n = [], [], 0
-    for name in sorted(groups):
-        if texts:
-            n += 1  # the " " between elements
-        text, rel = _element(sorted(groups[name]), name, decimals)
-        spans += [NumberSpan(n + sp.start, n + sp.end, sp.range) for sp in rel]
-        texts.append(text)
-        n += len(text)
-    return " ".join(texts), spans
+    out = SpanWriter()
+    for i, name in enumerate(sorted(groups)):
+        out.put(" " if i else "")
+        _element(sorted(groups[name]), name, decimals, out)
+    return out.text(), out.spans
 
 
 # ---------------------------------------------------------------------------- parsing

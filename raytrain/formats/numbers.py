@@ -13,6 +13,7 @@ digit's error with. Pure functions: no torch.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -28,6 +29,34 @@ class NumberSpan(NamedTuple):
     start: int
     end: int
     range: float
+
+
+class SpanWriter:
+    """Builds an answer from text pieces and records the span of every coordinate number written
+    (`number`, or `numbers` for a '[12, 34]' list as JSON and Python both write it)."""
+
+    def __init__(self):
+        self.parts: list[str] = []
+        self.n = 0
+        self.spans: list[NumberSpan] = []
+
+    def put(self, s: str) -> None:
+        self.parts.append(s)
+        self.n += len(s)
+
+    def number(self, s: str, range_: float) -> None:
+        self.spans.append(NumberSpan(self.n, self.n + len(s), float(range_)))
+        self.put(s)
+
+    def numbers(self, values, ranges) -> None:
+        self.put("[")
+        for i, (v, r) in enumerate(zip(values, ranges)):
+            self.put(", " if i else "")
+            self.number(json.dumps(v), r)
+        self.put("]")
+
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 def digit_places(number: str) -> list[tuple[int, float]]:

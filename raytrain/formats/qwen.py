@@ -22,7 +22,7 @@ JSON answers are written the way Qwen2.5-VL writes them when ``fenced`` (a ```js
 per line) and as one compact line otherwise. Objects are rendered in canonical order (sorted by y1,
 then x1; points by y, x) unless ``shuffle`` asks for a seeded random order.
 
-``answer_grammar`` describes exactly the answers ``render_objects`` writes (``text_grammar``), for
+``qwen_grammar.answer_grammar`` describes exactly the answers ``render_objects`` writes (``text_grammar``), for
 grammar-constrained decoding and per-object confidences.
 
 Parsing never raises on model text: ``parse`` returns every object it could read (in source pixels)
@@ -38,10 +38,8 @@ import random
 import re
 import warnings
 from collections.abc import Collection, Sequence
-from dataclasses import replace
 
-from raytrain.formats import text_grammar as tg
-from raytrain.formats.numbers import NumberSpan
+from raytrain.formats.numbers import NumberSpan, SpanWriter
 from raytrain.formats.annotations import Box, Obj, ParseError, ParseResult, Point
 
 # transformers' smart_resize defaults (Qwen2-VL / Qwen2.5-VL image processors):
@@ -232,7 +230,7 @@ def render_objects_spans(
             ranges = []
         items.append((o, value, ranges))
 
-    out = _Writer()
+    out = SpanWriter()
     if representation == "pairs":  # str() of a list of (label, [numbers]) tuples, as seed 002 writes it
         out.put("[")
         for i, (o, value, ranges) in enumerate(items):
@@ -268,32 +266,6 @@ def render_objects_spans(
     return out.text(), out.spans
 
 
-class _Writer:
-    """Appends text pieces and records the span of every coordinate number written."""
-
-    def __init__(self):
-        self.parts: list[str] = []
-        self.n = 0
-        self.spans: list[NumberSpan] = []
-
-    def put(self, s: str) -> None:
-        self.parts.append(s)
-        self.n += len(s)
-
-    def numbers(self, values, ranges) -> None:
-        """A JSON / Python list of numbers: '[12, 34, 56, 78]' (json.dumps and str() agree on it)."""
-        self.put("[")
-        for i, (v, r) in enumerate(zip(values, ranges)):
-            self.put(", " if i else "")
-            s = json.dumps(v)
-            self.spans.append(NumberSpan(self.n, self.n + len(s), r))
-            self.put(s)
-        self.put("]")
-
-    def text(self) -> str:
-        return "".join(self.parts)
-
-
 def render_prompt(task: str, query: str, representation: str = "absolute") -> str:
     """User-turn text asking for ``query`` (Qwen2.5-VL's grounding phrasing for ``absolute``)."""
     if task not in TASKS:
@@ -327,58 +299,6 @@ def chat_messages(prompt: str, answer: str | None = None, system: str | None = N
 
 
 # ---------------------------------------------------------------------------- answer grammar
-
-
-def answer_grammar(
-    kind: str,
-    labels: Sequence[str],
-    representation: str,
-    frame_w: int,
-    frame_h: int,
-    max_objects: int | None = None,
-    fenced: bool = True,
-    allow_empty: bool = False,
-    forbid_duplicates: bool = True,
-) -> tg.AnswerGrammar:
-    """The answers ``render_objects`` writes for ``kind`` objects labelled with one of ``labels``, in
-    the model frame ``frame_w`` x ``frame_h`` (resized pixels), as a ``text_grammar.AnswerGrammar``:
-    exactly its layout, separators and number formats, boxes with x2 >= x1 and y2 >= y1 (``parse``
-    rejects the others), at most ``max_objects`` objects; ``allow_empty`` also accepts the empty
-    answer (the fenced / bare ``[]``). Compile it with ``text_grammar.compile_grammar``."""
-    if kind not in _KEY:
-        raise ValueError(f"unknown kind {kind!r}, expected one of {KINDS}")
-    if representation not in REPRESENTATIONS:
-        raise ValueError(f"unknown representation {representation!r}, expected one of {REPRESENTATIONS}")
-    _check_sizes(frame_w, frame_h)
-    labels = list(dict.fromkeys(labels))
-    if not labels:
-        raise ValueError("at least one allowed label is needed")
-    for lb in labels:
-        _check_label(lb)
-    pairs = representation == "pairs"
-    first = 1 if pairs else 0  # slot number of the first coordinate (pairs write the label first)
-    if representation == "tokens":
-        axes = [tg.Token(LOC_TOKENS), tg.Token(LOC_TOKENS)]
-    elif representation == "normalized":
-        axes = [tg.Num(0, 10**NORMALIZED_DECIMALS, NORMALIZED_DECIMALS)] * 2
-    else:
-        axes = [tg.Num(0, int(frame_w)), tg.Num(0, int(frame_h))]
-    coords = list(axes) + ([replace(a, ge=first + i) for i, a in enumerate(axes)] if kind == "box" else [])
-    if representation == "tokens":  # "<|loc_..|><|loc_..|>": one JSON string, no separators
-        value = [tg.Lit('"'), *coords, tg.Lit('"')]
-    else:
-        value = [tg.Lit("[")] + [x for i, c in enumerate(coords) for x in ([tg.Lit(", ")] if i else []) + [c]] + [tg.Lit("]")]
-    if pairs:  # str() of a list of (label, [...]) tuples: repr'd labels, never fenced
-        item = [tg.Lit("("), tg.Label(tuple(repr(lb) for lb in labels), quote=1), tg.Lit(", "), *value, tg.Lit(")")]
-        head, sep, tail, empty = "[", ", ", "]", "[]"
-    else:
-        label = tg.Label(tuple(json.dumps(lb, ensure_ascii=False) for lb in labels), quote=1)
-        item = [tg.Lit('{"' + _KEY[kind] + '": '), *value, tg.Lit(', "label": '), label, tg.Lit("}")]
-        if fenced:
-            head, sep, tail, empty = "```json\n[\n\t", ",\n\t", "\n]\n```", "```json\n[]\n```"
-        else:
-            head, sep, tail, empty = "[", ", ", "]", "[]"
-    return tg.AnswerGrammar(tuple(item), head, sep, tail, empty if allow_empty else None, max_objects, forbid_duplicates)
 
 
 # ---------------------------------------------------------------------------- parsing

@@ -1,7 +1,7 @@
 """Answer grammars for TEXT output formats: constrained decoding and per-object confidences.
 
 A format describes its answer as an ``AnswerGrammar`` (pure data, built next to the format, e.g.
-``formats.qwen.answer_grammar``)::
+``formats.qwen_grammar.answer_grammar``)::
 
     answer := head item (sep item)* tail  |  empty          at most `max_objects` items
     item   := a sequence of Lit / Num / Label / Token parts (one object)

@@ -32,12 +32,12 @@ import math
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from raytrain import storage
+from raytrain.config import PREPARE_FORMATS, Experiment, PrepareConfig
 from raytrain.data import shards, validate
 from raytrain.data import splits as splits_mod
 from raytrain.data.convert import (
@@ -51,62 +51,59 @@ from raytrain.data.convert import (
     visual_genome,
 )
 from raytrain.data.shards import REPORT_NAME, PrepReport
-from raytrain.config import PrepareOptions
+from raytrain.launch import job
+from raytrain.launch.ray_runtime import init_ray
 from raytrain.storage import StorageOptions
 
 log = logging.getLogger("raytrain.launch.prepare")
 
-FORMATS = ("coco", "jsonl", "pixmo_points", "visual_genome", "captions", "ms_swift", "llamafactory")
 EXAMPLES_PER_REASON = 20
 
 
-@dataclass(kw_only=True)
-class PrepareConfig(PrepareOptions):
-    """Everything `raytrain prepare` needs for a real source: the source and destination plus the
-    options of the experiment's ``data.prepare`` section (`raytrain.config.PrepareOptions`, where
-    each option is documented), built by :meth:`from_experiment` from
-    ``data.source: "<format>:<path>"``."""
+def prepare_config(cfg: Experiment) -> PrepareConfig:
+    """What `prepare` runs for ``cfg.data.source = "<format>:<path>"`` (e.g. ``"coco:/data/coco_val"``):
+    the output goes to ``cfg.data.uri`` or ``<storage.root>/data/<name>``; splits, seed, rows_per_shard
+    and allow_convert come from ``cfg.data``, the source options from ``cfg.data.prepare``."""
+    fmt, sep, path = cfg.data.source.partition(":")
+    if not sep or fmt not in PREPARE_FORMATS or not path:
+        raise ValueError(f"data.source must be synthetic | shards | <format>:<path> with format in {PREPARE_FORMATS}, got {cfg.data.source!r}")
+    return PrepareConfig(
+        format=fmt,
+        path=path,
+        out=job.data_uri(cfg),
+        splits=dict(cfg.data.splits),
+        seed=cfg.data.seed,
+        rows_per_shard=cfg.data.rows_per_shard,
+        allow_convert=cfg.data.allow_convert,
+        storage=job.storage_opts(cfg),
+        **dataclasses.asdict(cfg.data.prepare),
+    )
 
-    format: str
-    """coco | jsonl | pixmo_points | visual_genome | captions | ms_swift | llamafactory."""
-    path: str
-    """Annotation file or its folder (local or s3://). pixmo_points: a .parquet/.jsonl/.json file in the
-    hub schema, or a hub dataset id (allenai/pixmo-points) read through the `datasets` library.
-    llamafactory: a folder / dataset_info.json, "#<dataset name>" to pick one, or a data file."""
-    out: str
-    """Where shards and prep_report.json go (local dir or s3://)."""
-    splits: str | dict[str, float] = "90/10"
-    """A preset ("90/10", "70/20/10") or {name: fraction}; by image, seeded, stable when rows are added."""
-    seed: int = 0
-    rows_per_shard: int = 1000
-    """Rows per Ray Data batch, so at most this many rows per Parquet file."""
-    allow_convert: bool = True
-    storage: StorageOptions | None = None
 
-    def params(self) -> dict:
-        """What determines the output (equal params => the prepared data is reused)."""
-        skip = {"cache_dir", "timeout_s", "retries", "fetch_threads", "storage"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
-
-    @classmethod
-    def from_experiment(cls, cfg) -> PrepareConfig:
-        """``cfg.data.source = "<format>:<path>"``, e.g. ``"coco:/data/coco_val"``; the output goes to
-        ``cfg.data.uri`` or ``<storage.root>/data/<name>``; splits, seed, rows_per_shard and
-        allow_convert come from ``cfg.data``."""
-        fmt, sep, path = cfg.data.source.partition(":")
-        if not sep or fmt not in FORMATS or not path:
-            raise ValueError(f"data.source must be synthetic | shards | <format>:<path> with format in {FORMATS}, got {cfg.data.source!r}")
-        return cls(
-            format=fmt,
-            path=path,
-            out=cfg.data.uri or storage.join(cfg.storage.root, "data", cfg.name),
-            splits=dict(cfg.data.splits),
+def prepare_data(cfg: Experiment) -> str:
+    """The job's shards, ready to read; returns their URI. Synthetic source: generated once
+    (idempotent); 'shards': checked to exist; "<format>:<path>": converted once by `prepare` (a Ray
+    Data job, reused while its parameters are unchanged). Train and tune call it first."""
+    uri = job.data_uri(cfg)
+    opts = job.storage_opts(cfg)
+    if cfg.data.source == "synthetic":
+        report = shards.prepare_synthetic(
+            uri,
+            n=cfg.data.num_images,
             seed=cfg.data.seed,
+            image_size=cfg.data.image_size,
+            shapes_per_image=cfg.data.shapes_per_image,
+            splits=cfg.data.splits,
             rows_per_shard=cfg.data.rows_per_shard,
-            allow_convert=cfg.data.allow_convert,
-            storage=StorageOptions(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region),
-            **dataclasses.asdict(cfg.data.prepare),
+            opts=opts,
         )
+        print(f"data: {uri}\n{report.format_table()}", flush=True)
+    elif cfg.data.source == "shards":
+        if not shards.shard_paths(uri, "train", opts):
+            raise FileNotFoundError(f"data.source=shards but no train shards under {uri} (run `raytrain prepare`)")
+    else:
+        prepare(prepare_config(cfg))
+    return uri
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,7 +145,7 @@ def source_records(pc: PrepareConfig, report: PrepReport, object_drops: Counter)
         return ms_swift.records(path, root, report, opts=opts), ms_swift.to_objects
     if pc.format == "llamafactory":  # resolves its own path: folder, dataset_info.json#name or data file
         return llamafactory.records(pc.path, root, report, opts=opts), llamafactory.to_objects
-    raise ValueError(f"unknown format {pc.format!r}, expected one of {FORMATS}")
+    raise ValueError(f"unknown format {pc.format!r}, expected one of {PREPARE_FORMATS}")
 
 
 def build_refine(pc: PrepareConfig):
@@ -368,14 +365,12 @@ def format_report(d: dict) -> str:
     return "\n".join(out + [f"{k:<{width}}  {n:>9,}" for k, n in lines])
 
 
-def main(cfg, prep: PrepareConfig | None = None) -> dict[str, Any] | str:
+def main(cfg: Experiment, prep: PrepareConfig | None = None) -> dict[str, Any] | str:
     """`raytrain prepare --config ...`: ``data.source`` synthetic / shards go through
-    ``launch.train.prepare_data``; ``<format>:<path>`` runs :func:`prepare` on Ray."""
-    from raytrain.launch import train as launch_train
-
+    :func:`prepare_data`; ``<format>:<path>`` runs :func:`prepare` on Ray."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if prep is None and cfg.data.source in ("synthetic", "shards"):
-        return launch_train.prepare_data(cfg)
-    pc = prep or PrepareConfig.from_experiment(cfg)
-    launch_train.init_ray(cfg)
+        return prepare_data(cfg)
+    pc = prep or prepare_config(cfg)
+    init_ray(cfg.ray)
     return prepare(pc)

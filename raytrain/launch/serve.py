@@ -6,10 +6,10 @@ root, print the URL, and keep serving until interrupted.
     python -m raytrain.launch.serve --smoke-test        # tiny model, one request, shut down
     python -m raytrain.launch.serve --help-fields       # every ServeConfig field with its default
 
-Settings are the fields of `raytrain.serve.app.ServeConfig` as `key=value` (values parsed as YAML),
-optionally from a YAML file of the same keys. Joins the cluster in RAY_ADDRESS (or --address) when
-given, otherwise starts a local one bound to 127.0.0.1. The URL of /predict is the last line printed
-before serving.
+Settings are the fields of `raytrain.config.ServeConfig` as `key=value` (values parsed as YAML),
+optionally from a YAML file of the same keys. Ray starts as for every subcommand (launch/ray_runtime.py,
+with the job environment): joins the cluster in RAY_ADDRESS (or --address) when given, otherwise
+starts a local one bound to 127.0.0.1. The URL of /predict is the last line printed before serving.
 """
 
 from __future__ import annotations
@@ -17,16 +17,14 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import signal
 import sys
 import time
 import urllib.request
-from pathlib import Path
-
-import yaml
 
 from raytrain import config as config_mod
+from raytrain.config import RayConfig, ServeConfig
+from raytrain.launch.ray_runtime import init_ray
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,33 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_config(path: str | None, overrides: list[str] | None):
+def load_config(path: str | None, overrides: list[str] | None) -> ServeConfig:
     """ServeConfig from an optional YAML file plus key=value overrides (type-checked like the experiment config)."""
-    from raytrain.serve.app import ServeConfig
-
-    values: dict = {}
-    if path:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: top level must be a mapping")
-    values.update(config_mod.parse_overrides(overrides))
-    return config_mod._build(ServeConfig, values)
-
-
-def init_ray(address: str | None):
-    """Join `address` / RAY_ADDRESS, or start a local cluster on 127.0.0.1."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
-    if address:
-        ray.init(address=address, runtime_env=env)
-    else:
-        ray.init(address="local", include_dashboard=False, runtime_env=env)  # a fresh local cluster, never another one
-    return ray
+    return config_mod.load_section(ServeConfig, path, overrides)
 
 
 def smoke_request(url: str, adapter: str | None = None, timeout_s: float = 60.0) -> dict:
@@ -91,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from raytrain.serve import app
 
     if args.help_fields:
-        for name, default, help_ in config_mod.field_help(app.ServeConfig):
-            print(f"{name} = {default}\n    {help_}" if help_ else f"{name} = {default}")
+        print(config_mod.field_listing(ServeConfig))
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
@@ -102,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke_test:
         cfg.model, cfg.family, cfg.max_new_tokens, cfg.num_cpus = "tiny:paligemma", "paligemma", 8, min(cfg.num_cpus, 1.0)
 
-    init_ray(args.address)
+    init_ray(RayConfig(address=args.address))
     from ray import serve
 
     url = app.run(cfg)

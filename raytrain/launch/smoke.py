@@ -18,7 +18,7 @@ task it can (`FALLBACK_TASK`); `smoke_plan` says which, and `smoke` logs it.
 
 Two ways to run the result:
 
-* `run_local`: the recipe loop (`recipes.lora.train`, or `recipes.zero.train` for zero2/zero3)
+* `run_local`: the recipe loop (`recipes.ddp.train`, or `recipes.zero.train` for zero2/zero3)
   with a plain `Session` over a few batches encoded by the family's `encode_train`, no Ray; then
   one `generate` with the job's decoding settings from the written checkpoint. This is what
   tests/integration/test_jobs_smoke.py runs for every YAML in jobs/.
@@ -182,19 +182,11 @@ def smoke(cfg: Experiment, *, steps: int = STEPS, root: str | None = None, num_i
     c.ray = config_mod.RayConfig(address=None, num_cpus=None, object_store_mb=256)
 
     # ---- sweep: two short trials, one at a time
-    if c.tune:
-        tune = copy.deepcopy(c.tune)
-        tune["num_samples"] = min(int(tune.get("num_samples", 2)), 2)
-        tune["max_concurrent"] = 1
-        sched = tune.get("scheduler")
-        if isinstance(sched, dict):
-            for k in ("max_t", "grace_period"):
-                if k in sched:
-                    sched[k] = min(int(sched[k]), steps)
-        search = tune.get("search")
-        if isinstance(search, dict) and "n_startup_trials" in search:
-            search["n_startup_trials"] = 1
-        c.tune = tune
+    if c.tune.space:
+        sched = dataclasses.replace(c.tune.scheduler, max_t=min(c.tune.scheduler.max_t, steps),
+                                    grace_period=min(c.tune.scheduler.grace_period, steps))
+        c.tune = dataclasses.replace(c.tune, num_samples=min(c.tune.num_samples, 2), max_concurrent=1, scheduler=sched,
+                                     search=dataclasses.replace(c.tune.search, n_startup_trials=1))
     return c
 
 
@@ -206,32 +198,37 @@ def token_budget(cfg: Experiment, processor, n_images: int = 8, seed: int = 11) 
     from raytrain.models import family as model_family
 
     fam = model_family(cfg.model.spec)
-    images, prefixes, suffixes = _synthetic_rows(cfg, fam, processor, n_images, seed)
+    images, prefixes, suffixes, _ = _synthetic_rows(cfg, fam, processor, n_images, seed)
     enc = fam.encode_train(processor, images, prefixes, suffixes, max_len=4096)
     answer = (np.asarray(enc["labels"]) != -100).sum(axis=1)
     return int(np.max(enc["length"])), int(np.max(answer))
 
 
-def _synthetic_rows(cfg: Experiment, fam, processor, n_rows: int, seed: int) -> tuple[list, list, list]:
-    """(images as the model sees them, prefixes, suffixes) of at least `n_rows` synthetic examples."""
+def _synthetic_rows(cfg: Experiment, fam, processor, n_rows: int, seed: int) -> tuple[list, list, list, list]:
+    """(images as the model sees them, prefixes, suffixes, answer number spans) of at least `n_rows`
+    synthetic examples, as the pipeline renders them."""
+    import json
+
     from PIL import Image
 
     from raytrain.data import pipeline, preprocess, synthetic
+    from raytrain.formats.numbers import NumberSpan
 
     hw = fam.image_size(processor)
-    prep = preprocess.from_data_config(cfg.data)
-    images, prefixes, suffixes = [], [], []
+    prep = cfg.data.preprocess
+    images, prefixes, suffixes, numbers = [], [], [], []
     i = 0
     while len(images) < n_rows:
         ex = synthetic.make_example(i, seed=seed, image_size=cfg.data.image_size)
         i += 1
-        geom = prep.geometry(ex["width"], ex["height"], hw)
-        image = Image.fromarray(prep.apply(Image.open(io.BytesIO(ex["image"])), geom))
+        geom = preprocess.geometry(prep, ex["width"], ex["height"], hw)
+        image = Image.fromarray(preprocess.apply(prep, Image.open(io.BytesIO(ex["image"])), geom))
         for e in pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], cfg.model.spec, hw, geom):
             images.append(image)
             prefixes.append(e["prefix"])
             suffixes.append(e["suffix"])
-    return images, prefixes, suffixes
+            numbers.append([NumberSpan(*n) for n in json.loads(e["numbers"])])
+    return images, prefixes, suffixes, numbers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +241,7 @@ class SmokeUnavailable(RuntimeError):
 
 def missing_support(cfg: Experiment) -> str | None:
     """Why the recipe cannot run `cfg` here (a strategy whose dependencies do not import), or None."""
-    if cfg.train.strategy in ("zero2", "zero3"):
+    if cfg.train.strategy in config_mod.ZERO_STAGES:
         try:
             from raytrain.recipes import zero  # noqa: F401
         except ImportError as e:
@@ -254,8 +251,8 @@ def missing_support(cfg: Experiment) -> str | None:
 
 def synthetic_batches(cfg: Experiment, model_path: str, n_batches: int, seed: int = 11) -> list[dict]:
     """`n_batches` tokenized micro-batches of synthetic examples for `cfg.data.tasks`, encoded
-    exactly as the Ray Data pipeline does (images preprocessed to the model input as data.resize /
-    data.edge_* say, targets in that frame, family encode_train)."""
+    exactly as the Ray Data pipeline does (images preprocessed to the model input as data.preprocess
+    says, targets in that frame, family encode_train)."""
     import numpy as np
     import torch
 
@@ -264,10 +261,11 @@ def synthetic_batches(cfg: Experiment, model_path: str, n_batches: int, seed: in
     fam = family(cfg.model.spec)
     proc = fam.load_processor(model_path)
     micro = cfg.train.micro_batch_size
-    images, prefixes, suffixes = _synthetic_rows(cfg, fam, proc, n_batches * micro, seed)
+    images, prefixes, suffixes, numbers = _synthetic_rows(cfg, fam, proc, n_batches * micro, seed)
     out = []
     for s in range(0, n_batches * micro, micro):
-        enc = fam.encode_train(proc, images[s : s + micro], prefixes[s : s + micro], suffixes[s : s + micro], cfg.data.max_seq_len)
+        enc = fam.encode_train(proc, images[s : s + micro], prefixes[s : s + micro], suffixes[s : s + micro], cfg.data.max_seq_len,
+                               numbers[s : s + micro])
         length = enc.pop("length")
         if (np.asarray(length) > cfg.data.max_seq_len).any():
             raise ValueError(f"smoke examples need {int(np.max(length))} tokens > data.max_seq_len={cfg.data.max_seq_len}")
@@ -295,8 +293,8 @@ def run_local(cfg: Experiment, out_dir: str | Path, *, model_path: str | None = 
     import torch
 
     from raytrain.models import family
-    from raytrain.recipes import lora
     from raytrain.training import checkpointing
+    from raytrain.training.session import Session
 
     reason = missing_support(cfg)
     if reason:
@@ -316,15 +314,16 @@ def run_local(cfg: Experiment, out_dir: str | Path, *, model_path: str | None = 
             shutil.copytree(ckpt_dir, keep, dirs_exist_ok=True)
             saved.append(keep)
 
-    session = lora.Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=report,
-                           epoch_batches=lambda epoch, micro: batches)
+    session = Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=report, epoch_batches=lambda epoch, micro: batches)
     device = torch.device("cpu")
-    if cfg.train.strategy in ("zero2", "zero3"):
+    if cfg.train.strategy in config_mod.ZERO_STAGES:
         from raytrain.recipes import zero
 
         zero.train(cfg, model_path, session, device)
     else:
-        lora.train(cfg, model_path, session, device, wrap_ddp=lambda m: m)
+        from raytrain.recipes import ddp
+
+        ddp.train(cfg, model_path, session, device, wrap_ddp=lambda m: m)
 
     generated: list[str] = []
     if saved and (saved[-1] / "state.json").exists() and ((saved[-1] / "adapter").exists() or (saved[-1] / "model").exists()):
@@ -344,13 +343,13 @@ def _generate(cfg: Experiment, ckpt: Path, model_path: str, fam, checkpointing) 
     model, proc = checkpointing.load_for_inference(ckpt, model_path, fam)
     hw = fam.image_size(proc)
     # as `raytrain eval` does: the checkpoint's recorded preprocessing
-    prep = preprocess.resolve_recorded(checkpointing.recorded_preprocess(ckpt), preprocess.from_data_config(cfg.data), str(ckpt))
+    prep = preprocess.resolve_recorded(checkpointing.recorded_preprocess(ckpt), cfg.data.preprocess, str(ckpt))
     images, tasks, queries, prefixes, geoms = [], [], [], [], []
     for i in range(2):
         ex = synthetic.make_example(10_000 + i, seed=11, image_size=cfg.data.image_size)
-        geom = prep.geometry(ex["width"], ex["height"], hw)
+        geom = preprocess.geometry(prep, ex["width"], ex["height"], hw)
         e = pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], cfg.model.spec, hw, geom)[0]
-        images.append(Image.fromarray(prep.apply(Image.open(io.BytesIO(ex["image"])), geom)))
+        images.append(Image.fromarray(preprocess.apply(prep, Image.open(io.BytesIO(ex["image"])), geom)))
         tasks.append(e["task"])
         queries.append(e["query"])
         prefixes.append(e["prefix"])

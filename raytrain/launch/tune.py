@@ -10,7 +10,7 @@
 This is Ray Train V2's pattern for Tune: the trainable is a plain function that runs a whole
 TorchTrainer; the trainer is never passed to the Tuner.
 
-The sweep section (typed below, `SweepConfig`):
+The sweep section (`raytrain.config.SweepConfig`, listed by `raytrain config --help-fields`):
 
     tune:
       metric: val_norm_distance_all     # a validation grounding metric the recipe reports (train.val_every)
@@ -24,6 +24,9 @@ The sweep section (typed below, `SweepConfig`):
         lora.r: {choice: [4, 8, 16]}
         loss.loc_sigma: {choice: [0.0, 60.0]}
 
+Every trial is built by launch/trainer.py, as `raytrain train` builds its run: the recipe of the
+trial's train.strategy (ZeRO included) on the job's scale (resources_per_worker, placement).
+
 A rerun with the same name and storage root resumes the sweep (`Tuner.restore`, unfinished
 trials only): finished trials are kept, an interrupted trial restarts and its TorchTrainer resumes
 from that trial's latest Train checkpoint, the searcher continues where it stopped.
@@ -35,70 +38,26 @@ history.jsonl), `trials.jsonl` (one line per finished trial), `best.json`.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from raytrain import config as config_mod
 from raytrain import storage
-from raytrain.config import Experiment
+from raytrain.config import Experiment, SweepConfig
+from raytrain.launch import job, trainer
+from raytrain.launch.prepare import prepare_data
+from raytrain.launch.ray_runtime import init_ray
 
 log = logging.getLogger("raytrain.launch.tune")
 
 
 # ----------------------------------------------------------------------------------------------
-# the sweep section of a job YAML
-
-
-@dataclass
-class SchedulerConfig:
-    type: str = "asha"
-    """asha (async successive halving: stop the worse trials at rungs) | fifo (no early stopping)."""
-    time_attr: str = "step"
-    """The reported counter rungs are measured in (optimizer steps)."""
-    grace_period: int = 100
-    """Steps every trial runs before it can be stopped; the first rung."""
-    reduction_factor: float = 2.0
-    """Rungs at grace_period * reduction_factor**k; at each, only the best 1/reduction_factor go on."""
-    max_t: int = 0
-    """Last rung (steps); 0 = train.steps of the job."""
-
-
-@dataclass
-class SearchConfig:
-    type: str = "optuna"
-    """optuna (Bayesian: TPE over the finished trials) | random."""
-    seed: int = 0
-    n_startup_trials: int = 4
-    """optuna: random trials before TPE starts modelling the objective."""
-
-
-@dataclass
-class SweepConfig:
-    metric: str = "val_norm_distance_all"
-    """Objective: a metric in the recipe's reports (val_* come from train.val_every validation)."""
-    mode: str = "min"
-    """min | max."""
-    num_samples: int = 8
-    """Trials in the sweep."""
-    max_concurrent: int = 1
-    """Trials running at once (each holds scale.num_workers workers)."""
-    trial_cpus: float = 0.01
-    """CPUs reserved for each trial's driver function: a sliver (Tune refuses 0), as it only waits on
-    its TorchTrainer, whose workers reserve scale.cpus_per_worker each."""
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    space: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Dotted experiment key -> domain: {loguniform: [lo, hi]} | {uniform: [lo, hi]} |
-    {quniform: [lo, hi, q]} | {randint: [lo, hi)} | {choice: [v, ...]}."""
+# the sweep section of a job YAML (config.SweepConfig)
 
 
 DOMAINS = ("loguniform", "uniform", "quniform", "randint", "choice")
@@ -108,33 +67,19 @@ FIXED_PREFIXES = ("data.", "storage.", "ray.", "tune", "name", "model.family", "
 
 
 def load_job(path: str | Path, overrides: list[str] | None = None) -> tuple[Experiment, SweepConfig]:
-    """A job YAML with a `tune:` section -> (base experiment, sweep). Dotted overrides apply to the
-    experiment (`train.steps=30`) and to the sweep's scalars (`tune.num_samples=4`,
-    `tune.scheduler.grace_period=10`); the search space is edited in the YAML."""
-    values = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: top level must be a mapping")
-    sweep_values = values.pop("tune", None)
-    if sweep_values is None:
-        raise ValueError(f"{path}: no `tune:` section (the sweep: metric, mode, space, ...)")
-    tree = config_mod.parse_overrides(overrides)
-    sweep_values = config_mod._merge(sweep_values, tree.pop("tune", {}))
-    cfg = config_mod.from_dict(config_mod._merge(values, tree))
-    sweep = config_mod._build(SweepConfig, sweep_values, "tune")
-    check_sweep(cfg, sweep)
-    return cfg, sweep
+    """A job YAML with a `tune:` section -> (base experiment, its sweep), checked. Dotted overrides
+    apply to both (`train.steps=30`, `tune.num_samples=4`, `tune.scheduler.grace_period=10`); the
+    search space is edited in the YAML."""
+    cfg = config_mod.load(path, overrides)
+    if not cfg.tune.space:
+        raise ValueError(f"{path}: no `tune.space` (the sweep: metric, mode, space, ...)")
+    check_sweep(cfg, cfg.tune)
+    return cfg, cfg.tune
 
 
 def check_sweep(cfg: Experiment, sweep: SweepConfig) -> None:
-    """Fail before any trial starts: bad mode/types, unknown or fixed keys, values the schema rejects."""
-    if sweep.mode not in ("min", "max"):
-        raise ValueError(f"tune.mode must be min | max, not {sweep.mode!r}")
-    if sweep.scheduler.type not in ("asha", "fifo"):
-        raise ValueError(f"tune.scheduler.type must be asha | fifo, not {sweep.scheduler.type!r}")
-    if sweep.search.type not in ("optuna", "random"):
-        raise ValueError(f"tune.search.type must be optuna | random, not {sweep.search.type!r}")
-    if sweep.num_samples < 1 or sweep.max_concurrent < 1:
-        raise ValueError("tune.num_samples and tune.max_concurrent must be >= 1")
+    """Fail before any trial starts: unknown or fixed keys, values the schema rejects, an objective
+    that is never measured at the last step (mode, scheduler and searcher types: the config checks them)."""
     if not sweep.space:
         raise ValueError("tune.space is empty: nothing to sweep")
     base = cfg.to_dict()
@@ -157,8 +102,6 @@ def check_sweep(cfg: Experiment, sweep: SweepConfig) -> None:
             ends = [float(args[0]), float(args[1])]  # continuous domains sample floats
         for v in ends:
             trial_config(base, {key: v})
-    if sweep.scheduler.type == "asha" and sweep.scheduler.grace_period < 1:
-        raise ValueError("tune.scheduler.grace_period must be >= 1 step")
     if sweep.metric.startswith("val_"):
         # the recipe validates at multiples of train.val_every: the last step must be one, or a
         # finished trial's final result would carry no objective
@@ -191,10 +134,7 @@ def _plain(v: Any) -> Any:
 
 def trial_config(base: dict, overrides: dict) -> Experiment:
     """The base experiment dict with a trial's dotted overrides applied, checked by the schema."""
-    tree: dict = {}
-    for key, value in overrides.items():
-        config_mod._set_dotted(tree, key, _plain(value))
-    return config_mod.from_dict(config_mod._merge(copy.deepcopy(base), tree))
+    return config_mod.override(base, {k: _plain(v) for k, v in overrides.items()})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,45 +199,20 @@ def _forward_to_tune_cls():
 
 
 def run_trial(overrides: dict, *, base: dict, model_path: str, datasets: dict, metric: str) -> None:
-    """Tune function trainable (runs in the trial's actor): fit one TorchTrainer with the trial's
-    overrides. Its Train run is named by the trial id, so a restarted trial (sweep resumed)
-    continues from that run's latest checkpoint."""
-    import ray.train
+    """Tune function trainable (runs in the trial's actor): fit the trial's TorchTrainer, built as
+    `raytrain train` builds its own (launch/trainer.py: the recipe of the trial's strategy, the
+    job's resources and placement). Its Train run is named by the trial id, so a restarted trial
+    (sweep resumed) continues from that run's latest checkpoint."""
     from ray import tune
-    from ray.train.torch import TorchTrainer
 
-    from raytrain.launch.train import storage_opts
-    from raytrain.recipes import lora
     from raytrain.training.metrics import HistoryCallback
 
     cfg = trial_config(base, overrides)
     trial_id = tune.get_context().get_trial_id()
     runs = trial_runs_root(cfg)
-    opts = storage_opts(cfg)
-    fs, fs_path = storage.pyarrow_fs(runs, opts)
-    trainer = TorchTrainer(
-        lora.train_fn_per_worker,
-        train_loop_config={"experiment": cfg.to_dict(), "model_path": model_path, "data_uri": cfg.data.uri},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scale.num_workers,
-            use_gpu=cfg.scale.use_gpu,
-            resources_per_worker={"CPU": cfg.scale.cpus_per_worker},
-            accelerator_type=cfg.scale.accelerator_type,
-        ),
-        run_config=ray.train.RunConfig(
-            name=trial_id,
-            storage_path=fs_path if storage.is_s3(runs) else runs,
-            storage_filesystem=fs if storage.is_s3(runs) else None,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scale.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            callbacks=[
-                _forward_to_tune_cls()(metric),
-                HistoryCallback(storage.join(storage.run_dir(runs, trial_id), "history.jsonl"), opts),
-            ],
-        ),
-        datasets=datasets,
-    )
-    result = trainer.fit()
+    history = HistoryCallback(storage.join(storage.run_dir(runs, trial_id), "history.jsonl"), job.storage_opts(cfg))
+    result = trainer.build_trainer(cfg, model_path=model_path, data_uri=cfg.data.uri, datasets=datasets, name=trial_id,
+                                   runs_root=runs, callbacks=[_forward_to_tune_cls()(metric), history]).fit()
     if metric not in (result.metrics or {}):
         raise RuntimeError(
             f"trial {trial_id} finished without reporting {metric!r}: the objective must be in the recipe's "
@@ -442,7 +357,7 @@ def _record_or_check_sweep(cfg: Experiment, sweep: SweepConfig, opts, resuming: 
     refuse a changed job rather than mix the two."""
     uri = storage.join(sweep_dir(cfg), "sweep.json")
     now = json.loads(json.dumps({"tune": dataclasses.asdict(sweep),
-                                 "experiment": {k: v for k, v in cfg.to_dict().items() if k != "ray"}}))
+                                 "experiment": {k: v for k, v in cfg.to_dict().items() if k not in ("ray", "tune")}}))
     if resuming and storage.exists(uri, opts):
         if storage.read_json(uri, opts) != now:
             raise ValueError(f"sweep {cfg.name!r} under {tune_root(cfg)} was started with a different job (see {uri}); "
@@ -558,32 +473,25 @@ def main(cfg: Experiment, sweep: SweepConfig) -> str | None:
     sweep was interrupted (Ctrl-C): rerun the same command to finish it."""
     from ray import tune
 
-    from raytrain.data import pipeline, preprocess
-    from raytrain.launch import train as launch_train
-    from raytrain.models import family
+    from raytrain.data import pipeline
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = _absolute_local(cfg)
     check_sweep(cfg, sweep)
-    opts = launch_train.storage_opts(cfg)
-    launch_train.init_ray(cfg)
+    opts = job.storage_opts(cfg)
+    init_ray(cfg.ray)
     resuming = can_resume(cfg, opts)
     _record_or_check_sweep(cfg, sweep, opts, resuming)
 
     # ---- data and model, once for all trials -------------------------------------------------
-    uri = launch_train.prepare_data(cfg)
-    base_path = launch_train.model_path(cfg)
+    uri = prepare_data(cfg)
+    base_path = job.model_path(cfg)
+    train_ds = trainer.train_dataset(cfg, uri, base_path, pipeline.drop_counter())  # tokenized once for the whole sweep
+    if cfg.train.epochs > 0:
+        cfg = trainer.with_epoch_steps(cfg, train_ds)
+        check_sweep(cfg, sweep)  # the objective must still be measured at the (computed) last step
     # trials read the prepared shards (validation subset included), never re-generate them
     base = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, uri=uri)).to_dict()
-    fam = family(cfg.model.spec)
-    processor = fam.load_processor(base_path)
-    train_ds = pipeline.train_dataset(
-        uri, "train", tasks=cfg.data.tasks, model_path=base_path, image_hw=fam.image_size(processor),
-        family=cfg.model.spec, max_len=cfg.data.max_seq_len, allow_convert=cfg.data.allow_convert,
-        opts=opts, counter=pipeline.drop_counter(), preprocess=preprocess.from_data_config(cfg.data),
-    )
-    if cfg.data.cache_preprocessed:
-        train_ds = train_ds.materialize()  # tokenized once for the whole sweep
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, model_path=base_path, datasets={"train": train_ds}, metric=sweep.metric),
@@ -605,5 +513,4 @@ def main(cfg: Experiment, sweep: SweepConfig) -> str | None:
 
 if __name__ == "__main__":
     # python -m raytrain.launch.tune JOB.yaml [a.b=v ...]   (what `raytrain tune --config JOB.yaml` runs)
-    job = load_job(sys.argv[1], sys.argv[2:])
-    sys.exit(0 if main(*job) else 130)
+    sys.exit(0 if main(*load_job(sys.argv[1], sys.argv[2:])) else 130)

@@ -7,12 +7,15 @@ rank, which is what makes 10B-72B full fine-tuning fit.
 
 Runs inside Ray Train `TorchTrainer` workers (`train_fn_per_worker`), where torch.distributed is
 already initialised (gloo on CPU, NCCL on GPU): DeepSpeed wraps that process group instead of
-creating its own. `train` only needs a `Session` (recipes.lora's), so it also runs without Ray.
+creating its own. `train` only needs a `Session` (raytrain/training/session.py), so it also runs
+without Ray.
 
 Reads top to bottom: setup -> DeepSpeed config -> model (partitioned at load for ZeRO-3) ->
-optimizer -> resume -> loop (micro-batch, engine.step, log, checkpoint) -> final checkpoint.
+optimizer -> resume -> loop (micro-batch, engine.step, log, validate, checkpoint) -> final checkpoint.
 
-Same loss, lr schedule, data iteration, metrics and report cadence as recipes/lora.py.
+Same model setup, loss, lr schedule, data iteration, metrics, report cadence, in-training validation
+and early stopping as recipes/ddp.py: both take them from raytrain/training/ (loop.py, model.py,
+session.py). The switches only DeepSpeed has are the config's `zero:` section (offload).
 Checkpoint layout: raytrain/training/zero_checkpoint.py.
 
 Note: DeepSpeed's CPU accelerator JIT-compiles a small op (deepspeed_shm_comm) the first time
@@ -23,58 +26,35 @@ it runs on a machine (1-3 min on 2 cores). torch caches it under $TORCH_EXTENSIO
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
 
 import torch
 
 from raytrain import config as config_mod
-from raytrain.data import preprocess
 from raytrain.models import family as model_family
-from raytrain.recipes.lora import Session, batch_to_model, build_model, training_loss
-from raytrain.training import optim, zero_checkpoint
+from raytrain.training import loop, optim, zero_checkpoint
+from raytrain.training.model import build_model
+from raytrain.training.session import Session, from_ray_train
 
 log = logging.getLogger("raytrain.recipes.zero")
 
-STAGES = {"zero2": 2, "zero3": 3}
-
-
-@dataclass
-class ZeroOptions:
-    """DeepSpeed-only switches (train_loop_config["zero"]; defaults off)."""
-
-    offload_optimizer: bool = False
-    """Keep fp32 master weights and Adam moments in CPU memory; steps with DeepSpeedCPUAdam
-    (a JIT-compiled op, built on first use like the comm op)."""
-    offload_param: bool = False
-    """ZeRO-3 only: keep parameter partitions in CPU memory between uses."""
-
-    @classmethod
-    def from_dict(cls, values: dict | None) -> ZeroOptions:
-        values = dict(values or {})
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown zero option(s) {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(cls)]}")
-        return cls(**{k: bool(v) for k, v in values.items()})
+STAGES = config_mod.ZERO_STAGES  # strategy -> ZeRO stage
 
 
 # ----------------------------------------------------------------------------------------------
 # DeepSpeed config (built from raytrain's config; nothing else reads it)
 
 
-def ds_config(cfg: config_mod.Experiment, zero: ZeroOptions, *, load_universal: bool = False) -> dict:
+def ds_config(cfg: config_mod.Experiment, *, load_universal: bool = False) -> dict:
     stage = STAGES[cfg.train.strategy]
-    if zero.offload_param and stage != 3:
-        raise ValueError("zero.offload_param needs train.strategy=zero3")
     zopt: dict = {"stage": stage}
-    if zero.offload_optimizer:
+    if cfg.zero.offload_optimizer:
         zopt["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if zero.offload_param:
+    if cfg.zero.offload_param:  # the config allows it with zero3 only
         zopt["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     conf = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
@@ -90,6 +70,22 @@ def ds_config(cfg: config_mod.Experiment, zero: ZeroOptions, *, load_universal: 
     if load_universal:
         conf["checkpoint"] = {"load_universal": True}
     return conf
+
+
+@contextlib.contextmanager
+def _hf_zero3(conf: dict):
+    """transformers' ZeRO-3 switch, on for the block: from_pretrained then partitions while loading
+    (zero.Init), and generate() keeps every rank stepping until all ranks finished (synced_gpus),
+    since each ZeRO-3 forward is a collective. transformers keeps only a weakref: hold it here."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    hf_ds = HfDeepSpeedConfig(conf)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_ds
 
 
 def _ensure_process_group(session: Session, device: torch.device) -> None:
@@ -118,7 +114,7 @@ def _ndim(p) -> int:
     return len(getattr(p, "ds_shape", p.shape))
 
 
-def build_optimizer(model, cfg: config_mod.Experiment, zero: ZeroOptions):
+def build_optimizer(model, cfg: config_mod.Experiment):
     """AdamW, no decay on 1-D params (as optim.build_optimizer; grouped by the FULL shape, since
     ZeRO-3 params are 1-D placeholders locally). DeepSpeedCPUAdam when the optimizer is offloaded."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -127,7 +123,7 @@ def build_optimizer(model, cfg: config_mod.Experiment, zero: ZeroOptions):
         {"params": [p for p in params if _ndim(p) < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    if zero.offload_optimizer:
+    if cfg.zero.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=cfg.train.lr, betas=(0.9, 0.999), adamw_mode=True)
@@ -138,14 +134,13 @@ def build_optimizer(model, cfg: config_mod.Experiment, zero: ZeroOptions):
 # the loop
 
 
-def train(cfg: config_mod.Experiment, model_path: str, session: Session, device: torch.device, zero: ZeroOptions | None = None) -> dict:
-    """Train to cfg.train.steps; returns {"step", "epoch", "engine"} (the engine for callers that
-    want the final weights, e.g. tests and notebooks)."""
+def train(cfg: config_mod.Experiment, model_path: str, session: Session, device: torch.device) -> dict:
+    """Train to cfg.train.steps (or an early stop); returns {"step", "epoch", "early_stopped",
+    "engine"} (the engine for callers that want the final weights, e.g. tests and notebooks)."""
     import deepspeed
 
     if cfg.train.strategy not in STAGES:
         raise ValueError(f"recipes/zero.py runs strategy {' | '.join(STAGES)}, not {cfg.train.strategy!r}")
-    zero = zero or ZeroOptions()
     stage = STAGES[cfg.train.strategy]
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     _ensure_process_group(session, device)
@@ -169,24 +164,12 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
             if session.rank == 0:
                 log.info("checkpoint from %d ranks (ZeRO-%d) -> universal for %d ranks (ZeRO-%d) in %.1f s",
                          state["world_size"], state["zero_stage"], session.world_size, stage, time.perf_counter() - t)
-    conf = ds_config(cfg, zero, load_universal=load_dir is not None)
+    conf = ds_config(cfg, load_universal=load_dir is not None)
 
-    # ---- model: ZeRO-3 partitions while loading (HfDeepSpeedConfig alive => zero.Init) --------
-    # Full fine-tuning: build_model's "full" path, sharded by the engine below.
-    full_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, strategy="full"))
-    hf_ds = None
-    if stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        hf_ds = HfDeepSpeedConfig(conf)  # transformers keeps only a weakref: hold it while loading
-    try:
-        model, processor, _ = build_model(full_cfg, model_path)
-    finally:
-        if hf_ds is not None:
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-            unset_hf_deepspeed_config()
-            del hf_ds
+    # ---- model: the full fine-tuning model, sharded by the engine below; ZeRO-3 partitions it
+    # while loading (transformers' zero.Init) -------------------------------------------------
+    with _hf_zero3(conf) if stage == 3 else contextlib.nullcontext():
+        model, processor, _ = build_model(cfg, model_path, strategy="full")
     n_train = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     n_total = sum(_numel(p) for p in model.parameters())
     if session.rank == 0:
@@ -199,10 +182,10 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     # under ZeRO-3, so its full size comes from DeepSpeed's ds_shape
     head_w = model.get_output_embeddings().weight
     digits = fam.digit_token_ids(processor.tokenizer)
-    loss_fn = training_loss(cfg, processor.tokenizer, loc_ids, int(getattr(head_w, "ds_shape", head_w.shape)[0]),
-                            None if digits is None else torch.as_tensor(digits, device=device))
+    loss_fn = loop.training_loss(cfg, processor.tokenizer, loc_ids, int(getattr(head_w, "ds_shape", head_w.shape)[0]),
+                                 None if digits is None else torch.as_tensor(digits, device=device))
 
-    optimizer = build_optimizer(model, cfg, zero)
+    optimizer = build_optimizer(model, cfg)
     scheduler = optim.build_scheduler(optimizer, warmup=cfg.train.warmup_steps, total=cfg.train.steps, kind=cfg.train.schedule)
     # The engine steps the scheduler once per optimizer step (at the accumulation boundary) and
     # keeps its state in the checkpoint.
@@ -233,88 +216,60 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
         tag = zero_checkpoint.tag_for(step)
         state = None
         if session.rank == 0:
-            state = {
-                "step": step,
-                "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch,
-                "samples_in_epoch": batch_in_epoch * micro * session.world_size,
-                "strategy": cfg.train.strategy,
-                "zero_stage": stage,
-                "world_size": session.world_size,
-                "dtype": cfg.model.dtype,
-                "tag": tag,
-                "base_model": cfg.model.name_or_path,
-                "family": cfg.model.spec,
-                "preprocess": preprocess.from_data_config(cfg.data).to_dict(),  # eval/serve apply it as trained
-                "metrics": metrics,
-            }
+            state = loop.checkpoint_state(cfg, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, metrics=metrics)
+            state.update(samples_in_epoch=batch_in_epoch * micro * session.world_size, zero_stage=stage,
+                         world_size=session.world_size, dtype=cfg.model.dtype, tag=tag)
         # Every rank writes its own shard files and reports its own directory; Ray Train merges them.
         with tempfile.TemporaryDirectory(prefix=f"raytrain-zero-r{session.rank}-") as d:
             zero_checkpoint.save(d, engine, rank=session.rank, tag=tag, state=state)
             session.report(metrics, d)
 
-    window_loss, window_ce, window_num, window_n, t_window = 0.0, 0.0, 0.0, 0, time.perf_counter()
-    first_step_logged = False
-    while step < cfg.train.steps:
-        batch_in_epoch = 0
-        for batch in session.epoch_batches(epoch, micro):
-            if batch_in_epoch < skip_batches:  # resuming mid-epoch: skip what the checkpoint consumed
-                batch_in_epoch += 1
-                continue
-            batch_in_epoch += 1
-            inputs, targets = batch_to_model(batch, fam, device, pixel_dtype)
-            out = engine(**inputs, use_cache=False)
-            loss, stats = loss_fn(out.logits, targets)
-            del out  # free logits before backward: they dominate activation memory
-            # The engine divides by grad_accum itself, reduces/partitions gradients, and only
-            # steps optimizer + scheduler (with clipping) at the accumulation boundary.
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.backward(loss)
-            engine.step()
-            window_loss += float(loss.detach())
-            window_ce += stats["ce"]
-            window_num += stats.get("num_loss", 0.0)
-            window_n += 1
-            if not boundary:
-                continue
-            step += 1
+    # ZeRO-2 keeps whole parameters on every rank: rank 0 generates alone. A ZeRO-3 forward gathers
+    # each layer from every rank, so every rank decodes the (same) subset, in step (synced_gpus).
+    validate = loop.Validation(session, cfg.train, fam, processor, on_all_ranks=stage == 3)
+    window = loop.MetricsWindow(micro_batch_size=micro, world_size=session.world_size, trainable_params=n_train,
+                                resumed_from=resumed_from)
+    stop = False
+    batches = loop.micro_batches(session, micro, epoch, skip_batches) if step < cfg.train.steps else ()
+    for epoch, batch_in_epoch, batch in batches:
+        inputs, targets = loop.batch_to_model(batch, fam, device, pixel_dtype)
+        out = engine(**inputs, use_cache=False)
+        loss, stats = loss_fn(out.logits, targets)
+        del out  # free logits before backward: they dominate activation memory
+        # The engine divides by grad_accum itself, reduces/partitions gradients, and only
+        # steps optimizer + scheduler (with clipping) at the accumulation boundary.
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.backward(loss)
+        engine.step()
+        window.add(float(loss.detach()), stats["ce"], stats.get("num_loss", 0.0))
+        if not boundary:
+            continue
+        step += 1
 
-            if cfg.train.fail_at_step == step and session.rank == 0 and resumed_from is None:
-                raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
+        if cfg.train.fail_at_step == step and session.rank == 0 and resumed_from is None:
+            raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
 
-            is_ckpt = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
-            is_log = step % cfg.train.log_every == 0 or not first_step_logged
-            if is_log or is_ckpt:
-                dt = time.perf_counter() - t_window
-                grad_norm = engine.get_global_grad_norm()
-                metrics = {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": window_loss / max(1, window_n),
-                    "ce": window_ce / max(1, window_n),
-                    "num_loss": window_num / max(1, window_n),
-                    "lr": float(scheduler.get_last_lr()[0]),
-                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                    "samples_per_s": window_n * micro * session.world_size / max(dt, 1e-9),
-                    "trainable_params": n_train,
-                    "resumed_from": -1 if resumed_from is None else resumed_from,
-                }
-                first_step_logged = True
-                if session.rank == 0:
-                    log.info("step %d loss %.4f ce %.4f lr %.2e %.1f samples/s", step, metrics["loss"], metrics["ce"], metrics["lr"], metrics["samples_per_s"])
-                if is_ckpt:
-                    save_and_report(metrics, batch_in_epoch)
-                else:
-                    session.report(metrics, None)
-                window_loss, window_ce, window_num, window_n, t_window = 0.0, 0.0, 0.0, 0, time.perf_counter()
-            if step >= cfg.train.steps:
-                break
-        skip_batches = 0
-        if batch_in_epoch == 0:
-            raise RuntimeError("the training split produced no batches: check the data (drop report) and micro_batch_size")
-        if step < cfg.train.steps:
-            epoch += 1
-    return {"step": step, "epoch": epoch, "engine": engine}
+        due = loop.due(cfg.train, step, window.reported)
+        if due.log or due.checkpoint:
+            grad_norm = engine.get_global_grad_norm()
+            metrics = window.metrics(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],
+                                     grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
+            if due.validate:
+                with _hf_zero3(conf) if stage == 3 else contextlib.nullcontext():
+                    stop = validate(engine.module, metrics)
+            if session.rank == 0:
+                loop.log_step(metrics)
+            if due.checkpoint:
+                save_and_report(metrics, batch_in_epoch)
+            else:
+                session.report(metrics, None)
+            window.reset()
+        if stop:
+            validate.log_stop(step)
+            break
+        if step >= cfg.train.steps:
+            break
+    return {"step": step, "epoch": epoch, "early_stopped": stop, "engine": engine}
 
 
 def gathered_state_dict(engine) -> dict[str, torch.Tensor]:
@@ -333,43 +288,12 @@ def gathered_state_dict(engine) -> dict[str, torch.Tensor]:
 
 
 def train_fn_per_worker(config: dict) -> None:
-    """TorchTrainer's train_loop_per_worker: config = {"experiment": dict, "model_path": str,
-    "zero": {"offload_optimizer": bool, "offload_param": bool} (optional)}."""
-    import ray.train
-    import ray.train.torch
-
+    """TorchTrainer's train_loop_per_worker (launch/trainer.py): config = {"experiment": dict,
+    "model_path": str, "data_uri": str (shards, for in-training validation)}."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = config_mod.from_dict(config["experiment"])
-    zero = ZeroOptions.from_dict(config.get("zero"))
-    ctx = ray.train.get_context()
-    # Fractional CPUs per worker: one intra-op thread each, or workers fight over the cores.
-    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
-    shard = ray.train.get_dataset_shard("train")
-
-    def epoch_batches(epoch: int, micro: int):
-        return shard.iter_torch_batches(
-            batch_size=micro,
-            drop_last=True,
-            local_shuffle_buffer_size=micro * 8,
-            local_shuffle_seed=cfg.train.seed * 100_003 + epoch,
-        )
-
-    def checkpoint_dir():
-        ckpt = ray.train.get_checkpoint()
-        return ckpt.as_directory() if ckpt is not None else None
-
-    def report(metrics: dict, ckpt_dir: str | None) -> None:
-        ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
-
-    session = Session(
-        rank=ctx.get_world_rank(),
-        world_size=ctx.get_world_size(),
-        checkpoint_dir=checkpoint_dir,
-        report=report,
-        epoch_batches=epoch_batches,
-    )
-    train(cfg, config["model_path"], session, ray.train.torch.get_device(), zero=zero)
+    session, device = from_ray_train(cfg, config)
+    train(cfg, config["model_path"], session, device)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -94,6 +94,7 @@ from ray import serve
 from starlette.requests import Request
 
 from raytrain import predict as predict_path
+from raytrain.config import ServeConfig
 from raytrain.serve.requests import (  # noqa: F401  (re-exported: the serve API in one import)
     ADAPTER_ID,
     FIELDS,
@@ -118,67 +119,6 @@ DEPLOYMENT = "GroundingModel"
 # configuration
 
 
-@dataclass
-class ServeConfig:
-    family: str = "paligemma"
-    """Model family module (raytrain/models/<family>.py)."""
-    model: str = "tiny:paligemma"
-    """Base model: hub id, local dir, or 'tiny:<family>' (offline preset). Every adapter must be a LoRA of it."""
-    adapter_root: str | None = None
-    """Adapter id X maps to <adapter_root>/X, a checkpoint dir holding adapter/ (local dir or s3://)."""
-    adapters: dict[str, str] = field(default_factory=dict)
-    """Explicit id -> checkpoint dir (local or s3://); checked before adapter_root."""
-    endpoint_url: str | None = None
-    """S3 endpoint for s3:// adapters (e.g. http://127.0.0.1:9000); None = AWS. Keys only from the environment."""
-    region: str | None = None
-    dtype: str = "float32"
-    """Base model dtype: float32 | bfloat16 | float16."""
-    device: str | None = None
-    """torch device of the model replica; None = cuda when the replica has a GPU, else cpu."""
-    host: str = "127.0.0.1"
-    """Address the HTTP proxy binds. Loopback by default; put an authenticating proxy in front before exposing it."""
-    port: int = 8000
-    app_name: str = "raytrain"
-    route_prefix: str = "/"
-    num_replicas: int = 1
-    """Model replicas (each holds one copy of the base model)."""
-    num_cpus: float = 1.0
-    """CPUs reserved per model replica (also its torch thread count, at least 1)."""
-    num_gpus: float = 0.0
-    """GPUs per model replica."""
-    max_adapters_per_replica: int = 4
-    """LoRA adapters kept resident per replica (LRU beyond that, Serve's multiplexing)."""
-    max_batch_size: int = 8
-    """Requests of one adapter decoded together."""
-    batch_wait_timeout_s: float = 0.01
-    """How long the first request of a batch waits for company."""
-    max_ongoing_requests: int = 16
-    """Per model replica; must be >= max_batch_size or batches never fill."""
-    max_queued_requests: int = 64
-    """Per caller (each proxy, each handle); beyond it the proxy answers 503, a handle raises BackPressureError."""
-    retry_after_s: float = 1.0
-    """Retry-After header on 503 backpressure answers."""
-    max_new_tokens: int = 32
-    """Default decoding budget per request."""
-    max_new_tokens_limit: int = 128
-    """Largest max_new_tokens a request may ask for."""
-    max_body_bytes: int = 16 * 1024 * 1024
-    max_image_bytes: int = 10 * 1024 * 1024
-    """Encoded image size limit (after base64 decoding)."""
-    max_image_pixels: int = 4096 * 4096
-    """width * height limit, checked before decoding pixels (decompression bombs)."""
-    max_image_side: int = 8192
-    max_query_chars: int = 256
-
-    def __post_init__(self):
-        if self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
-                             f"({self.max_batch_size}), or a replica never sees a full batch")
-        if not 1 <= self.max_new_tokens <= self.max_new_tokens_limit:
-            raise ValueError("need 1 <= max_new_tokens <= max_new_tokens_limit")
-        for k in self.adapters:
-            if not ADAPTER_ID.fullmatch(k):
-                raise ValueError(f"adapter id {k!r} must match {ADAPTER_ID.pattern}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,7 +257,7 @@ class GroundingModel:
                 raise AdapterIncompatible(f"adapter {adapter_id!r} was trained for family {state['family']}, serving {self.fam.spec}")
         if state.get("base_model") and state["base_model"] != self.cfg.model:
             log.warning("adapter %s was trained on %s, served on %s", adapter_id, state["base_model"], self.cfg.model)
-        from raytrain.data.preprocess import Preprocess
+        from raytrain.config import Preprocess
 
         try:  # requests are preprocessed as the adapter's training images were (no record: stretch)
             self._prep[adapter_id] = Preprocess.from_dict(state.get("preprocess"))
@@ -418,14 +358,16 @@ class GroundingModel:
         except ValueError as e:
             raise BadRequest(f"prompt cannot be rendered: {e}") from None
         if req["adapter"]:
+            from raytrain.data import preprocess
+
             await self._check_known(req["adapter"])  # AdapterNotFound before the LRU evicts anything
             await self._get_adapter(req["adapter"])  # loads on a miss (LRU); AdapterIncompatible
             prep = self._prep[req["adapter"]]
-            req["geometry"] = prep.geometry(w, h, self.image_hw)
+            req["geometry"] = preprocess.geometry(prep, w, h, self.image_hw)
             if w * h <= 512 * 512 and not prep.edge_blend:  # a small resize costs less than a thread hop
-                req["model_image"] = prep.apply(req["image"], req["geometry"])
+                req["model_image"] = preprocess.apply(prep, req["image"], req["geometry"])
             else:
-                req["model_image"] = await asyncio.to_thread(prep.apply, req["image"], req["geometry"])
+                req["model_image"] = await asyncio.to_thread(preprocess.apply, prep, req["image"], req["geometry"])
         self.counters["requests"] += 1
         return await self._predict_batch(req)
 

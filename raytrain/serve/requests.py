@@ -8,18 +8,17 @@ import base64
 import binascii
 import io
 import json
-import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from raytrain.config import ADAPTER_ID  # noqa: F401  (re-exported; the config checks ids with it too)
+
 TASKS = ("point", "detect")
 FIELDS = ("image", "task", "prompt", "query", "adapter", "max_new_tokens", "debug")
 IMAGE_FORMATS = ("PNG", "JPEG")
-# One path segment: letters, digits, '.', '_', '-'; starts with a letter or digit (so never '..').
-ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)

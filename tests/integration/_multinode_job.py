@@ -17,6 +17,8 @@ import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from raytrain import config as config_mod  # noqa: E402
+from raytrain.launch import ray_runtime  # noqa: E402
+from raytrain.launch import job  # noqa: E402
 from raytrain.launch import train as launch_train  # noqa: E402
 from raytrain.training.metrics import read_history  # noqa: E402
 
@@ -27,7 +29,7 @@ def main(root: str, model_path: str) -> None:
     nodes = {ip: cluster.add_node(num_cpus=1, node_ip_address=ip, resources={"trainer": 1}, object_store_memory=100 * 1024**2)
              for ip in ("127.0.0.2", "127.0.0.3")}
     # joined the way `raytrain train` joins a cluster: with the job's environment
-    ray.init(address=cluster.address, log_to_driver=False, runtime_env=launch_train.runtime_env())
+    ray.init(address=cluster.address, log_to_driver=False, runtime_env=ray_runtime.runtime_env())
     cfg = config_mod.load("jobs/tiny/shapes.yaml", [
         f"storage.root={root}", "name=multinode", f"model.name_or_path={model_path}", "data.num_images=200",
         "train.steps=40", "train.micro_batch_size=8", "train.checkpoint_every=10", "train.log_every=5", "train.warmup_steps=4",
@@ -46,7 +48,7 @@ def main(root: str, model_path: str) -> None:
     # the job runs in a thread; the main thread plays chaos (Ray nodes must be added from it)
     t = threading.Thread(target=run, daemon=True)
     t.start()
-    hist = launch_train.history_uri(cfg)
+    hist = job.history_uri(cfg)
     deadline = time.time() + 500
     while time.time() < deadline and t.is_alive():
         rows = read_history(hist)
@@ -64,7 +66,7 @@ def main(root: str, model_path: str) -> None:
         raise SystemExit(f"job failed: {result.get('error', 'timeout')}")
     out = result["out"]
     metrics = json.load(open(out))
-    rows = read_history(launch_train.history_uri(cfg))
+    rows = read_history(job.history_uri(cfg))
     ray.shutdown()
     cluster.shutdown()
     print(json.dumps({"events": events, "final_step": metrics["run"]["final_step"], "history": rows,

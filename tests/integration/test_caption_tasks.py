@@ -13,7 +13,8 @@ from raytrain import predict
 from raytrain.data import pipeline, synthetic
 from raytrain.eval import batch as eval_batch
 from raytrain.models import family as model_family
-from raytrain.recipes import lora
+from raytrain.recipes import ddp
+from raytrain.training.session import Session
 
 pytestmark = pytest.mark.integration
 
@@ -40,9 +41,9 @@ def test_caption_and_dense_caption_train(family, request, tiny_model_path):
     cfg = config_mod.load(None, [f"model.family={family}", "model.freeze_vision=false", "train.steps=16", "train.micro_batch_size=12",
                                  "train.warmup_steps=1", "train.log_every=1", "train.checkpoint_every=100", "train.lr=3e-3"])
     reports = []
-    session = lora.Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=lambda m, d: reports.append(m),
-                           epoch_batches=lambda e, m: batches)
-    lora.train(cfg, path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
+    session = Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=lambda m, d: reports.append(m),
+                      epoch_batches=lambda e, m: batches)
+    ddp.train(cfg, path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
     losses = [r["loss"] for r in reports]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
 

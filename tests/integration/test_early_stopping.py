@@ -10,7 +10,8 @@ from PIL import Image
 from raytrain import config as config_mod
 from raytrain.data import pipeline, shards, synthetic
 from raytrain.models import paligemma
-from raytrain.recipes import lora
+from raytrain.recipes import ddp
+from raytrain.training.session import Session
 from raytrain.training import validation
 
 pytestmark = pytest.mark.integration
@@ -42,10 +43,10 @@ def test_early_stopping_on_validation_metric(lr, patience, expect_stop, tmp_path
                                  "train.early_stop_metric=val_norm_distance_all", f"train.early_stop_patience={patience}"])
     examples = validation.load_examples(uri, "val", 12, tasks=["point"], image_hw=(64, 64), family="paligemma")
     reports = []
-    session = lora.Session(rank=0, world_size=1, checkpoint_dir=lambda: None,
-                           report=lambda m, d: reports.append(m), epoch_batches=lambda e, m: _batches(tiny_model_path),
-                           val_examples=lambda: examples)
-    result = lora.train(cfg, tiny_model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
+    session = Session(rank=0, world_size=1, checkpoint_dir=lambda: None,
+                      report=lambda m, d: reports.append(m), epoch_batches=lambda e, m: _batches(tiny_model_path),
+                      val_examples=lambda: examples)
+    result = ddp.train(cfg, tiny_model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
     vals = [r for r in reports if "val_norm_distance_all" in r]
     assert vals and all(r["val_n"] == 12 for r in vals)
     assert all(0.0 <= r["val_norm_distance_all"] <= 1.0 for r in vals)

@@ -16,7 +16,8 @@ from PIL import Image
 from raytrain import config as config_mod
 from raytrain.data import pipeline, synthetic
 from raytrain.models import paligemma
-from raytrain.recipes import lora
+from raytrain.recipes import ddp
+from raytrain.training.session import Session
 
 pytestmark = pytest.mark.integration
 
@@ -52,12 +53,12 @@ def _run(cfg, model_path, batches, resume_dir=None, stop_after=None):
         if stop_after is not None and metrics["step"] >= stop_after:
             raise Stop()  # the "crash": nothing after this step runs
 
-    session = lora.Session(
+    session = Session(
         rank=0, world_size=1,
         checkpoint_dir=lambda: contextlib.nullcontext(str(resume_dir)) if resume_dir else None,
         report=report, epoch_batches=lambda epoch, micro: batches)
     with contextlib.suppress(Stop):
-        lora.train(cfg, model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
+        ddp.train(cfg, model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
     return losses, saved
 
 

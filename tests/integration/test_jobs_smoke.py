@@ -1,7 +1,7 @@
 """Every job in jobs/ loads into the schema and trains in smoke mode.
 
 Each YAML is shrunk by `raytrain.launch.smoke.smoke` (tiny preset of the same family, synthetic
-data, 8 steps, CPU) and run through its recipe without Ray (`recipes.lora.train` with a plain
+data, 8 steps, CPU) and run through its recipe without Ray (`recipes.ddp.train` with a plain
 Session over batches encoded by the family's `encode_train`; `recipes.zero` for zero2/zero3): the
 loss must be finite and fall, a checkpoint must be written in the strategy's layout, and it must
 reload and generate with the job's eval decoding settings. The header of each file (its exact
@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from raytrain import config as config_mod
 from raytrain.launch import smoke as smoke_mod
@@ -31,9 +30,7 @@ def _rel(p: Path) -> str:
 
 
 def _load(path: Path) -> config_mod.Experiment:
-    values = yaml.safe_load(path.read_text()) or {}
-    values.pop("tune", None)  # a sweep spec; train ignores it
-    return config_mod.from_dict(values)
+    return config_mod.load(path)  # a `tune:` section is part of the schema (train ignores it)
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +134,7 @@ def test_job_trains_in_smoke_mode(path, tmp_path, preset_cache):
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == cfg.train.steps
     # the image preprocessing the job trained with is recorded for eval and Serve to apply
-    from raytrain.data import preprocess
-
-    assert preprocess.Preprocess.from_dict(state["preprocess"]) == preprocess.from_data_config(job.data)
+    assert config_mod.Preprocess.from_dict(state["preprocess"]) == job.data.preprocess
     layout = {"full": "model", "lora": "adapter"}.get(cfg.train.strategy)
     if layout:
         assert (ckpt / layout).is_dir(), sorted(p.name for p in ckpt.iterdir())

@@ -167,7 +167,7 @@ def test_lost_drop_counter_is_reported_not_raised(ray_cluster):
 def test_job_workers_get_the_ray_data_process_setting(ray_cluster):
     """The job's setup hook ran in its worker processes, where Ray Train's split coordinators run
     the training pipeline's executor (a class attribute does not travel with a dataset)."""
-    from raytrain.launch import train as launch_train
+    from raytrain.launch import ray_runtime
 
     @ray_cluster.remote(num_cpus=0.1)
     def refresh_interval():
@@ -175,7 +175,7 @@ def test_job_workers_get_the_ray_data_process_setting(ray_cluster):
 
         return ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S
 
-    assert ray_cluster.get(refresh_interval.remote()) == launch_train.LIMITS_REFRESH_S
+    assert ray_cluster.get(refresh_interval.remote()) == ray_runtime.LIMITS_REFRESH_S
 
 
 def test_prepare_block_pieces_are_the_whole_block_cut_up_and_counted_once(tmp_path, ray_cluster, tiny_model_path):

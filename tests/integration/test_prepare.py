@@ -132,7 +132,7 @@ def test_prepare_coco_folder(where, tmp_path, request, ray_cluster):
         source, out = storage.join(bucket, "src"), storage.join(bucket, "out")
     else:
         opts, source, out = None, str(src), str(tmp_path / "out")
-    pc = prepare.PrepareConfig(
+    pc = config.PrepareConfig(
         format="coco", path=source, out=out, splits=SPLITS, seed=SEED, rows_per_shard=4,
         max_side=MAX_SIDE, cache_dir=str(tmp_path / "cache"), storage=opts,
     )
@@ -187,11 +187,11 @@ def test_prepare_coco_folder(where, tmp_path, request, ray_cluster):
 
 def test_prepare_config_from_experiment():
     cfg = config.load(None, ["data.source=coco:/data/coco_val", "data.uri=s3://b/x", "data.seed=5", "data.rows_per_shard=10"])
-    pc = prepare.PrepareConfig.from_experiment(cfg)
+    pc = prepare.prepare_config(cfg)
     assert (pc.format, pc.path, pc.out, pc.seed, pc.rows_per_shard) == ("coco", "/data/coco_val", "s3://b/x", 5, 10)
     assert pc.splits == cfg.data.splits
-    on_s3 = prepare.PrepareConfig.from_experiment(config.load(None, ["data.source=jsonl:s3://bucket/ft/data.jsonl"]))
+    on_s3 = prepare.prepare_config(config.load(None, ["data.source=jsonl:s3://bucket/ft/data.jsonl"]))
     assert (on_s3.format, on_s3.path, on_s3.out) == ("jsonl", "s3://bucket/ft/data.jsonl", "checkpoints/data/shapes")
     for bad in ("coco", "nope:/x", "coco:"):
         with pytest.raises(ValueError):
-            prepare.PrepareConfig.from_experiment(config.load(None, [f"data.source={bad}"]))
+            prepare.prepare_config(config.load(None, [f"data.source={bad}"]))

@@ -22,6 +22,7 @@ from raytrain.formats.annotations import Box, Point
 from raytrain.models import family
 from raytrain.models import paligemma as pg
 from raytrain.models import qwen2_5_vl as qw
+from raytrain.models import qwen_loc_tokens
 from raytrain.models.losses import IGNORE_INDEX, suffix_loss
 from raytrain.models import ensure_preset
 
@@ -340,12 +341,12 @@ def test_new_token_init(preset):
     model, proc = qw.load(preset)
     tok = proc.tokenizer
     new = list(fmt.LOC_TOKENS[:4]) + ["<|loc_0512|>"]
-    ids = qw.init_new_token_embeddings(model, tok, new, method="digits", noise_std=0.0)
+    ids = qwen_loc_tokens.init_new_token_embeddings(model, tok, new, method="digits", noise_std=0.0)
     W = model.get_input_embeddings().weight.detach()
     digits = tok("0512", add_special_tokens=False)["input_ids"]
     want = sum(wt * W[d] for wt, d in zip([8, 4, 2, 1], digits)) / 15
     assert torch.allclose(W[ids[-1]], want, atol=1e-6)
-    qw.init_new_token_embeddings(model, tok, new[:1], method="mean", noise_std=0.0)
+    qwen_loc_tokens.init_new_token_embeddings(model, tok, new[:1], method="mean", noise_std=0.0)
     old = torch.ones(W.shape[0], dtype=torch.bool)
     old[torch.as_tensor(ids[:1])] = False
     assert torch.allclose(W[ids[0]], W[old].mean(0), atol=1e-5)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from raytrain import config as config_mod
+from raytrain.launch import job
 from raytrain.launch import train as launch_train
 from raytrain.models import qwen2_5_vl as qw
 from raytrain.models import tiny_qwen
@@ -29,7 +30,7 @@ def test_tokens_box_format_with_warmup_trains_and_evaluates(tmp_path, ray_cluste
     out = launch_train.main(cfg)
     metrics = json.loads(Path(out).read_text())
     assert metrics["run"]["final_step"] == 8 and metrics["trained"]["examples"] > 0
-    rows = read_history(launch_train.history_uri(cfg))
+    rows = read_history(job.history_uri(cfg))
     assert [r["step"] for r in rows if "loss" in r][-1] == 8
 
     ckpt = Path(metrics["run"]["checkpoint"])

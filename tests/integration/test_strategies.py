@@ -1,4 +1,4 @@
-"""Each strategy of recipes/lora.py trains the tiny preset on CPU through the Ray-free loop
+"""Each strategy of recipes/ddp.py trains the tiny preset on CPU through the Ray-free loop
 (`train` with a plain Session): full fine-tuning, LoRA, QLoRA 4-bit (nf4, double quant) and
 QLoRA 8-bit with real bitsandbytes and peft. The same loop runs under Ray Train in the e2e tests."""
 
@@ -13,8 +13,9 @@ from PIL import Image
 
 from raytrain import config as config_mod
 from raytrain.data import pipeline, synthetic
-from raytrain.models import paligemma
-from raytrain.recipes import lora
+from raytrain.models import family, paligemma
+from raytrain.recipes import ddp
+from raytrain.training.session import Session
 from raytrain.training import checkpointing
 
 pytestmark = pytest.mark.integration
@@ -51,7 +52,7 @@ def _session(batches, reports, resume_dir=None):
             shutil.copytree(ckpt_dir, keep, dirs_exist_ok=True)
             saved.append(keep)
 
-    s = lora.Session(rank=0, world_size=1, checkpoint_dir=checkpoint_dir, report=report, epoch_batches=lambda epoch, micro: batches)
+    s = Session(rank=0, world_size=1, checkpoint_dir=checkpoint_dir, report=report, epoch_batches=lambda epoch, micro: batches)
     return s, saved
 
 
@@ -75,7 +76,7 @@ def test_strategy_trains_and_checkpoints(strategy, tiny_model_path):
     batches = _batches(tiny_model_path, task=cfg.data.tasks[0] if cfg.data.tasks == ["detect"] else "point")
     reports = []
     session, saved = _session(batches, reports)
-    lora.train(cfg, tiny_model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
+    ddp.train(cfg, tiny_model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
     losses = [r["loss"] for r in reports]
     assert len(losses) == 24
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5, losses  # half a nat in 24 steps
@@ -89,7 +90,7 @@ def test_strategy_trains_and_checkpoints(strategy, tiny_model_path):
         size = sum(f.stat().st_size for f in (ckpt / "adapter").iterdir())
         assert size < 0.25 * 596544 * 4
     # the checkpoint reloads for inference (QLoRA adapters merge into a full-precision base)
-    model, proc = checkpointing.load_for_inference(ckpt, tiny_model_path, paligemma)
+    model, proc = checkpointing.load_for_inference(ckpt, tiny_model_path, family("paligemma"))
     assert model.training is False
 
 
@@ -112,8 +113,8 @@ def test_accumulation_carries_across_epochs_shorter_than_one_step(tiny_model_pat
             yield b
 
     reports = []
-    s = lora.Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=lambda m, d: reports.append(m), epoch_batches=epoch_batches)
-    result = lora.train(cfg, tiny_model_path, s, torch.device("cpu"), wrap_ddp=lambda m: m)
+    s = Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=lambda m, d: reports.append(m), epoch_batches=epoch_batches)
+    result = ddp.train(cfg, tiny_model_path, s, torch.device("cpu"), wrap_ddp=lambda m: m)
     assert result["step"] == 3
     assert len(drawn) == 3 * 4  # no micro-batch dropped or counted twice
     assert epochs == [0, 1, 2, 3]

@@ -25,8 +25,10 @@ from safetensors import safe_open
 from raytrain import config as config_mod
 from raytrain import storage
 from raytrain.data import pipeline, synthetic
-from raytrain.models import paligemma, task_head
-from raytrain.recipes import lora
+from raytrain.models import family, paligemma, task_head
+from raytrain.recipes import ddp
+from raytrain.training.model import build_model
+from raytrain.training.session import Session
 from raytrain.training import checkpointing
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
@@ -50,7 +52,7 @@ def batches(tiny_model_path):
 
 
 def _train(cfg, model_path, batches, resume=None):
-    """recipes.lora.train in this process; returns (reports, {step: checkpoint copy})."""
+    """recipes.ddp.train in this process; returns (reports, {step: checkpoint copy})."""
     reports, saved = [], {}
 
     def report(metrics, ckpt_dir):
@@ -60,9 +62,9 @@ def _train(cfg, model_path, batches, resume=None):
             shutil.copytree(ckpt_dir, keep, dirs_exist_ok=True)
             saved[metrics["step"]] = keep
 
-    session = lora.Session(rank=0, world_size=1, report=report, epoch_batches=lambda epoch, micro: batches,
-                           checkpoint_dir=lambda: contextlib.nullcontext(str(resume)) if resume else None)
-    lora.train(cfg, model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
+    session = Session(rank=0, world_size=1, report=report, epoch_batches=lambda epoch, micro: batches,
+                      checkpoint_dir=lambda: contextlib.nullcontext(str(resume)) if resume else None)
+    ddp.train(cfg, model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
     return reports, saved
 
 
@@ -77,7 +79,7 @@ def _logits(model, batch):
 
 def _resumed_model(cfg, model_path, ckpt):
     """The training model as the recipe builds it, with the checkpoint's weights (resume path)."""
-    model, _, _ = lora.build_model(cfg, model_path)
+    model, _, _ = build_model(cfg, model_path)
     checkpointing.load_weights(ckpt, model)
     return model
 
@@ -99,7 +101,7 @@ def test_full_finetuning_with_the_head_trains_resumes_exactly_and_reloads(tiny_m
     assert losses[8] < losses[1] - 1.0
     # the head counts in the trainable-params log, on top of what the freeze policy unfroze
     no_head = config_mod.load(None, ["train.strategy=full", *COMMON])
-    assert reports[-1]["trainable_params"] == lora.build_model(no_head, tiny_model_path)[2] + _head_count(tiny_model_path)
+    assert reports[-1]["trainable_params"] == build_model(no_head, tiny_model_path)[2] + _head_count(tiny_model_path)
     assert sorted(saved) == [3, 6, 8]
 
     final = saved[8]
@@ -119,7 +121,7 @@ def test_full_finetuning_with_the_head_trains_resumes_exactly_and_reloads(tiny_m
             torch.testing.assert_close(a.get_tensor(k), b.get_tensor(k), atol=1e-6, rtol=0)
 
     # inference from the checkpoint: the head is re-installed and the logits are the trained model's
-    model, proc = checkpointing.load_for_inference(final, tiny_model_path, paligemma)
+    model, proc = checkpointing.load_for_inference(final, tiny_model_path, family("paligemma"))
     assert task_head.find(model) is not None
     assert torch.equal(_logits(model, batches[0]), _logits(_resumed_model(cfg, tiny_model_path, final), batches[0]))
     # a run configured without the head cannot silently resume a checkpoint that has one
@@ -133,7 +135,7 @@ def test_lora_with_the_head_saves_it_beside_the_adapter(tiny_model_path, batches
     print(f"\nlora + head losses: {[round(r['loss'], 4) for r in reports]}")
     assert reports[-1]["loss"] < reports[0]["loss"] - 0.5
     no_head = config_mod.load(None, ["train.strategy=lora", "lora.r=8", "lora.alpha=16", *COMMON])
-    assert reports[-1]["trainable_params"] == lora.build_model(no_head, tiny_model_path)[2] + _head_count(tiny_model_path)
+    assert reports[-1]["trainable_params"] == build_model(no_head, tiny_model_path)[2] + _head_count(tiny_model_path)
 
     adapter = saved[6] / "adapter"
     assert (adapter / task_head.FILE).exists()
@@ -144,7 +146,7 @@ def test_lora_with_the_head_saves_it_beside_the_adapter(tiny_model_path, batches
         assert not [k for k in f.keys() if "task_head" in k]
 
     trained = _resumed_model(cfg, tiny_model_path, saved[6])  # peft model + head, as training left it
-    merged, _ = checkpointing.load_for_inference(saved[6], tiny_model_path, paligemma)
+    merged, _ = checkpointing.load_for_inference(saved[6], tiny_model_path, family("paligemma"))
     assert task_head.find(merged) is not None and not hasattr(merged, "peft_config")
     torch.testing.assert_close(_logits(merged, batches[1]), _logits(trained, batches[1]), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(_logits(merged, batches[1]), _logits(paligemma.load(tiny_model_path)[0], batches[1]), atol=1e-2)
@@ -168,7 +170,7 @@ def test_zero3_gathers_and_consolidates_the_head(tiny_model_path, batches, tmp_p
         if ckpt_dir:
             shutil.copytree(ckpt_dir, store, dirs_exist_ok=True)
 
-    session = lora.Session(rank=0, world_size=1, report=report, epoch_batches=lambda e, m: batches, checkpoint_dir=lambda: None)
+    session = Session(rank=0, world_size=1, report=report, epoch_batches=lambda e, m: batches, checkpoint_dir=lambda: None)
     try:
         out = zero.train(cfg, tiny_model_path, session, torch.device("cpu"))
         gathered = zero.gathered_state_dict(out["engine"])
@@ -190,6 +192,7 @@ def test_zero3_gathers_and_consolidates_the_head(tiny_model_path, batches, tmp_p
 
 def test_ray_train_with_the_head_then_eval_from_the_checkpoint(tmp_path, ray_cluster, tiny_model_path):
     """`raytrain train` (TorchTrainer, 2 DDP workers, Ray Data) with LoRA + head, then the eval pool."""
+    from raytrain.launch import job
     from raytrain.launch import train as launch_train
     from raytrain.training.metrics import read_history
 
@@ -199,10 +202,10 @@ def test_ray_train_with_the_head_then_eval_from_the_checkpoint(tmp_path, ray_clu
         "eval.batch_size=16", "eval.cpus_per_actor=0.25", "train.strategy=lora", "lora.r=8", "lora.alpha=16", "train.lr=5e-3",
         "model.freeze_vision=true", "model.train_projector=false", HEAD])
     metrics = json.loads(Path(launch_train.main(cfg)).read_text())
-    rows = read_history(launch_train.history_uri(cfg))
+    rows = read_history(job.history_uri(cfg))
     assert rows[0]["loss"] > rows[-1]["loss"]
     no_head = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, task_head_queries=0))
-    assert rows[-1]["trainable_params"] == lora.build_model(no_head, tiny_model_path)[2] + _head_count(tiny_model_path)
+    assert rows[-1]["trainable_params"] == build_model(no_head, tiny_model_path)[2] + _head_count(tiny_model_path)
     ckpt = Path(metrics["run"]["checkpoint"])
     assert (ckpt / "adapter" / task_head.FILE).exists() and not (ckpt / "adapter" / checkpointing.EXTRA).exists()
     assert metrics["trained"]["examples"] > 0
@@ -211,10 +214,10 @@ def test_ray_train_with_the_head_then_eval_from_the_checkpoint(tmp_path, ray_clu
     # checkpoint (head re-installed) decodes for the same examples
     from raytrain.eval.batch import Predictor
 
-    run = storage.run_dir(launch_train.runs_root(cfg), cfg.name)
+    run = storage.run_dir(job.runs_root(cfg), cfg.name)
     preds = {p["id"]: p["text"] for p in map(json.loads, (Path(run) / "eval" / f"predictions_{cfg.eval.split}.jsonl").read_text().splitlines())}
     proc = paligemma.load_processor(tiny_model_path)
-    batch = pipeline.examples_dataset(launch_train.data_uri(cfg), cfg.eval.split, tasks=cfg.data.tasks,
+    batch = pipeline.examples_dataset(job.data_uri(cfg), cfg.eval.split, tasks=cfg.data.tasks,
                                       image_hw=paligemma.image_size(proc), family="paligemma").take_batch(6, batch_format="numpy")
     from raytrain.predict import DecodeOptions
 

@@ -20,6 +20,7 @@ from PIL import Image
 from raytrain.data.synthetic import make_example
 from raytrain.eval.decoding import GrammarLogitsProcessor, token_logprobs
 from raytrain.formats import qwen as fmt
+from raytrain.formats import qwen_grammar
 from raytrain.formats import text_grammar as tg
 from raytrain.formats.annotations import Box, Point
 from raytrain.models import family
@@ -81,7 +82,7 @@ def generate(model, processor, rep, kind, images, labels, grammars=None, max_new
 
 
 def grammars_for(processor, rep, kind, labels, max_objects=MAX_OBJECTS):
-    return [tg.compile_grammar(fmt.answer_grammar(kind, lb, rep, SIDE, SIDE, max_objects), processor.tokenizer) for lb in labels]
+    return [tg.compile_grammar(qwen_grammar.answer_grammar(kind, lb, rep, SIDE, SIDE, max_objects), processor.tokenizer) for lb in labels]
 
 
 def parse(text, kind, rep, labels):
@@ -231,7 +232,7 @@ def test_large_vocabulary_accepts_answers_and_steps_fast(big_tokenizer):
     try:
         for rep in fmt.REPRESENTATIONS:
             for kind in ("point", "box"):
-                answer = fmt.answer_grammar(kind, labels, rep, fw, fh, max_objects=8)
+                answer = qwen_grammar.answer_grammar(kind, labels, rep, fw, fh, max_objects=8)
                 times = []
                 for _ in range(6):  # rendered answers, token by token
                     g = tg.TextGrammar(answer, tg.token_vocab(tok), [tok.eos_token_id])  # cold: no cached state

@@ -14,6 +14,7 @@ import torch
 
 from raytrain import config as config_mod
 from raytrain import storage
+from raytrain.launch import job
 from raytrain.launch import train as launch_train
 from raytrain.training import checkpointing
 from raytrain.training.metrics import read_history
@@ -38,7 +39,7 @@ def _cfg(root: str, name: str, model: str, *extra: str) -> config_mod.Experiment
 
 
 def _run_dir(cfg) -> str:
-    return storage.run_dir(launch_train.runs_root(cfg), cfg.name)
+    return storage.run_dir(job.runs_root(cfg), cfg.name)
 
 
 def test_stop_and_rerun_resumes_from_latest_checkpoint(s3_bucket, s3_opts, ray_cluster, tiny_model_path, tmp_path):
@@ -47,7 +48,7 @@ def test_stop_and_rerun_resumes_from_latest_checkpoint(s3_bucket, s3_opts, ray_c
                  "train.steps=40", f"ray.address={ray_cluster.get_runtime_context().gcs_address}"]
     cmd = [sys.executable, "-m", "raytrain.cli", "train", "--config", "jobs/tiny/shapes.yaml", *overrides]
     cfg = config_mod.load("jobs/tiny/shapes.yaml", overrides)
-    hist_uri = launch_train.history_uri(cfg)
+    hist_uri = job.history_uri(cfg)
 
     # 1) start the job and stop it (Ctrl-C) once a checkpoint exists
     log = tmp_path / "first.log"
@@ -102,7 +103,7 @@ def test_injected_worker_failure_is_retried(tmp_path, ray_cluster, tiny_model_pa
     out = launch_train.main(cfg)
     metrics = json.loads(Path(out).read_text())
     assert metrics["run"]["final_step"] == 24
-    rows = read_history(launch_train.history_uri(cfg))
+    rows = read_history(job.history_uri(cfg))
     assert any(r["resumed_from"] == 8 for r in rows), "the retry did not restore the step-8 checkpoint"
     assert rows[0]["loss"] > rows[-1]["loss"]  # it learns across the restart
     assert metrics["trained"]["n"] == metrics["trained"]["examples"] // 2 > 0  # every test example scored
@@ -114,7 +115,7 @@ def test_lora_trains_an_adapter(tmp_path, ray_cluster, tiny_model_path):
                "model.freeze_vision=true", "model.train_projector=false")  # adapters only: the tower stays frozen
     out = launch_train.main(cfg)
     metrics = json.loads(Path(out).read_text())
-    rows = read_history(launch_train.history_uri(cfg))
+    rows = read_history(job.history_uri(cfg))
     assert rows[0]["loss"] > rows[-1]["loss"]
     # LoRA trains a small fraction of the model
     assert 0 < rows[-1]["trainable_params"] < 0.2 * 596544
@@ -136,7 +137,7 @@ def test_qwen_trains_through_the_same_recipe_and_parses_in_source_frame(tmp_path
                                                          "train.micro_batch_size=4", "train.lr=3e-3", "eval.batch_size=8"])
     out = launch_train.main(cfg)
     metrics = json.loads(Path(out).read_text())
-    rows = read_history(launch_train.history_uri(cfg))
+    rows = read_history(job.history_uri(cfg))
     assert rows[0]["loss"] > rows[-1]["loss"] + 0.5
     assert metrics["run"]["final_step"] == 24 and metrics["trained"]["examples"] > 0
     ckpt = Path(metrics["run"]["checkpoint"])

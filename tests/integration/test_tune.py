@@ -5,7 +5,12 @@ best trial (overrides, metric, checkpoint) in best.json.
 
 30 steps are too few for the random-init tiny model to answer in the <loc> format, so its trials
 usually tie at the worst value (1.0); which trial wins under min / max, and how errored trials and
-checkpoints are handled, is checked on constructed results (`test_best_trial_follows_the_mode...`)."""
+checkpoints are handled, is checked on constructed results (`test_best_trial_follows_the_mode...`).
+
+A trial is built like `raytrain train`'s run (launch/trainer.py): on a two-node cluster whose only
+trainer node has a custom resource, a zero2 job's trial and a full job's trial run THEIR recipe on
+workers that asked for the job's scale.resources_per_worker, placed as scale.placement_strategy says
+(`test_trials_run_the_jobs_recipe_with_the_jobs_resources`)."""
 
 import json
 import os
@@ -19,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from raytrain.launch import tune as launch_tune
-from raytrain.training import checkpointing
+from raytrain.training import checkpointing, zero_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -195,3 +200,42 @@ def test_sweep_interrupted_then_resumed_finishes_remaining_trials_and_records_be
     assert (ckpt / checkpointing.TRAINER_STATE).exists()
     assert checkpointing.read_state(ckpt)["step"] == best["checkpoint_step"] == best["step"]
     print(f"\nsweep: first run {t_first:.0f} s, resume {time.time() - t0 - t_first:.0f} s; steps {steps}; finals {finals}")
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_trials_run_the_jobs_recipe_with_the_jobs_resources(tmp_path, tiny_model_path):
+    """One-trial sweeps of a zero2 job (2 workers, SPREAD) and a full job (1 worker, PACK), each with
+    scale.resources_per_worker={trainer: 1}, on a head (2 CPUs) + one node holding the cluster's only
+    `trainer` resource (_tune_resources_job.py owns that cluster in its own process)."""
+    proc = subprocess.run([sys.executable, str(REPO / "tests/integration/_tune_resources_job.py"), str(tmp_path / "store"), tiny_model_path],
+                          cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    for strategy, workers, placement in (("zero2", 2, "SPREAD"), ("full", 1, "PACK")):
+        r = res[strategy]
+        # the trial's Train workers asked for the job's resources and placement: its worker group's
+        # placement group has one {CPU: 0.5, trainer: 1} bundle per worker, with the job's strategy
+        (group,) = r["groups"]
+        assert group["bundles"] == [{"CPU": 0.5, "trainer": 1.0}] * workers, group
+        assert group["strategy"] == placement
+        # ... so every rank ran on the only node that has the resource (the head has free CPUs too)
+        assert r["history"] and all(h["node_ips"] == ["127.0.0.2"] * workers for h in r["history"]), r["history"]
+        # the trial ran to the end and reported the objective (ZeRO validates in training too)
+        best = r["best"]
+        assert best["step"] == 4 and isinstance(best["value"], float) and 0.0 <= best["value"] <= 1.0
+        assert best["config"]["train"]["strategy"] == strategy and best["config"]["scale"]["resources_per_worker"] == {"trainer": 1.0}
+        ckpt = Path(best["checkpoint"])
+        state = checkpointing.read_state(ckpt)
+        assert state["strategy"] == strategy and state["step"] == 4
+        if strategy == "zero2":  # recipes/zero.py's layout: both ranks' ZeRO-2 shards, no model/ or adapter/
+            assert state["zero_stage"] == 2 and state["world_size"] == 2
+            shards = zero_checkpoint.shard_files(ckpt)
+            assert sorted(Path(f).name for f in shards if f.endswith("optim_states.pt")) == [
+                f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)]
+            assert not (ckpt / "model").exists() and not (ckpt / "adapter").exists()
+        else:  # recipes/ddp.py's full fine-tuning layout
+            assert "zero_stage" not in state and (ckpt / "model").is_dir() and not (ckpt / "zero").exists()

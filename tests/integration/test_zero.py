@@ -74,23 +74,27 @@ def test_ds_config_follows_the_experiment():
     from raytrain.recipes import zero
 
     cfg = config_mod.load(None, ["train.strategy=zero3", "model.dtype=bfloat16", "train.micro_batch_size=4", "train.grad_accum=3",
-                                 "train.max_grad_norm=0.5"])
-    conf = zero.ds_config(cfg, zero.ZeroOptions.from_dict({"offload_optimizer": True, "offload_param": True}), load_universal=True)
+                                 "train.max_grad_norm=0.5", "zero.offload_optimizer=true", "zero.offload_param=true"])
+    conf = zero.ds_config(cfg, load_universal=True)
     assert conf["zero_optimization"]["stage"] == 3 and conf["bf16"] == {"enabled": True}
     assert (conf["train_micro_batch_size_per_gpu"], conf["gradient_accumulation_steps"], conf["gradient_clipping"]) == (4, 3, 0.5)
     assert conf["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and conf["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert conf["checkpoint"] == {"load_universal": True}
     cfg2 = config_mod.load(None, ["train.strategy=zero2"])
-    conf2 = zero.ds_config(cfg2, zero.ZeroOptions())
+    conf2 = zero.ds_config(cfg2)
     assert conf2["zero_optimization"] == {"stage": 2} and conf2["bf16"] == {"enabled": False} and "checkpoint" not in conf2
-    with pytest.raises(ValueError, match="offload_param"):
-        zero.ds_config(cfg2, zero.ZeroOptions(offload_param=True))
-    with pytest.raises(ValueError, match="unknown zero option"):
-        zero.ZeroOptions.from_dict({"offload": True})
+    assert zero.ds_config(config_mod.load(None, ["train.strategy=zero2", "zero.offload_optimizer=true"]))["zero_optimization"]["offload_optimizer"]
+    # the offload switches are checked where they are written: the config
+    with pytest.raises(ValueError, match="offload_param needs train.strategy=zero3"):
+        config_mod.load(None, ["train.strategy=zero2", "zero.offload_param=true"])
+    with pytest.raises(ValueError, match="are DeepSpeed options"):
+        config_mod.load(None, ["train.strategy=full", "zero.offload_optimizer=true"])
+    with pytest.raises(ValueError, match="unknown config key"):
+        config_mod.load(None, ["train.strategy=zero3", "zero.offload=true"])
 
 
 # ----------------------------------------------------------------------------------------------
-# Ray helpers (the few lines of launch/train.fit, with the ZeRO recipe)
+# Ray helpers (launch/trainer.py's TorchTrainer, as launch/train.fit builds it)
 
 
 def _cfg(root: Path, name: str, model: str, *extra: str):
@@ -115,31 +119,16 @@ def shapes_ds(tmp_path_factory, ray_cluster, tiny_model_path):
     ).materialize()
 
 
-def _fit(cfg, base_path: str, train_ds, *, zero_opts: dict | None = None):
-    """launch/train.fit with the ZeRO recipe; returns (Result, history rows)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from raytrain.launch import train as launch_train
-    from raytrain.recipes import zero
+def _fit(cfg, base_path: str, train_ds, *, data_uri: str = ""):
+    """launch/train.fit's trainer (launch/trainer.py picks the ZeRO recipe from train.strategy)
+    on the module's dataset; returns (Result, history rows)."""
+    from raytrain.launch import job, trainer
     from raytrain.training.metrics import HistoryCallback, read_history
 
-    trainer = TorchTrainer(
-        zero.train_fn_per_worker,
-        train_loop_config={"experiment": cfg.to_dict(), "model_path": base_path, "zero": zero_opts or {}},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=False, resources_per_worker={"CPU": cfg.scale.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=cfg.name,
-            storage_path=launch_train.runs_root(cfg),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scale.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            callbacks=[HistoryCallback(launch_train.history_uri(cfg))],
-        ),
-        datasets={"train": train_ds},
-    )
-    result = trainer.fit()
+    result = trainer.build_trainer(cfg, model_path=base_path, data_uri=data_uri, datasets={"train": train_ds}, name=cfg.name,
+                                   runs_root=job.runs_root(cfg), callbacks=[HistoryCallback(job.history_uri(cfg))]).fit()
     assert result.error is None, result.error
-    return result, read_history(launch_train.history_uri(cfg))
+    return result, read_history(job.history_uri(cfg))
 
 
 def _shard_bytes(ckpt: Path) -> dict[str, int]:
@@ -208,7 +197,7 @@ def test_zero3_on_ray_trains_consolidates_and_resumes_on_one_worker(tmp_path, sh
     t_resume = time.perf_counter() - t1
     assert rows1[0]["resumed_from"] == 20 and rows1[0]["step"] > 20 and rows1[-1]["step"] == 24
     # the lr schedule continues at the restored step (scheduler state came through the conversion);
-    # as in recipes/lora.py, a report's lr is the scheduler's after that step: lr_lambda(step)
+    # as in recipes/ddp.py, a report's lr is the scheduler's after that step: lr_lambda(step)
     for r in rows1:
         assert r["lr"] == pytest.approx(cfg1.train.lr * optim.lr_lambda(r["step"], warmup=cfg1.train.warmup_steps, total=24), rel=1e-6)
     assert rows1[0]["loss"] < 0.8 * rows[0]["loss"]  # trained weights came back
@@ -265,7 +254,8 @@ def _worker_main(rank: int, world: int, port: int, args: dict) -> None:
     import torch.distributed as dist
 
     from raytrain import config as config_mod
-    from raytrain.recipes import lora, zero
+    from raytrain.recipes import zero
+    from raytrain.training.session import Session, broadcast_flag
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -293,11 +283,20 @@ def _worker_main(rank: int, world: int, port: int, args: dict) -> None:
         if args.get("stop_after") and metrics["step"] >= args["stop_after"]:
             raise Stop()  # the "crash", on every rank: nothing after this step runs
 
-    resume = args.get("resume")
-    session = lora.Session(rank=rank, world_size=world, report=report, epoch_batches=epoch_batches,
-                           checkpoint_dir=lambda: contextlib.nullcontext(resume) if resume else None)
+    resume, val = args.get("resume"), args.get("val")
+
+    def val_examples():  # what training/session.py's Ray glue loads: the fixed subset, on each rank that asks
+        from raytrain.training import validation
+
+        return validation.load_examples(val["uri"], "val", val["n"], tasks=["point"], image_hw=(64, 64))
+
+    session = Session(rank=rank, world_size=world, report=report, epoch_batches=epoch_batches,
+                      checkpoint_dir=lambda: contextlib.nullcontext(resume) if resume else None,
+                      val_examples=val_examples if val else None, broadcast_flag=broadcast_flag)
     with contextlib.suppress(Stop):
         out = zero.train(cfg, args["model_path"], session, torch.device("cpu"))
+        if args.get("result"):
+            Path(args["result"] + f".{rank}").write_text(json.dumps({k: v for k, v in out.items() if k != "engine"}))
         if args.get("gathered"):
             sd = zero.gathered_state_dict(out["engine"])  # collective
             if rank == 0:
@@ -308,8 +307,8 @@ def _worker_main(rank: int, world: int, port: int, args: dict) -> None:
     dist.destroy_process_group()
 
 
-def _run_ranks(world: int, args: dict, timeout: int = 600) -> dict[int, float]:
-    """Start `world` processes of this file; returns {step: loss} of rank 0."""
+def _run_ranks(world: int, args: dict, timeout: int = 600, rows: list | None = None) -> dict[int, float]:
+    """Start `world` processes of this file; returns {step: loss} of rank 0 (`rows`: its whole reports)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -328,7 +327,10 @@ def _run_ranks(world: int, args: dict, timeout: int = 600) -> dict[int, float]:
                 p.kill()
     for p, o in zip(procs, outs):
         assert p.returncode == 0, o[-4000:]
-    return {r["step"]: r["loss"] for r in json.loads(Path(args["rows"]).read_text())}
+    reports = json.loads(Path(args["rows"]).read_text())
+    if rows is not None:
+        rows.extend(reports)
+    return {r["step"]: r["loss"] for r in reports}
 
 
 def test_exact_resume_and_consolidation_equal_engine_weights(tmp_path, tiny_model_path, deepspeed_op):
@@ -369,12 +371,52 @@ def test_exact_resume_and_consolidation_equal_engine_weights(tmp_path, tiny_mode
 
 
 
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_zero_validates_in_training_and_stops_early(strategy, tmp_path, tiny_model_path, deepspeed_op):
+    """train.val_every / train.early_stop_metric under ZeRO, 2 ranks: rank 0 scores the fixed val
+    subset (ZeRO-3: every rank decodes it in step, each forward being a collective), decides, and
+    both ranks stop together. lr 0 cannot improve the metric: with patience 1 the run stops at the
+    second validation (step 8 of 16), which writes a checkpoint; patience 10 runs to the end."""
+    from raytrain.data import shards
+    from raytrain.training import zero_checkpoint
+
+    uri = str(tmp_path / "data")
+    shards.prepare_synthetic(uri, n=60, seed=4, splits={"train": 0.5, "val": 0.5})
+    torch.save(_batches(tiny_model_path, n=32), tmp_path / "data.pt")  # 4 micro-batches of 4 per rank per epoch
+    base = [f"train.strategy={strategy}", "train.steps=16", "train.micro_batch_size=4", "train.warmup_steps=0", "train.log_every=4",
+            "train.checkpoint_every=100", "train.lr=0.0", "model.freeze_vision=false", "train.val_every=4", "train.val_examples=6",
+            "train.early_stop_metric=val_norm_distance_all"]
+    common = {"model_path": tiny_model_path, "data": str(tmp_path / "data.pt"), "val": {"uri": uri, "n": 6}}
+
+    rows: list[dict] = []
+    _run_ranks(2, {**common, "overrides": [*base, "train.early_stop_patience=1"], "store": str(tmp_path / "stop"),
+                   "rows": str(tmp_path / "stop.json"), "result": str(tmp_path / "stop_result")}, rows=rows)
+    vals = [r for r in rows if "val_norm_distance_all" in r]
+    assert [r["step"] for r in vals] == [4, 8]
+    assert all(r["val_n"] == 6 and 0.0 <= r["val_norm_distance_all"] <= 1.0 for r in vals)
+    assert [r["early_stopped"] for r in vals] == [0, 1] and vals[-1]["early_stop_best"] == vals[0]["val_norm_distance_all"]
+    assert rows[-1]["step"] == 8
+    for rank in (0, 1):  # rank 0's decision reached rank 1
+        out = json.loads((tmp_path / f"stop_result.{rank}").read_text())
+        assert (out["step"], out["early_stopped"]) == (8, True), (rank, out)
+    # validations that can stop the run write a checkpoint (checkpoint_every is 100)
+    assert sorted(p.name for p in (tmp_path / "stop").iterdir()) == ["step_00004", "step_00008"]
+    assert zero_checkpoint.read_state(tmp_path / "stop" / "step_00008")["metrics"]["early_stopped"] == 1
+
+    rows = []
+    _run_ranks(2, {**common, "overrides": [*base, "train.early_stop_patience=10"], "store": str(tmp_path / "full"),
+                   "rows": str(tmp_path / "full.json")}, rows=rows)
+    vals = [r for r in rows if "val_norm_distance_all" in r]
+    assert [r["step"] for r in vals] == [4, 8, 12, 16] and not any(r["early_stopped"] for r in vals)
+
+
 def test_zero_recipe_trains_the_configured_objective(tmp_path, tiny_model_path, deepspeed_op):
     """Every loss.* option reaches the ZeRO recipe: its first-step loss (same weights, same first
     micro-batch, before any update) equals the DDP recipe's with the same options, and those options
     change the loss (they are not silently dropped, as they were before the recipes shared one loss)."""
     from raytrain import config as config_mod
-    from raytrain.recipes import lora
+    from raytrain.recipes import ddp
+    from raytrain.training.session import Session
 
     torch.set_num_threads(1)
     torch.save(_batches(tiny_model_path), tmp_path / "data.pt")
@@ -392,9 +434,9 @@ def test_zero_recipe_trains_the_configured_objective(tmp_path, tiny_model_path, 
             for i in range(0, len(perm) - micro + 1, micro):
                 yield {k: v[perm[i : i + micro]] for k, v in data.items()}
 
-        session = lora.Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=lambda m, d: rows.append(m),
-                               epoch_batches=epoch_batches)
-        lora.train(cfg, tiny_model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
+        session = Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=lambda m, d: rows.append(m),
+                          epoch_batches=epoch_batches)
+        ddp.train(cfg, tiny_model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
         return rows[0]["loss"]
 
     plain, weighted = ddp_first_loss([]), ddp_first_loss(objective)

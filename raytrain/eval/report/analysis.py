@@ -413,7 +413,7 @@ def summary(metrics: dict | None) -> list[dict]:
 
 def calibration(metrics: dict | None, notes: list[str]) -> dict[str, dict]:
     """``{column: {"ece", "bins"}}`` for each column holding a ``calibration`` block (the
-    output of ``decoding.reliability_bins`` and ``expected_calibration_error``). Bins keep
+    output of ``eval.metrics.calibration.reliability_bins`` and ``expected_calibration_error``). Bins keep
     ``lo``, ``hi``, ``count``, ``confidence``, ``accuracy`` (None for an empty bin); a bin
     without a finite range is dropped and noted, a block without usable bins or ECE too."""
     out: dict[str, dict] = {}

@@ -15,7 +15,8 @@ from PIL import Image
 from raytrain import config as config_mod
 from raytrain import predict
 from raytrain.data import pipeline
-from raytrain.data.preprocess import Geometry, Preprocess, blend_edges, canny_edges, resolve_recorded
+from raytrain.config import Preprocess
+from raytrain.data.preprocess import Geometry, apply, blend_edges, canny_edges, geometry, resolve_recorded
 from raytrain.eval import batch as eval_batch
 from raytrain.formats.annotations import Box, Mask, Point, Region, box_iou, objects_from_json, objects_to_json
 from raytrain.models import family
@@ -40,7 +41,7 @@ def _png(arr: np.ndarray) -> bytes:
     fx=st.tuples(st.floats(0, 1), st.floats(0, 1)), fy=st.tuples(st.floats(0, 1), st.floats(0, 1)),
 )
 def test_letterbox_round_trips_boxes_and_points(w, h, hw, fx, fy):
-    g = LETTERBOX.geometry(w, h, hw)
+    g = geometry(LETTERBOX, w, h, hw)
     (ax, bx), (ay, by) = sorted(fx), sorted(fy)
     x1, y1 = ax * (w - 1), ay * (h - 1)  # a box of at least one pixel inside the image
     box = Box(x1, y1, min(w, max(bx * w, x1 + 1)), min(h, max(by * h, y1 + 1)), "b")
@@ -61,26 +62,26 @@ def test_letterbox_round_trips_boxes_and_points(w, h, hw, fx, fy):
 
 
 def test_non_square_letterbox_numbers():
-    g = LETTERBOX.geometry(300, 120, (224, 224))
+    g = geometry(LETTERBOX, 300, 120, (224, 224))
     assert g.content_box == (0, 67, 224, 157) and not g.covers_input  # 120 * 224/300 = 89.6 -> 90 rows
     m = g.to_model(Box(30, 12, 150, 60, "x"))
     assert (m.x1, m.x2) == pytest.approx((22.4, 112.0)) and (m.y1, m.y2) == pytest.approx((67 + 9.0, 67 + 45.0))
     # stretch: the whole input, so targets render from source pixels exactly as before
-    s = Preprocess().geometry(300, 120, (224, 224))
+    s = geometry(Preprocess(), 300, 120, (224, 224))
     assert s.covers_input and s.target_frame([Box(1, 2, 3, 4)]) == ([Box(1, 2, 3, 4)], 300, 120)
     # a square source letterboxed into a square input needs no padding: the same as a stretch
-    assert LETTERBOX.geometry(64, 64, (224, 224)).covers_input
+    assert geometry(LETTERBOX, 64, 64, (224, 224)).covers_input
 
 
 def test_predictions_in_the_padding_clip_to_the_image():
-    g = LETTERBOX.geometry(300, 120, (224, 224))
+    g = geometry(LETTERBOX, 300, 120, (224, 224))
     assert g.to_source(Point(10, 5)) == Point(10 * 300 / 224, 0.0)
     b = g.to_source(Box(-3, 60, 230, 200))
     assert (b.x1, b.y1, b.x2, b.y2) == (0.0, 0.0, 300.0, 120.0)
 
 
 def test_regions_and_masks_map_both_ways():
-    g = LETTERBOX.geometry(90, 60, (64, 64))
+    g = geometry(LETTERBOX, 90, 60, (64, 64))
     r = Region(9, 6, 45, 30, "a dog")
     back = g.to_source(g.to_model(r))
     assert (back.x1, back.y1, back.x2, back.y2) == pytest.approx((9, 6, 45, 30)) and back.phrase == "a dog"
@@ -105,8 +106,8 @@ def test_pixels_agree_with_mapped_coordinates():
     src = np.full((h, w, 3), 200, np.uint8)
     src[30:90, 60:180] = (255, 0, 0)
     prep = Preprocess(resize="letterbox", pad_color=(114, 114, 114))
-    g = prep.geometry(w, h, (224, 224))
-    out = prep.apply(Image.fromarray(src), g)
+    g = geometry(prep, w, h, (224, 224))
+    out = apply(prep, Image.fromarray(src), g)
     assert out.shape == (224, 224, 3)
     assert (out[: g.y0] == 114).all() and (out[g.y1 :] == 114).all()
     red = (out[..., 0] > 200) & (out[..., 1] < 60)
@@ -118,9 +119,9 @@ def test_pixels_agree_with_mapped_coordinates():
 
 def test_stretch_is_the_old_bilinear_resize():
     src = np.random.default_rng(0).integers(0, 256, (50, 80, 3), dtype=np.uint8)
-    g = Preprocess().geometry(80, 50, (64, 64))
+    g = geometry(Preprocess(), 80, 50, (64, 64))
     want = np.asarray(Image.fromarray(src).resize((64, 64), Image.BILINEAR))
-    assert np.array_equal(Preprocess().apply(src, g), want)
+    assert np.array_equal(apply(Preprocess(), src, g), want)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,9 +132,9 @@ def test_edge_blend_on_a_photograph_is_70_image_30_edges():
     skdata = pytest.importorskip("skimage.data")
     photo = skdata.astronaut()[:, 64:448]  # 384 x 512, a real photograph (scikit-image's data folder)
     prep = Preprocess(resize="letterbox", pad_color=(114, 114, 114), edge_blend=0.3)
-    g = prep.geometry(384, 512, (224, 224))
-    out = prep.apply(photo, g).astype(np.float64)
-    plain = Preprocess(resize="letterbox", pad_color=(114, 114, 114)).apply(photo, g).astype(np.float64)
+    g = geometry(prep, 384, 512, (224, 224))
+    out = apply(prep, photo, g).astype(np.float64)
+    plain = apply(Preprocess(resize="letterbox", pad_color=(114, 114, 114)), photo, g).astype(np.float64)
     # the padding is untouched and carries no edge (edges are found on the content only)
     assert (out[:, : g.x0] == 114).all() and (out[:, g.x1 :] == 114).all()
     content, base = out[:, g.x0 : g.x1], plain[:, g.x0 : g.x1]
@@ -183,16 +184,17 @@ def test_bad_specs_fail_clearly(kwargs):
         Preprocess(**kwargs)
 
 
-def test_config_keys_build_the_spec_and_are_validated():
-    from raytrain.data.preprocess import from_data_config
-
-    cfg = config_mod.load(None, ["data.resize=letterbox", "data.edge_blend=0.3", "data.pad_color=[114,114,114]"])
-    assert from_data_config(cfg.data) == Preprocess("letterbox", (114, 114, 114), 0.3)
-    assert from_data_config(config_mod.load(None).data) == Preprocess()  # defaults: the old behaviour
-    with pytest.raises(ValueError, match="data: resize must be one of"):
-        config_mod.load(None, ["data.resize=crop"])
+def test_config_section_is_the_spec_and_is_validated():
+    cfg = config_mod.load(None, ["data.preprocess.resize=letterbox", "data.preprocess.edge_blend=0.3",
+                                 "data.preprocess.pad_color=[114,114,114]"])
+    assert cfg.data.preprocess == Preprocess("letterbox", (114, 114, 114), 0.3)
+    assert config_mod.load(None).data.preprocess == Preprocess()  # defaults: the old behaviour
+    with pytest.raises(ValueError, match="preprocess.resize must be one of"):
+        config_mod.load(None, ["data.preprocess.resize=crop"])
     with pytest.raises(ValueError, match="edge_blend"):
-        config_mod.load(None, ["data.edge_blend=2"])
+        config_mod.load(None, ["data.preprocess.edge_blend=2"])
+    with pytest.raises(ValueError, match=r"resize is now data\.preprocess\.resize"):  # the old flat keys say where they went
+        config_mod.load(None, ["data.resize=letterbox"])
 
 
 def test_record_round_trip_and_policy(caplog):
@@ -202,6 +204,11 @@ def test_record_round_trip_and_policy(caplog):
     assert Preprocess.from_dict(None) == Preprocess()  # a checkpoint from before records: stretch
     with pytest.raises(ValueError, match="unknown preprocess key"):
         Preprocess.from_dict({**rec, "clahe": True})
+    # a record as checkpoints written before data.preprocess existed hold it (state.json "preprocess"):
+    # the same keys, so it loads, and today's records are written the same way
+    old = {"resize": "letterbox", "pad_color": [114, 114, 114], "edge_blend": 0.3, "edge_sigma": 1.0, "edge_low": 0.1, "edge_high": 0.2}
+    assert Preprocess.from_dict(old) == Preprocess("letterbox", (114, 114, 114), 0.3)
+    assert Preprocess.from_dict(old).to_dict() == old
     with caplog.at_level(logging.WARNING, logger="raytrain.data.preprocess"):
         assert resolve_recorded(rec, Preprocess(), "ckpt") == p  # the record wins ...
     assert "using the recorded preprocessing" in caplog.text and "resize" in caplog.text  # ... loudly
@@ -229,7 +236,7 @@ def test_letterboxed_stage_renders_targets_in_the_padded_frame(fam_name, hw):
     prep = Preprocess(resize="letterbox", pad_color=(0, 0, 0))
     out = pipeline.decode_and_expand(_row(), split="val", tasks=["point", "detect"], image_hw=hw, family=fam_name,
                                      preprocess=prep.to_dict())
-    g = prep.geometry(200, 100, hw)
+    g = geometry(prep, 200, 100, hw)
     assert out["image"].shape == (2, hw[0], hw[1], 3)
     assert out["content_box"].tolist() == [list(g.content_box)] * 2 and g.y0 > 0  # padded top and bottom
     assert (out["image"][:, : g.y0] == 0).all() and (out["image"][:, g.y1 :] == 0).all()
@@ -269,7 +276,7 @@ def test_serve_answer_maps_back_from_the_recorded_frame():
     from raytrain.serve.app import answer_body
 
     fam = family("paligemma")
-    g = LETTERBOX.geometry(200, 100, (224, 224))
+    g = geometry(LETTERBOX, 200, 100, (224, 224))
     box = Box(40, 20, 120, 70, "cat")
     text = predict.Generation(fam.render_example("detect", "cat", *g.target_frame([box]), (224, 224))[1], [], [])
     got = answer_body(predict.read_answer(fam, None, "detect", "cat", text, g))["objects"][0]
@@ -280,7 +287,7 @@ def test_serve_answer_maps_back_from_the_recorded_frame():
 
 
 def test_geometry_rebuilds_from_the_stored_content_box():
-    g = LETTERBOX.geometry(640, 480, (96, 160))
+    g = geometry(LETTERBOX, 640, 480, (96, 160))
     assert Geometry.from_content_box(640, 480, (96, 160), np.asarray(g.content_box, np.int32)) == g
 
 
@@ -297,10 +304,11 @@ def test_checkpoint_records_the_preprocessing(tiny_model_path, tmp_path):
     model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     p = Preprocess("letterbox", (114, 114, 114), 0.3)
-    cfg = config_mod.load(None, ["data.resize=letterbox", "data.edge_blend=0.3", "data.pad_color=[114,114,114]"])
-    from raytrain.data.preprocess import from_data_config
+    cfg = config_mod.load(None, ["data.preprocess.resize=letterbox", "data.preprocess.edge_blend=0.3",
+                                 "data.preprocess.pad_color=[114,114,114]"])
+    from raytrain.training.loop import checkpoint_state
 
-    state = {"step": 1, "epoch": 0, "batch_in_epoch": 1, "preprocess": from_data_config(cfg.data).to_dict()}  # as the recipes write it
+    state = checkpoint_state(cfg, step=1, epoch=0, batch_in_epoch=1, metrics={})  # as the recipes write it
     d = checkpointing.save(tmp_path / "ckpt", model=model, optimizer=opt, scheduler=None, state=state)
     assert Preprocess.from_dict(checkpointing.recorded_preprocess(str(d))) == p
     assert resolve_recorded(checkpointing.recorded_preprocess(str(d)), Preprocess(), str(d)) == p

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from raytrain.eval import batch
+from raytrain import predict
 from raytrain.eval.metrics import boxes, pointing
 from raytrain.eval.report import analysis, read
 from raytrain.formats.annotations import Box, Mask, Point, box_iou, objects_to_json
@@ -81,12 +81,12 @@ def test_box_pairs_follow_the_metrics_label_rule():
 
 
 def _rows(rng, n):
-    """Prediction rows as batch writes them (score from batch.score_example)."""
+    """Prediction rows as eval writes them (score from predict.score_example)."""
     rows = []
     for k in range(n):
         gt = [Point(*rng.uniform(0, [W, H]), "cat") for _ in range(rng.integers(1, 3))]
         pred = None if k % 7 == 0 else [Point(*rng.uniform(0, [W, H]), "cat")]
-        score = batch.score_example("point", pred, objects_to_json(gt), W, H)
+        score = predict.score_example("point", pred, objects_to_json(gt), W, H)
         rows.append({"id": str(k), "task": "point", "query": "cat", "text": "",
                      "objects": json.loads(objects_to_json(pred or [])), "errors": [], "score": score})
     return rows
@@ -168,7 +168,7 @@ def test_segment_overlay_draws_the_codecs_rle_masks(tmp_path):
                           "objects": objects_to_json([gt])}], data)
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)
-    score = batch.score_example("segment", [pred], objects_to_json([gt]), w, h)
+    score = predict.score_example("segment", [pred], objects_to_json([gt]), w, h)
     assert score["mask_iou"] == 0.0
     row = {"id": "a", "task": "segment", "query": "blob", "text": "<seg>", "errors": [], "score": score,
            "objects": json.loads(objects_to_json([pred]))}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raytrain.eval import decoding
+from raytrain.eval.metrics import calibration as decoding
 from raytrain.eval.metrics.coco import coco_detection_metrics
 from raytrain.eval.metrics.point_prf import aggregate_points_prf, score_points_prf
 from raytrain.eval.metrics.table import format_value

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from raytrain.formats import qwen as fmt
+from raytrain.formats import qwen_grammar
 from raytrain.formats import text_grammar as tg
 from raytrain.formats._text_parts import num_complete, num_viable
 from raytrain.formats.annotations import Box, Point
@@ -100,7 +101,7 @@ def toy_ids(text: str) -> list[int]:
 
 
 def toy_grammar(kind="box", rep="absolute", max_objects=None, **kw) -> tg.TextGrammar:
-    return tg.TextGrammar(fmt.answer_grammar(kind, LABELS, rep, W, H, max_objects, **kw), TOY, [END])
+    return tg.TextGrammar(qwen_grammar.answer_grammar(kind, LABELS, rep, W, H, max_objects, **kw), TOY, [END])
 
 
 def walk(g, rng, budget=None, prefer_long=False, limit=3000) -> list[int]:
@@ -138,11 +139,11 @@ def test_toy_accepts_rendered_answers_and_rejects_broken_ones(rep, kind):
     assert g.accepts(toy_ids(dup) + [END])
     doubled = fmt.render_objects(objs[:1], W, H, W, H, rep, fenced=False)
     doubled = doubled[:-1] + ", " + doubled[1:]  # the same object twice (unfenced layout)
-    assert not tg.TextGrammar(fmt.answer_grammar(kind, LABELS, rep, W, H, fenced=False), TOY, [END]).accepts(toy_ids(doubled) + [END])
-    assert tg.TextGrammar(fmt.answer_grammar(kind, LABELS, rep, W, H, fenced=False, forbid_duplicates=False),
+    assert not tg.TextGrammar(qwen_grammar.answer_grammar(kind, LABELS, rep, W, H, fenced=False), TOY, [END]).accepts(toy_ids(doubled) + [END])
+    assert tg.TextGrammar(qwen_grammar.answer_grammar(kind, LABELS, rep, W, H, fenced=False, forbid_duplicates=False),
                           TOY, [END]).accepts(toy_ids(doubled) + [END])
     assert not toy_grammar(kind, rep, max_objects=2).accepts(toy_ids(text) + [END])
-    assert not tg.TextGrammar(fmt.answer_grammar(kind, ["red"], rep, W, H), TOY, [END]).accepts(toy_ids(text) + [END])
+    assert not tg.TextGrammar(qwen_grammar.answer_grammar(kind, ["red"], rep, W, H), TOY, [END]).accepts(toy_ids(text) + [END])
 
 
 @pytest.mark.parametrize("bad", [
@@ -157,11 +158,11 @@ def test_toy_accepts_rendered_answers_and_rejects_broken_ones(rep, kind):
     "[]",  # the empty answer, unless allowed
 ])
 def test_toy_rejects_invalid_absolute_boxes(bad):
-    assert not tg.TextGrammar(fmt.answer_grammar("box", LABELS, "absolute", W, H, fenced=False), TOY, [END]).accepts(toy_ids(bad) + [END])
+    assert not tg.TextGrammar(qwen_grammar.answer_grammar("box", LABELS, "absolute", W, H, fenced=False), TOY, [END]).accepts(toy_ids(bad) + [END])
 
 
 def test_toy_normalized_numbers_are_written_as_rendered():
-    g = tg.TextGrammar(fmt.answer_grammar("point", ["red"], "normalized", W, H, fenced=False), TOY, [END])
+    g = tg.TextGrammar(qwen_grammar.answer_grammar("point", ["red"], "normalized", W, H, fenced=False), TOY, [END])
     assert g.accepts(toy_ids('[{"point_2d": [0.5, 1.0], "label": "red"}]') + [END])
     for bad in ("0.50", "1", "1.001", ".5", "0.1234", "00.5"):
         assert not g.accepts(toy_ids(f'[{{"point_2d": [{bad}, 0.0], "label": "red"}}]') + [END]), bad
@@ -169,8 +170,8 @@ def test_toy_normalized_numbers_are_written_as_rendered():
 
 def test_toy_empty_answer_only_when_allowed():
     for rep, fenced, empty in (("absolute", True, "```json\n[]\n```"), ("normalized", False, "[]"), ("pairs", True, "[]")):
-        assert tg.TextGrammar(fmt.answer_grammar("box", LABELS, rep, W, H, fenced=fenced, allow_empty=True), TOY, [END]).accepts(toy_ids(empty) + [END])
-        assert not tg.TextGrammar(fmt.answer_grammar("box", LABELS, rep, W, H, fenced=fenced), TOY, [END]).accepts(toy_ids(empty) + [END])
+        assert tg.TextGrammar(qwen_grammar.answer_grammar("box", LABELS, rep, W, H, fenced=fenced, allow_empty=True), TOY, [END]).accepts(toy_ids(empty) + [END])
+        assert not tg.TextGrammar(qwen_grammar.answer_grammar("box", LABELS, rep, W, H, fenced=fenced), TOY, [END]).accepts(toy_ids(empty) + [END])
 
 
 @pytest.mark.parametrize("rep", fmt.REPRESENTATIONS)
@@ -215,7 +216,7 @@ def test_toy_duplicate_ban_never_leaves_a_dead_end():
     """Two labels and a 2x1 frame: 2 x 3 x 2 = 12 distinct points exist (x in 0..2, y in 0..1);
     without an object limit the grammar must stop offering a separator once all are used, never let
     a prefix start a 13th."""
-    g = tg.TextGrammar(fmt.answer_grammar("point", ["red", "blue"], "pairs", 2, 1), TOY, [END])
+    g = tg.TextGrammar(qwen_grammar.answer_grammar("point", ["red", "blue"], "pairs", 2, 1), TOY, [END])
     rng = random.Random(3)
     for _ in range(30):
         ids: list[int] = []
@@ -263,7 +264,7 @@ def test_vocab_bytes_are_the_tokenizers(qwen_tok):
 
 
 def test_sentencepiece_vocab_spells_its_pieces():
-    from raytrain.models.tiny import build_tokenizer
+    from raytrain.models.tiny_paligemma import build_tokenizer
 
     tok = build_tokenizer()
     v = tg.TokenVocab.from_tokenizer(tok)
@@ -299,7 +300,7 @@ def test_every_rendered_answer_is_accepted_token_by_token(qwen_tok, data, rep, k
     objs = _objects(kind, data.draw, labels)
     text = fmt.render_objects(objs, 120, 120, fw, fh, rep, fenced=fenced)
     distinct = len(set(parse_qwen := fmt.parse(text, kind, 120, 120, fw, fh, rep, labels).objects)) == len(parse_qwen)
-    g = tg.compile_grammar(fmt.answer_grammar(kind, labels, rep, fw, fh, max_objects=5, fenced=fenced, forbid_duplicates=distinct), qwen_tok)
+    g = tg.compile_grammar(qwen_grammar.answer_grammar(kind, labels, rep, fw, fh, max_objects=5, fenced=fenced, forbid_duplicates=distinct), qwen_tok)
     ids = qwen_tok(text + "<|im_end|>", add_special_tokens=False)["input_ids"]
     assert ids[-1] == g.eos_id
     for i, t in enumerate(ids):
@@ -337,7 +338,7 @@ def test_confidence_is_geometric_mean_of_the_value_tokens(qwen_tok, rep):
     im_end = qwen_tok.convert_tokens_to_ids("<|im_end|>")
     rng = np.random.default_rng(0)
     lp = np.log(rng.uniform(0.05, 1.0, len(ids) + 3))
-    g = tg.compile_grammar(fmt.answer_grammar("box", LABELS, rep, W, H), qwen_tok)
+    g = tg.compile_grammar(qwen_grammar.answer_grammar("box", LABELS, rep, W, H), qwen_tok)
     parse_objects = lambda t: parse(t, "box", rep).objects
     conf = tg.text_object_confidences(lp, ids + [im_end, qwen_tok.pad_token_id, qwen_tok.pad_token_id], g, parse_objects)
     spans = _value_spans(text, rep)
@@ -349,7 +350,7 @@ def test_confidence_is_geometric_mean_of_the_value_tokens(qwen_tok, rep):
 
 
 def test_confidence_nan_where_the_grammar_cannot_place_an_object(qwen_tok):
-    g = tg.compile_grammar(fmt.answer_grammar("point", ["red", "blue"], "absolute", W, H, fenced=False), qwen_tok)
+    g = tg.compile_grammar(qwen_grammar.answer_grammar("point", ["red", "blue"], "absolute", W, H, fenced=False), qwen_tok)
     text = '[{"point_2d": [1, 2], "label": "red"}, {"point_2d": [3, 4], "label": "green"}, {"point_2d": [5, 6], "label": "blue"}]'
     ids = qwen_tok(text, add_special_tokens=False)["input_ids"]
     lp = np.full(len(ids), math.log(0.5))
@@ -357,7 +358,7 @@ def test_confidence_nan_where_the_grammar_cannot_place_an_object(qwen_tok):
     conf = tg.text_object_confidences(lp, ids, g, lambda t: parse(t, "point", "absolute", None).objects)
     assert len(conf) == 3 and math.isclose(conf[0], 0.5) and math.isnan(conf[1]) and math.isnan(conf[2])
     # a duplicate and a fourth object beyond the limit are still placed (reading ignores both rules)
-    g3 = tg.compile_grammar(fmt.answer_grammar("point", ["red"], "absolute", W, H, max_objects=1, fenced=False), qwen_tok)
+    g3 = tg.compile_grammar(qwen_grammar.answer_grammar("point", ["red"], "absolute", W, H, max_objects=1, fenced=False), qwen_tok)
     text = '[{"point_2d": [1, 2], "label": "red"}, {"point_2d": [1, 2], "label": "red"}]'
     ids = qwen_tok(text, add_special_tokens=False)["input_ids"]
     conf = tg.text_object_confidences(np.full(len(ids), math.log(0.25)), ids, g3, lambda t: parse(t, "point", "absolute").objects)

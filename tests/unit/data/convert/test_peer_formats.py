@@ -217,15 +217,15 @@ def test_llamafactory_answers(tmp_path, images):
 
 def test_prepare_knows_the_peer_formats(tmp_path):
     for fmt in ("ms_swift", "llamafactory"):
-        assert fmt in prepare.FORMATS
+        assert fmt in config.PREPARE_FORMATS
     cfg = config.load(None, [f"data.source=llamafactory:{LF}#raytrain_grounding", f"data.uri={tmp_path}/out"])
-    pc = prepare.PrepareConfig.from_experiment(cfg)
+    pc = prepare.prepare_config(cfg)
     assert (pc.format, pc.path) == ("llamafactory", f"{LF}#raytrain_grounding")
     report = PrepReport()
     recs, to_objects = prepare.source_records(pc, report, Counter())
     # records: the rows that passed reading (10 in, 2 dropped there); the rest is decided with the image
     assert to_objects is llamafactory.to_objects and len(list(recs)) == 8 and report.rows_in == 10
-    pc = prepare.PrepareConfig.from_experiment(config.load(None, [f"data.source=ms_swift:{SWIFT}", f"data.uri={tmp_path}/out"]))
+    pc = prepare.prepare_config(config.load(None, [f"data.source=ms_swift:{SWIFT}", f"data.uri={tmp_path}/out"]))
     report = PrepReport()
     recs, to_objects = prepare.source_records(pc, report, Counter())
     assert to_objects is ms_swift.to_objects and len(list(recs)) == 9 and report.rows_in == 13

@@ -1,0 +1,64 @@
+"""The answer grammar of Qwen2.5-VL's formats (formats/qwen.py) for constrained decoding: exactly
+the text `render_objects` writes, as a `text_grammar.AnswerGrammar` (compile it against a tokenizer
+with `text_grammar.compile_grammar`). Kept beside the codec it mirrors; pure, no torch."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import replace
+
+from raytrain.formats import text_grammar as tg
+from raytrain.formats.qwen import _KEY, KINDS, LOC_TOKENS, NORMALIZED_DECIMALS, REPRESENTATIONS, _check_label, _check_sizes
+
+
+def answer_grammar(
+    kind: str,
+    labels: Sequence[str],
+    representation: str,
+    frame_w: int,
+    frame_h: int,
+    max_objects: int | None = None,
+    fenced: bool = True,
+    allow_empty: bool = False,
+    forbid_duplicates: bool = True,
+) -> tg.AnswerGrammar:
+    """The answers ``render_objects`` writes for ``kind`` objects labelled with one of ``labels``, in
+    the model frame ``frame_w`` x ``frame_h`` (resized pixels), as a ``text_grammar.AnswerGrammar``:
+    exactly its layout, separators and number formats, boxes with x2 >= x1 and y2 >= y1 (``parse``
+    rejects the others), at most ``max_objects`` objects; ``allow_empty`` also accepts the empty
+    answer (the fenced / bare ``[]``). Compile it with ``text_grammar.compile_grammar``."""
+    if kind not in _KEY:
+        raise ValueError(f"unknown kind {kind!r}, expected one of {KINDS}")
+    if representation not in REPRESENTATIONS:
+        raise ValueError(f"unknown representation {representation!r}, expected one of {REPRESENTATIONS}")
+    _check_sizes(frame_w, frame_h)
+    labels = list(dict.fromkeys(labels))
+    if not labels:
+        raise ValueError("at least one allowed label is needed")
+    for lb in labels:
+        _check_label(lb)
+    pairs = representation == "pairs"
+    first = 1 if pairs else 0  # slot number of the first coordinate (pairs write the label first)
+    if representation == "tokens":
+        axes = [tg.Token(LOC_TOKENS), tg.Token(LOC_TOKENS)]
+    elif representation == "normalized":
+        axes = [tg.Num(0, 10**NORMALIZED_DECIMALS, NORMALIZED_DECIMALS)] * 2
+    else:
+        axes = [tg.Num(0, int(frame_w)), tg.Num(0, int(frame_h))]
+    coords = list(axes) + ([replace(a, ge=first + i) for i, a in enumerate(axes)] if kind == "box" else [])
+    if representation == "tokens":  # "<|loc_..|><|loc_..|>": one JSON string, no separators
+        value = [tg.Lit('"'), *coords, tg.Lit('"')]
+    else:
+        value = [tg.Lit("[")] + [x for i, c in enumerate(coords) for x in ([tg.Lit(", ")] if i else []) + [c]] + [tg.Lit("]")]
+    if pairs:  # str() of a list of (label, [...]) tuples: repr'd labels, never fenced
+        item = [tg.Lit("("), tg.Label(tuple(repr(lb) for lb in labels), quote=1), tg.Lit(", "), *value, tg.Lit(")")]
+        head, sep, tail, empty = "[", ", ", "]", "[]"
+    else:
+        label = tg.Label(tuple(json.dumps(lb, ensure_ascii=False) for lb in labels), quote=1)
+        item = [tg.Lit('{"' + _KEY[kind] + '": '), *value, tg.Lit(', "label": '), label, tg.Lit("}")]
+        if fenced:
+            head, sep, tail, empty = "```json\n[\n\t", ",\n\t", "\n]\n```", "```json\n[]\n```"
+        else:
+            head, sep, tail, empty = "[", ", ", "]", "[]"
+    return tg.AnswerGrammar(tuple(item), head, sep, tail, empty if allow_empty else None, max_objects, forbid_duplicates)

@@ -1,0 +1,99 @@
+"""The one TorchTrainer builder: `raytrain train` and every `raytrain tune` trial fit what it builds.
+
+    recipe(train.strategy)        full | lora -> recipes/ddp.py, zero2 | zero3 -> recipes/zero.py
+    scaling_config(scale)         workers, CPUs + custom resources per worker, placement, GPU (type)
+    build_trainer(cfg, ...)       TorchTrainer(recipe, the experiment, ScalingConfig, RunConfig)
+    train_dataset(cfg, ...)       the tokenized train split (materialized once when configured)
+    with_epoch_steps(cfg, ds)     train.epochs > 0 -> train.steps
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from types import ModuleType
+
+from raytrain import storage
+from raytrain.config import ZERO_STAGES, Experiment, ScaleConfig
+from raytrain.launch import job
+
+
+def recipe(strategy: str) -> ModuleType:
+    """The recipe module that runs `strategy` (each has train_fn_per_worker)."""
+    name = "zero" if strategy in ZERO_STAGES else "ddp"
+    return importlib.import_module(f"raytrain.recipes.{name}")
+
+
+def scaling_config(scale: ScaleConfig):
+    import ray.train
+
+    return ray.train.ScalingConfig(
+        num_workers=scale.num_workers,
+        use_gpu=scale.use_gpu,
+        resources_per_worker={"CPU": scale.cpus_per_worker, **scale.resources_per_worker},
+        placement_strategy=scale.placement_strategy,
+        accelerator_type=scale.accelerator_type,
+    )
+
+
+def build_trainer(cfg: Experiment, *, model_path: str, data_uri: str, datasets: dict, name: str, runs_root: str, callbacks: list):
+    """A TorchTrainer running cfg's recipe on cfg.scale's workers, its run `name` under `runs_root`
+    (local path or s3://; a rerun of the same name resumes from the run's latest checkpoint)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    s3 = storage.is_s3(runs_root)
+    fs, fs_path = storage.pyarrow_fs(runs_root, job.storage_opts(cfg))
+    return TorchTrainer(
+        # looked up at call time: a wrapper patched onto the recipe module is what runs
+        recipe(cfg.train.strategy).train_fn_per_worker,
+        train_loop_config={"experiment": cfg.to_dict(), "model_path": model_path, "data_uri": data_uri},
+        scaling_config=scaling_config(cfg.scale),
+        run_config=ray.train.RunConfig(
+            name=name,
+            # with an explicit filesystem Ray wants the path without its scheme ("bucket/key")
+            storage_path=fs_path if s3 else runs_root,
+            storage_filesystem=fs if s3 else None,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scale.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+    )
+
+
+def train_dataset(cfg: Experiment, uri: str, base_path: str, counter):
+    """The tokenized train split (Ray Data), materialized in the object store once when
+    data.cache_preprocessed (every epoch, and every Tune trial, then re-reads it)."""
+    from raytrain.data import pipeline
+    from raytrain.models import family
+
+    fam = family(cfg.model.spec)
+    processor = fam.load_processor(base_path)
+    ds = pipeline.train_dataset(
+        uri,
+        "train",
+        tasks=cfg.data.tasks,
+        model_path=base_path,
+        image_hw=fam.image_size(processor),
+        family=cfg.model.spec,
+        max_len=cfg.data.max_seq_len,
+        allow_convert=cfg.data.allow_convert,
+        opts=job.storage_opts(cfg),
+        counter=counter,
+        preprocess=cfg.data.preprocess,
+    )
+    return ds.materialize() if cfg.data.cache_preprocessed else ds
+
+
+def with_epoch_steps(cfg: Experiment, train_ds) -> Experiment:
+    """train.epochs > 0: train.steps = the optimizer steps that cover the (post-filter) training
+    examples that many times; otherwise cfg as it is."""
+    if cfg.train.epochs <= 0:
+        return cfg
+    n_examples = train_ds.count()
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.scale.num_workers
+    steps = max(1, math.ceil(n_examples * cfg.train.epochs / per_step))
+    print(f"train.epochs={cfg.train.epochs}: {n_examples} examples / {per_step} per step -> train.steps={steps}", flush=True)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
