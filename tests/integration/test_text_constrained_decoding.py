@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from raytrain.data.synthetic import make_example
-from raytrain.eval.decoding import GrammarLogitsProcessor, token_logprobs
+from raytrain.predict import GrammarLogitsProcessor, token_logprobs
 from raytrain.formats import qwen as fmt
 from raytrain.formats import qwen_grammar
 from raytrain.formats import text_grammar as tg
