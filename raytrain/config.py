@@ -135,6 +135,34 @@ class Preprocess:
         return cls(**d)
 
 
+@dataclass(frozen=True)
+class TextOptions:
+    """How an example's text is written beyond the answer format (`data.text`): bound to the family
+    object (`Experiment.model_family`), recorded in every checkpoint (state.json "text") and applied
+    from that record by `raytrain eval` and Serve, as image preprocessing is."""
+
+    prompts: dict[str, str] = field(default_factory=dict)
+    """task -> prompt template, "{query}" standing for the label(s), e.g. {detect: "Detect {query}"}
+    (seed 004), {caption: "Describe this image in detail:"} (seed 003); other tasks keep the family's."""
+    system_prompt: str = ""
+    """Chat families (Qwen2.5-VL): the system turn; "" = the chat template's default."""
+    empty_answer: str = ""
+    """Answer of a negative (an image marked as holding none of the label, e.g. seed 004's "Normal");
+    "" = the answer format's own (an empty JSON list, Molmo's "There are none.", <loc>: no token)."""
+    multi_label: bool = False
+    """One example per image and task with every label's objects ("detect a ; b", seed 001) instead
+    of one example per label."""
+
+    def to_dict(self) -> dict:
+        return {"prompts": dict(self.prompts), "system_prompt": self.system_prompt, "empty_answer": self.empty_answer,
+                "multi_label": self.multi_label}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> TextOptions:
+        """From a checkpoint record; None (written before records existed) = the defaults."""
+        return cls(**(d or {}))
+
+
 @dataclass
 class DataConfig:
     source: str = "synthetic"
@@ -165,6 +193,8 @@ class DataConfig:
     preprocess: Preprocess = field(default_factory=Preprocess)
     """Image preprocessing (raytrain/data/preprocess.py): applied in the Ray Data stage, recorded in every
     checkpoint's state.json and applied from that record by `raytrain eval` and Serve."""
+    text: TextOptions = field(default_factory=TextOptions)
+    """Prompt templates, system prompt, negatives' answer, multi-label examples (recorded like preprocess)."""
 
     MOVED_KEYS: ClassVar[dict[str, str]] = {k: f"data.preprocess.{k}" for k in
                                             ("resize", "pad_color", "edge_blend", "edge_sigma", "edge_low", "edge_high")}
@@ -460,6 +490,17 @@ class Experiment:
             raise ValueError("zero.offload_param needs train.strategy=zero3 (ZeRO-2 does not partition parameters)")
         if self.quant.bits and self.train.strategy != "lora":
             raise ValueError("quant.bits needs train.strategy=lora (QLoRA): quantized weights cannot be fully fine-tuned")
+        try:
+            self.model_family()
+        except ValueError as e:
+            raise ValueError(f"data.text: {e}") from None
+
+    def model_family(self, text: TextOptions | None = None):
+        """The family object this experiment trains: model.family + model.box_format, bound to the
+        job's prompts and answers (`data.text`, or a checkpoint's recorded `text`)."""
+        from raytrain.models import family
+
+        return family(self.model.spec).with_text(**(text or self.data.text).to_dict())
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -302,8 +302,9 @@ ROW_KEYS = ("id", "task", "query", "text", "objects", "errors", "score")
 def score_rows(batch: dict, predictions: Sequence[Prediction]) -> dict:
     """Per-example output rows (columns of object arrays): id, task, query, text, objects (JSON,
     source pixels, with scores), errors (parser rejections, JSON), score (per-example metrics, JSON).
-    An output counts as valid when at least one object parsed; rejected fragments are reported
-    but do not void the objects that did parse."""
+    An output counts as valid when at least one object parsed, or when it is the format's "nothing
+    found" answer (zero objects, nothing rejected: a negative's right answer); rejected fragments
+    are reported but do not void the objects that did parse."""
     out: dict[str, list] = {k: [] for k in ROW_KEYS}
     for i, p in enumerate(predictions):
         task = str(batch["task"][i])
@@ -314,7 +315,8 @@ def score_rows(batch: dict, predictions: Sequence[Prediction]) -> dict:
         out["text"].append(p.text)
         out["objects"].append(objects_json(p.objects, p.scores))
         out["errors"].append(json.dumps([[e.reason, e.text] for e in p.errors]))
-        out["score"].append(json.dumps(score_example(task, p.objects or None, batch["targets"][i], w, h)))
+        pred = p.objects if (p.objects or not p.errors) else None
+        out["score"].append(json.dumps(score_example(task, pred, batch["targets"][i], w, h)))
     return {k: np.array(v, dtype=object) for k, v in out.items()}
 
 

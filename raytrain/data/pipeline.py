@@ -34,7 +34,8 @@ from raytrain import tasks as task_registry
 from raytrain.data import preprocess as preprocess_mod
 from raytrain.data import shards, validate
 from raytrain.formats.numbers import NumberSpan
-from raytrain.formats.annotations import Box, Caption, Region, objects_from_json, objects_to_json
+from raytrain.models.text_options import LABEL_SEPARATOR
+from raytrain.formats.annotations import Absent, Box, Caption, Region, objects_from_json, objects_to_json
 from raytrain.models import family as model_family
 
 log = logging.getLogger(__name__)
@@ -106,10 +107,14 @@ def _report(counter, split: str, counts: Counter) -> None:
 # stage 1: decode, validate, resize, expand into (task, label) examples
 
 
-def examples_for(objs: Sequence, tasks: Sequence[str], width: int, height: int, family: str, image_hw=None,
+def examples_for(objs: Sequence, tasks: Sequence[str], width: int, height: int, family, image_hw=None,
                  geometry: preprocess_mod.Geometry | None = None) -> list[dict]:
     """One example per task and distinct label: the target is every object of that label and of
-    the task's kind (points for 'point', boxes for 'detect'), rendered in the family's format.
+    the task's kind (points for 'point', boxes for 'detect'), rendered in the family's format; with
+    the family's `multi_label` one example per task with every label ("detect cat ; dog", objects
+    in the query's label order). A label the image is marked `Absent` for (a negative) gives an
+    example whose answer is the format's "nothing found" answer and whose targets are empty.
+    `family`: a spec or a family object (its prompts, empty answer and grouping bound by `with_text`).
     `geometry` (source -> model input): targets are rendered in the frame the model sees (a
     letterbox's padded input); None = the image fills the input. "targets" stay in source pixels;
     "numbers" (JSON [[start, end, range], ...]) are the suffix's coordinates written as digits, as
@@ -117,14 +122,15 @@ def examples_for(objs: Sequence, tasks: Sequence[str], width: int, height: int, 
     Raises ValueError for labels the format cannot carry (e.g. PaliGemma: empty, ';' or '<')."""
     fam = model_family(family)
 
-    def render(task, label, targets):
+    def example(task, query, targets):
         args = (targets, width, height) if geometry is None else geometry.target_frame(targets)
-        prefix, suffix = fam.render_example(task, label, *args, image_hw)
-        numbers = fam.answer_numbers(task, label, *args, image_hw)
-        return prefix, suffix, json.dumps([list(n) for n in numbers])
+        prefix, suffix = fam.render_example(task, query, *args, image_hw)
+        numbers = json.dumps([list(n) for n in fam.answer_numbers(task, query, *args, image_hw)])
+        return {"task": task, "query": query, "prefix": prefix, "suffix": suffix, "numbers": numbers, "targets": objects_to_json(targets)}
 
     out = []
     labels = sorted({o.label for o in objs if not isinstance(o, (Caption, Region))})
+    absent = {o.label for o in objs if isinstance(o, Absent)}
     for task in tasks:
         spec = task_registry.get(task)
         kind = spec.object_type
@@ -134,17 +140,13 @@ def examples_for(objs: Sequence, tasks: Sequence[str], width: int, height: int, 
         if spec.per_image:
             targets = [o for o in objs if isinstance(o, kind)]
             if targets:
-                prefix, suffix, numbers = render(task, "", targets)
-                out.append({"task": task, "query": "", "prefix": prefix, "suffix": suffix, "numbers": numbers,
-                            "targets": objects_to_json(targets)})
+                out.append(example(task, "", targets))
             continue
-        for label in labels:
-            targets = [o for o in objs if o.label == label and isinstance(o, kind)]
-            if not targets:
-                continue
-            prefix, suffix, numbers = render(task, label, targets)
-            out.append({"task": task, "query": label, "prefix": prefix, "suffix": suffix, "numbers": numbers,
-                        "targets": objects_to_json(targets)})
+        asked = [lb for lb in labels if lb in absent or any(isinstance(o, kind) and o.label == lb for o in objs)]
+        groups = [asked] if (fam.multi_label and asked) else [[lb] for lb in asked]
+        for group in groups:
+            targets = [o for lb in group for o in objs if isinstance(o, kind) and o.label == lb]
+            out.append(example(task, LABEL_SEPARATOR.join(group), targets))
     return out
 
 

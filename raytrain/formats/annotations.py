@@ -194,6 +194,14 @@ class Region:
         return self.phrase
 
 
+@dataclass(frozen=True)
+class Absent:
+    """A negative: the image was checked for `label` and holds none (seed 004's "Normal" rows,
+    PixMo-Points rows with count 0). It renders as the answer format's "nothing found" answer."""
+
+    label: str
+
+
 def _check_size(size) -> tuple[int, int]:
     if (
         not isinstance(size, (list, tuple))
@@ -237,7 +245,7 @@ def _check_counts(counts: str, h: int, w: int) -> list[int]:
     return runs
 
 
-Obj = Point | Box | Mask | Caption | Region
+Obj = Point | Box | Mask | Caption | Region | Absent
 
 # ---------------------------------------------------------------------------- JSON
 # Shards store annotations as one JSON string per image, so the schema stays flat.
@@ -248,6 +256,7 @@ _FIELDS = {
     "region": ("x1", "y1", "x2", "y2"),
     "caption": (),
     "mask_rle": (),
+    "absent": (),
 }
 """Numeric fields of each JSON ``type``."""
 _STRINGS = {
@@ -256,6 +265,7 @@ _STRINGS = {
     "region": {"phrase": True},
     "caption": {"text": True},
     "mask_rle": {"counts": True, "label": False},
+    "absent": {"label": True},
 }
 """String fields of each JSON ``type``: name -> required (optional ones default to "")."""
 _OTHER = {"mask_rle": ("size",)}
@@ -275,7 +285,9 @@ def _to_dict(o: Obj) -> dict[str, Any]:
         return {"type": "caption", "text": o.text}
     if isinstance(o, Mask):
         return {"type": "mask_rle", "size": [int(o.size[0]), int(o.size[1])], "counts": o.counts, "label": o.label}
-    raise TypeError(f"expected Point, Box, Mask, Caption or Region, got {type(o).__name__}")
+    if isinstance(o, Absent):
+        return {"type": "absent", "label": o.label}
+    raise TypeError(f"expected Point, Box, Mask, Caption, Region or Absent, got {type(o).__name__}")
 
 
 def objects_to_json(objs: Sequence[Obj]) -> str:
@@ -283,7 +295,8 @@ def objects_to_json(objs: Sequence[Obj]) -> str:
 
     ``{"type": "point", "x", "y", "label"}``, ``{"type": "box", "x1", "y1", "x2", "y2", "label"}``,
     ``{"type": "region", "x1", "y1", "x2", "y2", "phrase"}``, ``{"type": "caption", "text"}``,
-    ``{"type": "mask_rle", "size": [h, w], "counts", "label"}`` (COCO compressed RLE).
+    ``{"type": "mask_rle", "size": [h, w], "counts", "label"}`` (COCO compressed RLE),
+    ``{"type": "absent", "label"}`` (a negative: the image holds no `label`).
 
     Raises ValueError on non-finite coordinates (NaN / inf are not JSON).
     """
@@ -348,6 +361,10 @@ def objects_from_json(s: str) -> list[Obj]:
             objs.append(Region(*coords, phrase=text["phrase"]))
         elif kind == "caption":
             objs.append(Caption(text["text"]))
+        elif kind == "absent":
+            if not text["label"].strip():
+                raise ValueError(f"object {i}: an absent label must not be empty")
+            objs.append(Absent(text["label"]))
         else:
             if "size" not in d:
                 raise ValueError(f"object {i}: missing field 'size'")

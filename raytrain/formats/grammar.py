@@ -86,6 +86,8 @@ class DetectionGrammar:
     ``label_sequences``: ``{label: (ids of " label ; ", ids of " label")}`` as the tokenizer
     writes them inside a rendered target (see ``models.paligemma_decoding.label_sequences``).
     ``max_objects``: at most this many objects (None: unlimited); then only the <eos> path.
+    ``empty_ids``: the ids of the "nothing found" answer (negatives), <eos> excluded: ``()`` is
+    <eos> right away; None allows no empty answer.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class DetectionGrammar:
         kind: str,
         max_objects: int | None = None,
         forbid_duplicates: bool = True,
+        empty_ids: Sequence[int] | None = None,
     ):
         if kind not in N_LOCS:
             raise ValueError(f"unknown kind {kind!r}, expected one of {tuple(N_LOCS)}")
@@ -111,6 +114,7 @@ class DetectionGrammar:
         self.eos_id = int(eos_id)
         self.max_objects = max_objects
         self.forbid_duplicates = forbid_duplicates
+        self.empty_ids = None if empty_ids is None else tuple(int(t) for t in empty_ids)
         self.loc_ids = np.asarray(loc_ids, dtype=np.int64)
         self._bin_of = {t: b for b, t in enumerate(loc_ids)}
         self.labels = tuple(label_sequences)
@@ -166,6 +170,11 @@ class DetectionGrammar:
     def _step(self, s: _State, t: int) -> _State:
         b = self._bin_of.get(t)
         if s.phase == "loc":
+            if not s.cur and not s.objects and self.empty_ids is not None:
+                if t == self.eos_id and not self.empty_ids:
+                    return _State("done")
+                if self.empty_ids and t == self.empty_ids[0]:
+                    return _State("empty", node=1)
             if b is None or not self._loc_ok(s.cur, s.objects, b):
                 return _State("dead")
             cur = s.cur + (b,)
@@ -184,6 +193,11 @@ class DetectionGrammar:
             if child is not None and (self._more(s) or self._nodes[child].to_final < _FAR):
                 return _State("label", objects=s.objects, node=child)
             return _State("dead")
+        if s.phase == "empty":  # inside the "nothing found" answer: its ids, then <eos>
+            k = s.node
+            if k == len(self.empty_ids):
+                return _State("done") if t == self.eos_id else _State("dead")
+            return _State("empty", node=k + 1) if t == self.empty_ids[k] else _State("dead")
         return s
 
     # ------------------------------------------------------------------ loc constraints
@@ -262,12 +276,19 @@ class DetectionGrammar:
     def _allowed(self, s: _State, remaining: int | None) -> Allowed:
         # budget: after choosing a token, what is left (remaining - 1) must hold the shortest completion
         left = None if remaining is None else remaining - 1
+        if s.phase == "empty":
+            k = s.node
+            return Allowed((self.eos_id,) if k == len(self.empty_ids) else (self.empty_ids[k],), None)
         if s.phase == "loc":
             k = len(s.cur)
+            empty = ()
+            if not s.cur and not s.objects and self.empty_ids is not None:
+                fits = left is None or len(self.empty_ids) <= left
+                empty = ((self.empty_ids[0],) if self.empty_ids else (self.eos_id,)) if fits else ()
             after_loc = self.n_locs - k - 1 + self._min_final + 1
             if left is not None and after_loc > left:
-                return Allowed((), None)
-            return Allowed((), self._loc_mask(s.cur, s.objects))
+                return Allowed(empty, None)
+            return Allowed(empty, self._loc_mask(s.cur, s.objects))
         node = self._nodes[s.node]
         more = self._more(s)
         tokens = []

@@ -45,32 +45,36 @@ def latest_checkpoint(cfg: Experiment) -> str:
 
 def evaluate(cfg: Experiment, uri: str, base_path: str, ckpt_uri: str | None, counter) -> tuple[dict, list[dict]]:
     """Metrics for trained / untrained / centre_baseline on the eval split; plus trained rows."""
+    from raytrain.config import TextOptions
     from raytrain.data import pipeline, preprocess
     from raytrain.eval import batch as eval_batch
-    from raytrain.models import family
 
-    fam = family(cfg.model.spec)
-    processor = fam.load_processor(base_path)
-    # the checkpoint's recorded preprocessing wins over the config (a mismatch is logged)
-    prep = cfg.data.preprocess
+    # the checkpoint's recorded preprocessing and text (prompts, negatives' answer) win over the config
+    prep, text = cfg.data.preprocess, cfg.data.text
     if ckpt_uri:
         from raytrain.training import checkpointing
 
-        prep = preprocess.resolve_recorded(checkpointing.recorded_preprocess(ckpt_uri, job.storage_opts(cfg)), prep, ckpt_uri)
+        state = checkpointing.recorded_state(ckpt_uri, job.storage_opts(cfg))
+        prep = preprocess.resolve_recorded(state.get("preprocess"), prep, ckpt_uri)
+        if "text" in state and TextOptions.from_dict(state["text"]) != text:
+            text = TextOptions.from_dict(state["text"])
+            log.warning("the checkpoint was trained with data.text %s; evaluating with it (the config says %s)", text, cfg.data.text)
+    fam = cfg.model_family(text)
+    processor = fam.load_processor(base_path)
     print(f"eval preprocessing: {prep.to_dict()}", flush=True)
     examples = pipeline.examples_dataset(
         uri,
         cfg.eval.split,
         tasks=cfg.data.tasks,
         image_hw=fam.image_size(processor),
-        family=cfg.model.spec,
+        family=fam,
         allow_convert=cfg.data.allow_convert,
         opts=job.storage_opts(cfg),
         counter=counter,
         preprocess=prep,
     ).materialize()
     common = dict(
-        family=cfg.model.spec,
+        family=fam,
         model_path=base_path,
         storage={"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region},
         dtype=cfg.model.dtype,
@@ -87,7 +91,7 @@ def evaluate(cfg: Experiment, uri: str, base_path: str, ckpt_uri: str | None, co
     if cfg.eval.baselines:
         results["untrained"] = eval_batch.aggregate(eval_batch.run_predictions(examples, checkpoint_uri=None, **common))
         mean_wh = eval_batch.mean_box_size(pipeline.train_box_sizes(uri, "train", job.storage_opts(cfg)))
-        results["centre_baseline"] = eval_batch.aggregate(eval_batch.run_baseline(examples, mean_box_wh=mean_wh, batch_size=cfg.eval.batch_size, family=cfg.model.spec))
+        results["centre_baseline"] = eval_batch.aggregate(eval_batch.run_baseline(examples, mean_box_wh=mean_wh, batch_size=cfg.eval.batch_size, family=fam))
     return results, trained_rows
 
 

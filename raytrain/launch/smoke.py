@@ -107,10 +107,9 @@ def smoke(cfg: Experiment, *, steps: int = STEPS, root: str | None = None, num_i
     """A copy of `cfg` shrunk to run on CPU in seconds (see the module docstring for what is kept).
 
     root: storage root of the smoke run (default: the job's, with the run named `<name>-smoke`)."""
-    from raytrain.models import family as model_family
 
     c = copy.deepcopy(cfg)
-    fam = model_family(c.model.spec)
+    fam = c.model_family()
     tiny_name = f"tiny:{fam.name}"  # every family ships an offline tiny preset under this name
     plan = smoke_plan(list(c.data.tasks), c.model.spec)
     for note in plan.notes:
@@ -195,9 +194,8 @@ def token_budget(cfg: Experiment, processor, n_images: int = 8, seed: int = 11) 
     preprocessing and family), encoded exactly as training encodes them."""
     import numpy as np
 
-    from raytrain.models import family as model_family
 
-    fam = model_family(cfg.model.spec)
+    fam = cfg.model_family()
     images, prefixes, suffixes, _ = _synthetic_rows(cfg, fam, processor, n_images, seed)
     enc = fam.encode_train(processor, images, prefixes, suffixes, max_len=4096)
     answer = (np.asarray(enc["labels"]) != -100).sum(axis=1)
@@ -223,7 +221,7 @@ def _synthetic_rows(cfg: Experiment, fam, processor, n_rows: int, seed: int) -> 
         i += 1
         geom = preprocess.geometry(prep, ex["width"], ex["height"], hw)
         image = Image.fromarray(preprocess.apply(prep, Image.open(io.BytesIO(ex["image"])), geom))
-        for e in pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], cfg.model.spec, hw, geom):
+        for e in pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], fam, hw, geom):
             images.append(image)
             prefixes.append(e["prefix"])
             suffixes.append(e["suffix"])
@@ -256,9 +254,8 @@ def synthetic_batches(cfg: Experiment, model_path: str, n_batches: int, seed: in
     import numpy as np
     import torch
 
-    from raytrain.models import family
 
-    fam = family(cfg.model.spec)
+    fam = cfg.model_family()
     proc = fam.load_processor(model_path)
     micro = cfg.train.micro_batch_size
     images, prefixes, suffixes, numbers = _synthetic_rows(cfg, fam, proc, n_batches * micro, seed)
@@ -292,14 +289,13 @@ def run_local(cfg: Experiment, out_dir: str | Path, *, model_path: str | None = 
     Raises SmokeUnavailable when this checkout cannot run the job's recipe yet."""
     import torch
 
-    from raytrain.models import family
     from raytrain.training import checkpointing
     from raytrain.training.session import Session
 
     reason = missing_support(cfg)
     if reason:
         raise SmokeUnavailable(reason)
-    fam = family(cfg.model.spec)
+    fam = cfg.model_family()
     model_path = model_path or fam.resolve(cfg.model.name_or_path, preset_cache)
     batches = synthetic_batches(cfg, model_path, n_batches)
     out = Path(out_dir)
@@ -348,7 +344,7 @@ def _generate(cfg: Experiment, ckpt: Path, model_path: str, fam, checkpointing) 
     for i in range(2):
         ex = synthetic.make_example(10_000 + i, seed=11, image_size=cfg.data.image_size)
         geom = preprocess.geometry(prep, ex["width"], ex["height"], hw)
-        e = pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], cfg.model.spec, hw, geom)[0]
+        e = pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], fam, hw, geom)[0]
         images.append(Image.fromarray(preprocess.apply(prep, Image.open(io.BytesIO(ex["image"])), geom)))
         tasks.append(e["task"])
         queries.append(e["query"])

@@ -67,9 +67,8 @@ def train_dataset(cfg: Experiment, uri: str, base_path: str, counter):
     """The tokenized train split (Ray Data), materialized in the object store once when
     data.cache_preprocessed (every epoch, and every Tune trial, then re-reads it)."""
     from raytrain.data import pipeline
-    from raytrain.models import family
 
-    fam = family(cfg.model.spec)
+    fam = cfg.model_family()
     processor = fam.load_processor(base_path)
     ds = pipeline.train_dataset(
         uri,
@@ -77,7 +76,7 @@ def train_dataset(cfg: Experiment, uri: str, base_path: str, counter):
         tasks=cfg.data.tasks,
         model_path=base_path,
         image_hw=fam.image_size(processor),
-        family=cfg.model.spec,
+        family=fam,
         max_len=cfg.data.max_seq_len,
         allow_convert=cfg.data.allow_convert,
         opts=job.storage_opts(cfg),

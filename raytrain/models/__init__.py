@@ -56,9 +56,17 @@ def family_spec(name: str, answer_format: str = "") -> str:
     return name if fmt == formats[0] else f"{name}+{fmt}"
 
 
+def family(spec):
+    """The immutable family object for `spec` (one per spec per process); a family object (e.g.
+    one bound to a job's prompts by `with_text`) is returned as it is, so components can take
+    either."""
+    if not isinstance(spec, str):
+        return spec
+    return _family_of_spec(spec)
+
+
 @cache
-def family(spec: str):
-    """The immutable family object for `spec` (cached: one per spec per process)."""
+def _family_of_spec(spec: str):
     name, fmt = parse_family_spec(spec)
     return _family_class(name)(answer_format=fmt)
 

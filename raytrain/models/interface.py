@@ -31,6 +31,14 @@ class ModelFamily(Protocol):
     """Answer formats this family can be trained to write; the first is its default."""
     answer_format: str
     """The format this object renders, parses, constrains and scores."""
+    prompts: tuple[tuple[str, str], ...]
+    """(task, template) pairs replacing the family's own prompts ("{query}" = the label(s))."""
+    system_prompt: str
+    """Chat families: the system turn ("" = the template's default); others refuse a non-empty one."""
+    empty_answer: str
+    """The "nothing found" answer of negatives ("" = the format's own); always accepted by parse and grammar."""
+    multi_label: bool
+    """One example per image and task with every label's objects (the pipeline reads it)."""
     SEQ_KEYS: ClassVar[tuple[str, ...]]
     """Per-token (B, T) arrays of `encode_train` whose shared right padding the recipe trims."""
     TASKS: ClassVar[tuple[str, ...]]
@@ -41,6 +49,10 @@ class ModelFamily(Protocol):
     @property
     def spec(self) -> str:
         """'qwen2_5_vl+tokens' ('qwen2_5_vl' for the default format): what checkpoints record."""
+        ...
+
+    def with_text(self, prompts=None, system_prompt: str = "", empty_answer: str = "", multi_label: bool = False):
+        """A copy bound to a job's text options (config.TextOptions / a checkpoint's "text" record)."""
         ...
 
     # ---- loading -------------------------------------------------------------------------------

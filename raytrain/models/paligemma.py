@@ -10,7 +10,7 @@ Arguments are plain values; nothing here reads the experiment config.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar, Sequence
 
@@ -21,7 +21,7 @@ from raytrain.formats import molmo
 from raytrain.formats import paligemma as fmt
 from raytrain.formats.numbers import digit_token_ids, token_place_weights
 from raytrain.formats.paligemma import NUM_LOC, loc_token
-from raytrain.models import _quant, paligemma_decoding, tiny
+from raytrain.models import _quant, paligemma_decoding, text_options, tiny
 from raytrain.models.tiny_paligemma import DEFAULT_IMAGE_SIZE, build_tiny_paligemma
 
 NAME = "paligemma"
@@ -125,31 +125,60 @@ def render_example(task: str, query: str, targets: Sequence, width: int, height:
 
 
 def render_with_numbers(task: str, query: str, targets: Sequence, width: int, height: int, image_hw=None,
-                        answer_format: str = "loc"):
-    """(prefix, suffix, number spans of the suffix's coordinates written as digits: Molmo only)."""
+                        answer_format: str = "loc", empty_answer: str = ""):
+    """(prefix, suffix, number spans of the suffix's coordinates written as digits: Molmo only).
+    No targets (a negative): the answer is `empty_answer`, or the format's own (Molmo's
+    "There are none.", <loc>: an empty answer)."""
+    if not targets and not tasks.per_image(task):
+        prefix = render_prefix(task, query)
+        return prefix, empty_answer or empty_answers(task, answer_format)[0], []
     if task == "point" and answer_format == "molmo":
-        return (fmt.render_prefix(task, query), *molmo.render_points_spans(targets, width, height, label=query))
+        return (render_prefix(task, query), *molmo.render_points_spans(targets, width, height, label=query))
     return (*_render_loc(task, query, targets, width, height), [])
 
 
+def render_prefix(task: str, query: str) -> str:
+    """The family's own prompt of a task (a job's data.text.prompts replace it)."""
+    if task == "segment":
+        from raytrain.formats import paligemma_masks
+
+        return paligemma_masks.render_prefix(query)
+    if task in ("caption", "dense_caption"):
+        return CAPTION_PREFIX if task == "caption" else DENSE_PREFIX
+    return fmt.render_prefix(task, query)
+
+
+def empty_answers(task: str, answer_format: str = "loc") -> tuple[str, ...]:
+    """The answers that mean "nothing found", the one the family writes first."""
+    if task == "point" and answer_format == "molmo":
+        return molmo.NOTHING_FOUND_ANSWERS
+    return ("",)  # <loc> answers: no object is the end of sequence right away
+
+
 def _render_loc(task: str, query: str, targets: Sequence, width: int, height: int) -> tuple[str, str]:
+    prefix = render_prefix(task, query)
     if task == "caption":
-        return CAPTION_PREFIX, targets[0].text.strip()
+        return prefix, targets[0].text.strip()
     if task == "dense_caption":
-        return DENSE_PREFIX, fmt.render_objects(_region_boxes(targets), width, height)
+        return prefix, fmt.render_objects(_region_boxes(targets), width, height)
     if task == "segment":  # <loc>x4 <seg>x16 label; needs the mask codec weights (RAYTRAIN_MASK_CODEC)
         from raytrain.formats import paligemma_masks
 
-        return paligemma_masks.render_prefix(query), paligemma_masks.render_segments(targets, width, height)
-    return fmt.render_prefix(task, query), fmt.render_objects(targets, width, height)
+        return prefix, paligemma_masks.render_segments(targets, width, height)
+    return prefix, fmt.render_objects(targets, width, height)
 
 
 def parse_output(text: str, task: str, width: int, height: int, image_hw: tuple[int, int] | None = None, divisor: int = 1023,
-                 answer_format: str = "loc"):
-    """Model text -> ParseResult with objects in source pixels (never raises on text).
+                 answer_format: str = "loc", empty_answer: str = ""):
+    """Model text -> ParseResult with objects in source pixels (never raises on text); a "nothing
+    found" answer (`empty_answer` or the format's own) is zero objects and no error.
     divisor 1023 inverts big_vision's encoder exactly; 1024 is supervision's / Google's demo parser."""
     from raytrain.formats.annotations import Caption, ParseError, ParseResult, Region
 
+    if not tasks.per_image(task) and text_options.is_empty_answer(
+            text.replace("<eos>", "").replace("</s>", ""), (empty_answer, *empty_answers(task, answer_format)) if empty_answer
+            else empty_answers(task, answer_format)):
+        return ParseResult([], [])
     if task == "point" and answer_format == "molmo":
         return molmo.parse(text.replace("<eos>", ""), width, height)
     if task == "caption":
@@ -346,6 +375,13 @@ class PaliGemma:
     """PaliGemma 1/2 with its `<loc>` answer format (`raytrain.models.family("paligemma")`)."""
 
     answer_format: str = "loc"
+    prompts: tuple[tuple[str, str], ...] = ()
+    """(task, template) pairs replacing the family's own prompts (`with_text`)."""
+    system_prompt: str = ""
+    empty_answer: str = ""
+    """The "nothing found" answer of negatives; "" = the format's own."""
+    multi_label: bool = False
+    """One example per image and task with every label's objects ("detect cat ; dog")."""
 
     name: ClassVar[str] = NAME
     ANSWER_FORMATS: ClassVar[tuple[str, ...]] = ("loc", "molmo")
@@ -360,6 +396,12 @@ class PaliGemma:
     def __post_init__(self):
         if self.answer_format not in self.ANSWER_FORMATS:
             raise ValueError(f"PaliGemma writes answers as {list(self.ANSWER_FORMATS)}, not {self.answer_format!r}")
+        if self.system_prompt:
+            raise ValueError("PaliGemma has no chat template: a system prompt applies to chat families (Qwen2.5-VL)")
+
+    def with_text(self, prompts=None, system_prompt: str = "", empty_answer: str = "", multi_label: bool = False):
+        return replace(self, prompts=text_options.prompt_table(prompts), system_prompt=system_prompt,
+                       empty_answer=empty_answer, multi_label=multi_label)
 
     @property
     def spec(self) -> str:
@@ -393,13 +435,14 @@ class PaliGemma:
 
     # text
     def render_example(self, task, query, targets, width, height, image_hw=None):
-        return render_example(task, query, targets, width, height, image_hw, answer_format=self.answer_format)
+        prefix, suffix, _ = render_with_numbers(task, query, targets, width, height, image_hw, self.answer_format, self.empty_answer)
+        return text_options.prompt_for(self.prompts, task, query, prefix), suffix
 
     def parse_output(self, text, task, width, height, image_hw=None):
-        return parse_output(text, task, width, height, image_hw, answer_format=self.answer_format)
+        return parse_output(text, task, width, height, image_hw, answer_format=self.answer_format, empty_answer=self.empty_answer)
 
     def answer_numbers(self, task, query, targets, width, height, image_hw=None) -> list:
-        return render_with_numbers(task, query, targets, width, height, image_hw, self.answer_format)[2]
+        return render_with_numbers(task, query, targets, width, height, image_hw, self.answer_format, self.empty_answer)[2]
 
     def digit_token_ids(self, tokenizer):
         return digit_token_ids(tokenizer)
@@ -419,7 +462,8 @@ class PaliGemma:
             return None  # Molmo text: see formats/text_grammar.py
         if kind not in fmt.KINDS or not labels:  # masks, captions: no grammar
             return None
-        return _grammars(processor).for_labels(kind, list(labels), max_objects or None)
+        # the "nothing found" answer is always allowed: a negative's answer is valid output
+        return _grammars(processor).for_labels(kind, list(labels), max_objects or None, self.empty_answer)
 
     def object_confidences(self, logprobs, token_ids, processor, kind: str, labels, image_hw) -> list[float]:
         if kind not in fmt.KINDS or (self.answer_format == "molmo" and kind == "point"):

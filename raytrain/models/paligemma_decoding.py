@@ -95,11 +95,14 @@ class PaliGemmaGrammars:
             self._seqs.update(label_sequences(self.processor, missing))
         return {lb: self._seqs[lb] for lb in labels}
 
-    def for_labels(self, kind: str, labels: Sequence[str], max_objects: int | None = None) -> DetectionGrammar:
-        key = (kind, tuple(labels), max_objects)
+    def for_labels(self, kind: str, labels: Sequence[str], max_objects: int | None = None, empty_answer: str | None = None) -> DetectionGrammar:
+        """`empty_answer`: the "nothing found" text the grammar also accepts ("" = <eos> right away;
+        None = none)."""
+        key = (kind, tuple(labels), max_objects, empty_answer)
         if key not in self._grammars:  # grammars hold no per-call state: one per key is enough
+            empty_ids = None if empty_answer is None else suffix_token_ids(self.processor, [empty_answer])[0][:-1]
             self._grammars[key] = DetectionGrammar(self.loc_ids, self._sequences(list(labels)), self.eos_id, kind,
-                                                   max_objects, self.forbid_duplicates)
+                                                   max_objects, self.forbid_duplicates, empty_ids)
         return self._grammars[key]
 
     def for_queries(self, kind: str, queries: Sequence[str], max_objects: int | None = None) -> list[DetectionGrammar]:

@@ -23,21 +23,32 @@ same size — and `prepare_inputs` flattens it back right before `model(**inputs
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
 from raytrain import tasks
-from raytrain.formats import molmo
+from raytrain.formats import molmo, qwen_grammar, text_grammar
 from raytrain.formats import qwen as fmt
-from raytrain.formats import qwen_grammar, text_grammar
 from raytrain.formats.numbers import digit_token_ids, token_place_weights
-from raytrain.models import _quant, tiny
-from raytrain.models.qwen_loc_tokens import add_loc_tokens, add_loc_tokens_to_tokenizer, check_tokenizer, loc_token_ids  # noqa: F401
-from raytrain.models.qwen_resize import DEFAULT_RESIZE, RESIZE_RECORD, check_resize, resize_settings, write_resize_record
+from raytrain.models import _quant, text_options, tiny
+from raytrain.models.qwen_loc_tokens import (  # noqa: F401
+    add_loc_tokens,
+    add_loc_tokens_to_tokenizer,
+    check_tokenizer,
+    loc_token_ids,
+)
+from raytrain.models.qwen_resize import (
+    DEFAULT_RESIZE,
+    RESIZE_RECORD,
+    check_resize,
+    resize_settings,
+    write_resize_record,
+)
 from raytrain.models.tiny_qwen import IMAGE_SIDE, build_tiny_qwen2_5_vl
 
 NAME = "qwen2_5_vl"
@@ -58,6 +69,9 @@ DENSE_PROMPTS = {
 NOMINAL_SIDE = 448  # px: the fixed square input real models are fed (1024 patches -> 256 LM tokens)
 MOLMO = "molmo"  # answer format: pointing in Molmo's percent text (formats/molmo.py), the rest as absolute
 MOLMO_POINT_PROMPT = "Point to every {query} in the image."
+# What "nothing found" looks like in this family's formats: an empty JSON / Python list, Molmo's
+EMPTY_ANSWERS = ("[]", *molmo.NOTHING_FOUND_ANSWERS)
+_END_TOKENS = re.compile(r"<\|im_end\|>|<\|endoftext\|>")
 IM_END = "<|im_end|>"
 END_OF_TEXT = "<|endoftext|>"
 
@@ -72,7 +86,9 @@ def resolve(name_or_path: str, cache_dir: str | None = None) -> str:
 
 def load_processor(name_or_path: str, cache_dir: str | None = None):
     """The processor of a hub id, a saved directory or the tiny preset (resize record checked)."""
-    from raytrain.models import qwen_processor  # transformers: imported when a processor loads
+    from raytrain.models import (
+        qwen_processor,  # transformers: imported when a processor loads
+    )
 
     return qwen_processor.load_processor(resolve(name_or_path, cache_dir))
 
@@ -181,9 +197,12 @@ def render_example(
 
 
 def render_with_numbers(task: str, query: str, targets: Sequence, width: int, height: int, image_hw=None,
-                        representation: str = "absolute", resize: dict | None = None, fenced: bool = True):
+                        representation: str = "absolute", resize: dict | None = None, fenced: bool = True, empty_answer: str = ""):
     """(prompt, answer, number spans): `render_example` plus the span and range of every coordinate
-    number of the answer, recorded while rendering it (formats/numbers.py)."""
+    number of the answer, recorded while rendering it (formats/numbers.py). No targets (a
+    negative): `empty_answer`, or the format's own (an empty JSON list, Molmo's "There are none.")."""
+    if empty_answer and not targets and not tasks.per_image(task):
+        return render_with_numbers(task, query, targets, width, height, image_hw, representation, resize, fenced)[0], empty_answer, []
     if representation == MOLMO:  # Molmo's percent points for pointing; the rest as absolute JSON
         if task == "point":
             return MOLMO_POINT_PROMPT.format(query=query), *molmo.render_points_spans(targets, width, height, label=query)
@@ -209,10 +228,16 @@ def parse_output(
     image_hw: tuple[int, int] | None = None,
     representation: str = "absolute",
     resize: dict | None = None,
+    empty_answer: str = "",
 ):
-    """Model text -> ParseResult with objects in source pixels (never raises on text)."""
+    """Model text -> ParseResult with objects in source pixels (never raises on text); a "nothing
+    found" answer (an empty list, Molmo's, or `empty_answer`) is zero objects and no error."""
     from raytrain.formats.annotations import Caption, ParseError, ParseResult, Region
 
+    if not tasks.per_image(task):
+        body = _END_TOKENS.sub(" ", text)
+        if text_options.is_empty_answer(body, (*EMPTY_ANSWERS, *((empty_answer,) if empty_answer else ()))):
+            return ParseResult([], [])
     if representation == MOLMO:
         if task == "point":
             return molmo.parse(text, width, height)
@@ -231,19 +256,20 @@ def parse_output(
 # encoding
 
 
-def _chat_prompt(processor, prefix: str) -> str:
+def _chat_prompt(processor, prefix: str, system: str | None = None) -> str:
     """The user turn through the processor's chat template, ending with the assistant header:
     '<|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n<|vision_start|><|image_pad|>
     <|vision_end|>{prefix}<|im_end|>\\n<|im_start|>assistant\\n' (the processor expands <|image_pad|>)."""
-    return processor.apply_chat_template(fmt.chat_messages(prefix), tokenize=False, add_generation_prompt=True)
+    return processor.apply_chat_template(fmt.chat_messages(prefix, system=system or None), tokenize=False, add_generation_prompt=True)
 
 
-def _encode_prompts_np(processor, images: Sequence, prefixes: Sequence[str], side: str) -> dict:
+def _encode_prompts_np(processor, images: Sequence, prefixes: Sequence[str], side: str, system: str | None = None) -> dict:
     tok = processor.tokenizer
     old = tok.padding_side
     tok.padding_side = side
     try:
-        return processor(text=[_chat_prompt(processor, p) for p in prefixes], images=list(images), padding="longest", return_tensors="np")
+        return processor(text=[_chat_prompt(processor, p, system) for p in prefixes], images=list(images), padding="longest",
+                         return_tensors="np")
     finally:
         tok.padding_side = old
 
@@ -259,7 +285,7 @@ def _per_example_pixels(pixel_values: np.ndarray, grid: np.ndarray) -> np.ndarra
 
 
 def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes: Sequence[str], max_len: int,
-                 numbers: Sequence | None = None) -> dict:
+                 numbers: Sequence | None = None, system: str | None = None) -> dict:
     """Tokenize a batch for teacher-forced training, padded/truncated to exactly `max_len`.
 
     Each row is the chat-templated prompt (exactly the tokens `encode_prompts` feeds generation)
@@ -273,7 +299,7 @@ def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes:
     at its label position, for the distance-aware number loss.
     """
     tok = processor.tokenizer
-    enc = _encode_prompts_np(processor, images, prefixes, "right")
+    enc = _encode_prompts_np(processor, images, prefixes, "right", system)
     answer_enc = tok([s + IM_END for s in suffixes], add_special_tokens=False, return_offsets_mapping=numbers is not None)
     answers = answer_enc["input_ids"]
     prompt_len = enc["attention_mask"].sum(axis=1).astype(np.int64)
@@ -324,11 +350,11 @@ def prepare_inputs(inputs: dict) -> dict:
     return out
 
 
-def encode_prompts(processor, images: Sequence, prefixes: Sequence[str]) -> dict:
+def encode_prompts(processor, images: Sequence, prefixes: Sequence[str], system: str | None = None) -> dict:
     """Left-padded prompt batch for generation (torch tensors, model-ready: pixel_values flat)."""
     import torch
 
-    enc = _encode_prompts_np(processor, images, prefixes, "left")
+    enc = _encode_prompts_np(processor, images, prefixes, "left", system)
     out = {
         "input_ids": torch.as_tensor(enc["input_ids"], dtype=torch.long),
         "attention_mask": torch.as_tensor(enc["attention_mask"], dtype=torch.long),
@@ -363,15 +389,18 @@ _GRAMMARS: dict[tuple, object] = {}
 _GRAMMAR_CACHE = 256  # compiled grammars kept per process (label sets x kinds x frames)
 
 
-def _text_grammar(processor, kind: str, labels: tuple, representation: str, fw: int, fh: int, max_objects):
+def _text_grammar(processor, kind: str, labels: tuple, representation: str, fw: int, fh: int, max_objects, empty_answer: str = ""):
     """The compiled answer grammar (formats/text_grammar.py) of one label set, cached: every row and
-    beam of a batch and every batch with the same labels share it (it keeps no per-call state)."""
-    key = (id(processor.tokenizer), kind, labels, representation, fw, fh, max_objects)
+    beam of a batch and every batch with the same labels share it (it keeps no per-call state). The
+    "nothing found" answer (the empty list, or `empty_answer`) is always allowed."""
+    key = (id(processor.tokenizer), kind, labels, representation, fw, fh, max_objects, empty_answer)
     g = _GRAMMARS.get(key)
     if g is None:
         if len(_GRAMMARS) >= _GRAMMAR_CACHE:
             _GRAMMARS.pop(next(iter(_GRAMMARS)))
-        answer = qwen_grammar.answer_grammar(kind, labels, representation, fw, fh, max_objects=max_objects)
+        answer = qwen_grammar.answer_grammar(kind, labels, representation, fw, fh, max_objects=max_objects, allow_empty=True)
+        if empty_answer:
+            answer = replace(answer, empty=empty_answer)
         g = _GRAMMARS[key] = text_grammar.compile_grammar(answer, processor.tokenizer, end_tokens=[IM_END])
     return g
 
@@ -393,6 +422,14 @@ class Qwen2_5_VL:
     """
 
     answer_format: str = "absolute"
+    prompts: tuple[tuple[str, str], ...] = ()
+    """(task, template) pairs replacing the family's own prompts (`with_text`)."""
+    system_prompt: str = ""
+    """The chat's system turn; "" = the chat template's default."""
+    empty_answer: str = ""
+    """The "nothing found" answer of negatives; "" = the format's own."""
+    multi_label: bool = False
+    """One example per image and task with every label's objects ("cat ; dog")."""
 
     name: ClassVar[str] = NAME
     ANSWER_FORMATS: ClassVar[tuple[str, ...]] = (*fmt.REPRESENTATIONS, MOLMO)
@@ -409,6 +446,10 @@ class Qwen2_5_VL:
     @property
     def spec(self) -> str:
         return NAME if self.answer_format == self.ANSWER_FORMATS[0] else f"{NAME}+{self.answer_format}"
+
+    def with_text(self, prompts=None, system_prompt: str = "", empty_answer: str = "", multi_label: bool = False):
+        return replace(self, prompts=text_options.prompt_table(prompts), system_prompt=system_prompt,
+                       empty_answer=empty_answer, multi_label=multi_label)
 
     @property
     def _tokens(self) -> bool:
@@ -452,22 +493,31 @@ class Qwen2_5_VL:
         return None  # smart_resize: the count follows each image's size
 
     # text
+    def _render(self, task, query, targets, width, height, image_hw):
+        prompt, answer, numbers = render_with_numbers(task, query, targets, width, height, image_hw, representation=self.answer_format,
+                                                      empty_answer=self.empty_answer)
+        return text_options.prompt_for(self.prompts, task, query, prompt), answer, numbers
+
     def render_example(self, task, query, targets, width, height, image_hw=None):
-        return render_example(task, query, targets, width, height, image_hw, representation=self.answer_format)
+        return self._render(task, query, targets, width, height, image_hw)[:2]
 
     def parse_output(self, text, task, width, height, image_hw=None):
-        return parse_output(text, task, width, height, image_hw, representation=self.answer_format)
+        return parse_output(text, task, width, height, image_hw, representation=self.answer_format, empty_answer=self.empty_answer)
 
     def answer_numbers(self, task, query, targets, width, height, image_hw=None) -> list:
-        return render_with_numbers(task, query, targets, width, height, image_hw, representation=self.answer_format)[2]
+        return self._render(task, query, targets, width, height, image_hw)[2]
 
     def digit_token_ids(self, tokenizer):
         return digit_token_ids(tokenizer)
 
     # encoding
     image_size = staticmethod(image_size)
-    encode_train = staticmethod(encode_train)
-    encode_prompts = staticmethod(encode_prompts)
+    def encode_train(self, processor, images, prefixes, suffixes, max_len, numbers=None) -> dict:
+        return encode_train(processor, images, prefixes, suffixes, max_len, numbers, system=self.system_prompt or None)
+
+    def encode_prompts(self, processor, images, prefixes) -> dict:
+        return encode_prompts(processor, images, prefixes, system=self.system_prompt or None)
+
     prepare_inputs = staticmethod(prepare_inputs)
     stop_token_ids = staticmethod(stop_token_ids)
 
@@ -476,7 +526,7 @@ class Qwen2_5_VL:
         if self.answer_format == MOLMO or kind not in fmt.KINDS or not labels:
             return None  # Molmo text: no grammar yet; captions: free text
         fw, fh = _model_frame(image_hw[1], image_hw[0], image_hw, None)
-        return _text_grammar(processor, kind, tuple(labels), self.answer_format, fw, fh, max_objects or None)
+        return _text_grammar(processor, kind, tuple(labels), self.answer_format, fw, fh, max_objects or None, self.empty_answer)
 
     def object_confidences(self, logprobs, token_ids, processor, kind: str, labels, image_hw) -> list[float]:
         g = self.grammar(processor, kind, labels, image_hw)

@@ -20,7 +20,6 @@ from typing import Callable
 import torch
 
 from raytrain import config as config_mod
-from raytrain.models import family as model_family
 from raytrain.training import checkpointing, loop, new_tokens, optim
 from raytrain.training.model import build_model
 from raytrain.training.session import Session, from_ray_train
@@ -39,7 +38,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     n_total = sum(p.numel() for p in model.parameters())
     if session.rank == 0:
         log.info("strategy=%s trainable params %d / %d (%.2f%%)", cfg.train.strategy, n_train, n_total, 100 * n_train / n_total)
-    fam = model_family(cfg.model.spec)
+    fam = cfg.model_family()
     loc_ids = torch.as_tensor(fam.loc_token_ids(processor.tokenizer), device=device)
     if not cfg.quant.bits:
         model.to(device)  # quantized models are placed by from_pretrained's device_map

@@ -35,7 +35,6 @@ import time
 import torch
 
 from raytrain import config as config_mod
-from raytrain.models import family as model_family
 from raytrain.training import loop, optim, zero_checkpoint
 from raytrain.training.model import build_model
 from raytrain.training.session import Session, from_ray_train
@@ -174,7 +173,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     n_total = sum(_numel(p) for p in model.parameters())
     if session.rank == 0:
         log.info("strategy=%s world=%d trainable params %d / %d", cfg.train.strategy, session.world_size, n_train, n_total)
-    fam = model_family(cfg.model.spec)
+    fam = cfg.model_family()
     loc_ids = torch.as_tensor(fam.loc_token_ids(processor.tokenizer), device=device)
     # images enter in the compute dtype (the engine runs the whole module in bf16 when asked)
     pixel_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32

@@ -101,15 +101,18 @@ def read_state(ckpt_dir: str | Path) -> dict:
     return json.loads((Path(ckpt_dir) / STATE_JSON).read_text())
 
 
-def recorded_preprocess(checkpoint_uri: str, opts=None) -> dict | None:
-    """The image preprocessing record of a checkpoint (local dir or s3://): state.json's
-    "preprocess", or None when the checkpoint has no state.json or predates the record."""
+def recorded_state(checkpoint_uri: str, opts=None) -> dict:
+    """A checkpoint's state.json (local dir or s3://), {} when it has none."""
     from raytrain import storage
 
     uri = storage.join(str(checkpoint_uri), STATE_JSON)
-    if not storage.exists(uri, opts):
-        return None
-    return storage.read_json(uri, opts).get("preprocess")
+    return storage.read_json(uri, opts) if storage.exists(uri, opts) else {}
+
+
+def recorded_preprocess(checkpoint_uri: str, opts=None) -> dict | None:
+    """The image preprocessing record of a checkpoint (local dir or s3://): state.json's
+    "preprocess", or None when the checkpoint has no state.json or predates the record."""
+    return recorded_state(checkpoint_uri, opts).get("preprocess")
 
 
 def load_weights(ckpt_dir: str | Path, model) -> None:

@@ -204,5 +204,6 @@ def checkpoint_state(cfg: config_mod.Experiment, *, step: int, epoch: int, batch
         "base_model": cfg.model.name_or_path,
         "family": cfg.model.spec,
         "preprocess": cfg.data.preprocess.to_dict(),
+        "text": cfg.data.text.to_dict(),  # prompts and negatives' answer: eval and Serve write them as trained
         "metrics": metrics,
     }

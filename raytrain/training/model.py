@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 
 from raytrain import config as config_mod
-from raytrain.models import family as model_family
 from raytrain.models import task_head
 from raytrain.training import new_tokens
 
@@ -23,7 +22,7 @@ def build_model(cfg: config_mod.Experiment, model_path: str, *, strategy: str | 
     layers, and the freeze policy can additionally unfreeze the last vision layers / projector.
     Either way model.task_head_queries > 0 adds the (trainable) task attention head."""
     strategy = strategy or cfg.train.strategy
-    fam = model_family(cfg.model.spec)
+    fam = cfg.model_family()
     quant = dataclasses.asdict(cfg.quant) if cfg.quant.bits else None  # the config allows it with strategy lora only
     model, processor = fam.load(model_path, dtype=cfg.model.dtype, quant=quant)
     policy = dict(

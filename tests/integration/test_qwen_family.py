@@ -66,7 +66,7 @@ def test_same_interface_as_paligemma():
 
     for name in REQUIRED_MEMBERS:
         assert hasattr(family("paligemma"), name) and hasattr(family("qwen2_5_vl"), name), name
-    assert family("qwen2_5_vl").encode_train is qw.encode_train and family("paligemma").encode_train is pg.encode_train
+    assert family("qwen2_5_vl").prepare_inputs is qw.prepare_inputs and family("paligemma").encode_train is pg.encode_train
     x = {"pixel_values": np.zeros((2, 3, 4, 4))}
     assert family("paligemma").prepare_inputs(x) is x
 

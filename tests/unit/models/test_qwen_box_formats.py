@@ -52,7 +52,7 @@ def test_family_spec_binds_a_box_format():
     assert family_spec("qwen2_5_vl", "tokens") == "qwen2_5_vl+tokens" and family_spec("qwen2_5_vl", "") == "qwen2_5_vl"
     assert parse_family_spec("qwen2_5_vl+pairs") == ("qwen2_5_vl", "pairs")
     view = family("qwen2_5_vl+normalized")
-    assert view.answer_format == "normalized" and view.spec == "qwen2_5_vl+normalized" and view.encode_train is qw.encode_train
+    assert view.answer_format == "normalized" and view.spec == "qwen2_5_vl+normalized" and view.prepare_inputs is qw.prepare_inputs
     with pytest.raises(AttributeError):  # immutable: one object per spec
         view.answer_format = "tokens"
     with pytest.raises(ValueError, match="not 'polar'"):
