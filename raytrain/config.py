@@ -50,6 +50,9 @@ class PrepareOptions:
 
     image_root: str = ""
     """Folder image names are relative to; "" = the annotation file's folder."""
+    keep_negatives: bool = True
+    """Keep rows that hold none of their label (PixMo rows without points, JSONL rows answering
+    nothing or data.text.empty_answer) as negatives; False drops them, counted (seed 000 did)."""
     use_source_split: bool = True
     """Keep a split the source gives instead of the seeded split by image."""
     max_side: int = 0
@@ -530,6 +533,8 @@ class PrepareConfig(PrepareOptions):
     rows_per_shard: int = 1000
     """Rows per Ray Data batch, so at most this many rows per Parquet file."""
     allow_convert: bool = True
+    empty_answer: str = ""
+    """The "nothing found" answer a source may write for a negative (the job's data.text.empty_answer)."""
     storage: StorageOptions | None = None
 
     def params(self) -> dict:

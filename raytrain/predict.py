@@ -30,7 +30,7 @@ import numpy as np
 
 from raytrain import tasks as task_registry
 from raytrain.data.preprocess import Geometry
-from raytrain.formats.annotations import Box, Mask, ParseError, Point, nms, objects_from_json, objects_to_json
+from raytrain.formats.annotations import Box, CodedMask, Mask, ParseError, Point, nms, objects_from_json, objects_to_json
 from raytrain.formats.grammar import DetectionGrammar, query_labels
 
 try:  # the logits processor is a transformers class; the rest of this module imports without torch
@@ -268,6 +268,13 @@ def score_example(task: str, pred: Sequence | None, targets_json: str, width: in
         bxs = None if pred is None else [o for o in pred if isinstance(o, Box)]
         return box_metrics.score_boxes(bxs, [o for o in gt if isinstance(o, Box)])
     if metric == "segmentation":
+        gt_all = [o for o in gt if isinstance(o, (Mask, CodedMask))]
+        if any(isinstance(o, CodedMask) for o in (pred or [])) or (gt_all and not any(isinstance(o, Mask) for o in gt_all)):
+            # no pixels on one side (answers read without the mask codec, or targets given as codes):
+            # box and seg-token metrics only, and the aggregate says why
+            boxes = [o for o in (pred or []) if isinstance(o, (Mask, CodedMask))]
+            return seg_metrics.score_segmentation_tokens(None if pred is None else boxes, gt_all[0].box if len(gt_all) == 1 else None)
+
         # big_vision's referring-segmentation scores: mask IoU of the union of predicted masks vs
         # the union of GT masks (= big_vision's when the model answers one object), box IoU of
         # the first predicted box (its locs) vs the GT box when there is exactly one GT object.

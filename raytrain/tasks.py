@@ -6,6 +6,7 @@
 
 Each task names
   kind         the object kind its answers hold: "point" | "box" | "mask" | "caption" | "region";
+  object_type  the annotation type(s) its targets are (segment: pixel masks, or PaliGemma VQ codes);
                parsers take it (`fmt.parse(text, ..., kind)`), scoring and reports group by it
   per_image    True when one example covers the whole image (caption, dense caption: no query);
                False when there is one example per (image, label)
@@ -24,14 +25,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from raytrain.formats.annotations import Box, Caption, Mask, Point, Region
+from raytrain.formats.annotations import Box, Caption, CodedMask, Mask, Point, Region
 
 
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
     kind: str
-    object_type: type
+    object_type: type | tuple[type, ...]
     per_image: bool
     prompt: str
     metrics: str
@@ -45,7 +46,7 @@ TASKS: dict[str, TaskSpec] = {
     for t in (
         TaskSpec("point", "point", Point, False, "point to {query}", "pointing", "centre_point", True, "point"),
         TaskSpec("detect", "box", Box, False, "detect {query}", "boxes", "centred_box", True, "box"),
-        TaskSpec("segment", "mask", Mask, False, "segment {query}", "segmentation", None, True, "mask_rle"),
+        TaskSpec("segment", "mask", (Mask, CodedMask), False, "segment {query}", "segmentation", None, True, "mask_rle"),
         TaskSpec("caption", "caption", Caption, True, "caption en", "captions", None, False, "caption"),
         TaskSpec("dense_caption", "region", Region, True, "describe each region", "dense_captions", None, True, "region"),
     )

@@ -195,6 +195,24 @@ class Region:
 
 
 @dataclass(frozen=True)
+class CodedMask:
+    """A mask given as PaliGemma's 16 VQ codes of the mask cropped to its box (big_vision's
+    segmentation targets, as Datature-style JSONL ships them): the box in source pixels and the
+    codes, learnable as written without the codec; pixels only through the codec's decoder."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    label: str
+    codes: tuple[int, ...]
+
+    @property
+    def box(self) -> Box:
+        return Box(self.x1, self.y1, self.x2, self.y2, self.label)
+
+
+@dataclass(frozen=True)
 class Absent:
     """A negative: the image was checked for `label` and holds none (seed 004's "Normal" rows,
     PixMo-Points rows with count 0). It renders as the answer format's "nothing found" answer."""
@@ -245,7 +263,7 @@ def _check_counts(counts: str, h: int, w: int) -> list[int]:
     return runs
 
 
-Obj = Point | Box | Mask | Caption | Region | Absent
+Obj = Point | Box | Mask | Caption | Region | Absent | CodedMask
 
 # ---------------------------------------------------------------------------- JSON
 # Shards store annotations as one JSON string per image, so the schema stays flat.
@@ -257,6 +275,7 @@ _FIELDS = {
     "caption": (),
     "mask_rle": (),
     "absent": (),
+    "mask_codes": ("x1", "y1", "x2", "y2"),
 }
 """Numeric fields of each JSON ``type``."""
 _STRINGS = {
@@ -266,9 +285,10 @@ _STRINGS = {
     "caption": {"text": True},
     "mask_rle": {"counts": True, "label": False},
     "absent": {"label": True},
+    "mask_codes": {"label": False},
 }
 """String fields of each JSON ``type``: name -> required (optional ones default to "")."""
-_OTHER = {"mask_rle": ("size",)}
+_OTHER = {"mask_rle": ("size",), "mask_codes": ("codes",)}
 _TYPES = ", ".join(repr(t) for t in _FIELDS)
 
 
@@ -287,6 +307,9 @@ def _to_dict(o: Obj) -> dict[str, Any]:
         return {"type": "mask_rle", "size": [int(o.size[0]), int(o.size[1])], "counts": o.counts, "label": o.label}
     if isinstance(o, Absent):
         return {"type": "absent", "label": o.label}
+    if isinstance(o, CodedMask):
+        xyxy = {"x1": float(o.x1), "y1": float(o.y1), "x2": float(o.x2), "y2": float(o.y2)}
+        return {"type": "mask_codes", **xyxy, "label": o.label, "codes": [int(c) for c in o.codes]}
     raise TypeError(f"expected Point, Box, Mask, Caption, Region or Absent, got {type(o).__name__}")
 
 
@@ -296,7 +319,8 @@ def objects_to_json(objs: Sequence[Obj]) -> str:
     ``{"type": "point", "x", "y", "label"}``, ``{"type": "box", "x1", "y1", "x2", "y2", "label"}``,
     ``{"type": "region", "x1", "y1", "x2", "y2", "phrase"}``, ``{"type": "caption", "text"}``,
     ``{"type": "mask_rle", "size": [h, w], "counts", "label"}`` (COCO compressed RLE),
-    ``{"type": "absent", "label"}`` (a negative: the image holds no `label`).
+    ``{"type": "absent", "label"}`` (a negative: the image holds no `label`),
+    ``{"type": "mask_codes", "x1", "y1", "x2", "y2", "label", "codes": [16 ints]}`` (PaliGemma VQ codes).
 
     Raises ValueError on non-finite coordinates (NaN / inf are not JSON).
     """
@@ -361,6 +385,11 @@ def objects_from_json(s: str) -> list[Obj]:
             objs.append(Region(*coords, phrase=text["phrase"]))
         elif kind == "caption":
             objs.append(Caption(text["text"]))
+        elif kind == "mask_codes":
+            codes = d.get("codes")
+            if not isinstance(codes, list) or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c for c in codes):
+                raise ValueError(f"object {i}: codes must be a list of non-negative ints, got {codes!r}")
+            objs.append(CodedMask(*coords, label=text["label"], codes=tuple(codes)))
         elif kind == "absent":
             if not text["label"].strip():
                 raise ValueError(f"object {i}: an absent label must not be empty")
@@ -389,7 +418,7 @@ def _coords(o: Obj) -> tuple[tuple[float, float], ...]:
     """(value, limit-axis) pairs: axis 0 is x, 1 is y."""
     if isinstance(o, Point):
         return ((o.x, 0), (o.y, 1))
-    if isinstance(o, (Box, Region)):
+    if isinstance(o, (Box, Region, CodedMask)):
         return ((o.x1, 0), (o.y1, 1), (o.x2, 0), (o.y2, 1))
     return ()  # masks are checked by size, captions have no geometry
 
@@ -410,7 +439,7 @@ def check_objects(objs: Sequence[Obj], width: int, height: int) -> str | None:
         for v, axis in _coords(o):
             if not math.isfinite(v) or v < 0 or v > limits[axis]:
                 return "coords_out_of_range"
-        if isinstance(o, (Box, Region)) and (o.x2 <= o.x1 or o.y2 <= o.y1):
+        if isinstance(o, (Box, Region, CodedMask)) and (o.x2 <= o.x1 or o.y2 <= o.y1):
             return "degenerate_box"
         if isinstance(o, Mask):
             if (o.height, o.width) != (height, width):

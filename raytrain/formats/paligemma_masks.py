@@ -64,7 +64,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from raytrain.formats import paligemma as fmt
-from raytrain.formats.annotations import Box, Mask, ParseError, ParseResult
+from raytrain.formats.annotations import Box, CodedMask, Mask, ParseError, ParseResult
 
 # One tokenizer grammar: the <pad>/<bos> remnants, the end markers and the loc-bin check are the
 # detection parser's own (same package), so segment and detect outputs are cut the same way.
@@ -364,12 +364,14 @@ def render_segments(masks: Sequence[Mask], width: int, height: int, codec: MaskC
     :class:`MaskCodecMissing` (ValueError) if there is none. Raises ValueError for a mask of
     another size, an empty mask, or a label the parser would not read back.
     """
+    if masks and all(isinstance(m, CodedMask) for m in masks):
+        return render_coded(masks, width, height)
     if codec is None:
         codec = load_codec()
     parts = []
     for m in masks:
         if not isinstance(m, Mask):
-            raise TypeError(f"expected Mask, got {type(m).__name__}")
+            raise TypeError(f"expected Mask (or only CodedMasks), got {type(m).__name__}")
         if (m.height, m.width) != (height, width):
             raise ValueError(f"mask size {m.width}x{m.height} != image size {width}x{height}")
         box = Mask.box.fget(m)  # the pixels' tight box, even for a PredictedMask
@@ -379,6 +381,20 @@ def render_segments(masks: Sequence[Mask], width: int, height: int, codec: MaskC
         det = fmt.render_objects([box], width, height)
         locs, rest = det[: 4 * len("<loc0000>")], det[4 * len("<loc0000>") :]
         parts.append(locs + mask_to_tokens(m, box, codec) + rest)
+    return " ; ".join(parts)
+
+
+def render_coded(masks: Sequence[CodedMask], width: int, height: int) -> str:
+    """Target text of masks given as their VQ codes (JSONL segment rows): per object the loc
+    tokens of its box, its 16 seg tokens as given, a space and the label -- no codec involved, so
+    training reproduces the source's tokens exactly."""
+    parts = []
+    for m in masks:
+        if len(m.codes) != NUM_TOKENS or not all(0 <= c < NUM_CODES for c in m.codes):
+            raise ValueError(f"a coded mask needs {NUM_TOKENS} codes in 0..{NUM_CODES - 1}, got {list(m.codes)}")
+        det = fmt.render_objects([m.box], width, height)
+        locs, rest = det[: 4 * len("<loc0000>")], det[4 * len("<loc0000>") :]
+        parts.append(locs + "".join(fmt.seg_token(c) for c in m.codes) + rest)
     return " ; ".join(parts)
 
 
@@ -408,7 +424,7 @@ def parse_segments(
     text: str,
     width: int,
     height: int,
-    codec: MaskCodec | None = None,
+    codec: MaskCodec | None | bool = None,
     allowed_labels: Collection[str] | None = None,
     divisor: int = 1023,
 ) -> ParseResult:
@@ -425,15 +441,21 @@ def parse_segments(
     ``truncated_object``. Boxes decode with ``bin / divisor * size`` as in
     :func:`raytrain.formats.paligemma.parse`.
 
-    Raises only for bad arguments (size, divisor) and :class:`MaskCodecMissing` when
-    ``codec`` is None and ``RAYTRAIN_MASK_CODEC`` names no file.
+    ``codec=None`` loads the one named by ``RAYTRAIN_MASK_CODEC``; without weights (``codec=False``,
+    or none configured) objects come back as :class:`CodedMask` (box + the 16 codes): no pixels,
+    but their boxes and seg-token validity can still be scored.
+
+    Raises only for bad arguments (size, divisor).
     """
     if divisor not in fmt.DIVISORS:
         raise ValueError(f"divisor must be one of {fmt.DIVISORS}, got {divisor}")
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     if codec is None:
-        codec = load_codec()
+        try:
+            codec = load_codec()
+        except MaskCodecMissing:
+            codec = False
 
     good: list[tuple[Box, list[int]]] = []
     errors: list[ParseError] = []
@@ -470,6 +492,8 @@ def parse_segments(
         errors.append(ParseError(reason, f.text))
 
     objects: list = []
+    if good and codec is False:
+        return ParseResult([CodedMask(b.x1, b.y1, b.x2, b.y2, b.label, tuple(c)) for b, c in good], errors)
     if good:
         raw = codec.decode_logits([c for _, c in good]).numpy()  # one batched decoder call
         objects = [_predicted(box, _paste(r, box, width, height)) for (box, _), r in zip(good, raw)]

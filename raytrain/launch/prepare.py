@@ -25,6 +25,7 @@ nothing runs; otherwise the old report and shards are removed first and the repo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -50,7 +51,9 @@ from raytrain.data.convert import (
     pixmo_points,
     visual_genome,
 )
+from raytrain.data.convert.common import Converted
 from raytrain.data.shards import REPORT_NAME, PrepReport
+from raytrain.formats.annotations import Absent
 from raytrain.launch import job
 from raytrain.launch.ray_runtime import init_ray
 from raytrain.storage import StorageOptions
@@ -76,6 +79,7 @@ def prepare_config(cfg: Experiment) -> PrepareConfig:
         rows_per_shard=cfg.data.rows_per_shard,
         allow_convert=cfg.data.allow_convert,
         storage=job.storage_opts(cfg),
+        empty_answer=cfg.data.text.empty_answer,
         **dataclasses.asdict(cfg.data.prepare),
     )
 
@@ -111,7 +115,23 @@ def prepare_data(cfg: Experiment) -> str:
 
 
 def source_records(pc: PrepareConfig, report: PrepReport, object_drops: Counter):
-    """``(records, to_objects)`` for the configured source; records are counted into ``report``."""
+    """``(records, to_objects)`` for the configured source; records are counted into ``report``.
+    Rows that come out as negatives only (every object `Absent`) are dropped as ``negative_dropped``
+    unless ``keep_negatives``."""
+    recs, to_objects = _source_records(pc, report, object_drops)
+    if pc.keep_negatives:
+        return recs, to_objects
+
+    def without_negatives(annotation: dict, width: int, height: int) -> Converted:
+        out = to_objects(annotation, width, height)
+        if out.objects and all(isinstance(o, Absent) for o in out.objects):
+            return Converted(reason="negative_dropped")
+        return out
+
+    return recs, without_negatives
+
+
+def _source_records(pc: PrepareConfig, report: PrepReport, object_drops: Counter):
     opts, root = pc.storage, pc.image_root or None
     is_file = pc.path.endswith((".json", ".jsonl", ".csv", ".parquet"))
     if pc.subset and pc.format != "pixmo_points":
@@ -122,7 +142,7 @@ def source_records(pc: PrepareConfig, report: PrepReport, object_drops: Counter)
         return recs, coco.to_objects
     if pc.format == "jsonl":
         path = pc.path if is_file else jsonl.find_jsonl(pc.path, opts)
-        return jsonl.records(path, root, report, opts=opts), jsonl.to_objects
+        return jsonl.records(path, root, report, opts=opts), functools.partial(jsonl.to_objects, empty_answer=pc.empty_answer)
     if pc.format == "pixmo_points":
         rows = pixmo_points.load_rows(pc.path, pc.hf_split, opts)
         if pc.subset and pc.subset < len(rows):

@@ -8,17 +8,20 @@ One line per (image, task)::
     {"image": "d.jpg", "prefix": "point to cat", "suffix": "<loc0500><loc0250> cat"}
 
 Tasks (first word of the prefix): ``caption`` -> one :class:`Caption`; ``detect`` -> boxes;
-``segment`` -> boxes, and the 16 ``<seg>`` codes of each object kept raw in the row's ``extra``
-(``{"paligemma_seg": [{"label", "loc": [y1, x1, y2, x2 bins], "seg": [16 codes]}, ...]}``): decoding
-them to a mask needs big_vision's VQ-VAE, which is not this module's job; ``point`` -> points.
-Suffixes are read with ``raytrain.formats.paligemma.parse`` (bins / 1023 * size, big_vision's
-decoding) into pixels of the decoded image, with the prefix's class list as the allowed labels.
+``segment`` -> :class:`CodedMask` objects (the box and the 16 ``<seg>`` codes as given: training
+writes them back as they are, no mask codec needed; pixels come only through big_vision's VQ-VAE
+decoder at evaluation, when its weights are configured); ``point`` -> points. Suffixes are read
+with ``raytrain.formats.paligemma.parse`` (bins / 1023 * size, big_vision's decoding) into pixels of
+the decoded image, with the prefix's class list as the allowed labels.
+
+Negatives: a suffix with no object that is the "nothing found" answer -- empty, or the job's
+``data.text.empty_answer`` (seed 004's "Normal") -- marks the image :class:`Absent` for every class
+of the prefix (counted as the ``negative`` note), so it trains and evaluates as a negative.
 
 Row reasons: ``bad_json``, ``missing_field`` (no string image / prefix / suffix),
-``unsupported_task``; ``unparsable_suffix`` (nothing readable, and not just empty),
-``empty_annotations`` (empty suffix: an image with none of the classes). Object reasons
-(row kept): ``suffix_<parse reason>`` per rejected fragment, ``seg_tokens_incomplete``
-(a segment object without exactly 16 ``<seg>`` codes; its box is kept).
+``unsupported_task``; ``unparsable_suffix`` (nothing readable, and not a "nothing found" answer).
+Object reasons (row kept): ``suffix_<parse reason>`` per rejected fragment, ``seg_tokens_incomplete``
+(a segment object without exactly 16 ``<seg>`` codes: a segment target needs its mask).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from raytrain.data.convert.common import (
 )
 from raytrain.data.shards import PrepReport
 from raytrain.formats import paligemma
-from raytrain.formats.annotations import Caption
+from raytrain.formats.annotations import Absent, Caption, CodedMask
 from raytrain.storage import StorageOptions
 
 SOURCE = "paligemma_jsonl"
@@ -111,38 +114,46 @@ def records(
             )
 
 
-def _seg_codes(suffix: str) -> tuple[list[dict], int]:
-    """Raw segment objects of a suffix, and how many lack exactly 16 <seg> codes."""
-    objs, incomplete = [], 0
+def _coded_masks(suffix: str, boxes: list, width: int, height: int) -> tuple[list[CodedMask], int]:
+    """The segment objects of a suffix as CodedMasks (each parsed box with its 16 <seg> codes, in
+    suffix order), and how many objects lack exactly 16 codes."""
+    out, incomplete = [], 0
     for m in _SEG_OBJECT.finditer(suffix):
         codes = [int(c) for c in _NUM.findall(m.group(2))]
+        bins = [int(c) for c in _NUM.findall(m.group(1))]
+        label = m.group(3).strip()
         if len(codes) != 16:
             incomplete += 1
             continue
-        objs.append({"label": m.group(3).strip(), "loc": [int(c) for c in _NUM.findall(m.group(1))], "seg": codes})
-    return objs, incomplete
+        y1, x1, y2, x2 = (paligemma.decode_bin(b) * s for b, s in zip(bins, (height, width, height, width)))
+        box = next((b for b in boxes if b.label == label and abs(b.x1 - x1) < 1e-6 and abs(b.y1 - y1) < 1e-6), None)
+        if box is not None:  # the parser accepted it (label allowed, box valid)
+            out.append(CodedMask(box.x1, box.y1, box.x2, box.y2, box.label, tuple(codes)))
+    return out, incomplete
 
 
-def to_objects(annotation: dict, width: int, height: int) -> Converted:
-    """Objects of one JSONL line, in pixels of a ``width`` x ``height`` image."""
+def to_objects(annotation: dict, width: int, height: int, empty_answer: str = "") -> Converted:
+    """Objects of one JSONL line, in pixels of a ``width`` x ``height`` image; a suffix that is
+    the "nothing found" answer (empty, or `empty_answer`) makes the image a negative for the
+    prefix's classes."""
     prefix, suffix = annotation["prefix"], annotation["suffix"]
     task, classes = task_of(prefix)
     if task is None:
         return Converted(reason="unsupported_task")
     if task == "caption":
         return Converted([Caption(suffix.strip())])
+    if classes and suffix.strip().casefold() in {"", empty_answer.strip().casefold()}:
+        return Converted([Absent(c) for c in classes], notes=["negative"])
     res = paligemma.parse(suffix, width, height, TASKS[task], allowed_labels=classes or None)
     drops = Counter(f"suffix_{e.reason}" for e in res.errors if e.reason != "empty_output")
     if not res.objects:
         empty = all(e.reason == "empty_output" for e in res.errors)
         return Converted(reason="empty_annotations" if empty else "unparsable_suffix", object_drops=dict(drops))
-    out = Converted(list(res.objects), object_drops=dict(drops))
-    if task == "segment":
-        seg, incomplete = _seg_codes(suffix)
-        if incomplete:
-            drops["seg_tokens_incomplete"] += incomplete
-            out.object_drops = dict(drops)
-        if seg:
-            out.extra = {"paligemma_seg": seg}
-            out.notes.append("seg_tokens")
-    return out
+    if task != "segment":
+        return Converted(list(res.objects), object_drops=dict(drops))
+    masks, incomplete = _coded_masks(suffix, list(res.objects), width, height)
+    if incomplete:
+        drops["seg_tokens_incomplete"] += incomplete
+    if not masks:
+        return Converted(reason="unparsable_suffix", object_drops=dict(drops))
+    return Converted(masks, object_drops=dict(drops))

@@ -49,7 +49,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from raytrain import storage
-from raytrain.data.convert.common import Converted, admit, count, parent, record, resolve_ref
+from raytrain.data.convert.common import (
+    Converted,
+    admit,
+    count,
+    parent,
+    record,
+    resolve_ref,
+)
 from raytrain.data.convert.ms_swift import one_image, read_rows, snap, text_answers
 from raytrain.data.shards import PrepReport
 from raytrain.formats import qwen

@@ -52,7 +52,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from raytrain import storage
-from raytrain.data.convert.common import Converted, admit, count, parent, record, resolve_ref
+from raytrain.data.convert.common import (
+    Converted,
+    admit,
+    count,
+    parent,
+    record,
+    resolve_ref,
+)
 from raytrain.data.shards import PrepReport
 from raytrain.formats.annotations import Box, Caption, Obj, Point, Region
 from raytrain.storage import StorageOptions

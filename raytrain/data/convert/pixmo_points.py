@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from raytrain import storage
 from raytrain.data.convert.common import Converted, admit, count, record
 from raytrain.data.shards import PrepReport
-from raytrain.formats.annotations import Point
+from raytrain.formats.annotations import Absent, Point
 from raytrain.storage import StorageOptions
 
 SOURCE = "pixmo_points"
@@ -57,10 +57,7 @@ def records(rows: Iterable[dict], report: PrepReport | None = None, *, source: s
         if not isinstance(url, str) or not url or not isinstance(label, str) or not label.strip():
             count(report, "missing_field")
             continue
-        points = row.get("points") or []
-        if len(points) == 0:
-            count(report, "empty_annotations")
-            continue
+        points = row.get("points") or []  # none: a negative (the label is not in the image)
         admit(report)
         yield record(
             f"pixmo-{i:08d}",
@@ -77,7 +74,10 @@ def _finite(v) -> bool:
 
 
 def to_objects(annotation: dict, width: int, height: int) -> Converted:
-    """Percent points -> :class:`Point` in pixels of a ``width`` x ``height`` image."""
+    """Percent points -> :class:`Point` in pixels of a ``width`` x ``height`` image; a row with no
+    point marks the image :class:`Absent` for its label (a negative)."""
+    if not annotation["points"]:
+        return Converted([Absent(annotation["label"])], notes=["negative"])
     drops: Counter = Counter()
     objs = []
     for p in annotation["points"]:

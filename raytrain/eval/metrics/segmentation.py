@@ -99,6 +99,29 @@ def score_segmentation(
 
 
 
+MASKS_UNAVAILABLE = ("mask codec weights not configured (RAYTRAIN_MASK_CODEC names big_vision's vae-oid.npz): "
+                     "the answers' <seg> codes cannot become pixels, so only box and seg-token metrics are reported")
+
+
+def score_segmentation_tokens(pred: Sequence | None, gt_box: Box | None, box_ious: Sequence[float] = DEFAULT_BOX_IOUS) -> dict:
+    """Score one segment answer read WITHOUT the mask codec (objects with a box and their 16 seg
+    codes, formats.annotations.CodedMask): no mask IoU (None, and `no_masks` says why), the first
+    object's box against the single GT box as `score_segmentation` does, and `seg_tokens_valid`
+    (1 when the answer parsed into complete objects: 4 locs + 16 seg tokens + a label)."""
+    out: dict[str, Any] = {"valid": int(pred is not None), "mask_iou": None, "intersection": None, "union": None,
+                           "seg_tokens_valid": int(bool(pred)), "no_masks": 1}
+    if gt_box is None:
+        biou = None
+    elif not pred:
+        biou = 0.0
+    else:
+        biou = box_iou(pred[0].box, gt_box)
+    out["box_iou"] = biou
+    for t in box_ious:
+        out[_hit_key(t)] = None if biou is None else int(biou >= t)
+    return out
+
+
 def aggregate_segmentation(samples: Iterable[dict]) -> dict:
     """Aggregate per-sample ``score_segmentation`` dicts (driver side). Never raises.
 
@@ -110,10 +133,13 @@ def aggregate_segmentation(samples: Iterable[dict]) -> dict:
       big_vision's ``boxacc/<t>``.
     * ``n``, ``n_valid``, ``invalid`` (big_vision's ``invalid``; ``n`` is its ``total``),
       ``valid_rate``, ``mean_box_iou``.
+    * samples scored without the codec (``score_segmentation_tokens``): they count in the box
+      metrics and ``seg_token_rate`` but not in ``miou`` / ``overall_iou``; when no sample has a
+      mask, those are None and ``masks_unavailable`` says why.
 
     Undefined values (no samples, zero total union) are ``None``.
     """
-    n = n_valid = 0
+    n = n_valid = n_mask = n_tokens = n_tokens_valid = 0
     iou_sum = inter = union = 0.0
     box_ious: list[float] = []
     hits: dict[str, list[float]] = {}
@@ -121,6 +147,11 @@ def aggregate_segmentation(samples: Iterable[dict]) -> dict:
         n += 1
         s = s or {}
         n_valid += int(finite(s.get("valid")) == 1.0)
+        if s.get("no_masks"):
+            n_tokens += 1
+            n_tokens_valid += int(finite(s.get("seg_tokens_valid")) == 1.0)
+        else:
+            n_mask += 1
         iou_sum += finite(s.get("mask_iou")) or 0.0
         inter += finite(s.get("intersection")) or 0.0
         union += finite(s.get("union")) or 0.0
@@ -137,11 +168,15 @@ def aggregate_segmentation(samples: Iterable[dict]) -> dict:
         "n_valid": n_valid,
         "invalid": n - n_valid,
         "valid_rate": n_valid / n if n else None,
-        "miou": iou_sum / n if n else None,
+        "miou": iou_sum / n_mask if n_mask else None,
         "overall_iou": inter / union if union > 0 else None,
         "mean_box_iou": float(np.mean(box_ious)) if box_ious else None,
     }
     for k in sorted(hits, key=lambda k: int(k.rsplit("_", 1)[1])):
         col = hits[k]
         out["box_acc_" + k.rsplit("_", 1)[1]] = float(np.mean(col)) if col else None
+    if n_tokens:
+        out["seg_token_rate"] = n_tokens_valid / n_tokens
+        if not n_mask:
+            out["masks_unavailable"] = MASKS_UNAVAILABLE
     return out

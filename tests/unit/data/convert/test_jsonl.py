@@ -9,7 +9,7 @@ import pytest
 
 from raytrain.data.convert import common, jsonl
 from raytrain.data.shards import PrepReport
-from raytrain.formats.annotations import Box, Caption, Point, objects_from_json
+from raytrain.formats.annotations import Absent, Box, Caption, CodedMask, Point, objects_from_json
 
 ASSET = Path(__file__).parents[3] / "assets" / "paligemma_mini" / "data.jsonl"
 SIZES = {"a.jpg": (100, 80), "b.jpg": (200, 100), "c.jpg": (64, 64)}
@@ -37,11 +37,12 @@ def test_jsonl_rows_and_counts(jsonl_dir):
     assert report.rows_in == 12  # 13 lines, one blank
     assert report.dropped == {
         "bad_json": 1, "unsupported_task": 1, "missing_field": 1,  # read
-        "image_missing": 1, "unparsable_suffix": 1, "empty_annotations": 1,  # processed
+        "image_missing": 1, "unparsable_suffix": 1,  # processed
     }
     report.check()
-    assert sorted(rows) == ["a.jpg#1", "a.jpg#4", "b.jpg#2", "c.jpg#12", "c.jpg#13", "c.jpg#3"]
-    assert sum(report.rows_written.values()) == 6
+    # b.jpg#10 answers nothing: a negative for its class
+    assert sorted(rows) == ["a.jpg#1", "a.jpg#4", "b.jpg#10", "b.jpg#2", "c.jpg#12", "c.jpg#13", "c.jpg#3"]
+    assert sum(report.rows_written.values()) == 7
     # rows of one image share a split
     assert rows["a.jpg#1"]["split"] == rows["a.jpg#4"]["split"]
     assert len({rows[k]["split"] for k in ("c.jpg#3", "c.jpg#12", "c.jpg#13")}) == 1
@@ -51,16 +52,15 @@ def test_jsonl_rows_and_counts(jsonl_dir):
     assert obj["a.jpg#4"] == [Point(256 / 1023 * 100, 512 / 1023 * 80, "cat")]  # y before x
     assert obj["b.jpg#2"] == [_box((429, 22, 949, 592), 200, 100, "butterfly"), _box((2, 104, 429, 456), 200, 100, "butterfly")]
     assert obj["c.jpg#12"] == [_box((44, 150, 1005, 1011), 64, 64, "squirrel")]  # "dog" is not in the prompt
-    assert obj["c.jpg#3"] == [_box((277, 241, 782, 809), 64, 64, "butterfly")]
 
-    # segment rows keep the raw <seg> codes next to the box
-    seg = json.loads(rows["c.jpg#3"]["extra"])["paligemma_seg"]
-    assert seg == [{"label": "butterfly", "loc": [277, 241, 782, 809],
-                    "seg": [102, 10, 12, 98, 7, 56, 89, 47, 34, 77, 61, 23, 5, 4, 99, 73]}]
-    assert rows["b.jpg#2"]["extra"] is None
-    assert len(obj["c.jpg#13"]) == 2 and len(json.loads(rows["c.jpg#13"]["extra"])["paligemma_seg"]) == 1
+    assert obj["b.jpg#10"] == [Absent("squirrel")]
+
+    # segment rows keep each object's box with its 16 <seg> codes as given (trained on as they are)
+    b = _box((277, 241, 782, 809), 64, 64, "butterfly")
+    assert obj["c.jpg#3"] == [CodedMask(b.x1, b.y1, b.x2, b.y2, "butterfly", (102, 10, 12, 98, 7, 56, 89, 47, 34, 77, 61, 23, 5, 4, 99, 73))]
+    assert len(obj["c.jpg#13"]) == 1  # its second object has 15 codes: no mask to train on
     assert drops == {"suffix_unknown_label": 1, "seg_tokens_incomplete": 1}
-    assert notes == {"seg_tokens": 2}
+    assert notes == {"negative": 1}
 
 
 def test_task_of():

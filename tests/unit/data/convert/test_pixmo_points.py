@@ -12,7 +12,7 @@ import pytest
 from raytrain.data.convert import common, pixmo_points
 from raytrain.data.convert.common import FetchOptions
 from raytrain.data.shards import PrepReport
-from raytrain.formats.annotations import Point, objects_from_json
+from raytrain.formats.annotations import Absent, Point, objects_from_json
 
 
 def _rows(server, images):
@@ -58,12 +58,13 @@ def test_pixmo_rows_and_counts(fmt, image_server, images, tmp_path):
 
     assert report.rows_in == 10
     assert report.dropped == {
-        "download_failed": 2, "corrupt_image": 1, "empty_annotations": 1, "hash_mismatch": 1,
+        "download_failed": 2, "corrupt_image": 1, "hash_mismatch": 1,
         "missing_field": 1, "coords_out_of_range": 1,
     }
     assert report.converted == {"converted_from_L": 1}
     report.check()
-    assert sorted(rows) == ["pixmo-00000000", "pixmo-00000001", "pixmo-00000009"]
+    assert sorted(rows) == ["pixmo-00000000", "pixmo-00000001", "pixmo-00000005", "pixmo-00000009"]
+    assert objects_from_json(rows["pixmo-00000005"]["objects"]) == [Absent("nothing")]  # no points: a negative
     assert objects_from_json(rows["pixmo-00000000"]["objects"]) == [Point(20, 20, "dog"), Point(100, 50, "dog")]
     assert objects_from_json(rows["pixmo-00000001"]["objects"]) == [Point(180, 80, "tail")]
     assert objects_from_json(rows["pixmo-00000009"]["objects"]) == [Point(15, 15, "sky")]

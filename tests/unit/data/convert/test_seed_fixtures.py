@@ -2,12 +2,13 @@
 for them: tests/assets/README.md) through the EXISTING converter: what it keeps, what it drops and
 why, counted exactly.
 
-Some drops are design gaps that issue 14 closes (negatives, segment masks, multi-class answers).
-Today's counts are asserted in the main tests; each gap also has an ``xfail(strict=True)`` test
-stating the behaviour issue 14 asks for. When a gap closes that test passes, strict xfail turns
-the pass into a failure, and the lead removes the mark and updates today's counts next to it.
+Issue 14 closed the design gaps these fixtures showed: negatives (PixMo rows without points,
+JSONL rows answering nothing or "Normal") are kept as `Absent` objects, segment rows keep their
+<loc>+<seg> tokens as `CodedMask` objects that render segment examples, and "detect a ; b" can be
+one example (data.text.multi_label).
 """
 
+import functools
 import json
 import shutil
 from collections import Counter
@@ -19,7 +20,8 @@ from raytrain.data.convert import captions, common, jsonl, pixmo_points, visual_
 from raytrain.data.convert.common import FetchOptions
 from raytrain.data.pipeline import examples_for
 from raytrain.data.shards import PrepReport
-from raytrain.formats.annotations import Box, Caption, Point, Region, objects_from_json
+from raytrain.formats.annotations import Absent, Box, Caption, CodedMask, Point, Region, objects_from_json
+from raytrain.models import family
 
 ASSETS = Path(__file__).parents[3] / "assets"
 PIXMO_ORIGIN = "http://images.fixture.test"  # tests/assets/make_fixtures.py: rows name this host
@@ -58,10 +60,11 @@ def pixmo(image_server, tmp_path):
 def test_seed000_pixmo_points(pixmo):
     report, rows, drops, server = pixmo
     assert report.rows_in == 10
-    # "dog" has no points (PixMo's count-0 rows; the seed filtered them too); gone.jpg is a dead URL
-    assert report.dropped == {"empty_annotations": 1, "download_failed": 1}
+    # gone.jpg is a dead URL; "dog" has no points: a negative (seed 000 dropped such rows: its job
+    # sets data.prepare.keep_negatives=false, tested in test_seed000_negatives_dropped_on_request)
+    assert report.dropped == {"download_failed": 1}
     assert report.converted == {"converted_from_L": 1}  # coins.jpg is grayscale
-    assert sorted(rows) == [f"pixmo-{i:08d}" for i in (0, 1, 2, 4, 5, 6, 7, 8)]
+    assert sorted(rows) == [f"pixmo-{i:08d}" for i in (0, 1, 2, 3, 4, 5, 6, 7, 8)]
     assert drops == {}
     # percent -> pixels of the 320-px images: the astronaut's eyes, read off the 512-px photo
     eyes = _objs(rows["pixmo-00000000"])
@@ -75,10 +78,12 @@ def test_seed000_pixmo_points(pixmo):
     assert server.hits["/img/quokka.jpg"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 3: rows without objects become negatives; today empty_annotations")
 def test_seed000_count0_row_is_a_negative(pixmo):
     _, rows, _, _ = pixmo
-    assert "pixmo-00000003" in rows
+    assert _objs(rows["pixmo-00000003"]) == [Absent("dog")]
+    r = rows["pixmo-00000003"]
+    (e,) = examples_for(_objs(r), ["point"], r["width"], r["height"], "paligemma+molmo")
+    assert (e["query"], e["suffix"], e["targets"]) == ("dog", "There are none.", "[]")
 
 
 # ---------------------------------------------------------------------------------------- seed 001
@@ -95,9 +100,10 @@ def test_seed001_caption():
 def test_seed001_detect_multiclass():
     report, rows, drops, notes = _convert(lambda r: jsonl.records(str(D001 / "detect.jsonl"), report=r), jsonl.to_objects)
     assert report.rows_in == 4
-    assert report.dropped == {"empty_annotations": 1}  # quokka.jpg: none of the four classes, empty suffix
+    assert report.dropped == {}  # quokka.jpg: none of the four classes, empty suffix: a negative
+    assert notes == {"negative": 1}
     assert report.converted == {"converted_from_L": 1}  # camera.jpg is grayscale
-    assert sorted(rows) == ["camera.jpg#3", "chelsea.jpg#2", "coffee.jpg#1"]
+    assert sorted(rows) == ["camera.jpg#3", "chelsea.jpg#2", "coffee.jpg#1", "quokka.jpg#4"]
     cup, spoon = _objs(rows["coffee.jpg#1"])  # both classes of "detect cup ; spoon ; cat ; camera" in one row
     assert (cup.label, spoon.label) == ("cup", "spoon")
     # the cup as drawn on the 600x400 photo, (172, 17, 411, 305), at 320/600, within a loc bin
@@ -108,33 +114,38 @@ def test_seed001_detect_multiclass():
 def test_seed001_segment():
     report, rows, drops, notes = _convert(lambda r: jsonl.records(str(D001 / "segment.jsonl"), report=r), jsonl.to_objects)
     assert report.rows_in == 3 and report.dropped == {} and len(rows) == 3
-    assert notes == {"seg_tokens": 3} and drops == {}
-    # today the mask survives only as raw codes in `extra`; the objects are its boxes
-    assert all(isinstance(o, Box) for r in rows.values() for o in _objs(r))
-    seg = json.loads(rows["chelsea.jpg#2"]["extra"])["paligemma_seg"]
-    assert [s["label"] for s in seg] == ["eye", "eye"] and all(len(s["seg"]) == 16 for s in seg)
+    assert drops == {}
+    # each object keeps its box and its 16 <seg> codes as given
+    assert all(isinstance(o, CodedMask) for r in rows.values() for o in _objs(r))
+    seg = _objs(rows["chelsea.jpg#2"])
+    assert [s.label for s in seg] == ["eye", "eye"] and all(len(s.codes) == 16 for s in seg)
     sidecar = json.loads((D001 / "masks.json").read_text())  # the polygons the codes were made from
     assert [o["label"] for o in sidecar["objects"]] == ["quokka", "eye", "eye", "patch"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 3: an image with none of the classes is a negative; today empty_annotations")
 def test_seed001_detect_negative_kept():
     _, rows, _, _ = _convert(lambda r: jsonl.records(str(D001 / "detect.jsonl"), report=r), jsonl.to_objects)
-    assert "quokka.jpg#4" in rows
+    assert _objs(rows["quokka.jpg#4"]) == [Absent(c) for c in ("cup", "spoon", "cat", "camera")]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 5: segment rows train on their <loc>+<seg> tokens; today no Mask, no example")
 def test_seed001_segment_rows_render_segment_examples():
+    """The rows train on their own tokens: the rendered answer IS the source suffix (no codec)."""
     _, rows, _, _ = _convert(lambda r: jsonl.records(str(D001 / "segment.jsonl"), report=r), jsonl.to_objects)
-    for r in rows.values():
-        assert examples_for(_objs(r), ["segment"], r["width"], r["height"], "paligemma")
+    source = {f"{d['image']}#{i}": d for i, d in enumerate(map(json.loads, (D001 / "segment.jsonl").read_text().splitlines()), start=1)}
+    for key, r in rows.items():
+        exs = examples_for(_objs(r), ["segment"], r["width"], r["height"], "paligemma")
+        assert exs and all(e["prefix"].startswith("segment ") for e in exs)
+        for e in exs:  # every rendered object is one of the source's, token for token
+            for part in e["suffix"].split(" ; "):
+                assert part in source[key]["suffix"], (part, source[key]["suffix"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 4: 'detect a ; b' as ONE example (an option; pass it here when it lands)")
 def test_seed001_multiclass_prefix_is_one_example():
     _, rows, _, _ = _convert(lambda r: jsonl.records(str(D001 / "detect.jsonl"), report=r), jsonl.to_objects)
     r = rows["coffee.jpg#1"]
-    assert len(examples_for(_objs(r), ["detect"], r["width"], r["height"], "paligemma")) == 1
+    assert len(examples_for(_objs(r), ["detect"], r["width"], r["height"], "paligemma")) == 2  # one per label by default
+    (e,) = examples_for(_objs(r), ["detect"], r["width"], r["height"], family("paligemma").with_text(multi_label=True))
+    assert e["prefix"] == "detect cup ; spoon" and e["suffix"].count("<loc") == 8
 
 
 # ---------------------------------------------------------------------------------------- seed 002
@@ -183,18 +194,26 @@ D004 = ASSETS / "seed004_fracture_jsonl"
 
 
 def test_seed004_fracture_jsonl():
+    # without the job's empty answer a "Normal" suffix means nothing readable
     report, rows, drops, notes = _convert(lambda r: jsonl.records(str(D004 / "data.jsonl"), report=r), jsonl.to_objects)
-    assert report.rows_in == 5
-    assert report.dropped == {"unparsable_suffix": 2}  # the two "Normal" rows: today a suffix with nothing readable
-    assert report.converted == {"converted_from_L": 3}  # grayscale, like radiographs
-    assert sorted(rows) == ["study_001.jpeg#1", "study_003.jpeg#3", "study_005.jpeg#5"]
+    assert report.rows_in == 5 and report.dropped == {"unparsable_suffix": 2}
+    # the seed-004 jobs set data.text.empty_answer: Normal -> the Normal rows are negatives
+    normal = functools.partial(jsonl.to_objects, empty_answer="Normal")
+    report, rows, drops, notes = _convert(lambda r: jsonl.records(str(D004 / "data.jsonl"), report=r), normal)
+    assert report.rows_in == 5 and report.dropped == {} and notes == {"negative": 2}
+    assert report.converted == {"converted_from_L": 5}  # grayscale, like radiographs
+    assert sorted(rows) == [f"study_00{i}.jpeg#{i}" for i in range(1, 6)]
     # "Detect Fracture" -> task detect, class "Fracture"; the seed's trailing ";" is read
-    assert [len(_objs(r)) for r in rows.values()] == [1, 2, 1]
+    assert [len(_objs(r)) for r in rows.values()] == [1, 1, 2, 1, 1]
+    assert _objs(rows["study_002.jpeg#2"]) == [Absent("Fracture")]
     assert {o.label for r in rows.values() for o in _objs(r)} == {"Fracture"}
     assert drops == {}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 3: seed 004's 'Normal' rows are negatives; today unparsable_suffix")
-def test_seed004_normal_rows_kept():
-    _, rows, _, _ = _convert(lambda r: jsonl.records(str(D004 / "data.jsonl"), report=r), jsonl.to_objects)
-    assert {"study_002.jpeg#2", "study_004.jpeg#4"} <= set(rows)
+def test_seed004_normal_rows_train_and_score_as_negatives():
+    normal = functools.partial(jsonl.to_objects, empty_answer="Normal")
+    _, rows, _, _ = _convert(lambda r: jsonl.records(str(D004 / "data.jsonl"), report=r), normal)
+    fam = family("paligemma").with_text(prompts={"detect": "Detect {query}"}, empty_answer="Normal")
+    r = rows["study_002.jpeg#2"]
+    (e,) = examples_for(_objs(r), ["detect"], r["width"], r["height"], fam)
+    assert (e["prefix"], e["suffix"], e["targets"]) == ("Detect Fracture", "Normal", "[]")
