@@ -1,6 +1,5 @@
 """PaliGemma JSONL (tests/assets/paligemma_mini, the primer's prefix/suffix schema) -> rows."""
 
-import json
 import shutil
 from collections import Counter
 from pathlib import Path

@@ -20,7 +20,7 @@ from raytrain.data.convert import captions, common, jsonl, pixmo_points, visual_
 from raytrain.data.convert.common import FetchOptions
 from raytrain.data.pipeline import examples_for
 from raytrain.data.shards import PrepReport
-from raytrain.formats.annotations import Absent, Box, Caption, CodedMask, Point, Region, objects_from_json
+from raytrain.formats.annotations import Absent, Caption, CodedMask, Point, Region, objects_from_json
 from raytrain.models import family
 
 ASSETS = Path(__file__).parents[3] / "assets"
