@@ -11,6 +11,11 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Lit:
     text: str
+    indexed: bool = False  # "{i}" in text is the 1-based index of the object (Molmo's x1, y1, x2, ...)
+
+    def for_object(self, k: int) -> str:
+        """The literal in the k-th (0-based) object."""
+        return self.text.format(i=k + 1) if self.indexed else self.text
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ class TextGrammar:
         slot = 0
         for p in answer.item:
             if isinstance(p, Lit):
-                self._item.append(("L", p, None, p.text.encode()))
+                self._item.append(("L", p, None, None if p.indexed else p.text.encode()))
                 continue
             if isinstance(p, Label):
                 data = tuple(r.encode() for r in p.rendered)
@@ -121,12 +121,16 @@ class TextGrammar:
         self._dedupe = answer.forbid_duplicates
         self._start = frozenset(self._enter(_H, 0, (), ()) + (self._enter(_E, 0, (), ()) if answer.empty is not None else []))
         # any state's completion is at most this many bytes: past it the budget needs no checking
-        obj = sum(len(d) if k == "L" else 1 if k == "K" else max(map(len, d[0])) if k == "B"
+        obj = sum((len(p.text) + 4 if d is None else len(d)) if k == "L" else 1 if k == "K" else max(map(len, d[0])) if k == "B"
                   else len(str(p.hi // p.scale)) + (p.decimals + 1 if p.decimals else 0) for k, p, _, d in self._item)
         self._u_max = max(len(self._lits[_H]), len(self._lits[_S])) + obj + len(self._lits[_T])
         self._u_max = max(self._u_max, len(self._lits[_E])) + 2
         self._lenient: TextGrammar | None = None
         self._clear()
+
+    def _lit(self, data, part, k: int) -> bytes:
+        """A literal part's bytes in the k-th object (indexed literals depend on k)."""
+        return part.for_object(k).encode() if data is None else data
 
     def _clear(self) -> None:
         self._trans: dict = {}
@@ -143,8 +147,8 @@ class TextGrammar:
         if phase == _I:
             if pos == len(self._item):
                 return self._object_done(values, objects)
-            kind, _, _, data = self._item[pos]
-            if kind == "L" and not data:
+            kind, part, _, data = self._item[pos]
+            if kind == "L" and not self._lit(data, part, len(objects)):
                 return self._enter(_I, pos + 1, values, objects)
             return [(_I, pos, 0 if kind == "L" else b"" if kind in "NB" else None, values, objects)]
         if pos < len(self._lits[phase]):
@@ -177,6 +181,7 @@ class TextGrammar:
         kind, part, slot, data = self._item[pos]
         k = len(objects)
         if kind == "L":
+            data = self._lit(data, part, k)
             if x != data[partial]:
                 return []
             if partial + 1 < len(data):
@@ -264,7 +269,7 @@ class TextGrammar:
             return {self._lits[phase][pos]}
         kind, part, _, data = self._item[pos]
         if kind == "L":
-            return {data[partial]}
+            return {self._lit(data, part, len(objects))[partial]}
         if kind == "K":
             b = self._bound(part, values) or 0
             return set(data[0][b:])
@@ -415,7 +420,7 @@ class TextGrammar:
         for p in range(pos, len(self._item)):
             kind, part, slot, data = self._item[p]
             if kind == "L":
-                out.extend(data[partial if p == pos else 0:])
+                out.extend(self._lit(data, part, len(objects))[partial if p == pos else 0:])
             elif kind == "K":
                 out.append(data[0][vals[slot]])
             else:
