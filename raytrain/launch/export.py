@@ -337,6 +337,8 @@ def export(checkpoint: str, out_dir: str | Path, base_model_path: str | None = N
         raise FileExistsError(f"{out} exists and is not empty: export writes a fresh folder")
     local = checkpointing.local_copy(checkpoint, opts)
     state = checkpointing.read_state(local)
+    for weights in ("adapter", "model"):  # before any loading (ZeRO shards: once gathered, below)
+        _refuse_task_head(checkpoint, local / weights)
     fam = model_family(state["family"])
     base = base_model_path or fam.resolve(state["base_model"])
     dtype = _out_dtype(dtype, state, base)
@@ -344,7 +346,6 @@ def export(checkpoint: str, out_dir: str | Path, base_model_path: str | None = N
     with tempfile.TemporaryDirectory(prefix="raytrain-export-") as tmp:
         if (local / "adapter").exists():
             kind = "adapter"
-            _refuse_task_head(checkpoint, local / "adapter")
             peft_model, processor = _adapter_model(local, fam, base)
             if vllm:
                 model, info["lora"] = _vllm_lora_form(peft_model, processor, fam, local, base, out, dtype)
@@ -352,7 +353,6 @@ def export(checkpoint: str, out_dir: str | Path, base_model_path: str | None = N
                 model = peft_model.merge_and_unload()  # LoRA deltas and token rows into the weights
         elif (local / "model").exists():
             kind = "model"
-            _refuse_task_head(checkpoint, local / "model")
             model, processor = _full_model(local / "model", fam)
         elif "zero_stage" in state:
             kind = "zero"
