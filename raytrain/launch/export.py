@@ -251,10 +251,10 @@ def _stored_in_published_layout(base: str, family_name: str) -> bool:
     return True
 
 
-def _vllm_lora_form(peft_model, processor, fam, local: Path, base: str, out: Path, dtype: str):
-    """Write OUT/vllm_lora/{adapter,base} from the (float32) peft model; return (the fully merged
-    model for OUT, the vllm.json 'lora' entry). The merged model is the vLLM base plus the kept
-    LoRA, merged the way vLLM applies it."""
+def _vllm_lora_form(peft_model, processor, fam, local: Path, base: str, out: Path, final: Path, dtype: str):
+    """Write out/vllm_lora/{adapter,base} from the float32 peft model (`final`: where out will be
+    renamed to); return (the fully merged model for OUT, the vllm.json 'lora' entry). The merged
+    model is the vLLM base plus the kept LoRA, merged the way vLLM applies it."""
     from peft import PeftModel
 
     from raytrain.models import vllm_layout
@@ -276,7 +276,7 @@ def _vllm_lora_form(peft_model, processor, fam, local: Path, base: str, out: Pat
 
         # the merge below stays in float32: cast (and save) a copy unless the export is float32
         save_published(base_model if dtype == "float32" else copy.deepcopy(base_model), processor, fam, root / "base", dtype)
-        lora_cfg["base_model_name_or_path"] = str((root / "base").resolve())
+        lora_cfg["base_model_name_or_path"] = str(final / VLLM_LORA / "base")
     prefix = "base_model.model."
 
     def published(key: str) -> str:
@@ -305,16 +305,17 @@ def _vllm_lora_form(peft_model, processor, fam, local: Path, base: str, out: Pat
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
 
 
-def _vllm_commands(info: dict) -> list[str]:
-    cmds = ["vllm serve OUT"]
+def _vllm_commands(info: dict, out: Path) -> list[str]:
+    """`vllm serve` lines for the merged folder and, for a LoRA checkpoint, the LoRA-only form."""
+    cmds = [f"vllm serve {out}"]
     lora = info.get("lora")
     if lora:
         rank = next((r for r in VLLM_LORA_RANKS if r >= lora["max_lora_rank"]), lora["max_lora_rank"])
         flags = f"--enable-lora --max-lora-rank {rank}"
         if lora["enable_tower_connector_lora"]:
             flags += " --enable-tower-connector-lora"
-        base = lora["base"] if not lora["base"].startswith(VLLM_LORA) else f"OUT/{lora['base']}"
-        cmds.append(f"vllm serve {base} {flags} --lora-modules raytrain=OUT/{lora['adapter']}")
+        base = out / lora["base"] if lora["base"].startswith(VLLM_LORA) else lora["base"]
+        cmds.append(f"vllm serve {base} {flags} --lora-modules raytrain={out / lora['adapter']}")
     return cmds
 
 
@@ -328,27 +329,51 @@ def export(checkpoint: str, out_dir: str | Path, base_model_path: str | None = N
     docstring. base_model_path: the base the adapter / shards belong to (default: the checkpoint's,
     resolved by its family). ExportRefused when plain transformers could not load what it trained."""
     from raytrain import storage
-    from raytrain.launch import consolidate
     from raytrain.models import family as model_family
     from raytrain.training import checkpointing
 
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty: export writes a fresh folder")
     local = checkpointing.local_copy(checkpoint, opts)
-    state = checkpointing.read_state(local)
-    for weights in ("adapter", "model"):  # before any loading (ZeRO shards: once gathered, below)
-        _refuse_task_head(checkpoint, local / weights)
-    fam = model_family(state["family"])
-    base = base_model_path or fam.resolve(state["base_model"])
-    dtype = _out_dtype(dtype, state, base)
+    try:
+        state = checkpointing.read_state(local)
+        for weights in ("adapter", "model"):  # before any loading (ZeRO shards: once gathered, below)
+            _refuse_task_head(checkpoint, local / weights)
+        fam = model_family(state["family"])
+        base = base_model_path or fam.resolve(state["base_model"])
+        dtype = _out_dtype(dtype, state, base)
+        # written next to OUT and renamed at the end: a failed export leaves no half-written OUT
+        stage = out.with_name(f".{out.name}.partial")
+        shutil.rmtree(stage, ignore_errors=True)
+        try:
+            kind, info = _write_export(local, checkpoint, state, fam, base, stage, out, dtype, vllm)
+            if out.exists():
+                out.rmdir()  # empty (checked above)
+            stage.rename(out)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    finally:
+        if storage.is_s3(checkpoint):
+            shutil.rmtree(local, ignore_errors=True)  # the downloaded copy
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    log.info("exported %s (%s, step %s, %s) -> %s", checkpoint, kind, state.get("step"), dtype, out)
+    return ExportResult(out, kind, files, info)
+
+
+def _write_export(local: Path, checkpoint: str, state: dict, fam, base: str, stage: Path, final: Path, dtype: str,
+                  vllm: bool) -> tuple[str, dict]:
+    """Everything OUT holds, written into `stage` (renamed to `final` by the caller); returns
+    (kind of checkpoint, vllm.json content)."""
+    from raytrain.launch import consolidate
+
     info: dict = {}
     with tempfile.TemporaryDirectory(prefix="raytrain-export-") as tmp:
         if (local / "adapter").exists():
             kind = "adapter"
             peft_model, processor = _adapter_model(local, fam, base)
             if vllm:
-                model, info["lora"] = _vllm_lora_form(peft_model, processor, fam, local, base, out, dtype)
+                model, info["lora"] = _vllm_lora_form(peft_model, processor, fam, local, base, stage, final, dtype)
             else:
                 model = peft_model.merge_and_unload()  # LoRA deltas and token rows into the weights
         elif (local / "model").exists():
@@ -361,17 +386,13 @@ def export(checkpoint: str, out_dir: str | Path, base_model_path: str | None = N
             model, processor = _full_model(Path(tmp), fam)
         else:
             raise FileNotFoundError(f"{checkpoint}: no adapter/, model/ or ZeRO shards to export")
-        save_published(model, processor, fam, out, dtype)
-    _write_record(out, checkpoint, state, kind, dtype)
+        save_published(model, processor, fam, stage, dtype)
+    _write_record(stage, checkpoint, state, kind, dtype)
     if vllm:
         info["merged"] = "."
-        info["commands"] = _vllm_commands(info)
-        (out / VLLM_JSON).write_text(json.dumps(info, indent=2, sort_keys=True))
-    if storage.is_s3(checkpoint):
-        shutil.rmtree(local, ignore_errors=True)  # the downloaded copy
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    log.info("exported %s (%s, step %s, %s) -> %s", checkpoint, kind, state.get("step"), dtype, out)
-    return ExportResult(out, kind, files, info)
+        info["commands"] = _vllm_commands(info, final)
+        (stage / VLLM_JSON).write_text(json.dumps(info, indent=2, sort_keys=True))
+    return kind, info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,7 +479,10 @@ def main(argv: list[str] | None = None) -> int:
     from raytrain import storage
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if (args.hub_dry_run or args.hub_local_dir or args.private) and not args.push_to_hub:
+        parser.error("--hub-dry-run, --hub-local-dir and --private go with --push-to-hub REPO")
     opts = storage.StorageOptions(endpoint_url=args.endpoint_url, region=args.region)
     try:
         res = export(args.checkpoint, args.out, args.base_model, dtype=args.dtype, vllm=args.vllm, opts=opts)
@@ -466,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raytrain export: {e}", file=sys.stderr)
         return 2
     for cmd in res.vllm.get("commands", []):
-        print(f"vLLM: {cmd.replace('OUT', str(res.out_dir))}", flush=True)
+        print(f"vLLM: {cmd}", flush=True)
     if args.push_to_hub:
         api = LocalHubTarget(args.hub_local_dir) if args.hub_local_dir else None
         files = push_to_hub(res.out_dir, args.push_to_hub, private=args.private, api=api, dry_run=args.hub_dry_run)
