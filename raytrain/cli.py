@@ -6,6 +6,7 @@
     raytrain tune    --config jobs/tiny/shapes_sweep.yaml [a.b=value ...]   # rerun resumes the sweep
     raytrain report  --run <run uri> --out <dir> [--data <uri>]
     raytrain serve   model=tiny:paligemma adapter_root=<dir or s3://> [port=8000]
+    raytrain export  <checkpoint> <out> [--vllm] [--push-to-hub REPO]
     raytrain config  [--config FILE] [a.b=value ...]    # print the resolved config
     raytrain config  --help-fields                      # every field, its default and its help
                                                         # (job YAML sections, then `raytrain serve` settings)
@@ -23,6 +24,7 @@ from raytrain import config as config_mod
 PASSTHROUGH = {
     "report": ("raytrain.eval.report", "HTML + PNG report of a run: overlays, curves, error analytics"),
     "consolidate": ("raytrain.launch.consolidate", "ZeRO checkpoint shards -> a Hugging Face model directory (safetensors + processor)"),
+    "export": ("raytrain.launch.export", "a checkpoint -> one merged Hugging Face folder (+ --vllm form, --push-to-hub)"),
     "serve": ("raytrain.launch.serve", "Ray Serve app on 127.0.0.1: one base model, many LoRA adapters, batched"),
 }
 
