@@ -110,6 +110,12 @@ class ModelFamily(Protocol):
     PREFIX_LM_MASK: ClassVar[bool]
     """True when training builds a 4-D prefix-LM attention mask (memory planner)."""
 
+    # ---- export (models/vllm_layout.py applies these) -------------------------------------------
+    PUBLISHED_RENAMES: ClassVar[tuple[tuple[str, str], ...]]
+    """(prefix as a weight name may come, prefix in the released checkpoints' layout), first match wins."""
+    VLLM_LORA_SCOPES: ClassVar[tuple[tuple[str, str], ...]]
+    """(published module prefix, 'language' | 'tower' | 'connector'): where vLLM can carry a LoRA."""
+
     # ---- text: prompts, targets, parsing ---------------------------------------------------------
     def render_example(self, task: str, query: str, targets: Sequence, width: int, height: int,
                        image_hw: tuple[int, int] | None = None) -> tuple[str, str]:

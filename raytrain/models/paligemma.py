@@ -392,6 +392,24 @@ class PaliGemma:
     supports_task_head: ClassVar[bool] = True
     TINY_IMAGE_SIZE: ClassVar[int] = DEFAULT_IMAGE_SIZE
     PREFIX_LM_MASK: ClassVar[bool] = True  # image + prefix attend bidirectionally
+    # Weight names of the released google/paligemma* checkpoints (what vLLM loads; transformers 5
+    # saves the vision tower without SigLIP's vision_model level): models/vllm_layout.py applies them.
+    PUBLISHED_RENAMES: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("vision_tower.vision_model.", "vision_tower.vision_model."),
+        ("model.vision_tower.", "vision_tower.vision_model."),  # transformers 5 module names
+        ("vision_tower.", "vision_tower.vision_model."),  # transformers 5.6+ save_pretrained
+        ("language_model.model.", "language_model.model."),
+        ("model.language_model.", "language_model.model."),
+        ("language_model.lm_head.", "language_model.lm_head."),
+        ("lm_head.", "language_model.lm_head."),
+        ("multi_modal_projector.", "multi_modal_projector."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+    )
+    # vLLM LoRA scopes by published prefix; the projector is a plain nn.Linear in vLLM (no LoRA: merged)
+    VLLM_LORA_SCOPES: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("language_model.model.layers.", "language"),
+        ("vision_tower.vision_model.encoder.layers.", "tower"),
+    )
 
     def __post_init__(self):
         if self.answer_format not in self.ANSWER_FORMATS:

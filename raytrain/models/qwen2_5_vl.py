@@ -438,6 +438,21 @@ class Qwen2_5_VL:
     supports_task_head: ClassVar[bool] = False  # variable image tokens per image (models/task_head.py)
     TINY_IMAGE_SIZE: ClassVar[int] = IMAGE_SIDE
     PREFIX_LM_MASK: ClassVar[bool] = False  # causal attention throughout
+    # Weight names of the released Qwen/Qwen2.5-VL-*-Instruct checkpoints (transformers 5 saves them
+    # so already): models/vllm_layout.py applies them.
+    PUBLISHED_RENAMES: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("model.language_model.", "model."),  # transformers 5 module names
+        ("model.visual.", "visual."),
+        ("visual.", "visual."),
+        ("lm_head.", "lm_head."),
+        ("model.", "model."),  # the published language model (after the two rules above)
+    )
+    # vLLM LoRA scopes by published prefix (tower / connector need --enable-tower-connector-lora)
+    VLLM_LORA_SCOPES: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("model.layers.", "language"),
+        ("visual.blocks.", "tower"),
+        ("visual.merger.", "connector"),
+    )
 
     def __post_init__(self):
         if self.answer_format not in self.ANSWER_FORMATS:

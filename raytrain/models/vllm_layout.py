@@ -17,64 +17,25 @@ models/task_head.py, which no released architecture has). transformers 5 reads t
 layout back (tests/integration/test_export.py loads it and compares logits), so one folder serves
 both. `vllm_lora_scope` says where vLLM can apply a LoRA on a (published) module name.
 
-Plain functions keyed by family name (candidates for family members: `published_name`,
-`vllm_lora_scope`); arguments are plain values.
+Each family declares its layout as data (`PUBLISHED_RENAMES`, `VLLM_LORA_SCOPES` on the family
+class: (prefix as it may come, published prefix), first match wins; (published prefix, vLLM LoRA
+scope), longest wins); the functions here apply them, so a new family adds its tables, not code.
 """
 
 from __future__ import annotations
 
-# (prefix of a name as it may come, prefix in the published layout), first match wins. Identity
-# rules come first so that a published name is never rewritten twice.
-_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
-    "paligemma": (
-        ("vision_tower.vision_model.", "vision_tower.vision_model."),
-        ("model.vision_tower.", "vision_tower.vision_model."),  # transformers 5 module names
-        ("vision_tower.", "vision_tower.vision_model."),  # transformers 5.6+ save_pretrained
-        ("language_model.model.", "language_model.model."),
-        ("model.language_model.", "language_model.model."),
-        ("language_model.lm_head.", "language_model.lm_head."),
-        ("lm_head.", "language_model.lm_head."),
-        ("multi_modal_projector.", "multi_modal_projector."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-    ),
-    "qwen2_5_vl": (
-        ("model.language_model.", "model."),  # transformers 5 module names
-        ("model.visual.", "visual."),
-        ("visual.", "visual."),
-        ("lm_head.", "lm_head."),
-        ("model.", "model."),  # the published language model (after the two rules above)
-    ),
-}
+def _rules(family, attr: str) -> tuple:
+    """The family's table (`PUBLISHED_RENAMES` / `VLLM_LORA_SCOPES`, data of its module); `family`
+    is a family object or a spec / name."""
+    from raytrain.models import family as model_family  # the family registry (no cycle: families do not import this)
 
-# Where vLLM can put a LoRA, by published module-name prefix: "language" always (with
-# --enable-lora), "tower" / "connector" only with --enable-tower-connector-lora (vLLM's
-# LoRAConfig.enable_tower_connector_lora; the model's get_mm_mapping names them). Prefixes not
-# listed have no LoRA in vLLM: PaliGemma's projector is a plain nn.Linear there
-# (PaliGemmaMultiModalProjector), which vLLM's LoRA layers do not replace; embeddings and lm_head
-# are not LoRA targets of raytrain. Longest prefix wins.
-_VLLM_LORA: dict[str, tuple[tuple[str, str], ...]] = {
-    "paligemma": (
-        ("language_model.model.layers.", "language"),
-        ("vision_tower.vision_model.encoder.layers.", "tower"),
-    ),
-    "qwen2_5_vl": (
-        ("model.layers.", "language"),
-        ("visual.blocks.", "tower"),
-        ("visual.merger.", "connector"),
-    ),
-}
-
-
-def _rules(family_name: str, table: dict) -> tuple:
-    if family_name not in table:
-        raise ValueError(f"no published weight layout known for model family {family_name!r}; known: {sorted(table)}")
-    return table[family_name]
+    return getattr(model_family(family), attr)
 
 
 def published_name(family_name: str, name: str) -> str:
     """The published-layout spelling of a weight (or module) name of family `family_name`.
     ValueError for a name the layout has no place for."""
-    for old, new in _rules(family_name, _RENAMES):
+    for old, new in _rules(family_name, "PUBLISHED_RENAMES"):
         if name.startswith(old):
             return new + name[len(old):]
     raise ValueError(f"{family_name}: weight {name!r} has no place in the published checkpoint layout")
@@ -92,7 +53,7 @@ def vllm_lora_scope(family_name: str, published_module: str) -> str | None:
     """'language' | 'tower' | 'connector' for a module (published name) vLLM can carry a LoRA on;
     None where vLLM has no LoRA for it (merge that LoRA into the base weights instead)."""
     best = None
-    for prefix, scope in _rules(family_name, _VLLM_LORA):
+    for prefix, scope in _rules(family_name, "VLLM_LORA_SCOPES"):
         if published_module.startswith(prefix) and (best is None or len(prefix) > len(best[0])):
             best = (prefix, scope)
     return best[1] if best else None
