@@ -310,3 +310,42 @@ class DetectionGrammar:
     def accepts(self, ids: Sequence[int]) -> bool:
         """True if ``ids`` (generated ids, <eos> included) is a complete sentence of the grammar."""
         return self.state(ids).phase == "done"
+
+
+class AnyOf:
+    """Either of several grammars with the `allowed` / `accepts` / `loc_ids` interface (e.g. Molmo's
+    one-point ``<point ...>`` and several-point ``<points ...>`` answers): after a prefix, the tokens
+    any grammar still reading it allows. A grammar the prefix has left is ignored, so its "only the
+    end token" answer for dead prefixes never lets the output end early; when every grammar has
+    left the prefix, only the end tokens remain."""
+
+    def __init__(self, grammars: Sequence):
+        if not grammars:
+            raise ValueError("need at least one grammar")
+        self.grammars = list(grammars)
+        self.end_ids = tuple(dict.fromkeys(e for g in self.grammars for e in _end_ids(g)))
+        self.eos_id = self.end_ids[0]
+        self.loc_ids = np.zeros((0,), dtype=np.int64)
+        if any(len(g.loc_ids) for g in self.grammars):
+            raise ValueError("AnyOf combines text grammars (no <loc> masks)")
+
+    def allowed(self, prefix: Sequence[int], remaining: int | None = None) -> Allowed:
+        tokens: list[int] = []
+        for g in self.grammars:
+            if g.alive(prefix):
+                tokens.extend(g.allowed(prefix, remaining).tokens)
+        return Allowed(tuple(dict.fromkeys(tokens)) or self.end_ids, None)
+
+    def accepts(self, ids: Sequence[int]) -> bool:
+        return any(g.accepts(ids) for g in self.grammars)
+
+    def reading(self, ids: Sequence[int]):
+        """The grammar that reads most of `ids` (the one that accepts them, when one does)."""
+        for g in self.grammars:
+            if g.accepts(ids):
+                return g
+        return max(self.grammars, key=lambda g: g.read_length(ids))
+
+
+def _end_ids(g) -> tuple[int, ...]:
+    return tuple(getattr(g, "end_ids", None) or (g.eos_id,))

@@ -344,3 +344,39 @@ def parse(
     if not found and not _is_nothing_found(body, nothing_found):
         errors.append(ParseError("garbage", body.strip()))
     return ParseResult(objects, errors)
+
+
+# ---------------------------------------------------------------------------- answer grammar
+
+
+def answer_grammars(label: str, decimals: int = DECIMALS, max_points: int | None = None, nothing_found: str | None = NOTHING_FOUND,
+                    lead: str = ""):
+    """The answers `render_points` writes for one label, as text grammars (formats/text_grammar.py):
+    one point ``<point x="" y="" alt="L">L</point>`` (or `nothing_found`), or several
+    ``<points x1="" y1="" x2="" ... alt="L">L</points>`` (at most `max_points`); percent values with
+    `decimals` digits in 0..100. Combine them with formats.grammar.AnyOf. `lead`: what the
+    tokenizer writes before an answer's first character (a sentencepiece "▁": " ")."""
+    from raytrain.formats import text_grammar as tg
+
+    _check_label(label)
+    esc = _escape(label)
+    num = tg.Num(0, 100 * 10**decimals, decimals, trim=False)
+    one = tg.AnswerGrammar((tg.Lit(' x="'), num, tg.Lit('" y="'), num, tg.Lit('"')), lead + "<point", "",
+                           f' alt="{esc}">{esc}</point>', None if nothing_found is None else lead + nothing_found, 1)
+    many = tg.AnswerGrammar((tg.Lit(' x{i}="', indexed=True), num, tg.Lit('" y{i}="', indexed=True), num, tg.Lit('"')),
+                            lead + "<points", "", f' alt="{esc}">{esc}</points>', None, max_points)
+    return [one, many]
+
+
+def piece_parser(label: str, width: int, height: int):
+    """`parse_objects` for text_confidence.text_object_confidences: one grammar item (a pair of
+    attributes) is read inside an element of `label`, any full answer as it is."""
+
+    def parse_objects(text: str):
+        t = text.strip()
+        if not t.startswith("<"):
+            esc = _escape(label)
+            t = f'<points {t} alt="{esc}">{esc}</points>'
+        return parse(t, width, height).objects
+
+    return parse_objects

@@ -21,10 +21,14 @@ from raytrain.formats import molmo
 from raytrain.formats import paligemma as fmt
 from raytrain.formats.numbers import digit_token_ids, token_place_weights
 from raytrain.formats.paligemma import NUM_LOC, loc_token
-from raytrain.models import _quant, paligemma_decoding, text_options, tiny
+from raytrain.models import _quant, molmo_answers, paligemma_decoding, text_options, tiny
 from raytrain.models.tiny_paligemma import DEFAULT_IMAGE_SIZE, build_tiny_paligemma
 
 NAME = "paligemma"
+END_TOKEN = "<eos>"
+# A suffix written as text starts with sentencepiece's "▁" in the labels the processor builds
+# (prompt and suffix are tokenized as a pair): its text grammars expect that leading space.
+TEXT_LEAD = " "
 IGNORE_INDEX = -100  # label value the loss skips (prefix, image and padding positions)
 # Per-token (B, T) arrays of encode_train: the recipe trims their shared padding per batch.
 # Every other key (pixel_values, ...) is passed to the model as is.
@@ -477,14 +481,16 @@ class PaliGemma:
     # constrained decoding, confidences
     def grammar(self, processor, kind: str, labels, image_hw, max_objects: int | None = None):
         if self.answer_format == "molmo" and kind == "point":
-            return None  # Molmo text: see formats/text_grammar.py
+            return molmo_answers.grammar(processor, labels, max_objects, self.empty_answer, END_TOKEN, TEXT_LEAD)
         if kind not in fmt.KINDS or not labels:  # masks, captions: no grammar
             return None
         # the "nothing found" answer is always allowed: a negative's answer is valid output
         return _grammars(processor).for_labels(kind, list(labels), max_objects or None, self.empty_answer)
 
     def object_confidences(self, logprobs, token_ids, processor, kind: str, labels, image_hw) -> list[float]:
-        if kind not in fmt.KINDS or (self.answer_format == "molmo" and kind == "point"):
+        if self.answer_format == "molmo" and kind == "point":
+            return molmo_answers.confidences(logprobs, token_ids, processor, labels, image_hw, self.empty_answer, END_TOKEN, TEXT_LEAD)
+        if kind not in fmt.KINDS:
             return []  # masks, captions: no per-object confidence
         return paligemma_decoding.object_confidences(logprobs, token_ids, processor.tokenizer, kind)
 

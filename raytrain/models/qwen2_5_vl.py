@@ -32,10 +32,10 @@ from typing import ClassVar
 import numpy as np
 
 from raytrain import tasks
-from raytrain.formats import molmo, qwen_grammar, text_grammar
+from raytrain.formats import molmo, qwen_grammar, text_confidence, text_grammar
 from raytrain.formats import qwen as fmt
 from raytrain.formats.numbers import digit_token_ids, token_place_weights
-from raytrain.models import _quant, text_options, tiny
+from raytrain.models import _quant, molmo_answers, text_options, tiny
 from raytrain.models.qwen_loc_tokens import (  # noqa: F401
     add_loc_tokens,
     add_loc_tokens_to_tokenizer,
@@ -467,6 +467,11 @@ class Qwen2_5_VL:
                        empty_answer=empty_answer, multi_label=multi_label)
 
     @property
+    def _json_format(self) -> str:
+        """The representation boxes (and, but for Molmo, points) are written in."""
+        return "absolute" if self.answer_format == MOLMO else self.answer_format
+
+    @property
     def _tokens(self) -> bool:
         return self.answer_format == "tokens"
 
@@ -538,19 +543,23 @@ class Qwen2_5_VL:
 
     # constrained decoding, confidences
     def grammar(self, processor, kind: str, labels, image_hw, max_objects: int | None = None):
-        if self.answer_format == MOLMO or kind not in fmt.KINDS or not labels:
-            return None  # Molmo text: no grammar yet; captions: free text
+        if self.answer_format == MOLMO and kind == "point":
+            return molmo_answers.grammar(processor, labels, max_objects, self.empty_answer, IM_END)
+        if kind not in fmt.KINDS or not labels:
+            return None  # captions: free text
         fw, fh = _model_frame(image_hw[1], image_hw[0], image_hw, None)
-        return _text_grammar(processor, kind, tuple(labels), self.answer_format, fw, fh, max_objects or None, self.empty_answer)
+        return _text_grammar(processor, kind, tuple(labels), self._json_format, fw, fh, max_objects or None, self.empty_answer)
 
     def object_confidences(self, logprobs, token_ids, processor, kind: str, labels, image_hw) -> list[float]:
+        if self.answer_format == MOLMO and kind == "point":
+            return molmo_answers.confidences(logprobs, token_ids, processor, labels, image_hw, self.empty_answer, IM_END)
         g = self.grammar(processor, kind, labels, image_hw)
         if g is None:
             return []
         fw, fh = _model_frame(image_hw[1], image_hw[0], image_hw, None)
         # the same parse read_answer makes (no label filter), in frame units: objects match by order
-        return text_grammar.text_object_confidences(
-            logprobs, token_ids, g, lambda text: fmt.parse(text, kind, fw, fh, fw, fh, self.answer_format).objects)
+        return text_confidence.text_object_confidences(
+            logprobs, token_ids, g, lambda text: fmt.parse(text, kind, fw, fh, fw, fh, self._json_format).objects)
 
     # checkpoints
     save_inference_files = staticmethod(save_inference_files)

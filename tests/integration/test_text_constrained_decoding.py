@@ -21,6 +21,7 @@ from raytrain.data.synthetic import make_example
 from raytrain.predict import GrammarLogitsProcessor, token_logprobs
 from raytrain.formats import qwen as fmt
 from raytrain.formats import qwen_grammar
+from raytrain.formats import text_confidence
 from raytrain.formats import text_grammar as tg
 from raytrain.formats.annotations import Box, Point
 from raytrain.models import family
@@ -122,7 +123,7 @@ def test_constrained_outputs_always_parse(model, processors, batch, rep, kind, d
         assert ids[-1] == im_end and len(ids) <= MAX_NEW and g.accepts(ids)
         if kind == "box":
             assert all(b.x2 >= b.x1 and b.y2 >= b.y1 for b in res.objects)
-        conf = tg.text_object_confidences(lp, ids, g, lambda t, lb=lb: parse(t, kind, rep, lb).objects)
+        conf = text_confidence.text_object_confidences(lp, ids, g, lambda t, lb=lb: parse(t, kind, rep, lb).objects)
         assert len(conf) == len(res.objects) and all(0 < c <= 1 for c in conf), conf
 
 
@@ -166,7 +167,7 @@ def test_confidences_are_the_geometric_mean_of_value_tokens(model, processors, b
     rows = generate(model, processor, rep, "box", images, labels, grammars, num_beams=3, min_new_tokens=MAX_NEW)
     checked = 0
     for (ids, lp, text), lb, g in zip(rows, labels, grammars):
-        conf = tg.text_object_confidences(lp, ids, g, lambda t, lb=lb: parse(t, "box", rep, lb).objects)
+        conf = text_confidence.text_object_confidences(lp, ids, g, lambda t, lb=lb: parse(t, "box", rep, lb).objects)
         expect = [math.exp(np.mean([lp[i] for i in toks])) for toks in _value_token_ids(tok, ids, rep)]
         assert conf == pytest.approx(expect, rel=1e-9), text
         checked += len(conf)

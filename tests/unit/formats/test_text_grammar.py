@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from raytrain.formats import qwen as fmt
 from raytrain.formats import qwen_grammar
+from raytrain.formats import text_confidence
 from raytrain.formats import text_grammar as tg
 from raytrain.formats._text_parts import num_complete, num_viable
 from raytrain.formats.annotations import Box, Point
@@ -340,7 +341,7 @@ def test_confidence_is_geometric_mean_of_the_value_tokens(qwen_tok, rep):
     lp = np.log(rng.uniform(0.05, 1.0, len(ids) + 3))
     g = tg.compile_grammar(qwen_grammar.answer_grammar("box", LABELS, rep, W, H), qwen_tok)
     parse_objects = lambda t: parse(t, "box", rep).objects
-    conf = tg.text_object_confidences(lp, ids + [im_end, qwen_tok.pad_token_id, qwen_tok.pad_token_id], g, parse_objects)
+    conf = text_confidence.text_object_confidences(lp, ids + [im_end, qwen_tok.pad_token_id, qwen_tok.pad_token_id], g, parse_objects)
     spans = _value_spans(text, rep)
     assert len(spans) == len(conf) == len(parse_objects(text)) == 3
     for c, sp in zip(conf, spans):
@@ -355,14 +356,14 @@ def test_confidence_nan_where_the_grammar_cannot_place_an_object(qwen_tok):
     ids = qwen_tok(text, add_special_tokens=False)["input_ids"]
     lp = np.full(len(ids), math.log(0.5))
     # parsed without a label filter: "green" is an object to the parser but not to the grammar
-    conf = tg.text_object_confidences(lp, ids, g, lambda t: parse(t, "point", "absolute", None).objects)
+    conf = text_confidence.text_object_confidences(lp, ids, g, lambda t: parse(t, "point", "absolute", None).objects)
     assert len(conf) == 3 and math.isclose(conf[0], 0.5) and math.isnan(conf[1]) and math.isnan(conf[2])
     # a duplicate and a fourth object beyond the limit are still placed (reading ignores both rules)
     g3 = tg.compile_grammar(qwen_grammar.answer_grammar("point", ["red"], "absolute", W, H, max_objects=1, fenced=False), qwen_tok)
     text = '[{"point_2d": [1, 2], "label": "red"}, {"point_2d": [1, 2], "label": "red"}]'
     ids = qwen_tok(text, add_special_tokens=False)["input_ids"]
-    conf = tg.text_object_confidences(np.full(len(ids), math.log(0.25)), ids, g3, lambda t: parse(t, "point", "absolute").objects)
+    conf = text_confidence.text_object_confidences(np.full(len(ids), math.log(0.25)), ids, g3, lambda t: parse(t, "point", "absolute").objects)
     assert conf == pytest.approx([0.25, 0.25])
-    assert tg.text_object_confidences([], [], g3, lambda t: parse(t, "point", "absolute").objects) == []
+    assert text_confidence.text_object_confidences([], [], g3, lambda t: parse(t, "point", "absolute").objects) == []
     with pytest.raises(ValueError, match="log-probs"):
-        tg.text_object_confidences([0.0], ids, g3, lambda t: [])
+        text_confidence.text_object_confidences([0.0], ids, g3, lambda t: [])
