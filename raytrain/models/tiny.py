@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-PRESET_VERSION = 1  # bump when a builder changes; the cache key includes it
+PRESET_VERSION = 2  # bump when a builder changes; the cache key includes it (2: tiny Qwen's rotary base 10)
 PREFIX = "tiny:"
 
 

@@ -140,7 +140,17 @@ def build_image_processor(resize: dict = RESIZE):
     )
 
 
-def tiny_qwen_config(tokenizer, tie_embeddings: bool = True, rope_theta: float = 1000000.0):
+# The decoder's rotary base. mRoPE gives the image tokens' height / width positions the lower
+# rotary frequencies; at Qwen's own base (1e6) and this preset's head width (16 frequencies, 6 each
+# for height and width) those turn by < 0.03 rad per image-token step, so the 4x4 image-token grid
+# is indistinguishable by position and a random-init model cannot learn WHERE (measured: pointing
+# stays at the centre baseline, bench/learning.py digits). Base 10 turns them by 0.1-0.6 rad per
+# step. Real checkpoints keep their own config; this is the tiny stand-in's, as the tiny
+# PaliGemma's 2-D sin-cos position init is (models/tiny_paligemma.py).
+ROPE_THETA = 10.0
+
+
+def tiny_qwen_config(tokenizer, tie_embeddings: bool = True, rope_theta: float = ROPE_THETA):
     """The tiny architecture for `tokenizer`'s vocabulary; tie_embeddings=False gives the lm_head its
     own weight (as Qwen2.5-VL-7B and larger have; the 3B ties them)."""
     from transformers import Qwen2_5_VLConfig
@@ -192,7 +202,7 @@ def tiny_qwen_config(tokenizer, tie_embeddings: bool = True, rope_theta: float =
 
 
 def build_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0, loc_tokens: bool = True, tie_embeddings: bool = True,
-                          image_size: int | None = None, rope_theta: float = 1000000.0) -> Path:
+                          image_size: int | None = None, rope_theta: float = ROPE_THETA) -> Path:
     """Build tokenizer + image-only processor + random-init model and `save_pretrained` them into out_dir.
     loc_tokens=False, tie_embeddings=False: a stand-in for a released Qwen2.5-VL-7B (no <|loc|> tokens
     in the vocabulary, untied lm_head), what the `tokens` box format has to add tokens to.
