@@ -13,14 +13,34 @@ line in FAMILIES, its format codec under formats/, a tiny preset builder, tests 
 
 from __future__ import annotations
 
+import ast
 import importlib
+import pkgutil
 from functools import cache
 from pathlib import Path
 
-FAMILIES = {
-    "paligemma": ("raytrain.models.paligemma", "PaliGemma"),
-    "qwen2_5_vl": ("raytrain.models.qwen2_5_vl", "Qwen2_5_VL"),
-}
+def _discover() -> dict[str, tuple[str, str]]:
+    """Family name -> (module, class) of every module of this package that declares
+    `MODEL_FAMILY = ("<name>", "<class>")`, read from the source (no import: family modules load
+    only when a family is asked for), so a new family is a new module and nothing else."""
+    out: dict[str, tuple[str, str]] = {}
+    for info in pkgutil.iter_modules(__path__):
+        path = Path(__path__[0]) / f"{info.name}.py"
+        if info.ispkg or not path.is_file() or "MODEL_FAMILY" not in (src := path.read_text()):
+            continue
+        body = ast.parse(src).body
+        consts = {t.id: n.value.value for n in body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)
+                  for t in n.targets if isinstance(t, ast.Name)}
+        for node in body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "MODEL_FAMILY" for t in node.targets):
+                name, cls = (e.value if isinstance(e, ast.Constant) else consts.get(getattr(e, "id", "")) for e in node.value.elts)
+                if not (isinstance(name, str) and isinstance(cls, str)):
+                    raise ValueError(f"{path}: MODEL_FAMILY must be (name, class name) as string constants")
+                out[name] = (f"{__name__}.{info.name}", cls)
+    return dict(sorted(out.items()))
+
+
+FAMILIES: dict[str, tuple[str, str]] = _discover()
 """Family name -> (module, class) of its ModelFamily implementation."""
 
 

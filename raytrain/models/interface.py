@@ -8,9 +8,9 @@ to it through these members only, never by comparing family names or probing wit
 
 Each family module (`models/<family>.py`) implements ALL of it as a frozen dataclass, a no-op where
 nothing applies. No implementation inheritance between families: a member two families share is a
-plain function both call. A new family adds a module here (and its answer-format codec under
-`formats/`), a tiny preset builder, tests and a job YAML, and registers itself in
-`raytrain.models.FAMILIES`; nothing else changes.
+plain function both call. A new family adds a module here that declares `MODEL_FAMILY = (name, class name)` (the registry,
+`raytrain.models.FAMILIES`, finds it), its answer-format codec under `formats/`, a tiny preset
+builder, its real-size presets, tests and a job YAML; nothing else changes.
 
 Arguments are plain values: no family member reads the experiment config.
 """
@@ -66,6 +66,11 @@ class ModelFamily(Protocol):
         ...
 
     def load_processor(self, name_or_path: str, cache_dir: str | None = None) -> Any: ...
+
+    def real_presets(self) -> list:
+        """The released checkpoints' architectures as models.preset_spec.Preset (memory planner,
+        parameter counts, random-weight benchmarks)."""
+        ...
 
     def hf_model_class(self) -> type:
         """The transformers class (for random-weight real-size models and checkpoint loading)."""

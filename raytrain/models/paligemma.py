@@ -25,6 +25,7 @@ from raytrain.models import _quant, molmo_answers, paligemma_decoding, text_opti
 from raytrain.models.tiny_paligemma import DEFAULT_IMAGE_SIZE, build_tiny_paligemma
 
 NAME = "paligemma"
+MODEL_FAMILY = (NAME, "PaliGemma")  # read by raytrain.models' registry: (family name, family class)
 END_TOKEN = "<eos>"
 # A suffix written as text starts with sentencepiece's "▁" in the labels the processor builds
 # (prompt and suffix are tokenized as a pair): its text grammars expect that leading space.
@@ -433,6 +434,11 @@ class PaliGemma:
     resolve = staticmethod(resolve)
     load = staticmethod(load)
     load_processor = staticmethod(load_processor)
+
+    def real_presets(self) -> list:
+        from raytrain.models import presets_paligemma
+
+        return presets_paligemma.real_presets()
 
     def hf_model_class(self) -> type:
         from transformers import PaliGemmaForConditionalGeneration

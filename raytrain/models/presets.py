@@ -38,196 +38,21 @@ benchmarks assume; the training pipeline decides the real resolution.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from raytrain.models import family as model_family
-
-PALIGEMMA_VOCAB = 257216
-PALIGEMMA_IMAGE_TOKEN_ID = 257152  # "<image>", the first id after the 256000-word Gemma vocabulary + 1152 loc/seg
-SIGLIP_PATCH = 14
-QWEN_PATCH = 14
-QWEN_MERGE = 2
-QWEN_NOMINAL_IMAGE = 448
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    """Short name, the key in PRESETS (e.g. 'paligemma2-3b-224', 'qwen2.5-vl-7b')."""
-    family: str
-    """'paligemma' | 'qwen2_5_vl' (the raytrain.models.<family> module that loads it)."""
-    hub_id: str
-    """Hugging Face repository of the released weights."""
-    image_size: int
-    """Square input side in pixels (nominal for Qwen2.5-VL, which resizes dynamically)."""
-    image_tokens: int
-    """Tokens one image occupies in the language model's sequence."""
-    config_fn: Callable[[], object]
-    """Builds a fresh transformers config for this checkpoint."""
-
-
-# ---------------------------------------------------------------------------- PaliGemma
-
-# Decoder shapes: (width, layers, heads, kv heads, head_dim, MLP width, query_pre_attn_scalar)
-_GEMMA = {
-    "gemma-2b": (2048, 18, 8, 1, 256, 16384, None),
-    "gemma2-2b": (2304, 26, 8, 4, 256, 9216, 256),
-    "gemma2-9b": (3584, 42, 16, 8, 256, 14336, 256),
-    # Gemma 2 27B scales queries by 1/sqrt(width / heads) = 1/sqrt(144), not 1/sqrt(head_dim).
-    "gemma2-27b": (4608, 46, 32, 16, 128, 36864, 144),
-}
-
-
-def _siglip_so400m(image_size: int, projection_dim: int):
-    from transformers import SiglipVisionConfig
-
-    return SiglipVisionConfig(
-        hidden_size=1152,
-        intermediate_size=4304,
-        num_hidden_layers=27,
-        num_attention_heads=16,
-        num_channels=3,
-        image_size=image_size,
-        patch_size=SIGLIP_PATCH,
-        hidden_act="gelu_pytorch_tanh",
-        layer_norm_eps=1e-6,
-        vision_use_head=False,  # PaliGemma uses the patch tokens, not SigLIP's pooled embedding
-        projection_dim=projection_dim,
-    )
-
-
-def _paligemma_config(decoder: str, image_size: int):
-    from transformers import Gemma2Config, GemmaConfig, PaliGemmaConfig
-
-    width, layers, heads, kv, head_dim, mlp, qscale = _GEMMA[decoder]
-    common = {
-        "vocab_size": PALIGEMMA_VOCAB,
-        "hidden_size": width,
-        "intermediate_size": mlp,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv,
-        "head_dim": head_dim,
-        "hidden_activation": "gelu_pytorch_tanh",
-        "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-6,
-        "pad_token_id": 0,
-        "eos_token_id": 1,
-        "bos_token_id": 2,
-    }
-    if decoder.startswith("gemma2"):
-        text = Gemma2Config(
-            **common,
-            query_pre_attn_scalar=qscale,
-            sliding_window=4096,
-            attn_logit_softcapping=50.0,
-            final_logit_softcapping=30.0,
-        )
-    else:
-        text = GemmaConfig(**common)
-    return PaliGemmaConfig(
-        vision_config=_siglip_so400m(image_size, width),
-        text_config=text,
-        image_token_index=PALIGEMMA_IMAGE_TOKEN_ID,
-        vocab_size=PALIGEMMA_VOCAB,
-        projection_dim=width,
-        hidden_size=width,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=1,
-    )
-
-
-# ---------------------------------------------------------------------------- Qwen2.5-VL
-
-# (width, layers, heads, kv heads, MLP width, vocab, tied embeddings, ViT MLP width)
-_QWEN = {
-    "3b": (2048, 36, 16, 2, 11008, 151936, True, 3420),
-    "7b": (3584, 28, 28, 4, 18944, 152064, False, 3420),
-    "32b": (5120, 64, 40, 8, 27648, 152064, False, 3456),
-    "72b": (8192, 80, 64, 8, 29568, 152064, False, 3456),
-}
-
-
-def _qwen2_5_vl_config(size: str):
-    from transformers import Qwen2_5_VLConfig
-
-    width, layers, heads, kv, mlp, vocab, tied, vit_mlp = _QWEN[size]
-    vision = {
-        "depth": 32,
-        "hidden_size": 1280,
-        "hidden_act": "silu",
-        "intermediate_size": vit_mlp,
-        "num_heads": 16,
-        "in_channels": 3,
-        "patch_size": QWEN_PATCH,
-        "spatial_merge_size": QWEN_MERGE,
-        "temporal_patch_size": 2,
-        "tokens_per_second": 2,
-        "window_size": 112,
-        "out_hidden_size": width,  # the merger projects straight into the decoder's width
-        "fullatt_block_indexes": [7, 15, 23, 31],
-    }
-    text = {
-        "vocab_size": vocab,
-        "hidden_size": width,
-        "intermediate_size": mlp,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv,
-        "hidden_act": "silu",
-        "max_position_embeddings": 128000,
-        "rms_norm_eps": 1e-6,
-        "use_sliding_window": False,
-        "sliding_window": 32768,
-        "max_window_layers": layers,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-        "tie_word_embeddings": tied,
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
-    }
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=151655,
-        video_token_id=151656,
-        vision_start_token_id=151652,
-        vision_end_token_id=151653,
-        tie_word_embeddings=tied,
-    )
-
+from raytrain.models.preset_spec import Preset
 
 # ---------------------------------------------------------------------------- registry
 
 
 def _build_presets() -> dict[str, Preset]:
+    """Every family's real-size presets (its `real_presets` member), by name."""
+    from raytrain.models import FAMILIES
+
     presets: dict[str, Preset] = {}
-    pg = [("paligemma-3b", "google/paligemma-3b-pt-{res}", "gemma-2b")] + [
-        (f"paligemma2-{size}", f"google/paligemma2-{size}-pt-{{res}}", dec)
-        for size, dec in (("3b", "gemma2-2b"), ("10b", "gemma2-9b"), ("28b", "gemma2-27b"))
-    ]
-    for stem, hub, decoder in pg:
-        for res in (224, 448, 896):
-            name = f"{stem}-{res}"
-            presets[name] = Preset(
-                name=name,
-                family="paligemma",
-                hub_id=hub.format(res=res),
-                image_size=res,
-                image_tokens=(res // SIGLIP_PATCH) ** 2,
-                config_fn=functools.partial(_paligemma_config, decoder, res),
-            )
-    for size in _QWEN:
-        name = f"qwen2.5-vl-{size}"
-        presets[name] = Preset(
-            name=name,
-            family="qwen2_5_vl",
-            hub_id=f"Qwen/Qwen2.5-VL-{size.upper()}-Instruct",
-            image_size=QWEN_NOMINAL_IMAGE,
-            image_tokens=(QWEN_NOMINAL_IMAGE // (QWEN_PATCH * QWEN_MERGE)) ** 2,
-            config_fn=functools.partial(_qwen2_5_vl_config, size),
-        )
+    for name in FAMILIES:
+        for p in model_family(name).real_presets():
+            presets[p.name] = p
     return presets
 
 

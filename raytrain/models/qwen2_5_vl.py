@@ -52,6 +52,7 @@ from raytrain.models.qwen_resize import (
 from raytrain.models.tiny_qwen import IMAGE_SIDE, build_tiny_qwen2_5_vl
 
 NAME = "qwen2_5_vl"
+MODEL_FAMILY = (NAME, "Qwen2_5_VL")  # read by raytrain.models' registry: (family name, family class)
 IGNORE_INDEX = -100  # label value the loss skips (prompt, image and padding positions)
 # Per-token (B, T) arrays of encode_train: the recipe trims their shared padding per batch.
 # mm_token_type_ids (1 on image tokens) is what the model builds its 3-D M-RoPE positions from.
@@ -490,6 +491,11 @@ class Qwen2_5_VL:
         if self._tokens:
             add_loc_tokens_to_tokenizer(processor.tokenizer)
         return processor
+
+    def real_presets(self) -> list:
+        from raytrain.models import presets_qwen2_5_vl
+
+        return presets_qwen2_5_vl.real_presets()
 
     def hf_model_class(self) -> type:
         from transformers import Qwen2_5_VLForConditionalGeneration
