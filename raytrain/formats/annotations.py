@@ -462,6 +462,43 @@ def box_iou(a: Box, b: Box) -> float:
     return inter / union if union > 0 else 0.0
 
 
+# ---------------------------------------------------------------------------- reading model text
+
+
+def answer_body(text, end, remnants) -> tuple[str, bool] | ParseResult:
+    """A model output up to its first end token (`end`, a compiled pattern), with control-token
+    `remnants` removed: (body, whether an end token was seen); a ParseResult with "empty_output"
+    when nothing is left (every text parser starts with this)."""
+    body = text if isinstance(text, str) else ""
+    m = end.search(body)
+    if m is not None:
+        body = body[: m.start()]
+    body = remnants.sub("", body)
+    if not body.strip():
+        return ParseResult([], [ParseError("empty_output", text if isinstance(text, str) else repr(text))])
+    return body, m is not None
+
+
+# ---------------------------------------------------------------------------- matching pieces to a parse
+
+
+def match_in_order(full: Sequence, placed: Sequence[tuple]) -> list:
+    """For each object of `full` (a whole answer's parse), the value of the first not yet used
+    (object, value) pair of `placed` (its pieces parsed one by one, in order) whose object equals
+    it; NaN where none does. Confidences use it to give each parsed object its tokens' score."""
+    out, k = [], 0
+    for o in full:
+        j = k
+        while j < len(placed) and placed[j][0] != o:
+            j += 1
+        if j < len(placed):
+            out.append(placed[j][1])
+            k = j + 1
+        else:
+            out.append(float("nan"))
+    return out
+
+
 # ---------------------------------------------------------------------------- ranking and NMS
 
 

@@ -25,8 +25,14 @@ import math
 import re
 from collections.abc import Collection, Sequence
 
+from raytrain.formats.annotations import (
+    Obj,
+    ParseError,
+    ParseResult,
+    Point,
+    answer_body,
+)
 from raytrain.formats.numbers import NumberSpan, SpanWriter
-from raytrain.formats.annotations import Obj, ParseError, ParseResult, Point
 
 DECIMALS = 1  # Molmo's `{x:0.1f}`
 NOTHING_FOUND = "There are none."  # Molmo's answer to a pointing question with no point
@@ -297,14 +303,10 @@ def parse(
     """
     if not (width > 0 and height > 0):
         raise ValueError(f"image size must be positive, got {width}x{height}")
-    body = text if isinstance(text, str) else ""
-    end = _END.search(body)
-    terminated = end is not None
-    if end is not None:
-        body = body[: end.start()]
-    body = _REMNANTS.sub("", body)
-    if not body.strip():
-        return ParseResult([], [ParseError("empty_output", text if isinstance(text, str) else repr(text))])
+    read = answer_body(text, _END, _REMNANTS)
+    if isinstance(read, ParseResult):
+        return read
+    body, terminated = read
 
     objects: list[Obj] = []
     errors: list[ParseError] = []

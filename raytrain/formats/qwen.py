@@ -39,8 +39,15 @@ import re
 import warnings
 from collections.abc import Collection, Sequence
 
+from raytrain.formats.annotations import (
+    Box,
+    Obj,
+    ParseError,
+    ParseResult,
+    Point,
+    answer_body,
+)
 from raytrain.formats.numbers import NumberSpan, SpanWriter
-from raytrain.formats.annotations import Box, Obj, ParseError, ParseResult, Point
 
 # transformers' smart_resize defaults (Qwen2-VL / Qwen2.5-VL image processors):
 # patch 14 x merge 2 = 28 px per LM token side; 56*56 .. 28*28*1280 pixels.
@@ -495,14 +502,10 @@ def parse(
     _check_sizes(src_w, src_h, resized_w, resized_h)
     n = _N[kind]
 
-    body = text if isinstance(text, str) else ""
-    end = _END.search(body)
-    terminated = end is not None
-    if end is not None:
-        body = body[: end.start()]
-    body = _REMNANTS.sub("", body)
-    if not body.strip():
-        return ParseResult([], [ParseError("empty_output", text if isinstance(text, str) else repr(text))])
+    read = answer_body(text, _END, _REMNANTS)
+    if isinstance(read, ParseResult):
+        return read
+    body, terminated = read
 
     if not terminated and _PARTIAL_FENCE.fullmatch(body):  # cut inside the opening "```json"
         return ParseResult([], [ParseError("truncated_object", body.strip())])

@@ -9,7 +9,15 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from raytrain.formats import text_grammar as tg
-from raytrain.formats.qwen import _KEY, KINDS, LOC_TOKENS, NORMALIZED_DECIMALS, REPRESENTATIONS, _check_label, _check_sizes
+from raytrain.formats.qwen import (
+    _KEY,
+    KINDS,
+    LOC_TOKENS,
+    NORMALIZED_DECIMALS,
+    REPRESENTATIONS,
+    _check_label,
+    _check_sizes,
+)
 
 
 def answer_grammar(

@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from raytrain.formats._token_vocab import SYM
+from raytrain.formats.annotations import match_in_order
 from raytrain.formats.text_grammar import TextGrammar
 
 
@@ -56,14 +57,4 @@ def text_object_confidences(
         conf = float(math.exp(sum(logprobs[i] for i in toks) / len(toks))) if toks else float("nan")
         text = b"".join(pieces[at[0] : at[-1] + 1]).decode("utf-8", errors="replace")
         placed.extend((o, conf) for o in parse_objects(text))
-    out, k = [], 0
-    for o in full:
-        j = k
-        while j < len(placed) and placed[j][0] != o:
-            j += 1
-        if j < len(placed):
-            out.append(placed[j][1])
-            k = j + 1
-        else:
-            out.append(float("nan"))
-    return out
+    return match_in_order(full, placed)

@@ -19,7 +19,7 @@ import math
 from collections.abc import Collection, Sequence
 
 from raytrain.formats import paligemma as fmt
-from raytrain.formats.annotations import Obj, Point
+from raytrain.formats.annotations import Obj, Point, match_in_order
 from raytrain.formats.grammar import DetectionGrammar, query_labels
 
 IGNORE_INDEX = -100  # the processor's label value outside the suffix
@@ -176,16 +176,6 @@ def object_confidences(
         for o in fmt.parse(text, 1, 1, kind, allowed_labels).objects:
             pieces.append((o, conf))
     full = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    out, k = [], 0
-    for o in fmt.parse(full, 1, 1, kind, allowed_labels).objects:
-        j = k
-        while j < len(pieces) and pieces[j][0] != o:
-            j += 1
-        if j < len(pieces):
-            out.append(pieces[j][1])
-            k = j + 1
-        else:
-            out.append(float("nan"))
-    return out
+    return match_in_order(fmt.parse(full, 1, 1, kind, allowed_labels).objects, pieces)
 
 
