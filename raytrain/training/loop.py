@@ -76,7 +76,8 @@ def training_loss(cfg: config_mod.Experiment, tokenizer, loc_ids: torch.Tensor, 
     def loss(logits: torch.Tensor, targets: dict):
         return suffix_loss(logits, targets["labels"], loc_ids, cfg.loss.loc_sigma, cfg.loss.loc_weight, focal_gamma=cfg.loss.focal_gamma,
                            label_token_weights=label_w, box_iou_weight=cfg.loss.box_iou_weight, num_place=targets.get("num_place"),
-                           digit_ids=digit_ids, number_weight=cfg.loss.number_weight)
+                           digit_ids=digit_ids, number_weight=cfg.loss.number_weight,
+                           box_iou=cfg.loss.box_iou)
 
     return loss
 
