@@ -103,8 +103,9 @@ def prepare_data(cfg: Experiment) -> str:
         )
         print(f"data: {uri}\n{report.format_table()}", flush=True)
     elif cfg.data.source == "shards":
-        if not shards.shard_paths(uri, "train", opts):
-            raise FileNotFoundError(f"data.source=shards but no train shards under {uri} (run `raytrain prepare`)")
+        for split in cfg.train.splits:
+            if not shards.shard_paths(uri, split, opts):
+                raise FileNotFoundError(f"data.source=shards but no {split!r} shards (train.splits) under {uri} (run `raytrain prepare`)")
     else:
         prepare(prepare_config(cfg))
     return uri
