@@ -268,10 +268,11 @@ class ClipScorer:
         proc, model = _load_clip(self.model_path, self.device)
         enc = proc(text=list(captions), images=image, return_tensors="pt", padding=True, truncation=True).to(self.device)
         with torch.no_grad():
-            img = model.get_image_features(pixel_values=enc["pixel_values"])
-            txt = model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        img = torch.nn.functional.normalize(img, dim=-1)
-        txt = torch.nn.functional.normalize(txt, dim=-1)
+            # the model's forward returns the projected embeddings under the same names in every
+            # transformers version (get_*_features return a tensor in 4.x, an output object in 5.x)
+            out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=enc["pixel_values"])
+        img = torch.nn.functional.normalize(out.image_embeds, dim=-1)
+        txt = torch.nn.functional.normalize(out.text_embeds, dim=-1)
         return [2.5 * max(float(c), 0.0) for c in (txt @ img.T).squeeze(-1)]
 
 
