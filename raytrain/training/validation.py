@@ -198,10 +198,11 @@ def loss_batches(processor, family_module, examples: Examples, *, max_len: int, 
 
 
 def mean_loss(model, batches: list[dict], loss_step: Callable, *, prefix: str = "val_") -> dict[str, float]:
-    """The loss per example over `batches` (`loss_step(module, batch) -> (loss, stats)`: the recipe's
-    forward and objective), in eval mode (no dropout), without gradients, torch's RNG untouched:
-    `<prefix>loss`, `<prefix>ce` (plain token cross-entropy) and `<prefix>loss_examples`. With no
-    example that fits, the loss is +inf's finite stand-in, the largest float (worst for min mode)."""
+    """The loss over `batches` (`loss_step(module, batch) -> (loss, stats)`: the recipe's forward and
+    objective, a mean over each batch's answer tokens), averaged over batches weighted by their
+    examples; in eval mode (no dropout), without gradients, torch's RNG untouched: `<prefix>loss`,
+    `<prefix>ce` (plain token cross-entropy) and `<prefix>loss_examples`. With no example that fits,
+    the losses are the largest float, a finite worst value (Tune and Ray's checkpoint ranking need one)."""
     import torch
 
     net = _unwrap(model)

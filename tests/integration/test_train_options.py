@@ -138,8 +138,10 @@ def test_sgd_with_momentum_and_float16_mixed_precision(tiny_model_path, val_exam
 
 def test_raytrain_train_on_two_splits_evaluates_the_selected_checkpoint(tmp_path, ray_cluster, tiny_model_path):
     """`raytrain train` end to end on Ray: the training dataset is the union of train.splits (each
-    split's examples counted), Ray Train keeps the best checkpoint by val_loss, and that checkpoint
-    -- not merely the last -- is what the run evaluates and names in its metrics JSON."""
+    split's examples counted), Ray Train keeps the best checkpoint by the selection metric, and that
+    checkpoint is what the run evaluates and names in its metrics JSON. The selection here is the
+    HIGHEST val_loss (select_mode max): a tiny model's val loss falls step after step, so the chosen
+    checkpoint is the first, never the last one that a selection doing nothing would give."""
     from pathlib import Path
 
     from raytrain import storage
@@ -150,7 +152,8 @@ def test_raytrain_train_on_two_splits_evaluates_the_selected_checkpoint(tmp_path
         f"storage.root={tmp_path}", "name=twosplits", f"model.name_or_path={tiny_model_path}", "data.num_images=160",
         "data.splits={train: 0.5, extra: 0.25, val: 0.125, test: 0.125}", "train.splits=[train, extra]",
         "train.steps=12", "train.micro_batch_size=8", "train.warmup_steps=2", "train.log_every=4", "train.checkpoint_every=100",
-        "train.val_every=4", "train.val_examples=8", "train.select_checkpoint=val_loss", "train.keep_checkpoints=1",
+        "train.val_every=4", "train.val_examples=8", "train.select_checkpoint=val_loss", "train.select_mode=max",
+        "train.keep_checkpoints=1",
         "scale.num_workers=1", "eval.baselines=false", "eval.batch_size=32", "eval.num_actors=1", "eval.cpus_per_actor=0.25"])
     out = launch_train.main(cfg)
     metrics = json.loads(Path(out).read_text())
@@ -158,12 +161,16 @@ def test_raytrain_train_on_two_splits_evaluates_the_selected_checkpoint(tmp_path
     assert counts["train"]["tokenized"] > 0 and counts["extra"]["tokenized"] > 0  # both splits were read for training
     rows = [r for r in read_history(job.history_uri(cfg)) if "val_loss" in r]
     assert [r["step"] for r in rows] == [4, 8, 12]
-    best = min(rows, key=lambda r: (r["val_loss"], -r["step"]))
+    assert rows[0]["val_loss"] > rows[1]["val_loss"] > rows[2]["val_loss"]  # it learns
+    best = rows[0]
     choice = metrics["run"]["checkpoint_choice"]
-    assert (choice["select_checkpoint"], choice["step"], choice["value"]) == ("val_loss", best["step"], best["val_loss"])
+    assert (choice["select_checkpoint"], choice["select_mode"], choice["step"], choice["value"]) == ("val_loss", "max", 4, best["val_loss"])
     assert metrics["run"]["checkpoint"] == choice["checkpoint"]
     assert checkpointing.read_state(choice["checkpoint"])["step"] == best["step"]
     # Ray Train kept the best by val_loss (keep_checkpoints 1) and the latest, to resume from
     run = storage.run_dir(job.runs_root(cfg), cfg.name)
-    kept = sorted(checkpointing.read_state(os.path.join(run, d))["step"] for d in os.listdir(run) if d.startswith("checkpoint_"))
-    assert kept == sorted({best["step"], 12})
+    kept = sorted(checkpointing.read_state(os.path.join(run, d))["step"] for d in os.listdir(run)
+                  if d.startswith("checkpoint_") and os.path.isdir(os.path.join(run, d)))
+    assert kept == [4, 12]
+    # `raytrain eval` without eval.checkpoint picks the same one
+    assert launch_eval.latest_checkpoint(cfg) == choice["checkpoint"]
