@@ -29,6 +29,8 @@ ZERO_STAGES = {"zero2": 2, "zero3": 3}
 """DeepSpeed ZeRO stage of each ZeRO strategy (the stage comes from train.strategy)."""
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 RESIZE_MODES = ("stretch", "letterbox")
+DTYPES = ("float32", "bfloat16", "float16")
+BOX_IOU_LOSSES = ("giou", "ciou")
 PREPARE_FORMATS = ("coco", "jsonl", "pixmo_points", "visual_genome", "captions", "ms_swift", "llamafactory")
 ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """A Serve adapter id: one path segment, letters, digits, '.', '_', '-', starting with a letter or digit (never '..')."""
@@ -58,7 +60,12 @@ class PrepareOptions:
     max_side: int = 0
     """Shrink images whose longer side is larger (objects scaled with them); 0 = keep."""
     subset: int = 0
-    """pixmo_points: seeded random subset of this many source rows (seed 000: 100000); 0 = all."""
+    """Seeded random subset of this many images (or source rows, see subset_unit), any format, drawn
+    before images are fetched; the rest count as `not_in_subset` (seed 000: 100000 rows; seed 002:
+    1,250 training images). 0 = all."""
+    subset_unit: str = "image"
+    """image (every row of a chosen image is kept: VG, JSONL lines or PixMo labels of one image) |
+    row (source rows, seed 000's "samples")."""
     hf_split: str = "train"
     masks: bool = True
     """coco: keep instance masks (boxes only if False)."""
@@ -209,7 +216,9 @@ class ModelConfig:
     name_or_path: str = "tiny:paligemma"
     """Hub id (google/paligemma2-3b-pt-224), local dir, or 'tiny:<family>' for the offline preset."""
     dtype: str = "float32"
-    """float32 | bfloat16 (compute dtype of the trainable model)."""
+    """float32 | bfloat16 (the model in bf16) | float16 (mixed precision, for GPUs without bf16
+    such as seed 001's T4: frozen weights in fp16, trainable ones in fp32, forward under fp16
+    autocast with a GradScaler; ZeRO: DeepSpeed fp16 with dynamic loss scaling)."""
     freeze_vision: bool = True
     """Freeze the vision tower (SigLIP). The tiny from-scratch job sets False."""
     unfreeze_vision_layers: int = 0
@@ -236,6 +245,8 @@ class ModelConfig:
             raise ValueError(f"model.family / model.box_format: {e}") from None
         if self.task_head_queries < 0:
             raise ValueError(f"model.task_head_queries must be >= 0 (0 = off), got {self.task_head_queries}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.task_head_queries and not family(spec).supports_task_head:
             raise ValueError(f"model.task_head_queries needs a family with a fixed number of image tokens per image, "
                              f"not {self.family!r} (models/task_head.py)")
@@ -292,11 +303,17 @@ class LossConfig:
     class_weights: dict[str, float] = field(default_factory=dict)
     """Class-weighted CE on label tokens, e.g. {"person": 1.0, "boat": 3.0} (seed 004)."""
     box_iou_weight: float = 0.0
-    """Weight of a GIoU loss on soft-argmax boxes from the <loc> logits (seed 004's CIoU analogue)."""
+    """Weight of an IoU loss (box_iou) on soft-argmax boxes from the <loc> logits; 0 = off."""
+    box_iou: str = "giou"
+    """giou (1 - GIoU) | ciou (Complete IoU, Zheng et al. 2020: 1 - IoU + rho^2/c^2 + alpha*v; seed 004)."""
     number_weight: float = 1.0
     """Weight of the distance-aware number loss on coordinates written as digits (Qwen2.5-VL absolute /
     normalized / pairs, Molmo percent): place-weighted Wasserstein distance over the digit tokens
     (models/losses.py). Applies only where a format writes digits; 0 = plain cross-entropy there."""
+
+    def __post_init__(self):
+        if self.box_iou not in BOX_IOU_LOSSES:
+            raise ValueError(f"loss.box_iou must be one of {list(BOX_IOU_LOSSES)}, got {self.box_iou!r}")
 
 
 @dataclass
@@ -313,7 +330,15 @@ class TrainConfig:
     """Micro-batches per optimizer step (global batch = micro * accum * workers)."""
     lr: float = 2e-3
     optimizer: str = "adamw"
-    """adamw (torch) | adamw_8bit | paged_adamw_8bit | paged_adamw (bitsandbytes; seed 000 used paged_adamw_8bit)."""
+    """adamw (torch) | adamw_8bit | paged_adamw_8bit | paged_adamw (bitsandbytes; seed 000 used paged_adamw_8bit) |
+    sgd (torch; Google's PaliGemma fine-tuning default, seed 001)."""
+    momentum: float = 0.0
+    """optimizer sgd: momentum (0 = plain SGD)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW optimizers: (beta1, beta2)."""
+    splits: list[str] = field(default_factory=lambda: ["train"])
+    """Prepared splits the training dataset reads, together (seed 003: [train, val]). Validation
+    (val_split) and the evaluation (eval.split) must be splits not trained on."""
     weight_decay: float = 0.0
     warmup_steps: int = 100
     schedule: str = "cosine"
@@ -333,6 +358,13 @@ class TrainConfig:
     early_stop_mode: str = "min"
     early_stop_patience: int = 3
     """Validations without improvement before stopping (with early_stop_metric set)."""
+    select_checkpoint: str = "last"
+    """The run's result, evaluated at the end of `raytrain train`, by `raytrain eval` and named in the
+    metrics JSON: last (highest step) | val_loss (teacher-forced loss on the val subset; seed 003) |
+    another reported val_* metric (e.g. val_box_f1). Not last: needs val_every > 0; every checkpoint
+    is then validated and keep_checkpoints keeps the best by it (and the latest, to resume from)."""
+    select_mode: str = "min"
+    """min | max: which end of select_checkpoint is best."""
     fail_at_step: int = -1
     """Testing aid: rank 0 raises once at this step (first attempt only) to exercise failure recovery."""
     new_token_warmup_steps: int = 0
@@ -350,6 +382,17 @@ class TrainConfig:
             raise ValueError(f"train.early_stop_metric={self.early_stop_metric!r} is measured by validation: set train.val_every > 0")
         if self.new_token_warmup_steps < 0:
             raise ValueError(f"train.new_token_warmup_steps must be >= 0, got {self.new_token_warmup_steps}")
+        if self.select_mode not in ("min", "max"):
+            raise ValueError(f"train.select_mode must be min | max, got {self.select_mode!r}")
+        if self.select_checkpoint != "last" and self.val_every <= 0:
+            raise ValueError(f"train.select_checkpoint={self.select_checkpoint!r} is measured by validation: set train.val_every > 0")
+        if not self.splits or len(set(self.splits)) != len(self.splits):
+            raise ValueError(f"train.splits must name one or more distinct splits, got {self.splits!r}")
+        if self.val_every > 0 and self.val_split in self.splits:
+            raise ValueError(f"train.val_split={self.val_split!r} is also trained on (train.splits={self.splits}): validation "
+                             "(and checkpoint selection, early stopping) must use a split not trained on")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
 
 
 @dataclass
@@ -491,6 +534,9 @@ class Experiment:
             raise ValueError(f"zero.offload_* are DeepSpeed options: they need train.strategy zero2 | zero3, got {self.train.strategy!r}")
         if self.zero.offload_param and self.train.strategy != "zero3":
             raise ValueError("zero.offload_param needs train.strategy=zero3 (ZeRO-2 does not partition parameters)")
+        if self.eval.split in self.train.splits:
+            raise ValueError(f"eval.split={self.eval.split!r} is trained on (train.splits={self.train.splits}): the evaluation "
+                             "would score examples the model has seen")
         if self.quant.bits and self.train.strategy != "lora":
             raise ValueError("quant.bits needs train.strategy=lora (QLoRA): quantized weights cannot be fully fine-tuned")
         try:

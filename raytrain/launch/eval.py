@@ -3,7 +3,8 @@ actors (Ray Data), write predictions (JSONL, COCO results JSON) and metrics JSON
 
     raytrain eval --config jobs/tiny/shapes.yaml [eval.checkpoint=<uri>] [eval.split=val]
 
-Without eval.checkpoint the run's latest checkpoint (by step) is used. `evaluate` is also the last
+Without eval.checkpoint the run's checkpoint chosen by train.select_checkpoint is used (the latest by
+default; `latest_checkpoint`). `evaluate` is also the last
 step of `raytrain train` (trained / untrained / blind baseline on the held-out split).
 """
 
@@ -25,22 +26,41 @@ log = logging.getLogger("raytrain.launch.eval")
 
 
 def latest_checkpoint(cfg: Experiment) -> str:
-    """URI of the highest-step checkpoint under the run directory."""
+    """URI of the run's checkpoint as train.select_checkpoint chooses it: the highest step (last),
+    or the best by that metric as recorded in each checkpoint's state.json (train.select_mode min |
+    max; ties: the later step). What `raytrain eval` evaluates without eval.checkpoint and what
+    `raytrain train` evaluates at its end (`checkpoint_choice` says why)."""
+    return checkpoint_choice(cfg)["checkpoint"]
+
+
+def checkpoint_choice(cfg: Experiment) -> dict:
+    """{"checkpoint": URI, "step", "select_checkpoint", "select_mode", "value"} of the chosen checkpoint
+    (see `latest_checkpoint`). Checkpoints without state.json (an interrupted upload) are skipped;
+    so are, when selecting by a metric, those that do not record it."""
     run = storage.run_dir(job.runs_root(cfg), cfg.name)
     opts = job.storage_opts(cfg)
     fs = storage.fsspec_fs(run, opts)
     root = storage.strip_scheme(run)
-    best, best_step = None, -1
+    by, mode = cfg.train.select_checkpoint, cfg.train.select_mode
+    found = []  # (sort key, dir, step, value)
     for d in fs.glob(posixpath.join(root, "checkpoint_*")):
         state = posixpath.join(d, "state.json")
         if not fs.exists(state):
             continue  # an interrupted upload: not a usable checkpoint
-        step = json.loads(fs.cat(state))["step"]
-        if step > best_step:
-            best, best_step = d, step
-    if best is None:
-        raise FileNotFoundError(f"no checkpoint under {run}")
-    return ("s3://" + best) if storage.is_s3(run) else best
+        rec = json.loads(fs.cat(state))
+        step = int(rec["step"])
+        if by == "last":
+            found.append(((step,), d, step, None))
+            continue
+        value = (rec.get("metrics") or {}).get(by)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:  # NaN never wins
+            found.append(((value if mode == "max" else -value, step), d, step, float(value)))
+    if not found:
+        what = "" if by == "last" else f" recording {by!r} (train.select_checkpoint)"
+        raise FileNotFoundError(f"no checkpoint{what} under {run}")
+    _, best, step, value = max(found, key=lambda f: f[0])
+    return {"checkpoint": ("s3://" + best) if storage.is_s3(run) else best, "step": step, "select_checkpoint": by,
+            "select_mode": mode, "value": value}
 
 
 def evaluate(cfg: Experiment, uri: str, base_path: str, ckpt_uri: str | None, counter) -> tuple[dict, list[dict]]:

@@ -39,7 +39,7 @@ import numpy as np
 
 from raytrain import storage
 from raytrain.config import PREPARE_FORMATS, Experiment, PrepareConfig
-from raytrain.data import shards, validate
+from raytrain.data import caption_stats, shards, validate
 from raytrain.data import splits as splits_mod
 from raytrain.data.convert import (
     captions,
@@ -103,8 +103,9 @@ def prepare_data(cfg: Experiment) -> str:
         )
         print(f"data: {uri}\n{report.format_table()}", flush=True)
     elif cfg.data.source == "shards":
-        if not shards.shard_paths(uri, "train", opts):
-            raise FileNotFoundError(f"data.source=shards but no train shards under {uri} (run `raytrain prepare`)")
+        for split in cfg.train.splits:
+            if not shards.shard_paths(uri, split, opts):
+                raise FileNotFoundError(f"data.source=shards but no {split!r} shards (train.splits) under {uri} (run `raytrain prepare`)")
     else:
         prepare(prepare_config(cfg))
     return uri
@@ -114,11 +115,16 @@ def prepare_data(cfg: Experiment) -> str:
 # source -> records
 
 
-def source_records(pc: PrepareConfig, report: PrepReport, object_drops: Counter):
+def source_records(pc: PrepareConfig, report: PrepReport, object_drops: Counter, info: dict | None = None):
     """``(records, to_objects)`` for the configured source; records are counted into ``report``.
-    Rows that come out as negatives only (every object `Absent`) are dropped as ``negative_dropped``
-    unless ``keep_negatives``."""
-    recs, to_objects = _source_records(pc, report, object_drops)
+    ``subset`` > 0: a seeded random subset of images (or rows, ``subset_unit``), the rest counted as
+    ``not_in_subset`` (``common.take_subset``; its summary goes to ``info["subset"]``). Rows that
+    come out as negatives only (every object `Absent`) are dropped as ``negative_dropped`` unless
+    ``keep_negatives``."""
+    info = {} if info is None else info
+    recs, to_objects = _source_records(pc, report, object_drops, info)
+    if pc.subset and "subset" not in info:
+        recs, info["subset"] = common.take_subset(recs, pc.subset, pc.seed, pc.subset_unit, report)
     if pc.keep_negatives:
         return recs, to_objects
 
@@ -131,11 +137,23 @@ def source_records(pc: PrepareConfig, report: PrepReport, object_drops: Counter)
     return recs, without_negatives
 
 
-def _source_records(pc: PrepareConfig, report: PrepReport, object_drops: Counter):
+def _pixmo_subset(pc: PrepareConfig, rows, report: PrepReport, info: dict):
+    """PixMo's subset, drawn on the source rows before any becomes a record (the hub source has
+    2.4M rows): the same draw `common.take_subset` makes on records, by image URL or row id."""
+    keys = pixmo_points.subset_keys(rows, pc.subset_unit)
+    index = common.subset_indices(keys, pc.subset, pc.seed)
+    left_out = len(keys) - len(index)
+    if left_out:
+        common.count(report, common.SUBSET_REASON, left_out)  # never read: counted in and out here
+    info["subset"] = common.subset_summary(keys, index, pc.subset, pc.subset_unit)
+    return (rows.select(index) if hasattr(rows, "select") else [rows[i] for i in index]), index
+
+
+def _source_records(pc: PrepareConfig, report: PrepReport, object_drops: Counter, info: dict):
     opts, root = pc.storage, pc.image_root or None
     is_file = pc.path.endswith((".json", ".jsonl", ".csv", ".parquet"))
-    if pc.subset and pc.format != "pixmo_points":
-        raise ValueError("subset is only supported for pixmo_points")
+    if pc.subset_unit not in common.SUBSET_UNITS:
+        raise ValueError(f"data.prepare.subset_unit must be one of {list(common.SUBSET_UNITS)}, got {pc.subset_unit!r}")
     if pc.format == "coco":
         ann = pc.path if is_file else coco.find_annotation_file(pc.path, opts)
         recs = coco.records(ann, root, report, masks=pc.masks, opts=opts, object_drops=object_drops)
@@ -144,13 +162,10 @@ def _source_records(pc: PrepareConfig, report: PrepReport, object_drops: Counter
         path = pc.path if is_file else jsonl.find_jsonl(pc.path, opts)
         return jsonl.records(path, root, report, opts=opts), functools.partial(jsonl.to_objects, empty_answer=pc.empty_answer)
     if pc.format == "pixmo_points":
-        rows = pixmo_points.load_rows(pc.path, pc.hf_split, opts)
-        if pc.subset and pc.subset < len(rows):
-            import random
-
-            chosen = sorted(random.Random(pc.seed).sample(range(len(rows)), pc.subset))
-            rows = rows.select(chosen) if hasattr(rows, "select") else [rows[i] for i in chosen]
-        return pixmo_points.records(rows, report), pixmo_points.to_objects
+        rows, index = pixmo_points.load_rows(pc.path, pc.hf_split, opts), None
+        if pc.subset:
+            rows, index = _pixmo_subset(pc, rows, report, info)
+        return pixmo_points.records(rows, report, index=index), pixmo_points.to_objects
     if pc.format == "visual_genome":
         return visual_genome.records(pc.path, None, root, report, opts=opts), visual_genome.to_objects
     if pc.format == "captions":
@@ -219,6 +234,7 @@ def prepare_batch(
         outcomes = list(ex.map(process, recs))
     dropped, converted, notes, objs, written = Counter(), Counter(), Counter(), Counter(), Counter()
     examples: dict[str, list[str]] = {}
+    caps = caption_stats.CaptionStats()
     rows = []
     for rec, o in zip(recs, outcomes):
         objs.update(o.object_drops)
@@ -226,6 +242,7 @@ def prepare_batch(
             dropped[o.reason] += 1
             examples.setdefault(o.reason, []).append(str(rec["id"]))
             continue
+        caps.add(o.captions)
         for note in o.notes:
             (converted if note.startswith("converted_from_") or note == "resized" else notes)[note] += 1
         written[o.row["split"]] += 1
@@ -238,6 +255,7 @@ def prepare_batch(
     stats = {
         "dropped": dropped, "converted": converted, "notes": notes, "objects_dropped": objs,
         "written": written, "files": files, "examples": {k: v[:EXAMPLES_PER_REASON] for k, v in examples.items()},
+        "captions": caps.to_dict() if caps.captions else None,
     }
     return {"stats": np.array([json.dumps(stats)], dtype=object)}
 
@@ -248,6 +266,7 @@ def prepare_batch(
 
 _STAGES = (
     ("after reading annotations", None),  # reasons counted while reading the annotation files
+    ("after random subset", {common.SUBSET_REASON}),  # only with data.prepare.subset
     ("after fetching images", set(common.FETCH_REASONS)),
     ("after filtering empty annotations", {"empty_annotations"}),
     ("after image validation", set(validate.IMAGE_REASONS) | {"size_mismatch"}),
@@ -255,26 +274,20 @@ _STAGES = (
 )
 
 
-def stage_table(report: PrepReport, read_reasons: set[str], order: list[str]) -> list[tuple[str, int]]:
-    """Seed 000's Table 1 for this run: rows left after each stage, then rows per split."""
-    fetch, empty, image = (s[1] for s in _STAGES[1:4])
+def stage_table(report: PrepReport, read_reasons: set[str], order: list[str], subset: bool = False) -> list[tuple[str, int]]:
+    """Seed 000's Table 1 for this run: rows left after each stage (the random subset's only when
+    one was drawn), then rows per split."""
+    last = len(_STAGES) - 1
     stage_of = {}
     for reason in report.dropped:
-        if reason in fetch:
-            stage_of[reason] = 1
-        elif reason in empty:
-            stage_of[reason] = 2
-        elif reason in image:
-            stage_of[reason] = 3
-        elif reason in read_reasons:
-            stage_of[reason] = 0
-        else:
-            stage_of[reason] = 4
+        k = next((k for k, (_, reasons) in enumerate(_STAGES) if reasons is not None and reason in reasons), None)
+        stage_of[reason] = k if k is not None else 0 if reason in read_reasons else last
     rows = [("rows in", report.rows_in)]
     left = report.rows_in
     for k, (name, _) in enumerate(_STAGES):
         left -= sum(n for r, n in report.dropped.items() if stage_of[r] == k)
-        rows.append((name, left))
+        if k != 1 or subset:
+            rows.append((name, left))
     total = sum(report.rows_written.values()) or 1
     rows += [(f"split: {s} ({100 * report.rows_written.get(s, 0) / total:.0f}%)", report.rows_written.get(s, 0)) for s in order]
     return rows
@@ -313,8 +326,8 @@ def prepare(pc: PrepareConfig) -> dict:
     _remove_old(pc.out, opts)
 
     # --- records, on the driver
-    report, object_drops = PrepReport(params=params), Counter()
-    recs, to_objects = source_records(pc, report, object_drops)
+    report, object_drops, info = PrepReport(params=params), Counter(), {}
+    recs, to_objects = source_records(pc, report, object_drops, info)
     records = list(common.assign_splits(recs, pc.splits, pc.seed, pc.use_source_split))
     read_reasons = set(report.dropped)
     log.info("%d records from %s (%d rows dropped while reading)", len(records), pc.path, sum(report.dropped.values()))
@@ -328,6 +341,7 @@ def prepare(pc: PrepareConfig) -> dict:
     written: Counter = Counter()
     examples: dict[str, list[str]] = {}
     files: list[str] = []
+    caps = caption_stats.CaptionStats()
     if records:
         ds = ray.data.from_items(records, override_num_blocks=max(1, math.ceil(len(records) / pc.rows_per_shard)))
         ds = ds.map_batches(
@@ -352,12 +366,16 @@ def prepare(pc: PrepareConfig) -> dict:
             files += s["files"]
             for k, v in s["examples"].items():
                 examples.setdefault(k, []).extend(v)
+            if s.get("captions"):
+                caps.merge(s["captions"])
 
     # --- report, written last
     order = list(splits_mod.resolve(pc.splits)) + sorted(set(written) - set(splits_mod.resolve(pc.splits)))
     report.rows_written = {s: written.get(s, 0) for s in order}
     report.shards = {s: sum(1 for f in files if f.startswith(storage.join(pc.out, s) + "/")) for s in order}
-    report.stages = stage_table(report, read_reasons, order)
+    report.stages = stage_table(report, read_reasons, order, subset=bool(pc.subset))
+    report.subset = info.get("subset", {})
+    report.statistics = {"captions": caps.summary()} if caps.captions else {}
     report.check()  # rows in == written + dropped, exactly
     if "extra" not in shards.SHARD_SCHEMA.names and notes.get("seg_tokens"):
         notes["seg_tokens_not_stored"] = notes["seg_tokens"]  # the shard schema has no column for them yet
@@ -380,9 +398,13 @@ def format_report(d: dict) -> str:
     lines += [(f"kept, {k}", n) for k, n in d.get("converted", {}).items()]
     lines += [(f"objects left out: {k}", n) for k, n in d.get("objects_dropped", {}).items()]
     lines += [(f"note: {k}", n) for k, n in d.get("notes", {}).items()]
+    sub = d.get("subset")
+    if sub:
+        lines.append((f"random subset: {sub['unit']}s chosen of {sub['available']:,}", sub["chosen"]))
     width = max([len("stage")] + [len(k) for k, _ in lines])
     out = [f"{'stage':<{width}}  {'rows':>9}", f"{'-' * width}  {'-' * 9}"]
-    return "\n".join(out + [f"{k:<{width}}  {n:>9,}" for k, n in lines])
+    out += [f"{k:<{width}}  {n:>9,}" for k, n in lines]
+    return "\n".join(out + shards.statistics_lines(d.get("statistics", {})))
 
 
 def main(cfg: Experiment, prep: PrepareConfig | None = None) -> dict[str, Any] | str:

@@ -20,7 +20,7 @@ from raytrain import config as config_mod
 from raytrain import storage
 from raytrain.config import ZERO_STAGES, Experiment
 from raytrain.launch import job, trainer
-from raytrain.launch.eval import evaluate, save_predictions
+from raytrain.launch.eval import checkpoint_choice, evaluate, save_predictions
 from raytrain.launch.prepare import prepare_data
 from raytrain.launch.ray_runtime import init_ray
 
@@ -59,7 +59,11 @@ def main(cfg: Experiment) -> str:
     result = fit(cfg, uri, base_path, counter)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
-    ckpt = job.checkpoint_uri(result)
+    # the run's result: its last checkpoint, or the best by train.select_checkpoint (what `raytrain eval` picks too)
+    choice = {"checkpoint": job.checkpoint_uri(result), "select_checkpoint": "last"}
+    if cfg.train.select_checkpoint != "last":
+        choice = checkpoint_choice(cfg)
+    ckpt = choice["checkpoint"]
     if cfg.train.strategy in ZERO_STAGES:
         from raytrain.launch import consolidate
 
@@ -76,6 +80,7 @@ def main(cfg: Experiment) -> str:
     metrics["run"] = {
         "name": cfg.name,
         "checkpoint": ckpt,
+        "checkpoint_choice": choice,
         "final_step": (result.metrics or {}).get("step"),
         "train_metrics": result.metrics,
         "data": uri,

@@ -3,7 +3,7 @@
     recipe(train.strategy)        full | lora -> recipes/ddp.py, zero2 | zero3 -> recipes/zero.py
     scaling_config(scale)         workers, CPUs + custom resources per worker, placement, GPU (type)
     build_trainer(cfg, ...)       TorchTrainer(recipe, the experiment, ScalingConfig, RunConfig)
-    train_dataset(cfg, ...)       the tokenized train split (materialized once when configured)
+    train_dataset(cfg, ...)       the tokenized train.splits, one dataset (materialized once when configured)
     with_epoch_steps(cfg, ds)     train.epochs > 0 -> train.steps
 """
 
@@ -56,33 +56,51 @@ def build_trainer(cfg: Experiment, *, model_path: str, data_uri: str, datasets: 
             storage_path=fs_path if s3 else runs_root,
             storage_filesystem=fs if s3 else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scale.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            checkpoint_config=checkpoint_config(cfg),
             callbacks=callbacks,
         ),
         datasets=datasets,
     )
 
 
+def checkpoint_config(cfg: Experiment):
+    """Which checkpoints Ray Train keeps: the train.keep_checkpoints latest, or with
+    train.select_checkpoint the best by that metric (every checkpoint then carries it: loop.due
+    validates each one), Ray always keeping the latest too, to resume from."""
+    import ray.train
+
+    t = cfg.train
+    if t.select_checkpoint == "last":
+        return ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)
+    return ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=t.select_checkpoint,
+                                      checkpoint_score_order=t.select_mode)
+
+
 def train_dataset(cfg: Experiment, uri: str, base_path: str, counter):
-    """The tokenized train split (Ray Data), materialized in the object store once when
-    data.cache_preprocessed (every epoch, and every Tune trial, then re-reads it)."""
+    """The tokenized examples of train.splits (Ray Data; several splits are one union dataset, seed
+    003 trained on train + val), materialized in the object store once when data.cache_preprocessed
+    (every epoch, and every Tune trial, then re-reads it). Drop counts stay per split."""
     from raytrain.data import pipeline
 
     fam = cfg.model_family()
     processor = fam.load_processor(base_path)
-    ds = pipeline.train_dataset(
-        uri,
-        "train",
-        tasks=cfg.data.tasks,
-        model_path=base_path,
-        image_hw=fam.image_size(processor),
-        family=fam,
-        max_len=cfg.data.max_seq_len,
-        allow_convert=cfg.data.allow_convert,
-        opts=job.storage_opts(cfg),
-        counter=counter,
-        preprocess=cfg.data.preprocess,
-    )
+    parts = [
+        pipeline.train_dataset(
+            uri,
+            split,
+            tasks=cfg.data.tasks,
+            model_path=base_path,
+            image_hw=fam.image_size(processor),
+            family=fam,
+            max_len=cfg.data.max_seq_len,
+            allow_convert=cfg.data.allow_convert,
+            opts=job.storage_opts(cfg),
+            counter=counter,
+            preprocess=cfg.data.preprocess,
+        )
+        for split in cfg.train.splits
+    ]
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     return ds.materialize() if cfg.data.cache_preprocessed else ds
 
 

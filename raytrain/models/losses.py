@@ -26,6 +26,8 @@ direction.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -85,6 +87,34 @@ def giou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1.0 - (iou - (hull - union) / hull.clamp(min=1e-9))
 
 
+def ciou_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
+    """1 - CIoU for (N, 4) boxes given as (y1, x1, y2, x2) in normalised coordinates: Complete IoU
+    (Zheng et al., "Distance-IoU Loss", AAAI 2020) = IoU - rho^2 / c^2 - alpha * v, where rho is the
+    distance between the box centres, c the diagonal of the smallest box enclosing both,
+    v = 4 / pi^2 * (atan(w_t / h_t) - atan(w / h))^2 the aspect-ratio mismatch and
+    alpha = v / ((1 - IoU) + v) its trade-off weight, held constant in the gradient as the paper's
+    implementation does. Unlike GIoU it keeps pulling the centres together once one box contains
+    the other. Aspect ratios are those of the normalised frame (the model's square input)."""
+    y1 = torch.minimum(pred[:, 0], pred[:, 2])
+    y2 = torch.maximum(pred[:, 0], pred[:, 2])
+    x1 = torch.minimum(pred[:, 1], pred[:, 3])
+    x2 = torch.maximum(pred[:, 1], pred[:, 3])
+    ty1, tx1, ty2, tx2 = target.unbind(-1)
+    w, h, tw, th = x2 - x1, y2 - y1, tx2 - tx1, ty2 - ty1
+    inter = (torch.minimum(x2, tx2) - torch.maximum(x1, tx1)).clamp(min=0) * (torch.minimum(y2, ty2) - torch.maximum(y1, ty1)).clamp(min=0)
+    union = w * h + tw * th - inter
+    iou = inter / union.clamp(min=eps)
+    rho2 = ((x1 + x2) - (tx1 + tx2)) ** 2 / 4 + ((y1 + y2) - (ty1 + ty2)) ** 2 / 4
+    c2 = (torch.maximum(x2, tx2) - torch.minimum(x1, tx1)) ** 2 + (torch.maximum(y2, ty2) - torch.minimum(y1, ty1)) ** 2
+    v = (4 / math.pi**2) * (torch.atan(tw / th.clamp(min=eps)) - torch.atan(w / h.clamp(min=eps))) ** 2
+    with torch.no_grad():
+        alpha = v / ((1 - iou) + v).clamp(min=eps)
+    return 1.0 - (iou - rho2 / c2.clamp(min=eps) - alpha * v)
+
+
+BOX_IOU_LOSSES = {"giou": giou_loss, "ciou": ciou_loss}
+
+
 def suffix_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -97,6 +127,7 @@ def suffix_loss(
     num_place: torch.Tensor | None = None,
     digit_ids: torch.Tensor | None = None,
     number_weight: float = 0.0,
+    box_iou: str = "giou",
 ) -> tuple[torch.Tensor, dict]:
     """Mean loss over supervised (suffix) positions.
 
@@ -108,12 +139,15 @@ def suffix_loss(
     - loc_sigma > 0: Gaussian soft targets over neighbouring bins on <loc> positions.
     - focal_gamma > 0: focal modulation (1 - p)^gamma on the other (label/text) tokens (seed 004).
     - label_token_weights (V,): class-weighted CE on those tokens (see `token_weights`).
-    - box_iou_weight > 0: adds a GIoU loss on boxes decoded by soft-argmax over the <loc> logits of
-      each run of 4 <loc> targets (expected bin = sum_i p_i * i), the differentiable analogue of
-      seed 004's CIoU loss: it sees how far a box is off, not only which token is wrong.
+    - box_iou_weight > 0: adds an IoU loss (`box_iou`: giou | ciou, seed 004's) on boxes decoded by
+      soft-argmax over the <loc> logits of each run of 4 <loc> targets (expected bin = sum_i p_i * i):
+      it sees how far a box is off, not only which token is wrong.
     - number_weight > 0 with num_place (B, T) (signed digit place weights aligned with labels,
       negative on each number's first digit) and digit_ids (10,): the number loss (module doc).
     """
+    iou_loss = BOX_IOU_LOSSES.get(box_iou)
+    if iou_loss is None:
+        raise ValueError(f"box_iou must be one of {sorted(BOX_IOU_LOSSES)}, got {box_iou!r}")
     shift_logits = logits[:, :-1, :]
     shift_labels = labels[:, 1:]
     keep = shift_labels != IGNORE_INDEX
@@ -154,7 +188,7 @@ def suffix_loss(
             grid = torch.arange(loc_ids.numel(), device=logits.device, dtype=torch.float32)
             expected = (torch.softmax(box_logits, -1) * grid).sum(-1) / (loc_ids.numel() - 1)
             target = all_bins[starts[:, :1], idx_t].float() / (loc_ids.numel() - 1)
-            gl = giou_loss(expected, target).mean()
+            gl = iou_loss(expected, target).mean()
             loss = loss + box_iou_weight * gl
             box_loss = float(gl.detach())
     num_loss = 0.0

@@ -40,6 +40,8 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
         log.info("strategy=%s trainable params %d / %d (%.2f%%)", cfg.train.strategy, n_train, n_total, 100 * n_train / n_total)
     fam = cfg.model_family()
     loc_ids = torch.as_tensor(fam.loc_token_ids(processor.tokenizer), device=device)
+    if optim.is_fp16(cfg.model.dtype):
+        optim.master_weights_fp32(model)  # float16: frozen weights fp16, trainable ones fp32 (mixed precision)
     if not cfg.quant.bits:
         model.to(device)  # quantized models are placed by from_pretrained's device_map
     warmup = new_tokens.NewTokenWarmup(model, new_tokens.token_rows(fam, processor), cfg.train.new_token_warmup_steps)
@@ -47,7 +49,9 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     # images enter in the vision tower's dtype (bf16 runs; QLoRA keeps the tower in fp32)
     pixel_dtype = next(p.dtype for n, p in model.named_parameters() if "patch_embed" in n)
 
-    optimizer = optim.build_optimizer(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, name=cfg.train.optimizer)
+    optimizer = optim.build_optimizer(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, name=cfg.train.optimizer,
+                                      betas=cfg.train.betas, momentum=cfg.train.momentum)
+    scaler = optim.grad_scaler(cfg.model.dtype, device)  # float16: dynamic loss scaling; otherwise a pass-through
     digits = fam.digit_token_ids(processor.tokenizer)
     loss_fn = loop.training_loss(cfg, processor.tokenizer, loc_ids, model.get_output_embeddings().weight.shape[0],
                                  None if digits is None else torch.as_tensor(digits, device=device))
@@ -59,6 +63,8 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     if ctx is not None:
         with ctx as ckpt_dir:
             state = checkpointing.load_training_state(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+        if "grad_scaler" in state and scaler.is_enabled():
+            scaler.load_state_dict(state["grad_scaler"])
         step, epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
         resumed_from = step
         if session.rank == 0:
@@ -71,12 +77,17 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
             return
         with tempfile.TemporaryDirectory(prefix="raytrain-ckpt-") as d:
             state = loop.checkpoint_state(cfg, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, metrics=metrics)
+            if scaler.is_enabled():
+                state["grad_scaler"] = scaler.state_dict()  # the loss scale, so a resumed run does not re-learn it
             checkpointing.save(d, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
                                save_processor=lambda out: fam.save_inference_files(processor, out),
                                save_adapter_files=lambda out: fam.save_adapter_files(processor, out))
             session.report(metrics, d)
 
-    validate = loop.Validation(session, cfg.train, fam, processor)  # rank 0 scores, every rank gets its decision
+    amp = lambda: optim.autocast(cfg.model.dtype, device)  # noqa: E731
+    # rank 0 scores (decoding metrics and the teacher-forced val loss), every rank gets its decision
+    validate = loop.Validation(session, cfg.train, fam, processor, loss_fn=loss_fn, device=device, pixel_dtype=pixel_dtype,
+                               max_len=cfg.data.max_seq_len, autocast=amp)
     window = loop.MetricsWindow(micro_batch_size=cfg.train.micro_batch_size, world_size=session.world_size,
                                 trainable_params=n_train, resumed_from=resumed_from)
     accum = cfg.train.grad_accum
@@ -96,18 +107,21 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
         # Only all-reduce gradients on the last micro-batch of an optimizer step.
         no_sync = getattr(model, "no_sync", None)
         with no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext():
-            out = model(**inputs, use_cache=False)
-            loss, stats = loss_fn(out.logits, targets)
+            with amp():
+                out = model(**inputs, use_cache=False)
+                loss, stats = loss_fn(out.logits, targets)
             del out  # free logits before backward: they dominate activation memory
-            (loss / accum).backward()  # each backward sums grads => normalise by accumulation here
+            scaler.scale(loss / accum).backward()  # each backward sums grads => normalise by accumulation here
         window.add(float(loss.detach()), stats["ce"], stats.get("num_loss", 0.0))
         if not sync:
             continue
 
         micro_in_step = 0
         warmup.before_step(step, optimizer)  # warm-up steps: only the added token rows update
+        scaler.unscale_(optimizer)  # float16: true gradients before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)  # float16: skipped when the gradients overflowed (the scale then halves)
+        scaler.update()
         warmup.after_step(optimizer)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

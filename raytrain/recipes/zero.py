@@ -61,11 +61,13 @@ def ds_config(cfg: config_mod.Experiment, *, load_universal: bool = False) -> di
         "gradient_clipping": cfg.train.max_grad_norm,
         "zero_optimization": zopt,
         "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        # float16: DeepSpeed's own mixed precision (fp32 masters in the optimizer, dynamic loss scale)
+        "fp16": {"enabled": cfg.model.dtype == "float16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 1 << 30,  # raytrain logs; DeepSpeed's own step log stays quiet
         "wall_clock_breakdown": False,
     }
-    if cfg.model.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"ZeRO recipes run model.dtype float32 | bfloat16, not {cfg.model.dtype!r}")
+    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"ZeRO recipes run model.dtype float32 | bfloat16 | float16, not {cfg.model.dtype!r}")
     if load_universal:
         conf["checkpoint"] = {"load_universal": True}
     return conf
@@ -114,19 +116,20 @@ def _ndim(p) -> int:
 
 
 def build_optimizer(model, cfg: config_mod.Experiment):
-    """AdamW, no decay on 1-D params (as optim.build_optimizer; grouped by the FULL shape, since
-    ZeRO-3 params are 1-D placeholders locally). DeepSpeedCPUAdam when the optimizer is offloaded."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if _ndim(p) >= 2], "weight_decay": cfg.train.weight_decay},
-        {"params": [p for p in params if _ndim(p) < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    """train.optimizer adamw | sgd, no decay on 1-D params (optim.build_optimizer, grouped by the FULL
+    shape, since ZeRO-3 params are 1-D placeholders locally). DeepSpeedCPUAdam when the optimizer is
+    offloaded (AdamW only)."""
+    if cfg.train.optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"ZeRO recipes run train.optimizer adamw | sgd (torch), not {cfg.train.optimizer!r}")
     if cfg.zero.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=cfg.train.lr, betas=(0.9, 0.999), adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999))
+        if cfg.train.optimizer != "adamw":
+            raise ValueError("zero.offload_optimizer steps with DeepSpeedCPUAdam: it needs train.optimizer=adamw")
+        groups = optim.param_groups(model.parameters(), cfg.train.weight_decay, ndim=_ndim)
+        return DeepSpeedCPUAdam(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), adamw_mode=True)
+    return optim.build_optimizer(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, name=cfg.train.optimizer,
+                                 betas=cfg.train.betas, momentum=cfg.train.momentum, ndim=_ndim)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,8 +178,8 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
         log.info("strategy=%s world=%d trainable params %d / %d", cfg.train.strategy, session.world_size, n_train, n_total)
     fam = cfg.model_family()
     loc_ids = torch.as_tensor(fam.loc_token_ids(processor.tokenizer), device=device)
-    # images enter in the compute dtype (the engine runs the whole module in bf16 when asked)
-    pixel_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    # images enter in the compute dtype (the engine runs the whole module in bf16 / fp16 when asked)
+    pixel_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.dtype, torch.float32)
     # the same objective as the other recipes (every loss.* option); the head's rows are partitioned
     # under ZeRO-3, so its full size comes from DeepSpeed's ds_shape
     head_w = model.get_output_embeddings().weight
@@ -225,7 +228,8 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
 
     # ZeRO-2 keeps whole parameters on every rank: rank 0 generates alone. A ZeRO-3 forward gathers
     # each layer from every rank, so every rank decodes the (same) subset, in step (synced_gpus).
-    validate = loop.Validation(session, cfg.train, fam, processor, on_all_ranks=stage == 3)
+    validate = loop.Validation(session, cfg.train, fam, processor, on_all_ranks=stage == 3, loss_fn=loss_fn, device=device,
+                               pixel_dtype=pixel_dtype, max_len=cfg.data.max_seq_len)
     window = loop.MetricsWindow(micro_batch_size=micro, world_size=session.world_size, trainable_params=n_train,
                                 resumed_from=resumed_from)
     stop = False

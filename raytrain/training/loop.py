@@ -13,6 +13,7 @@ Recipe plumbing: like the recipes, these read the Experiment.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -76,7 +77,8 @@ def training_loss(cfg: config_mod.Experiment, tokenizer, loc_ids: torch.Tensor, 
     def loss(logits: torch.Tensor, targets: dict):
         return suffix_loss(logits, targets["labels"], loc_ids, cfg.loss.loc_sigma, cfg.loss.loc_weight, focal_gamma=cfg.loss.focal_gamma,
                            label_token_weights=label_w, box_iou_weight=cfg.loss.box_iou_weight, num_place=targets.get("num_place"),
-                           digit_ids=digit_ids, number_weight=cfg.loss.number_weight)
+                           digit_ids=digit_ids, number_weight=cfg.loss.number_weight,
+                           box_iou=cfg.loss.box_iou)
 
     return loss
 
@@ -91,10 +93,13 @@ class Due:
 def due(train: config_mod.TrainConfig, step: int, logged_before: bool) -> Due:
     """What happens after optimizer step `step` (1-based): a validation every train.val_every steps;
     a checkpoint every checkpoint_every steps, at the last step, and at every validation that can
-    stop the run early (so the run's best state is on disk); a report every log_every steps, on the
-    first step and with every validation."""
-    validate = bool(train.val_every) and step % train.val_every == 0
-    checkpoint = step % train.checkpoint_every == 0 or step == train.steps or (validate and bool(train.early_stop_metric))
+    stop the run early or select the run's checkpoint (so the run's best state is on disk); with
+    train.select_checkpoint every checkpoint is validated too (each is ranked by its own value); a
+    report every log_every steps, on the first step and with every validation."""
+    selects = train.select_checkpoint != "last"
+    checkpoint = step % train.checkpoint_every == 0 or step == train.steps
+    validate = bool(train.val_every) and (step % train.val_every == 0 or (selects and checkpoint))
+    checkpoint = checkpoint or (validate and (bool(train.early_stop_metric) or selects))
     return Due(log=step % train.log_every == 0 or not logged_before or validate, checkpoint=checkpoint, validate=validate)
 
 
@@ -162,12 +167,27 @@ class Validation:
     either way rank 0's decision is the one every rank acts on."""
 
     def __init__(self, session: Session, train: config_mod.TrainConfig, fam, processor, *, on_all_ranks: bool = False,
-                 max_new_tokens: int = 32):
+                 max_new_tokens: int = 32, loss_fn=None, device: torch.device | None = None, pixel_dtype: torch.dtype = torch.float32,
+                 max_len: int = 0, autocast=contextlib.nullcontext):
         self.session, self.fam, self.processor, self.max_new_tokens = session, fam, processor, max_new_tokens
         self.every, self.metric = train.val_every, train.early_stop_metric
+        self.select = train.select_checkpoint if train.select_checkpoint != "last" else None
         scores = on_all_ranks or session.rank == 0
         self.examples = session.val_examples() if (self.every and scores and session.val_examples) else None
         self.early = EarlyStopping(train.early_stop_mode, train.early_stop_patience) if self.metric else None
+        # the teacher-forced loss on the same subset (val_loss): the training objective, as the recipe computes it
+        self.loss_fn, self.device, self.pixel_dtype, self.autocast = loss_fn, device, pixel_dtype, autocast
+        self.loss_batches = None
+        if self.examples is not None and loss_fn is not None:
+            from raytrain.training import validation
+
+            self.loss_batches = validation.loss_batches(processor, fam, self.examples, max_len=max_len)
+
+    def _loss_step(self, net, batch: dict):
+        inputs, targets = batch_to_model(batch, self.fam, self.device, self.pixel_dtype)
+        with self.autocast():
+            out = net(**inputs, use_cache=False)
+            return self.loss_fn(out.logits, targets)
 
     def __call__(self, model, metrics: dict) -> bool:
         """Add the val_* metrics (and early_stop_best, early_stopped) to `metrics`; True: stop now."""
@@ -175,7 +195,13 @@ class Validation:
 
         decision = False
         if self.examples is not None:
-            metrics.update(validation.evaluate(model, self.processor, self.fam, self.examples, max_new_tokens=self.max_new_tokens))
+            with self.autocast():
+                metrics.update(validation.evaluate(model, self.processor, self.fam, self.examples, max_new_tokens=self.max_new_tokens))
+            if self.loss_batches is not None:
+                metrics.update(validation.mean_loss(model, self.loss_batches, self._loss_step))
+            if self.select is not None and self.select not in metrics:
+                raise ValueError(f"train.select_checkpoint={self.select!r} is not a reported metric; "
+                                 f"validation reports {sorted(k for k in metrics if k.startswith('val_'))}")
             if self.early is not None:
                 if self.metric not in metrics:
                     raise ValueError(f"train.early_stop_metric={self.metric!r} is not a reported metric; "

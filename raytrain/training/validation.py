@@ -8,6 +8,12 @@ It gives sweeps (`raytrain tune`) an objective that is a grounding metric rather
     ...
     metrics.update(validation.evaluate(model, processor, fam, examples))  # every N steps, rank 0
 
+and, on the same examples, the teacher-forced loss (`val_loss`, the training objective with every
+`loss.*` option; seed 003 kept the checkpoint where it was lowest):
+
+    batches = validation.loss_batches(processor, fam, examples, max_len=...)  # once
+    metrics.update(validation.mean_loss(model, batches, loss_step))           # loss_step: the recipe's forward + loss
+
 Every returned value is a finite float (Tune's searchers and schedulers cannot rank None/NaN):
 a metric that is undefined on this subset takes its WORST value, as stated per key in
 `evaluate`. Components take plain arguments; the recipe reads the config.
@@ -15,14 +21,16 @@ a metric that is undefined on this subset takes its WORST value, as stated per k
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from raytrain import predict, storage
 from raytrain.data import pipeline, shards
 from raytrain.eval import batch as eval_batch
+from raytrain.formats.numbers import NumberSpan
 
 # Worst value of each objective, used when the subset leaves the metric undefined.
 WORST_NORM_DISTANCE = 1.0  # a normalised distance of one image diagonal: the farthest in-image miss
@@ -163,3 +171,55 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     for key in ("f1", "precision", "recall", "mean_iou"):
         out[f"box_{key}"] = val(boxes, key, 0.0)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the teacher-forced loss
+
+
+def loss_batches(processor, family_module, examples: Examples, *, max_len: int, batch_size: int = 8) -> list[dict]:
+    """The fixed subset encoded as training encodes it (the family's `encode_train`: prefix, answer,
+    labels, coordinate-digit places), in batches of torch tensors; examples longer than `max_len`
+    are left out, as training drops them. Once per run: the subset never changes."""
+    import torch
+    from PIL import Image
+
+    n = len(examples["id"])
+    if n == 0:
+        return []
+    images = [Image.fromarray(a) for a in examples["image"]]
+    numbers = [[NumberSpan(*x) for x in json.loads(str(js))] for js in examples["numbers"]]
+    enc = family_module.encode_train(processor, images, [str(p) for p in examples["prefix"]], [str(s) for s in examples["suffix"]],
+                                     max_len, numbers)
+    fits = enc.pop("length") <= max_len
+    enc = {k: np.asarray(v)[fits] for k, v in enc.items()}
+    kept = int(fits.sum())
+    return [{k: torch.as_tensor(v[i : i + batch_size]) for k, v in enc.items()} for i in range(0, kept, batch_size)]
+
+
+def mean_loss(model, batches: list[dict], loss_step: Callable, *, prefix: str = "val_") -> dict[str, float]:
+    """The loss over `batches` (`loss_step(module, batch) -> (loss, stats)`: the recipe's forward and
+    objective, a mean over each batch's answer tokens), averaged over batches weighted by their
+    examples; in eval mode (no dropout), without gradients, torch's RNG untouched: `<prefix>loss`,
+    `<prefix>ce` (plain token cross-entropy) and `<prefix>loss_examples`. With no example that fits,
+    the losses are the largest float, a finite worst value (Tune and Ray's checkpoint ranking need one)."""
+    import torch
+
+    net = _unwrap(model)
+    device = next(net.parameters()).device
+    was_training = net.training
+    total = ce = 0.0
+    n = 0
+    net.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for batch in batches:
+                k = int(batch["input_ids"].shape[0])
+                loss, stats = loss_step(net, batch)
+                total += float(loss) * k
+                ce += float(stats["ce"]) * k
+                n += k
+    finally:
+        net.train(was_training)
+    worst = float(np.finfo(np.float64).max)
+    return {f"{prefix}loss": total / n if n else worst, f"{prefix}ce": ce / n if n else worst, f"{prefix}loss_examples": float(n)}

@@ -288,7 +288,7 @@ def _worker_main(rank: int, world: int, port: int, args: dict) -> None:
     def val_examples():  # what training/session.py's Ray glue loads: the fixed subset, on each rank that asks
         from raytrain.training import validation
 
-        return validation.load_examples(val["uri"], "val", val["n"], tasks=["point"], image_hw=(64, 64))
+        return validation.load_examples(val["uri"], "val", val["n"], tasks=["point"], image_hw=(64, 64), family="paligemma")
 
     session = Session(rank=rank, world_size=world, report=report, epoch_batches=epoch_batches,
                       checkpoint_dir=lambda: contextlib.nullcontext(resume) if resume else None,

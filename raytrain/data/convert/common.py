@@ -34,7 +34,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +120,47 @@ def assign_splits(
         if not (use_source_split and rec.get("split")):
             rec = {**rec, "split": splits_mod.split_of(rec["split_key"], seed, fracs)}
         yield rec
+
+
+SUBSET_UNITS = ("image", "row")
+SUBSET_REASON = "not_in_subset"
+
+
+def subset_indices(keys: Sequence[str | None], n: int, seed: int) -> list[int]:
+    """Indices (ascending) of the rows whose key is one of the ``n`` distinct keys a seeded random
+    draw picks: keys ranked by a seeded hash (``splits.unit_interval`` of ``"subset:<key>"``, a draw
+    independent of the split's own hash), the first ``n`` kept. The draw does not depend on the order
+    the rows come in, and adding rows to the source only displaces a proportional share of it. Rows
+    without a key (``None``: a row the converter will count as unusable) are always kept, so they
+    are counted for what they are. ``n <= 0`` or at least as many as there are keys: every row."""
+    distinct = {k for k in keys if k is not None}
+    if n <= 0 or n >= len(distinct):
+        return list(range(len(keys)))
+    chosen = set(sorted(distinct, key=lambda k: (splits_mod.unit_interval(f"subset:{k}", seed), k))[:n])
+    return [i for i, k in enumerate(keys) if k is None or k in chosen]
+
+
+def take_subset(records: Iterable[dict], n: int, seed: int, unit: str, report: PrepReport | None) -> tuple[list[dict], dict]:
+    """The records of a seeded random subset of ``n`` images (``unit`` "image": every record of a
+    chosen image, by ``split_key``) or ``n`` records ("row"); the others are counted into ``report``
+    as ``not_in_subset`` drops (they were counted in when read). Returns ``(records, summary)`` with
+    the summary the prep report prints: unit, requested, available, chosen, rows_kept, rows_left_out."""
+    if unit not in SUBSET_UNITS:
+        raise ValueError(f"subset_unit must be one of {list(SUBSET_UNITS)}, got {unit!r}")
+    recs = list(records)
+    keys = [r["split_key"] if unit == "image" else r["id"] for r in recs]
+    keep = subset_indices(keys, n, seed)
+    left_out = len(recs) - len(keep)
+    if left_out and report is not None:
+        report.dropped[SUBSET_REASON] = report.dropped.get(SUBSET_REASON, 0) + left_out
+    return [recs[i] for i in keep], subset_summary(keys, keep, n, unit)
+
+
+def subset_summary(keys: Sequence[str | None], keep: Sequence[int], n: int, unit: str) -> dict:
+    """What a subset did, for the prep report: images (or rows) requested, available and chosen,
+    source rows kept and left out."""
+    return {"unit": unit, "requested": n, "available": len({k for k in keys if k is not None}),
+            "chosen": len({keys[i] for i in keep if keys[i] is not None}), "rows_kept": len(keep), "rows_left_out": len(keys) - len(keep)}
 
 
 def parent(uri: str) -> str:
@@ -275,6 +316,9 @@ class Outcome:
     """``converted_from_<MODE>``, ``resized``, plus the converter's notes."""
     object_drops: dict[str, int] = field(default_factory=dict)
     """Objects left out of the kept row (empty for a dropped row: its reason says it all)."""
+    captions: list[str] = field(default_factory=list)
+    """The kept row's caption texts as converted, before any selection (the prep report's caption
+    statistics, `raytrain.data.caption_stats`)."""
 
 
 def _scale(o: Obj, sx: float, sy: float, w: int, h: int) -> Obj:
@@ -367,6 +411,7 @@ def process_record(
     if reason is not None:
         return Outcome(None, reason)
     objs = conv.objects
+    captions = [o.text for o in objs if isinstance(o, Caption)]
     if refine is not None:
         objs, refined = refine(objs, pil)
         drops.update(refined)
@@ -384,7 +429,7 @@ def process_record(
         "objects": objects_to_json(objs),
         "extra": json.dumps(conv.extra) if conv.extra is not None else None,
     }
-    return Outcome(row, None, notes + list(conv.notes), dict(drops))
+    return Outcome(row, None, notes + list(conv.notes), dict(drops), captions)
 
 
 def tally(report: PrepReport, outcome: Outcome, object_drops: Counter | None = None, notes: Counter | None = None) -> None:
@@ -416,12 +461,14 @@ def iter_rows(
     refine: Refine | None = None,
     object_drops: Counter | None = None,
     notes: Counter | None = None,
+    captions=None,
 ) -> Iterator[dict]:
     """Sequential (no Ray) records -> canonical shard rows, counting every drop into ``report``.
 
     For small datasets and tests; ``raytrain.launch.prepare`` runs the same steps on Ray Data.
     The records generator has already counted its rows into ``report.rows_in``; objects left
-    out of kept rows and the converters' row notes go to ``object_drops`` / ``notes``. Write the result
+    out of kept rows and the converters' row notes go to ``object_drops`` / ``notes``, kept rows'
+    captions to ``captions`` (a ``caption_stats.CaptionStats``, as `prepare` fills). Write the result
     with ``shards.write_shards`` (not ``prepare_rows``, which would validate and count again).
     """
     for rec in assign_splits(records, splits, seed, use_source_split):
@@ -430,6 +477,8 @@ def iter_rows(
             check_sha256=check_sha256, refine=refine,
         )
         tally(report, out, object_drops, notes)
+        if out.row is not None and captions is not None:
+            captions.add(out.captions)
         if out.row is not None:
             report.rows_written[out.row["split"]] = report.rows_written.get(out.row["split"], 0) + 1
             yield out.row

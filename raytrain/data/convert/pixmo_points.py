@@ -50,9 +50,25 @@ def load_rows(path: str = HUB_ID, split: str = "train", opts: StorageOptions | N
     return datasets.load_dataset(path, split=split)
 
 
-def records(rows: Iterable[dict], report: PrepReport | None = None, *, source: str = SOURCE) -> Iterator[dict]:
-    """One record per source row; ids are ``pixmo-<row index>`` in the source's order."""
-    for i, row in enumerate(rows):
+def row_id(i: int) -> str:
+    return f"pixmo-{i:08d}"
+
+
+def subset_keys(rows, unit: str) -> list[str | None]:
+    """Per source row, what a subset draws (``common.subset_indices``): its image URL (unit
+    "image"; None for a row without one) or its record id (unit "row"). Reads only the URL column
+    of a hub dataset, so a subset of the 2.4M-row source never converts the rows it leaves out."""
+    if unit == "row":
+        return [row_id(i) for i in range(len(rows))]
+    urls = rows["image_url"] if hasattr(rows, "column_names") else [r.get("image_url") if isinstance(r, dict) else None for r in rows]
+    return [u if isinstance(u, str) and u else None for u in urls]
+
+
+def records(rows: Iterable[dict], report: PrepReport | None = None, *, source: str = SOURCE, index: list[int] | None = None) -> Iterator[dict]:
+    """One record per source row; ids are ``pixmo-<row index>`` in the source's order (``index``:
+    the source row numbers of ``rows`` when they are a subset of it)."""
+    for k, row in enumerate(rows):
+        i = index[k] if index is not None else k
         url, label = row.get("image_url"), row.get("label")
         if not isinstance(url, str) or not url or not isinstance(label, str) or not label.strip():
             count(report, "missing_field")
@@ -60,7 +76,7 @@ def records(rows: Iterable[dict], report: PrepReport | None = None, *, source: s
         points = row.get("points") or []  # none: a negative (the label is not in the image)
         admit(report)
         yield record(
-            f"pixmo-{i:08d}",
+            row_id(i),
             url,
             {"label": label.strip(), "points": [[p.get("x"), p.get("y")] if isinstance(p, dict) else p for p in points]},
             source=source,

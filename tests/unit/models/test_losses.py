@@ -1,5 +1,6 @@
 """Loss functions on hand-built logits: the properties each loss exists for."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -177,3 +178,59 @@ def test_number_loss_gradient_points_towards_the_right_digit():
     g = -logits.grad[0, 0, DIG]  # descent direction on the hundreds digit's logits
     assert g[1] > 0 and g[4] < 0  # raise the true "1", lower the guessed "4"
     assert g[2] > g[3] > 0  # and closer digits more than farther ones (the distance-aware part)
+
+
+# ---------------------------------------------------------------------------- CIoU (seed 004)
+
+
+def test_ciou_matches_a_hand_computed_value():
+    # target x 0..0.4, y 0..0.2; prediction x 0.2..0.4, y 0..0.4 (both as (y1, x1, y2, x2))
+    target = torch.tensor([[0.0, 0.0, 0.2, 0.4]])
+    pred = torch.tensor([[0.0, 0.2, 0.4, 0.4]])
+    # by hand: intersection 0.2 x 0.2 = 0.04, union 0.08 + 0.08 - 0.04 = 0.12 -> IoU 1/3;
+    # centres (0.2, 0.1) and (0.3, 0.2): rho^2 = 0.02; enclosing box 0.4 x 0.4: c^2 = 0.32;
+    # v = 4/pi^2 (atan(0.4/0.2) - atan(0.2/0.4))^2 = 0.167826; alpha = v / (2/3 + v) = 0.201112
+    # CIoU = 1/3 - 0.0625 - 0.201112 * 0.167826 = 0.237081 -> loss 0.762919
+    assert losses.ciou_loss(pred, target).item() == pytest.approx(0.762919, abs=1e-5)
+    assert losses.ciou_loss(target, target).item() == pytest.approx(0.0, abs=1e-6)
+    # GIoU of the same pair: hull = enclosing box area 0.16 -> 1 - (1/3 - (0.16 - 0.12) / 0.16)
+    assert losses.giou_loss(pred, target).item() == pytest.approx(1 - (1 / 3 - 0.25), abs=1e-5)
+
+
+def test_ciou_sees_the_centre_of_a_contained_box_where_giou_does_not():
+    target = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2)
+    inside = torch.tensor([[0.25, 0.25, 0.75, 0.75], [0.0, 0.0, 0.5, 0.5]])  # same size, centred / in a corner
+    g, c = losses.giou_loss(inside, target), losses.ciou_loss(inside, target)
+    assert g[0].item() == pytest.approx(g[1].item())  # GIoU: both are IoU 0.25, hull = union
+    assert c[1] - c[0] == pytest.approx(0.0625, abs=1e-6)  # rho^2 / c^2 = (0.25^2 + 0.25^2) / (1 + 1)
+
+
+def test_suffix_loss_uses_the_chosen_box_iou():
+    bins = [200, 300, 600, 700]
+    logits, labels = _setup(bins)
+    for i, b in enumerate([100, 300, 500, 900]):
+        _peak(logits, i, LOC0 + b, 40.0)  # a confident box: expected bins = these
+    pred = torch.tensor([[100, 300, 500, 900]]) / 1023.0
+    target = torch.tensor([bins]) / 1023.0
+    _, g = losses.suffix_loss(logits, labels, LOC, box_iou_weight=1.0)
+    _, c = losses.suffix_loss(logits, labels, LOC, box_iou_weight=1.0, box_iou="ciou")
+    assert g["box_loss"] == pytest.approx(losses.giou_loss(pred, target).item(), abs=1e-4)
+    assert c["box_loss"] == pytest.approx(losses.ciou_loss(pred, target).item(), abs=1e-4)
+    assert abs(c["box_loss"] - g["box_loss"]) > 0.01
+    with pytest.raises(ValueError, match="box_iou"):
+        losses.suffix_loss(logits, labels, LOC, box_iou_weight=1.0, box_iou="diou")
+
+
+def test_the_job_option_reaches_the_training_loss():
+    from raytrain import config
+    from raytrain.training import loop
+
+    bins = [200, 300, 600, 700]
+    logits, labels = _setup(bins)
+    for i, b in enumerate([100, 300, 500, 900]):
+        _peak(logits, i, LOC0 + b, 40.0)
+    pred, target = torch.tensor([[100, 300, 500, 900]]) / 1023.0, torch.tensor([bins]) / 1023.0
+    for name, fn in (("giou", losses.giou_loss), ("ciou", losses.ciou_loss)):
+        cfg = config.load(None, ["loss.box_iou_weight=1.0", f"loss.box_iou={name}"])
+        _, st = loop.training_loss(cfg, None, LOC, V)(logits, {"labels": labels})
+        assert st["box_loss"] == pytest.approx(fn(pred, target).item(), abs=1e-4)
