@@ -136,7 +136,10 @@ def load_weights(ckpt_dir: str | Path, model) -> None:
         raise FileNotFoundError(f"no model/ or adapter/ under {d}")
     # Load through from_pretrained, not raw safetensors: save_pretrained may store legacy key
     # names (transformers 5 converts them on load), so the file keys need not match state_dict().
-    ref = type(m).from_pretrained(str(d / "model"), dtype=next(m.parameters()).dtype)
+    # In the widest dtype the model holds (float16 training keeps its trainable weights in float32),
+    # so load_state_dict copies each tensor into its own parameter's dtype without a round trip.
+    dtypes = {p.dtype for p in m.parameters()}
+    ref = type(m).from_pretrained(str(d / "model"), dtype=torch.float32 if torch.float32 in dtypes else next(iter(dtypes)))
     missing, unexpected = m.load_state_dict(ref.state_dict(), strict=False)
     missing = [k for k in missing if not task_head.owns(k)]  # in its own file, loaded next
     if missing or unexpected:

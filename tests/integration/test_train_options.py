@@ -19,7 +19,7 @@ from raytrain.launch import job
 from raytrain.models import paligemma
 from raytrain.models.losses import suffix_loss
 from raytrain.recipes import ddp
-from raytrain.training import checkpointing, validation
+from raytrain.training import checkpointing, optim, validation
 from raytrain.training.model import build_model
 from raytrain.training.session import Session
 
@@ -174,3 +174,28 @@ def test_raytrain_train_on_two_splits_evaluates_the_selected_checkpoint(tmp_path
     assert kept == [4, 12]
     # `raytrain eval` without eval.checkpoint picks the same one
     assert launch_eval.latest_checkpoint(cfg) == choice["checkpoint"]
+
+
+def test_float16_resume_keeps_the_float32_weights_exact(tiny_model_path, val_examples, tmp_path):
+    """A resumed float16 run rebuilds the model (float16 frozen, float32 trained) and loads the
+    checkpoint: the trained weights come back bit-exact, not rounded through float16."""
+    torch.set_num_threads(1)
+    cfg = config_mod.load(None, BASE + ["model.dtype=float16", "model.freeze_vision=true", "train.val_every=0",
+                                        "train.checkpoint_every=4", "train.steps=4", "train.lr=1e-3"])
+    _train(cfg, tiny_model_path, val_examples, keep_dir=str(tmp_path))
+    (ckpt,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    saved = {}
+    with safe_open(os.path.join(ckpt, "model", "model.safetensors"), "pt") as f:
+        for k in f.keys():
+            if "language_model" in k and k.endswith("q_proj.weight"):
+                saved[k] = f.get_tensor(k)
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())
+    model, _, _ = build_model(cfg, tiny_model_path)
+    optim.master_weights_fp32(model)  # as recipes/ddp.py does before it resumes
+    checkpointing.load_weights(ckpt, model)
+    params = {n: p for n, p in model.named_parameters() if "language_model" in n and n.endswith("q_proj.weight")}
+    assert params and all(p.dtype == torch.float32 for p in params.values())
+    # The file may use legacy key names; compare as multisets of exact tensors.
+    loaded = sorted(p.detach().flatten()[:8].tolist() for p in params.values())
+    assert loaded == sorted(t.flatten()[:8].tolist() for t in saved.values())
+    assert any(t.flatten()[:8].to(torch.float16).to(torch.float32).tolist() != t.flatten()[:8].tolist() for t in saved.values())
