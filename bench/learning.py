@@ -215,7 +215,10 @@ def main() -> None:
         headline = (f"mean_norm_distance: plain CE {ce.get('mean_norm_distance')} vs distance-aware {da.get('mean_norm_distance')} "
                     f"(centre baseline {res['centre_baseline']['mean_norm_distance']:.4f}); success {ce.get('success_rate_all')} vs {da.get('success_rate_all')}")
     elif a.mode == "digits":
-        res = digits(a.steps or 1200, a.arms.split(","))
+        res = digits(a.steps or 2000, a.arms.split(","))
+        prev = OUT / "learning_digits.json"  # arms run separately add up in one file (same budget only)
+        if prev.exists() and json.loads(prev.read_text()).get("steps") == res["steps"]:
+            res = {**{k: v for k, v in json.loads(prev.read_text()).items() if k in DIGIT_ARMS}, **res}
         headline = "mean_norm_distance: " + ", ".join(f"{k} {res[k]['metrics'].get('mean_norm_distance')}" for k in DIGIT_ARMS if k in res) + \
             f" (centre baseline {res['centre_baseline']['mean_norm_distance']:.4f})"
     else:
