@@ -167,6 +167,9 @@ class ServeConfig:
     """GPUs each model replica reserves (Ray actor option num_gpus; fractions share a GPU)."""
     constrained: bool = True
     """Grammar-constrained decoding for grounding tasks (valid answers by construction, labels from the prompt)."""
+    mask_codec: str = ""
+    """PaliGemma segment answers: path of the mask codec weights (big_vision's vae-oid.npz) on the replicas'
+    nodes; "" = RAYTRAIN_MASK_CODEC of their environment (without either, segment requests get 501)."""
     max_adapters_per_replica: int = 4
     """LoRA adapters kept resident per replica (LRU beyond that, Serve's multiplexing)."""
     max_batch_size: int = 8

@@ -7,7 +7,7 @@ all columns of the table are comparable.
 
 Per-example output rows (predict.score_rows): id, task, query, text, objects (parsed, JSON, with
 confidences), errors (parse reasons, JSON), score (per-sample metrics, JSON), targets, width,
-height; plus `worker` (the actor's pid).
+height; plus `worker` (the actor's pid) and `device` (where its model ran).
 
 Predictors reserve `gpus_per_actor` GPUs (fractions share one) and put the model on the actor's GPU
 when CUDA is visible there (bfloat16 by default), else on CPU (float32). Each actor call takes up to
@@ -89,6 +89,7 @@ class Predictor:
             parts.append(out)
         out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else predict.score_rows(batch, [])
         out["worker"] = np.full(len(out["id"]), os.getpid())  # which actor scored it (coverage checks)
+        out["device"] = np.full(len(out["id"]), str(self.device), dtype=object)  # cuda or cpu (the GPU fallback shows here)
         return out
 
     def _clip_scores(self, batch: dict, out: dict) -> None:
