@@ -67,9 +67,9 @@ class Predictor:
         self.prompt = prompt
         self.clip = None
         if clip_path:
-            from raytrain.data.clean import ClipScorer
+            from raytrain.eval.metrics.clipscore import ClipScore
 
-            self.clip = ClipScorer(clip_path, self.device)
+            self.clip = ClipScore(clip_path, self.device)
 
     def __call__(self, batch: dict) -> dict:
         if self.prompt is not None:
@@ -93,16 +93,21 @@ class Predictor:
         return out
 
     def _clip_scores(self, batch: dict, out: dict) -> None:
-        """CLIPScore of each caption example's answer against the image the model saw, into its score."""
+        """CLIPScore of each caption example's answer against the image the model saw, into its
+        score (an empty answer scores 0)."""
         from PIL import Image
 
-        for i, task in enumerate(out["task"]):
-            if tasks.get(str(task)).metrics != "captions":
-                continue
-            score = json.loads(out["score"][i])
-            hyp = score.get("hyp") or ""
-            score["clip_score"] = self.clip.scores([hyp], Image.fromarray(np.asarray(batch["image"][i], dtype=np.uint8)))[0] if hyp else 0.0
-            out["score"][i] = json.dumps(score)
+        idx = [i for i, t in enumerate(out["task"]) if tasks.get(str(t)).metrics == "captions"]
+        scores = [json.loads(out["score"][i]) for i in idx]
+        said = [k for k, s in enumerate(scores) if s.get("hyp")]
+        values = self.clip.scores([Image.fromarray(np.asarray(batch["image"][idx[k]], dtype=np.uint8)) for k in said],
+                                  [scores[k]["hyp"] for k in said])
+        for s in scores:
+            s["clip_score"] = 0.0
+        for k, v in zip(said, values):
+            scores[k]["clip_score"] = v
+        for i, s in zip(idx, scores):
+            out["score"][i] = json.dumps(s)
 
 
 def centre_baseline(batch: dict, *, mean_box_wh: tuple[float, float] | None, family: str) -> dict:
