@@ -76,6 +76,8 @@ class EvalConfig:
     gpus_per_actor: float = 0.0
     """GPUs each predictor actor reserves (fractions share a GPU, e.g. 0.5 = two actors per GPU);
     0 = CPU predictors. The model is placed on the actor's GPU when CUDA is visible there, else on CPU."""
+    accelerator_type: str | None = None
+    """Pin GPU predictors to a GPU type (e.g. 'H100' for a model that needs 80 GB in bfloat16)."""
     cpu_fallback: bool = True
     """With gpus_per_actor > 0 on a cluster that has no GPU at all: run the pool on CPU (printed).
     False: keep asking for GPUs (clusters whose GPU workers start on demand, cluster.yaml)."""
@@ -116,7 +118,7 @@ class EvalConfig:
             raise ValueError("eval.batch_size, eval.bucket_batches and eval.max_new_tokens must be >= 1")
         if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
             raise ValueError("eval.gpus_per_actor and eval.cpus_per_actor must be >= 0")
-        if self.max_actors < 0 or self.min_actors < 0 or (self.max_actors and self.min_actors > self.max_actors):
+        if self.max_actors < 0 or self.min_actors < 0 or self.min_actors > self.max_actors:
             raise ValueError(f"need 0 <= eval.min_actors <= eval.max_actors (max_actors 0 = a fixed pool of num_actors), "
                              f"got {self.min_actors}, {self.max_actors}")
         if self.num_actors < 1:

@@ -172,7 +172,8 @@ def block_rows(n_examples: int | None, batch_size: int, bucket_batches: int, act
 
 def predictions_dataset(examples, *, family: str, model_path: str, checkpoint_uri: str | None, storage: dict | None,
                         dtype: str, batch_size: int, pool, cpus_per_actor: float, gpus_per_actor: float,
-                        options: DecodeOptions, rows_per_block: int, clip_path: str = "", prompt: str | None = None):
+                        options: DecodeOptions, rows_per_block: int, clip_path: str = "", prompt: str | None = None,
+                        accelerator_type: str | None = None):
     """The lazy Ray Dataset of prediction rows: `examples` (pipeline.examples_dataset) through a
     pool of predictors (`pool`: n actors, or (min, max) for an autoscaling pool)."""
     from ray.data import ActorPoolStrategy
@@ -191,6 +192,7 @@ def predictions_dataset(examples, *, family: str, model_path: str, checkpoint_ur
         compute=ActorPoolStrategy(size=pool) if isinstance(pool, int) else ActorPoolStrategy(min_size=pool[0], max_size=pool[1]),
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor or None,
+        **({"accelerator_type": accelerator_type} if gpus_per_actor and accelerator_type else {}),
     )
 
 

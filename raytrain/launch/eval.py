@@ -163,7 +163,8 @@ class Inputs:
             self.examples(), family=self.cfg.model.spec, model_path=self.base_path, checkpoint_uri=ckpt_uri,
             storage={"endpoint_url": self.cfg.storage.endpoint_url, "region": self.cfg.storage.region}, dtype=ev.dtype,
             batch_size=ev.batch_size, pool=ev.pool_size, cpus_per_actor=ev.cpus_per_actor, gpus_per_actor=self.gpus,
-            options=options, rows_per_block=self.rows_per_block, clip_path=ev.clip_path, prompt=prompt)
+            options=options, rows_per_block=self.rows_per_block, clip_path=ev.clip_path, prompt=prompt,
+            accelerator_type=ev.accelerator_type)
 
     def score(self, predictions, column: str, main: bool) -> dict:
         from raytrain.eval import streaming
