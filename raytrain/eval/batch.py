@@ -7,7 +7,8 @@ all columns of the table are comparable.
 
 Per-example output rows (predict.score_rows): id, task, query, text, objects (parsed, JSON, with
 confidences), errors (parse reasons, JSON), score (per-sample metrics, JSON), targets, width,
-height; plus `worker` (the actor's pid) and `device` (where its model ran).
+height; plus `prompt` (the text the model was given), `worker` (the actor's pid) and `device`
+(where its model ran).
 
 Predictors reserve `gpus_per_actor` GPUs (fractions share one) and put the model on the actor's GPU
 when CUDA is visible there (bfloat16 by default), else on CPU (float32). Each actor call takes up to
@@ -84,6 +85,7 @@ class Predictor:
             if self.options.generate.get("do_sample"):
                 predict.seed_everything(predict.batch_seed(self.options.seed, str(sub["id"][0])))
             out = predict.predict_batch(self.model, self.processor, self.fam, sub, self.options)
+            out["prompt"] = np.asarray(sub["prefix"], dtype=object)  # what the model was asked (grids vary it)
             if self.clip is not None:
                 self._clip_scores(sub, out)
             parts.append(out)

@@ -78,3 +78,4 @@ def test_predictor_adds_clipscore_to_caption_examples(tiny_clip, tiny_model_path
     scores = [json.loads(s) for s in out["score"]]
     assert all("clip_score" in s and 0.0 <= s["clip_score"] <= 2.5 for s in scores)
     assert list(out["device"]) == ["cpu"] * n
+
