@@ -211,6 +211,17 @@ def write_predictions_job(predictions, parts_uri: str, storage: dict | None = No
     return [(str(r["part"]), int(r["rows"])) for r in written.iter_rows()]
 
 
+def write_predictions(rows: list[dict], path_uri: str, opts=None) -> str:
+    """A list of prediction rows as one predictions JSONL file (tests, small tools; `raytrain eval`
+    streams through eval/streaming.py instead)."""
+    from raytrain import storage as storage_mod
+
+    with storage_mod.fsspec_fs(path_uri, opts).open(storage_mod.strip_scheme(path_uri), "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(row_json({k: [v] for k, v in r.items()}, 0) + "\n")
+    return path_uri
+
+
 def _plain(v):
     if isinstance(v, np.generic):
         return v.item()
