@@ -253,8 +253,10 @@ def predict(model, processor, fam, images: Sequence, task_names: Sequence[str], 
     `read_answer` per example. Images are what the model sees (already preprocessed)."""
     grammars = None
     if options.constrained and geometries:
-        image_hw = (geometries[0].out_h, geometries[0].out_w)
-        grammars = grammars_for(fam, processor, task_names, queries, image_hw, options.max_objects)
+        # each example's own model-input size: formats writing pixels of the resized image (Qwen's
+        # absolute coordinates) bound their numbers by it, and a Serve batch mixes image sizes
+        grammars = [grammars_for(fam, processor, [t], [q], (g.out_h, g.out_w), options.max_objects)[0]
+                    for t, q, g in zip(task_names, queries, geometries)]
     want_lp = options.confidence or options.nms_iou > 0
     gens = decode(model, processor, fam, images, prefixes, grammars=grammars, max_new_tokens=options.max_new_tokens,
                   logprobs=want_lp, **options.generate)
