@@ -5,8 +5,9 @@ and launchers read an `Experiment`; components take plain arguments.
 
     cfg = load("jobs/tiny/shapes.yaml", ["train.steps=200", "scale.num_workers=1"])
 
-A job YAML is an `Experiment`. `ServeConfig` (`raytrain serve`'s own YAML) and `PrepareConfig` (what
-`raytrain prepare` runs, derived from an Experiment) live here too: their defaults are config as well.
+A job YAML is an `Experiment`. `PrepareConfig` (what `raytrain prepare` runs, derived from an
+Experiment) lives here too; the `eval` section (`EvalConfig`, its decoding grid) and `ServeConfig`
+(`raytrain serve`'s own YAML) live in raytrain/config_inference.py and are re-exported here.
 The YAML machinery (type checks, dotted overrides, the field listing) is `raytrain.schema`.
 """
 
@@ -15,12 +16,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from raytrain import schema
+from raytrain.config_inference import (  # noqa: F401  (re-exported: the eval and serve sections live there)
+    ADAPTER_ID,
+    DTYPES,
+    EvalConfig,
+    GridConfig,
+    ServeConfig,
+)
 from raytrain.storage import StorageOptions
 
 STRATEGIES = ("full", "lora", "zero2", "zero3")
@@ -32,8 +39,6 @@ RESIZE_MODES = ("stretch", "letterbox")
 DTYPES = ("float32", "bfloat16", "float16")
 BOX_IOU_LOSSES = ("giou", "ciou")
 PREPARE_FORMATS = ("coco", "jsonl", "pixmo_points", "visual_genome", "captions", "ms_swift", "llamafactory")
-ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-"""A Serve adapter id: one path segment, letters, digits, '.', '_', '-', starting with a letter or digit (never '..')."""
 
 
 @dataclass
@@ -416,28 +421,6 @@ class ScaleConfig:
 
 
 @dataclass
-class EvalConfig:
-    split: str = "test"
-    batch_size: int = 64
-    max_new_tokens: int = 16
-    num_actors: int = 2
-    """Predictor actors in the Ray Data evaluation pool."""
-    cpus_per_actor: float = 0.5
-    baselines: bool = True
-    """Also score the untrained model and the blind centre baselines."""
-    checkpoint: str = ""
-    """`raytrain eval`: checkpoint URI to evaluate; empty = the run's latest checkpoint."""
-    constrained: bool = False
-    """Grammar-constrained decoding (PaliGemma): valid output by construction, labels from the query."""
-    max_objects: int = 0
-    """With constrained decoding: at most this many objects per output (0 = no limit)."""
-    confidence: bool = True
-    """Per-object confidence from token log-probabilities (geometric mean over its loc + label tokens)."""
-    decoding: dict[str, Any] = field(default_factory=dict)
-    """Extra generate() kwargs, e.g. {num_beams: 2} or {do_sample: true, top_p: 0.9} (greedy if empty)."""
-
-
-@dataclass
 class RayConfig:
     address: str | None = None
     """None: join RAY_ADDRESS if set, else start a local cluster bound to 127.0.0.1."""
@@ -556,7 +539,7 @@ class Experiment:
 
 
 # ----------------------------------------------------------------------------------------------
-# derived settings: what `raytrain prepare` and `raytrain serve` run with
+# derived settings: what `raytrain prepare` runs with
 
 
 @dataclass(kw_only=True)
@@ -587,72 +570,6 @@ class PrepareConfig(PrepareOptions):
         """What determines the output (equal params => the prepared data is reused)."""
         skip = {"cache_dir", "timeout_s", "retries", "fetch_threads", "storage"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
-
-
-@dataclass
-class ServeConfig:
-    """`raytrain serve` settings (raytrain/serve/app.py): its own YAML file (`-c serve.yaml`) and
-    key=value overrides, listed by `raytrain serve --help-fields` and `raytrain config --help-fields`."""
-
-    family: str = "paligemma"
-    """Model family module (raytrain/models/<family>.py)."""
-    model: str = "tiny:paligemma"
-    """Base model: hub id, local dir, or 'tiny:<family>' (offline preset). Every adapter must be a LoRA of it."""
-    adapter_root: str | None = None
-    """Adapter id X maps to <adapter_root>/X, a checkpoint dir holding adapter/ (local dir or s3://)."""
-    adapters: dict[str, str] = field(default_factory=dict)
-    """Explicit id -> checkpoint dir (local or s3://); checked before adapter_root."""
-    endpoint_url: str | None = None
-    """S3 endpoint for s3:// adapters (e.g. http://127.0.0.1:9000); None = AWS. Keys only from the environment."""
-    region: str | None = None
-    dtype: str = "float32"
-    """Base model dtype: float32 | bfloat16 | float16."""
-    device: str | None = None
-    """torch device of the model replica; None = cuda when the replica has a GPU, else cpu."""
-    host: str = "127.0.0.1"
-    """Address the HTTP proxy binds. Loopback by default; put an authenticating proxy in front before exposing it."""
-    port: int = 8000
-    app_name: str = "raytrain"
-    route_prefix: str = "/"
-    num_replicas: int = 1
-    """Model replicas (each holds one copy of the base model)."""
-    num_cpus: float = 1.0
-    """CPUs reserved per model replica (also its torch thread count, at least 1)."""
-    num_gpus: float = 0.0
-    """GPUs per model replica."""
-    max_adapters_per_replica: int = 4
-    """LoRA adapters kept resident per replica (LRU beyond that, Serve's multiplexing)."""
-    max_batch_size: int = 8
-    """Requests of one adapter decoded together."""
-    batch_wait_timeout_s: float = 0.01
-    """How long the first request of a batch waits for company."""
-    max_ongoing_requests: int = 16
-    """Per model replica; must be >= max_batch_size or batches never fill."""
-    max_queued_requests: int = 64
-    """Per caller (each proxy, each handle); beyond it the proxy answers 503, a handle raises BackPressureError."""
-    retry_after_s: float = 1.0
-    """Retry-After header on 503 backpressure answers."""
-    max_new_tokens: int = 32
-    """Default decoding budget per request."""
-    max_new_tokens_limit: int = 128
-    """Largest max_new_tokens a request may ask for."""
-    max_body_bytes: int = 16 * 1024 * 1024
-    max_image_bytes: int = 10 * 1024 * 1024
-    """Encoded image size limit (after base64 decoding)."""
-    max_image_pixels: int = 4096 * 4096
-    """width * height limit, checked before decoding pixels (decompression bombs)."""
-    max_image_side: int = 8192
-    max_query_chars: int = 256
-
-    def __post_init__(self):
-        if self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
-                             f"({self.max_batch_size}), or a replica never sees a full batch")
-        if not 1 <= self.max_new_tokens <= self.max_new_tokens_limit:
-            raise ValueError("need 1 <= max_new_tokens <= max_new_tokens_limit")
-        for k in self.adapters:
-            if not ADAPTER_ID.fullmatch(k):
-                raise ValueError(f"adapter id {k!r} must match {ADAPTER_ID.pattern}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ class DecodeOptions:
     """> 0: class-aware NMS over each answer's boxes at this IoU (needs confidences); 0 = off."""
     generate: dict = field(default_factory=dict)
     """Extra `model.generate` keywords: num_beams, do_sample, top_p, temperature, ..."""
+    seed: int = 0
+    """Sampled decoding: each batch is seeded from this and its first example (`batch_seed`)."""
 
 
 # ---------------------------------------------------------------------------- decoding
@@ -96,29 +98,39 @@ class GrammarLogitsProcessor(_LogitsProcessorBase):
         step = int(input_ids.shape[1]) - self.prompt_len
         remaining = None if self.max_new_tokens is None else self.max_new_tokens - step
         generated = input_ids[:, self.prompt_len :].tolist()
-        # allowed (row, token) pairs as index lists: only these travel to the device, not a (rows, vocab) mask
+        # allowed (row, token) pairs as index lists: only these travel to the device, not a (rows, vocab)
+        # mask. Rows of one grammar with the same output so far allow the same tokens: asked once
+        # (every row of a label at the first step, beams that agree so far).
+        memo: dict[tuple, np.ndarray] = {}
         row_idx, col_idx, free = [], [], []
         for r in range(rows):
             g = self.grammars[min(r // per_example, len(self.grammars) - 1)]
             if g is None:
                 free.append(r)
                 continue
-            a = g.allowed(generated[r], remaining)
-            cols = np.asarray(a.tokens, dtype=np.int64)
-            if a.locs is not None:
-                cols = np.concatenate([cols, g.loc_ids[a.locs]])
-            cols = cols[cols < vocab]
+            key = (id(g), tuple(generated[r]))
+            cols = memo.get(key)
+            if cols is None:
+                a = g.allowed(generated[r], remaining)
+                cols = np.asarray(a.tokens, dtype=np.int64)
+                if a.locs is not None:
+                    cols = np.concatenate([cols, g.loc_ids[a.locs]])
+                cols = memo[key] = cols[cols < vocab]
             row_idx.append(np.full(len(cols), r, dtype=np.int64))
             col_idx.append(cols)
-        mask = torch.zeros((rows, vocab), dtype=torch.bool, device=scores.device)
-        if row_idx:
-            mask[torch.from_numpy(np.concatenate(row_idx)).to(scores.device), torch.from_numpy(np.concatenate(col_idx)).to(scores.device)] = True
+        if not row_idx:
+            return scores
+        out = torch.full_like(scores, float("-inf"))
         if free:
-            mask[free] = True
-        out = scores.masked_fill(~mask, float("-inf"))
-        stuck = out.amax(dim=1) == float("-inf")  # every allowed token was already -inf
-        if stuck.any():
-            out[stuck] = torch.where(mask[stuck], torch.tensor(-1e4, dtype=scores.dtype, device=scores.device), out[stuck])
+            out[free] = scores[free]
+        ri = torch.from_numpy(np.concatenate(row_idx)).to(scores.device)
+        ci = torch.from_numpy(np.concatenate(col_idx)).to(scores.device)
+        vals = scores[ri, ci]
+        # a row whose allowed tokens are all -inf already (an earlier processor banned them all):
+        # they get -1e4 each, so the row still follows the grammar
+        finite = torch.zeros(rows, dtype=scores.dtype, device=scores.device).index_add_(0, ri, torch.isfinite(vals).to(scores.dtype))
+        stuck = (finite == 0)[ri]
+        out[ri, ci] = torch.where(stuck, torch.tensor(-1e4, dtype=scores.dtype, device=scores.device), vals)
         return out
 
 
@@ -241,8 +253,10 @@ def predict(model, processor, fam, images: Sequence, task_names: Sequence[str], 
     `read_answer` per example. Images are what the model sees (already preprocessed)."""
     grammars = None
     if options.constrained and geometries:
-        image_hw = (geometries[0].out_h, geometries[0].out_w)
-        grammars = grammars_for(fam, processor, task_names, queries, image_hw, options.max_objects)
+        # each example's own model-input size: formats writing pixels of the resized image (Qwen's
+        # absolute coordinates) bound their numbers by it, and a Serve batch mixes image sizes
+        grammars = [grammars_for(fam, processor, [t], [q], (g.out_h, g.out_w), options.max_objects)[0]
+                    for t, q, g in zip(task_names, queries, geometries)]
     want_lp = options.confidence or options.nms_iou > 0
     gens = decode(model, processor, fam, images, prefixes, grammars=grammars, max_new_tokens=options.max_new_tokens,
                   logprobs=want_lp, **options.generate)
@@ -303,12 +317,14 @@ def objects_json(objects: Sequence, scores: Sequence | None = None) -> str:
     return json.dumps(plain)
 
 
-ROW_KEYS = ("id", "task", "query", "text", "objects", "errors", "score")
+ROW_KEYS = ("id", "task", "query", "text", "objects", "errors", "score", "targets", "width", "height")
 
 
 def score_rows(batch: dict, predictions: Sequence[Prediction]) -> dict:
     """Per-example output rows (columns of object arrays): id, task, query, text, objects (JSON,
-    source pixels, with scores), errors (parser rejections, JSON), score (per-example metrics, JSON).
+    source pixels, with scores), errors (parser rejections, JSON), score (per-example metrics, JSON),
+    and the example's targets (JSON, source pixels) and source width / height, so a row is scored
+    (COCO, point P/R/F1, calibration) without going back to the data.
     An output counts as valid when at least one object parsed, or when it is the format's "nothing
     found" answer (zero objects, nothing rejected: a negative's right answer); rejected fragments
     are reported but do not void the objects that did parse."""
@@ -324,6 +340,9 @@ def score_rows(batch: dict, predictions: Sequence[Prediction]) -> dict:
         out["errors"].append(json.dumps([[e.reason, e.text] for e in p.errors]))
         pred = p.objects if (p.objects or not p.errors) else None
         out["score"].append(json.dumps(score_example(task, pred, batch["targets"][i], w, h)))
+        out["targets"].append(str(batch["targets"][i]))
+        out["width"].append(w)
+        out["height"].append(h)
     return {k: np.array(v, dtype=object) for k, v in out.items()}
 
 
@@ -363,7 +382,41 @@ def texts_to_rows(fam, batch: dict, texts: Sequence[str], image_hw: tuple[int, i
     return score_rows(batch, preds)
 
 
+def bucket_order(tasks_: Sequence[str], prompt_lengths: Sequence[int]) -> list[int]:
+    """Length bucketing: example indices ordered by task, then prompt length (stable), so that
+    consecutive batches hold answers of one task (they stop together) and prompts of similar
+    length (little left padding)."""
+    return sorted(range(len(tasks_)), key=lambda i: (str(tasks_[i]), int(prompt_lengths[i])))
+
+
+def prompt_lengths(processor, prefixes: Sequence[str]) -> list[int]:
+    """Token count of each prompt text (the image tokens, the same for all, left out)."""
+    tok = getattr(processor, "tokenizer", processor)
+    return [len(ids) for ids in tok([str(p) for p in prefixes], add_special_tokens=False)["input_ids"]]
+
+
+def inference_device(dtype: str = "auto", device: str | None = None) -> tuple[str, str]:
+    """(device, dtype) a predictor runs with: cuda when this process sees a GPU (Ray sets
+    CUDA_VISIBLE_DEVICES to the GPUs it reserved), else cpu; dtype "auto" = bfloat16 on cuda,
+    float32 on cpu (CPU kernels are slow or missing in half precision)."""
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+    return device, dtype
+
+
 # ---------------------------------------------------------------------------- reproducibility
+
+
+def batch_seed(seed: int, first_id: str) -> int:
+    """A sampled batch's seed: from the run's seed and the batch's first example, so a batch decodes
+    the same whichever actor takes it."""
+    import zlib
+
+    return zlib.crc32(f"{seed}:{first_id}".encode()) ^ (seed & 0xFFFFFFFF)
 
 
 def seed_everything(seed: int) -> None:

@@ -173,10 +173,11 @@ def smoke(cfg: Experiment, *, steps: int = STEPS, root: str | None = None, num_i
         placement_strategy="PACK", accelerator_type=None, max_failures=0,
     )
 
-    # ---- eval: the job's decoding settings on a handful of examples, no baselines
+    # ---- eval: the job's decoding settings on a handful of examples, no baselines, one CPU predictor
+    # (no GPU to wait for, no cluster-side CLIP folder)
     c.eval = dataclasses.replace(
-        c.eval, split="test", batch_size=8, num_actors=1, cpus_per_actor=1.0, baselines=False, checkpoint="",
-        max_new_tokens=answer_len + SEQ_MARGIN,
+        c.eval, split="test", batch_size=8, num_actors=1, min_actors=0, max_actors=0, cpus_per_actor=1.0, gpus_per_actor=0.0,
+        accelerator_type=None, clip_path="", baselines=False, checkpoint="", max_new_tokens=answer_len + SEQ_MARGIN,
     )
     c.ray = config_mod.RayConfig(address=None, num_cpus=None, object_store_mb=256)
 

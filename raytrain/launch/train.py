@@ -20,7 +20,7 @@ from raytrain import config as config_mod
 from raytrain import storage
 from raytrain.config import ZERO_STAGES, Experiment
 from raytrain.launch import job, trainer
-from raytrain.launch.eval import checkpoint_choice, evaluate, save_predictions
+from raytrain.launch.eval import checkpoint_choice, evaluate, print_tables
 from raytrain.launch.prepare import prepare_data
 from raytrain.launch.ray_runtime import init_ray
 
@@ -47,7 +47,6 @@ def fit(cfg: Experiment, uri: str, base_path: str, counter):
 def main(cfg: Experiment) -> str:
     """Run the whole job; returns the metrics JSON URI (also printed as the last line)."""
     from raytrain.data import pipeline
-    from raytrain.eval.metrics.table import format_table
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     t0 = time.perf_counter()
@@ -72,9 +71,8 @@ def main(cfg: Experiment) -> str:
     train_seconds = time.perf_counter() - t0
     print(f"checkpoint: {ckpt}", flush=True)
 
-    metrics, rows = evaluate(cfg, uri, base_path, ckpt, counter)
+    metrics, eval_dir = evaluate(cfg, uri, base_path, ckpt, counter)
     run = storage.run_dir(job.runs_root(cfg), cfg.name)
-    eval_dir = save_predictions(cfg, rows)
     opts = job.storage_opts(cfg)
 
     metrics["run"] = {
@@ -96,15 +94,7 @@ def main(cfg: Experiment) -> str:
 
         print(f"report: {build_report(run, uri, storage.join(run, 'report'), opts, split=cfg.eval.split)}", flush=True)
 
-    cols = {k: metrics[k] for k in ("trained", "untrained", "centre_baseline") if k in metrics}
-    keys = ["n", "valid_rate", "mean_norm_distance", "median_norm_distance", "mean_distance", "median_distance",
-            "std_distance", "mse_x", "mse_y", "mae_x", "mae_y", "success_rate", "success_rate_all"]
-    print(f"\npointing ({cfg.eval.split} split, distances in source pixels):")
-    print(format_table(cols, keys))
-    box_cols = {k: v["boxes"] for k, v in cols.items() if "boxes" in v}
-    if box_cols:
-        print(f"\nboxes ({cfg.eval.split} split, IoU 0.5):")
-        print(format_table(box_cols))
+    print_tables(cfg, metrics)
     print(f"\nfinal step {metrics['run']['final_step']}, {metrics['run']['seconds_total']} s total")
     print(json.dumps({"data_counts": metrics["run"]["data_counts"]}))
     print(out, flush=True)

@@ -22,13 +22,16 @@ HTTP API
 POST /predict, JSON body::
 
     {"image": "<base64 PNG/JPEG, optionally a data: URL>",
-     "task": "point" | "detect",
-     "prompt": "red circle"            (or "query"; exactly one of the two),
+     "task": "point" | "detect" | "segment" | "caption" | "dense_caption"   (those the family answers),
+     "prompt": "red circle"            (or "query"; exactly one of the two; none for caption and
+                                        dense_caption, which describe the whole image),
      "adapter": "my-run" | null        (optional; absent/null = the base model),
      "max_new_tokens": 32              (optional, 1..max_new_tokens_limit),
-     "debug": false}                   (optional; true adds {"replica", "pid", "batch_size"})
+     "debug": false}                   (optional; true adds {"replica", "pid", "batch_size", "device"})
 
-200 ->  {"objects": [{"type": "point", "x", "y", "label"} | {"type": "box", "x1", "y1", "x2", "y2", "label"}],
+200 ->  {"objects": [{"type": "point", "x", "y", "label"} | {"type": "box", "x1", "y1", "x2", "y2", "label"}
+                     | {"type": "mask_rle", "size", "counts", "label", ...} | {"type": "caption", "text"}
+                     | {"type": "region", "x1", "y1", "x2", "y2", "phrase"}],
          "text": raw model text, "errors": [{"reason", "text"}] (parse rejections),
          "confidence": [float | null per object], "adapter": id | null, "task", "image_size": [w, h]}
 
@@ -37,15 +40,24 @@ was (the checkpoint's state.json "preprocess" record, raytrain/data/preprocess.p
 letterbox to the model input, optional edge blend; no record = stretch) and its answers are mapped
 back from that frame; base-model requests go to the processor as sent.
 
+Every request goes through the predict path (raytrain/predict.py) as evaluation does: for grounding
+tasks decoding is grammar-constrained (ServeConfig.constrained, on by default: valid objects by
+construction, labels from the prompt) for every family and answer format that has a grammar.
+Replicas reserve `gpus_per_replica` GPUs and run the model on the GPU when CUDA is visible there
+(bfloat16 with dtype auto), else on CPU. PaliGemma's segment answers need the mask codec weights
+(`mask_codec`, or RAYTRAIN_MASK_CODEC on the replicas); without them a segment request gets 501.
+
 `confidence` follows the predict path (raytrain/predict.py, the family's object_confidences): the geometric mean of the model's raw probabilities
 of the tokens that spell the object (locs, then label); null when the object cannot be placed in
 the tokens, or for families without log-probabilities (PaliGemma has them; Qwen2.5-VL answers null
 for now).
 
 Errors are `{"error": {"code", "message"}}`: 400 malformed (non-JSON, wrong types, unknown field or
-task, bad base64, not an image, bad adapter id), 404 unknown adapter / route, 405 wrong method,
-413 body or image too large, 415 image format other than PNG/JPEG, 422 adapter that cannot share
-the base model. Never 5xx for bad input; a 500 means a server-side fault (e.g. storage unreachable).
+task, a task the family does not answer, a prompt for a whole-image task, bad base64, not an image,
+bad adapter id), 404 unknown adapter / route, 405 wrong method, 413 body or image too large, 415
+image format other than PNG/JPEG, 422 adapter that cannot share the base model, 501 a task this
+server lacks a component for (segment without the mask codec). Never 5xx for bad input; a 500
+means a server-side fault (e.g. storage unreachable).
 
 With several replicas, also send the adapter id as the `serve_multiplexed_model_id` header: Serve
 then routes the request to a replica that already holds the adapter (the body's "adapter" must
@@ -122,6 +134,35 @@ DEPLOYMENT = "GroundingModel"
 
 
 # ----------------------------------------------------------------------------------------------
+# prompts (module functions the deployment class uses are defined before it: Serve pickles the
+# class, with the globals it refers to, when the decorators below run)
+
+
+def prompt_for(fam, task: str, query: str, width: int, height: int) -> str:
+    """The family's prompt for a request (its training prompt for the task and label); whole-image
+    caption prompts are rendered with a placeholder caption, whose text the prompt does not hold."""
+    from raytrain import tasks
+    from raytrain.formats.annotations import Caption
+
+    targets = [Caption("-")] if tasks.get(task).kind == "caption" else []
+    return fam.render_example(task, query, targets, width, height, (height, width))[0]
+
+
+def unavailable_tasks(fam, image_hw) -> dict[str, str]:
+    """Tasks of the family this process cannot render a prompt for, with the reason (PaliGemma's
+    segment prompts need the mask codec weights)."""
+    from raytrain import tasks
+
+    out = {}
+    for task in fam.TASKS:
+        try:
+            prompt_for(fam, task, "" if tasks.per_image(task) else "object", image_hw[1], image_hw[0])
+        except ValueError as e:
+            out[task] = f"task {task} is not available on this server: {e}"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # the model deployment
 
 
@@ -164,10 +205,15 @@ class GroundingModel:
         self.fam = model_family(self.cfg.family)
         self.opts = storage.StorageOptions(endpoint_url=self.cfg.endpoint_url, region=self.cfg.region)
         torch.set_num_threads(max(1, int(self.cfg.num_cpus)))
-        device = self.cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.base, self.processor = self.fam.load(self.cfg.model, dtype=self.cfg.dtype, device=device)
-        self.base.eval()
+        if self.cfg.mask_codec:
+            from raytrain.formats.paligemma_masks import ENV_VAR
+
+            os.environ[ENV_VAR] = self.cfg.mask_codec
+        self.device, dtype = predict_path.inference_device(self.cfg.dtype, self.cfg.device)
+        self.base, self.processor = self.fam.load(self.cfg.model, dtype=dtype, device=self.device)
+        self.base.to(self.device).eval()
         self.image_hw = self.fam.image_size(self.processor)  # the model input adapters were trained on
+        self.unavailable = unavailable_tasks(self.fam, self.image_hw)  # task -> why this replica cannot answer it
         self._prep: dict = {}  # adapter id -> preprocess.Preprocess recorded with its checkpoint
         self.peft = None  # PeftModel wrapping self.base once the first adapter is loaded
         self._dormant: str | None = None  # evicted adapter kept because peft needs >= 1 adapter
@@ -353,8 +399,13 @@ class GroundingModel:
 
     async def _predict(self, req: dict) -> dict:
         h, w = req["image"].shape[:2]
+        if req["task"] not in self.fam.TASKS:
+            raise BadRequest(f"model family {self.fam.spec} does not answer task {req['task']}; it answers {list(self.fam.TASKS)}",
+                             code="unsupported_task")
+        if req["task"] in self.unavailable:
+            raise ServeError(self.unavailable[req["task"]], status=501, code="task_unavailable")
         try:
-            req["prefix"] = self.fam.render_example(req["task"], req["query"], [], w, h, (h, w))[0]
+            req["prefix"] = prompt_for(self.fam, req["task"], req["query"], w, h)
         except ValueError as e:
             raise BadRequest(f"prompt cannot be rendered: {e}") from None
         if req["adapter"]:
@@ -374,14 +425,14 @@ class GroundingModel:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # sizes set from the config in __init__
     async def _predict_batch(self, reqs: list[dict]) -> list[dict]:
         # Serve splits batches by multiplexed model id, but HTTP requests that name their adapter
-        # only in the body share one: group by adapter here, and by max_new_tokens so that each
-        # request decodes exactly its own budget.
+        # only in the body share one: group by adapter here, by max_new_tokens so that each
+        # request decodes exactly its own budget, and by task (answers of one task stop together).
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(reqs):
-            groups.setdefault((r["adapter"], r["max_new_tokens"]), []).append(i)
+            groups.setdefault((r["adapter"], r["max_new_tokens"], r["task"]), []).append(i)
         loop = asyncio.get_running_loop()
         out: list[dict | None] = [None] * len(reqs)
-        for (adapter, mnt), idx in groups.items():
+        for (adapter, mnt, _), idx in groups.items():
             if adapter:
                 await self._get_adapter(adapter)  # touch the LRU (reload if evicted meanwhile) ...
             # ... and queue the decode right away: an eviction queued later runs after it
@@ -410,7 +461,7 @@ class GroundingModel:
         # base-model requests: the processor sees the image as sent (identity geometry); adapter
         # requests: the image preprocessed as the adapter's training data was, answers mapped back
         geoms = [r.get("geometry") or predict_path.identity_geometry(r["image"].shape[1], r["image"].shape[0]) for r in reqs]
-        options = predict_path.DecodeOptions(max_new_tokens=max_new_tokens, constrained=False, confidence=True)
+        options = predict_path.DecodeOptions(max_new_tokens=max_new_tokens, constrained=self.cfg.constrained, confidence=True)
         with ctx:
             preds = predict_path.predict(model, self.processor, self.fam, [Image.fromarray(r.get("model_image", r["image"])) for r in reqs],
                                     [r["task"] for r in reqs], [r["query"] for r in reqs], [r["prefix"] for r in reqs], geoms, options)
@@ -421,7 +472,7 @@ class GroundingModel:
             out = answer_body(pred)
             out.update(adapter=adapter, task=r["task"], image_size=[w, h])
             if r["debug"]:
-                out["debug"] = {"replica": self.replica, "pid": os.getpid(), "batch_size": len(reqs)}
+                out["debug"] = {"replica": self.replica, "pid": os.getpid(), "batch_size": len(reqs), "device": str(self.device)}
             results.append(out)
         return results
 
@@ -449,7 +500,7 @@ def build_app(cfg: ServeConfig):
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.gpus_per_replica},
     ).bind(asdict(cfg))
 
 

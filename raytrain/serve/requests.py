@@ -14,9 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from raytrain import tasks as task_registry
 from raytrain.config import ADAPTER_ID  # noqa: F401  (re-exported; the config checks ids with it too)
 
-TASKS = ("point", "detect")
+TASKS = task_registry.NAMES
+"""Every task of the registry; a family answers those in its TASKS (the app checks)."""
 FIELDS = ("image", "task", "prompt", "query", "adapter", "max_new_tokens", "debug")
 IMAGE_FORMATS = ("PNG", "JPEG")
 
@@ -120,18 +122,14 @@ def validate_request(payload: Any, limits: Limits, adapter: str | None = None) -
         raise BadRequest(f"task must be one of {list(TASKS)}, got {task!r:.60}", code="unknown_task")
 
     has_prompt, has_query = payload.get("prompt") is not None, payload.get("query") is not None
-    if has_prompt == has_query:
-        raise BadRequest("give exactly one of 'prompt' or 'query' (the thing to point at / detect)")
-    query = payload["prompt"] if has_prompt else payload["query"]
-    if not isinstance(query, str):
-        raise BadRequest(f"prompt must be a string, got {type(query).__name__}")
-    query = query.strip()
-    if not query:
-        raise BadRequest("prompt is empty")
-    if len(query) > limits.max_query_chars:
-        raise BadRequest(f"prompt has {len(query)} characters, limit {limits.max_query_chars}")
-    if any(unicodedata.category(c) == "Cc" for c in query):
-        raise BadRequest("prompt contains control characters (newlines end the prompt in PaliGemma's format)")
+    if task_registry.per_image(task):  # caption, dense caption: about the whole image, no prompt
+        if has_prompt or has_query:
+            raise BadRequest(f"task {task} describes the whole image: send no 'prompt' / 'query'")
+        query = ""
+    else:
+        if has_prompt == has_query:
+            raise BadRequest(f"task {task}: give exactly one of 'prompt' or 'query' (the thing to find)")
+        query = _check_query(payload["prompt"] if has_prompt else payload["query"], limits)
 
     body_adapter = payload.get("adapter")
     if body_adapter is not None and not isinstance(body_adapter, str):
@@ -156,6 +154,19 @@ def validate_request(payload: Any, limits: Limits, adapter: str | None = None) -
         raise BadRequest("missing 'image' (base64 PNG or JPEG)", code="missing_image")
     image = decode_image(payload["image"], limits)
     return {"image": image, "task": task, "query": query, "adapter": adapter, "max_new_tokens": mnt, "debug": debug}
+
+
+def _check_query(query: Any, limits: Limits) -> str:
+    if not isinstance(query, str):
+        raise BadRequest(f"prompt must be a string, got {type(query).__name__}")
+    query = query.strip()
+    if not query:
+        raise BadRequest("prompt is empty")
+    if len(query) > limits.max_query_chars:
+        raise BadRequest(f"prompt has {len(query)} characters, limit {limits.max_query_chars}")
+    if any(unicodedata.category(c) == "Cc" for c in query):
+        raise BadRequest("prompt contains control characters (newlines end the prompt in PaliGemma's format)")
+    return query
 
 
 def decode_image(value: Any, limits: Limits) -> np.ndarray:

@@ -188,3 +188,11 @@ def test_docker_image_pins_a_ray_release(raw):
     assert m, raw["docker"]["image"]
     major, minor, _, py_minor = map(int, m.groups())
     assert (major, minor) >= (2, 60) and py_minor >= 10
+
+
+def test_setup_installs_java_for_meteor(prepared):
+    """pycocoevalcap's METEOR and PTB tokenizer run under java: every node gets a JRE."""
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        cmds = prepared[key]
+        assert any("default-jre-headless" in c and "apt-get install" in c for c in cmds), key
+        assert any(c.strip() == "java -version" for c in cmds), key  # setup fails loudly if the install did not work

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from raytrain import predict
 from raytrain.data import shards
 from raytrain.eval import batch
 from raytrain.eval import report as rp
@@ -25,8 +26,8 @@ SIZE = 64
 
 
 def _row(rid, task, query, w, h, targets, pred, text="", errors=()):
-    """A predictions row as batch._rows_from_predictions builds it (JSON strings inside)."""
-    score = batch.score_example(task, pred if pred else None, targets, w, h)
+    """A predictions row as predict.score_rows builds it (JSON strings inside)."""
+    score = predict.score_example(task, pred if pred else None, targets, w, h)
     return {"id": rid, "task": task, "query": query, "text": text or f"fake {query}",
             "objects": objects_to_json(pred or []), "errors": json.dumps([list(e) for e in errors]), "score": json.dumps(score)}
 

@@ -51,3 +51,19 @@ def format_table(columns: dict[str, dict], keys: Sequence[str] | None = None) ->
         return "  ".join([first, *rest]).rstrip()
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def format_rows(rows: Sequence[dict], keys: Sequence[str] | None = None) -> str:
+    """Align a list of records as text, one line per record (e.g. a grid's cells), columns in
+    ``keys`` order (default: every key, in order of first appearance). Strings left-aligned,
+    numbers right-aligned as ``format_value`` writes them."""
+    if keys is None:
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[format_value(r.get(k)) for k in keys] for r in rows]
+    widths = [max([len(str(k))] + [len(c[i]) for c in cells]) for i, k in enumerate(keys)]
+    left = [all(isinstance(r.get(k), str) or r.get(k) is None for r in rows) for k in keys]
+
+    def line(vals: list[str]) -> str:
+        return "  ".join(v.ljust(w) if lf else v.rjust(w) for v, w, lf in zip(vals, widths, left)).rstrip()
+
+    return "\n".join([line([str(k) for k in keys]), line(["-" * w for w in widths]), *(line(c) for c in cells)])
