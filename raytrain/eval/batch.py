@@ -123,6 +123,8 @@ def run_predictions(examples, *, family: str, model_path: str, checkpoint_uri: s
     # Parquet row group would otherwise be a single block served by a single actor.
     # (materialized: a lazy repartition hands all its blocks to the pool as ONE bundle, i.e. one
     # task on one actor; materialized blocks are dispatched one by one across the pool)
+    from ray.data import ActorPoolStrategy
+
     ds = examples.repartition(target_num_rows_per_block=batch_size).materialize().map_batches(
         Predictor,
         fn_constructor_kwargs={
@@ -136,7 +138,7 @@ def run_predictions(examples, *, family: str, model_path: str, checkpoint_uri: s
         },
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=num_actors,
+        compute=ActorPoolStrategy(size=num_actors),  # `concurrency=` is deprecated since Ray 2.51 (a warning per call)
         num_cpus=cpus_per_actor,
     )
     return ds.take_all()

@@ -18,7 +18,7 @@ import time
 from raytrain import config as config_mod
 from raytrain import storage
 from raytrain.config import Experiment
-from raytrain.launch import job
+from raytrain.launch import job, tracking
 from raytrain.launch.ray_runtime import init_ray
 
 log = logging.getLogger("raytrain.launch.eval")
@@ -142,6 +142,7 @@ def main(cfg: Experiment) -> str:
     storage.write_json(storage.join(out_dir, f"coco_results_{cfg.eval.split}.json"), coco_results(rows), opts)
     metrics["run"] = {"checkpoint": ckpt, "data": uri, "split": cfg.eval.split, "data_counts": pipeline.drop_counts(counter)}
     out = storage.write_json(storage.join(out_dir, f"metrics_{cfg.eval.split}.json"), metrics, opts)
+    tracking.log_evaluation(cfg, metrics, ckpt)  # track: on -> metrics and eval files into the run's tracking run
     cols = {k: metrics[k] for k in ("trained", "untrained", "centre_baseline") if k in metrics}
     print(format_table(cols, ["n", "valid_rate", "mean_norm_distance", "median_norm_distance", "success_rate", "success_rate_all"]))
     print(out, flush=True)
