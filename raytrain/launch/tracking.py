@@ -26,8 +26,10 @@ import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
+import uuid
 from typing import Any
 
 from raytrain import storage
@@ -154,16 +156,16 @@ class _MLflow:
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
-    def summary(self, values: dict[str, Any]) -> None:
-        for k, v in values.items():
-            self.client.set_tag(self.run_id, k, str(v)[:5000])
-
     def files(self, files: dict[str, str]) -> None:
         for dest, local in files.items():
             if os.path.isdir(local):
                 self.client.log_artifacts(self.run_id, local, dest)
-            else:
-                self.client.log_artifact(self.run_id, local, os.path.dirname(dest) or None)
+                continue
+            # MLflow keeps a file's own name: stage it under the artifact's name
+            with tempfile.TemporaryDirectory() as tmp:
+                staged = os.path.join(tmp, os.path.basename(dest))
+                shutil.copyfile(local, staged)
+                self.client.log_artifact(self.run_id, staged, os.path.dirname(dest) or None)
 
     def finish(self, ok: bool) -> None:
         self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
@@ -179,7 +181,7 @@ class _WandB:
                  group: str | None, job_type: str, wandb_dir: str, quiet: bool):
         import wandb
 
-        run_id = record["id"] if record and record.get("project") == project else wandb.util.generate_id()
+        run_id = record["id"] if record and record.get("project") == project else uuid.uuid4().hex[:12]
         os.makedirs(wandb_dir, exist_ok=True)
         self.run = wandb.init(project=project, entity=entity or None, id=run_id, name=run_name, resume="allow", config=config,
                               group=group, job_type=job_type, dir=wandb_dir, mode=mode or None, reinit="create_new",

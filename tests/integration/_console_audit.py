@@ -18,7 +18,7 @@ import sys
 import sysconfig
 import threading
 
-MARK = "\x1eRT\x1e "
+MARK = "@raytrain@ "
 _STDLIB = tuple(os.path.realpath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib"))
 _HERE = os.path.realpath(__file__)
 
