@@ -148,6 +148,26 @@ def candidates(venv: Venv, pkg: str, reference: str) -> list[str]:
     return out if reference in out else out + [reference]
 
 
+# Failures of the machine, not of the versions under test: Ray's node not starting in time on an
+# overloaded host. A training that fails with one of these is retried (twice, after a pause).
+INFRA_FAILURES = ("The current node timed out during startup", "Failed to connect to GCS")
+
+
+def train(venv: Venv, yaml: str, extra: list[str], log: Path, retries: int = 2) -> bool:
+    for attempt in range(retries + 1):
+        start = log.stat().st_size if log.exists() else 0
+        with tempfile.TemporaryDirectory(prefix="floors-") as tmp:
+            cmd = [str(venv.root / "bin" / "raytrain"), "train", "--config", yaml, f"storage.root={tmp}", *TINY, *extra]
+            if sh(cmd, log, timeout=1800, env=venv.env()):
+                return True
+        with open(log, errors="replace") as f:
+            f.seek(start)
+            if not any(m in f.read() for m in INFRA_FAILURES) or attempt == retries:
+                return False
+        time.sleep(30)
+    return False
+
+
 def probe(venv: Venv, pins: dict[str, str], focus: list[str], *, unit: bool, label: str) -> dict:
     """Install `pins` (pkg -> version), then: imports, the tiny trainings of the `focus` packages,
     and (unit) the unit tests. Cached by label."""
@@ -167,11 +187,9 @@ def probe(venv: Venv, pins: dict[str, str], focus: list[str], *, unit: bool, lab
             jobs = [j for p in focus for j in PROBE_JOBS[p]]
             ok = True
             for i, (yaml, extra) in enumerate(dict.fromkeys((y, tuple(e)) for y, e in jobs)):
-                with tempfile.TemporaryDirectory(prefix="floors-") as tmp:
-                    cmd = [str(venv.root / "bin" / "raytrain"), "train", "--config", yaml, f"storage.root={tmp}", *TINY, *extra]
-                    if not sh(cmd, log, timeout=1800, env=venv.env()):
-                        ok, res["failed_job"] = False, " ".join([yaml, *extra])
-                        break
+                if not train(venv, yaml, extra, log):
+                    ok, res["failed_job"] = False, " ".join([yaml, *extra])
+                    break
             if ok and unit:
                 res["stage"] = "unit"
                 ok = sh([venv.python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/unit"], log, timeout=7200, env=venv.env())

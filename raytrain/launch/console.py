@@ -44,8 +44,8 @@ KNOWN_NOISE = (
     "Failed to query Ray Train Controller actor state",
 )
 
-# Environment of a quiet run: library progress bars (weights loading, shard writing) off. Applied to
-# this process and, through ray_runtime.runtime_env_vars, to every Ray worker (their logs stay tidy).
+# Environment of a quiet driver: library progress bars (weights loading, shard writing) off. The
+# workers' output does not reach a quiet driver at all, so their environment is left alone.
 QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" / "Writing model shards" bars
     "TQDM_DISABLE": "1",  # any other tqdm bar (tqdm >= 4.66 reads it)

@@ -31,6 +31,10 @@ A rerun with the same name and storage root resumes the sweep (`Tuner.restore`, 
 trials only): finished trials are kept, an interrupted trial restarts and its TorchTrainer resumes
 from that trial's latest Train checkpoint, the searcher continues where it stopped.
 
+With `track:` on, the sweep is a tracking run and every trial a child run of it (launch/tracking.py);
+without --verbose the console shows one line per validated trial report and per finished trial
+instead of Tune's status tables.
+
 Layout under `<storage.root>/tune/<name>/`: Tune's experiment state and trial dirs, `sweep.json`
 (the sweep as first started), `runs/<trial_id>/` (each trial's Train run: checkpoints,
 history.jsonl), `trials.jsonl` (one line per finished trial), `best.json`.
