@@ -42,6 +42,8 @@ KNOWN_NOISE = (
     # Ray Train V2 on clusters without the dashboard: its detached placement-group cleaner polls the
     # state API, which is not there; raytrain reaps stopped trials' groups itself (launch/tune.py)
     "Failed to query Ray Train Controller actor state",
+    # Ray Tune timing notes about its own loop (a sweep callback step on a loaded machine)
+    "which may be a performance bottleneck",
 )
 
 # Environment of a quiet driver: library progress bars (weights loading, shard writing) off. The
@@ -50,6 +52,9 @@ QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" / "Writing model shards" bars
     "TQDM_DISABLE": "1",  # any other tqdm bar (tqdm >= 4.66 reads it)
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # MLflow sets its own logger's level on import (INFO: SQLite table creation)
+    # Ray Tune's newer output engine prints an experiment table and result paths even at verbose=0;
+    # the classic one prints nothing at verbose=0 (launch/tune.py passes 0 unless --verbose)
+    "RAY_AIR_NEW_OUTPUT": "0",
 }
 
 

@@ -264,6 +264,11 @@ def _searcher(sweep: SweepConfig):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    from raytrain.launch import console
+
+    if not console.verbose():
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory" and per-trial INFO lines
+
     sampler = optuna.samplers.TPESampler(seed=sweep.search.seed, n_startup_trials=sweep.search.n_startup_trials)
     return OptunaSearch(sampler=sampler)
 
