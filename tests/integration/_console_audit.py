@@ -1,9 +1,9 @@
-"""Run `raytrain <args>` with every console line marked by who wrote it (test_console.py).
+"""Run `raytrain <args>` with every console line marked by who wrote it (tests/integration/test_tracking.py).
 
     python tests/integration/_console_audit.py train --config jobs/tiny/shapes.yaml data.num_images=200 ...
 
-A line is raytrain's when the Python code that wrote it lives in the raytrain package: its print(),
-or the logging call of a raytrain logger. sys.stdout / sys.stderr are replaced by writers that look
+A line is raytrain's when a raytrain logger ("raytrain.*") wrote it, or the print() of code in the
+raytrain package. sys.stdout / sys.stderr are replaced by writers that look
 up the stack at the first write of each line (past the standard library: print, logging, warnings,
 io) and prefix raytrain's lines with MARK. Everything else stays unmarked and counts as foreign:
 other packages' Python output (Ray's log forwarding, warnings raised in a library, tqdm bars) and
@@ -13,6 +13,7 @@ anything written below Python (C++ logs of Ray's core worker write to file descr
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sys
 import sysconfig
@@ -23,12 +24,21 @@ _STDLIB = tuple(os.path.realpath(sysconfig.get_paths()[k]) for k in ("stdlib", "
 _HERE = os.path.realpath(__file__)
 
 
+# print() replacements that Ray installs in a process (ray.experimental.tqdm_ray once a Ray progress
+# bar exists, Ray Train's print patch in its workers) forward their caller's print: look past them.
+PRINT_WRAPPERS = {"safe_print", "redirected_print"}
+
+
 def _origin_is_raytrain() -> bool:
     frame = sys._getframe(2)
     while frame is not None:
-        path = os.path.realpath(frame.f_code.co_filename)
+        code = frame.f_code
+        record = frame.f_locals.get("record") if code.co_name == "emit" else None
+        if isinstance(record, logging.LogRecord):  # a logging handler writing: whose logger is it
+            return record.name == "raytrain" or record.name.startswith("raytrain.")
+        path = os.path.realpath(code.co_filename)
         in_stdlib = path.startswith(_STDLIB) and "site-packages" not in path
-        if not in_stdlib and path != _HERE and not frame.f_code.co_filename.startswith("<"):
+        if not (in_stdlib or path == _HERE or code.co_filename.startswith("<") or code.co_name in PRINT_WRAPPERS):
             return str(frame.f_globals.get("__name__", "")).startswith("raytrain")
         frame = frame.f_back
     return False
