@@ -1,6 +1,6 @@
 """`raytrain <subcommand>`: one console command; options come from the config dataclasses.
 
-    raytrain train   --config jobs/tiny/shapes.yaml [a.b=value ...]
+    raytrain train   --config jobs/tiny/shapes.yaml [a.b=value ...] [--verbose]
     raytrain prepare --config jobs/tiny/shapes.yaml [a.b=value ...]
     raytrain eval    --config jobs/tiny/shapes.yaml [eval.checkpoint=URI] [eval.split=val]
     raytrain tune    --config jobs/tiny/shapes_sweep.yaml [a.b=value ...]   # rerun resumes the sweep
@@ -10,6 +10,10 @@
     raytrain config  [--config FILE] [a.b=value ...]    # print the resolved config
     raytrain config  --help-fields                      # every field, its default and its help
                                                         # (job YAML sections, then `raytrain serve` settings)
+
+train / eval / tune / prepare print raytrain's own lines (progress every train.log_every steps, one
+line per evaluation pass) and warnings a user can act on; --verbose adds Ray's worker logs and every
+library's output (launch/console.py).
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--config", "-c", default=None, help="experiment YAML (jobs/...); default: built-in defaults")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 scale.num_workers=1")
+        sp.add_argument("--verbose", "-v", action="store_true",
+                        help="print Ray's worker logs and every library's output (default: raytrain's lines and actionable warnings)")
         if name == "config":
             sp.add_argument("--help-fields", action="store_true", help="list every config field with default and help")
     for name, (_, help_) in PASSTHROUGH.items():
@@ -51,12 +57,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from raytrain.launch import console
+
     if argv and argv[0] in PASSTHROUGH:
         import importlib
 
+        # report / consolidate / serve print as they always did (console.setup is not called)
         rc = importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:])
         return rc if isinstance(rc, int) else 0
     args = _parser().parse_args(argv)
+    console.setup(verbose=args.verbose)
     if args.command == "config" and args.help_fields:
         print(config_mod.field_listing())
         print("\n# raytrain serve settings (its own YAML / key=value; raytrain serve --help-fields)")

@@ -7,8 +7,9 @@ and launchers read an `Experiment`; components take plain arguments.
 
 A job YAML is an `Experiment`. `PrepareConfig` (what `raytrain prepare` runs, derived from an
 Experiment) lives here too; the `eval` section (`EvalConfig`, its decoding grid) and `ServeConfig`
-(`raytrain serve`'s own YAML) live in raytrain/config_inference.py and are re-exported here.
-The YAML machinery (type checks, dotted overrides, the field listing) is `raytrain.schema`.
+(`raytrain serve`'s own YAML) live in raytrain/config_inference.py, the `track:` and `tune:` sections
+in raytrain/config_ops.py; both are re-exported here. The YAML machinery (type checks, dotted
+overrides, the field listing) is `raytrain.schema`.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from typing import Any, ClassVar
 from raytrain import schema
 from raytrain.config_inference import (  # noqa: F401  (re-exported: the eval and serve sections live there)
     ADAPTER_ID,
-    DTYPES,
     EvalConfig,
     GridConfig,
     ServeConfig,
 )
+from raytrain.config_ops import SchedulerConfig, SearchConfig, SweepConfig, TrackConfig  # noqa: F401  (track:, tune:)
 from raytrain.storage import StorageOptions
 
 STRATEGIES = ("full", "lora", "zero2", "zero3")
@@ -429,67 +430,6 @@ class RayConfig:
 
 
 @dataclass
-class SchedulerConfig:
-    type: str = "asha"
-    """asha (async successive halving: stop the worse trials at rungs) | fifo (no early stopping)."""
-    time_attr: str = "step"
-    """The reported counter rungs are measured in (optimizer steps)."""
-    grace_period: int = 100
-    """Steps every trial runs before it can be stopped; the first rung."""
-    reduction_factor: float = 2.0
-    """Rungs at grace_period * reduction_factor**k; at each, only the best 1/reduction_factor go on."""
-    max_t: int = 0
-    """Last rung (steps); 0 = train.steps of the job."""
-
-    def __post_init__(self):
-        if self.type not in ("asha", "fifo"):
-            raise ValueError(f"tune.scheduler.type must be asha | fifo, not {self.type!r}")
-        if self.type == "asha" and self.grace_period < 1:
-            raise ValueError("tune.scheduler.grace_period must be >= 1 step")
-
-
-@dataclass
-class SearchConfig:
-    type: str = "optuna"
-    """optuna (Bayesian: TPE over the finished trials) | random."""
-    seed: int = 0
-    n_startup_trials: int = 4
-    """optuna: random trials before TPE starts modelling the objective."""
-
-    def __post_init__(self):
-        if self.type not in ("optuna", "random"):
-            raise ValueError(f"tune.search.type must be optuna | random, not {self.type!r}")
-
-
-@dataclass
-class SweepConfig:
-    """`raytrain tune`'s sweep (launch/tune.py); `raytrain train` ignores it."""
-
-    metric: str = "val_norm_distance_all"
-    """Objective: a metric in the recipe's reports (val_* come from train.val_every validation)."""
-    mode: str = "min"
-    """min | max."""
-    num_samples: int = 8
-    """Trials in the sweep."""
-    max_concurrent: int = 1
-    """Trials running at once (each holds scale.num_workers workers)."""
-    trial_cpus: float = 0.01
-    """CPUs reserved for each trial's driver function: a sliver (Tune refuses 0), as it only waits on
-    its TorchTrainer, whose workers reserve scale.cpus_per_worker (+ scale.resources_per_worker) each."""
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    space: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Dotted experiment key -> domain: {loguniform: [lo, hi]} | {uniform: [lo, hi]} |
-    {quniform: [lo, hi, q]} | {randint: [lo, hi)} | {choice: [v, ...]}. Empty: no sweep."""
-
-    def __post_init__(self):
-        if self.mode not in ("min", "max"):
-            raise ValueError(f"tune.mode must be min | max, not {self.mode!r}")
-        if self.num_samples < 1 or self.max_concurrent < 1:
-            raise ValueError("tune.num_samples and tune.max_concurrent must be >= 1")
-
-
-@dataclass
 class Experiment:
     name: str = "shapes"
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -504,8 +444,12 @@ class Experiment:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tune: SweepConfig = field(default_factory=SweepConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
     def __post_init__(self):
+        if self.track.mlflow is True and self.storage.root.startswith("s3://"):
+            raise ValueError("track.mlflow=true keeps an MLflow store under storage.root, which is on S3 here: "
+                             "give track.mlflow a tracking URI (an MLflow server, or sqlite:///<local path>)")
         if self.train.new_token_warmup_steps > 0:
             if self.model.box_format != "tokens":
                 raise ValueError("train.new_token_warmup_steps > 0 warms up added tokens: it needs model.box_format=tokens, "

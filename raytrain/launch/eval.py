@@ -27,7 +27,7 @@ import time
 from raytrain import config as config_mod
 from raytrain import storage
 from raytrain.config import Experiment, TextOptions
-from raytrain.launch import job
+from raytrain.launch import job, tracking
 from raytrain.launch.ray_runtime import init_ray
 
 log = logging.getLogger("raytrain.launch.eval")
@@ -327,6 +327,7 @@ def main(cfg: Experiment) -> str:
     metrics, out_dir = evaluate(cfg, uri, base_path, ckpt, counter)
     metrics["run"] = {"checkpoint": ckpt, **run_info, "data_counts": pipeline.drop_counts(counter)}
     out = storage.write_json(storage.join(out_dir, f"metrics_{cfg.eval.split}.json"), metrics, opts)
+    tracking.log_evaluation(cfg, metrics, ckpt)  # track: on -> metrics and eval files into the run's tracking run
     print_tables(cfg, metrics)
     print(out, flush=True)
     return out

@@ -94,18 +94,26 @@ def configure_ray_data() -> None:
 def init_ray(ray_cfg: RayConfig):
     """Join the cluster named by ray.address / RAY_ADDRESS, or start a local one on 127.0.0.1, with
     the job environment (runtime_env) and raytrain's Ray Data settings (configure_ray_data).
-    Every subcommand that needs Ray (train, tune, eval, prepare, serve) starts it here."""
+    Every subcommand that needs Ray (train, tune, eval, prepare, serve) starts it here.
+
+    Quiet unless the command runs with --verbose (launch/console.py): the driver does not receive its
+    workers' output (their logs stay in Ray's session log directory, printed once), and Ray's own
+    driver-side loggers print warnings only."""
     # Bind a local cluster to loopback rather than the machine's external address.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
+    from raytrain.launch import console
+
     configure_ray_data()
     if ray.is_initialized():
         return ray
+    console.quiet_ray_loggers()  # before ray.init too: it warns through the handlers that import made
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     env = runtime_env()
+    quiet = {} if console.verbose() else {"log_to_driver": False, "logging_level": logging.WARNING}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=env, **{"log_to_driver": True, **quiet})
     else:
         ray.init(
             address="local",  # a fresh local cluster, never silently joining another one
@@ -113,5 +121,17 @@ def init_ray(ray_cfg: RayConfig):
             object_store_memory=ray_cfg.object_store_mb * 1024 * 1024,
             include_dashboard=False,
             runtime_env=env,
+            **quiet,
         )
+    console.quiet_ray_loggers()
+    if quiet:
+        logging.getLogger("raytrain.launch").info("Ray worker logs: %s (--verbose prints them here)", session_logs_dir())
     return ray
+
+
+def session_logs_dir() -> str:
+    """This node's log directory of the Ray session the driver joined (where every worker's output goes)."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return os.path.join(ctx.get_temp_dir(), ctx.get_session_name(), "logs")

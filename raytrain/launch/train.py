@@ -19,7 +19,7 @@ import time
 from raytrain import config as config_mod
 from raytrain import storage
 from raytrain.config import ZERO_STAGES, Experiment
-from raytrain.launch import job, trainer
+from raytrain.launch import console, job, trainer, tracking
 from raytrain.launch.eval import checkpoint_choice, evaluate, print_tables
 from raytrain.launch.prepare import prepare_data
 from raytrain.launch.ray_runtime import init_ray
@@ -27,17 +27,20 @@ from raytrain.launch.ray_runtime import init_ray
 log = logging.getLogger("raytrain.launch.train")
 
 
-def fit(cfg: Experiment, uri: str, base_path: str, counter):
+def fit(cfg: Experiment, uri: str, base_path: str, counter, tracker: tracking.Tracker | None = None):
     """Train with the TorchTrainer of launch/trainer.py (the job's recipe on its scale); returns the
-    Ray Train Result."""
+    Ray Train Result. Every report reaches this process as it happens (console.ReportStream): a
+    progress line, and the tracker's metrics."""
     from raytrain.training.metrics import HistoryCallback
 
     train_ds = trainer.train_dataset(cfg, uri, base_path, counter)
     cfg = trainer.with_epoch_steps(cfg, train_ds)
-    return trainer.build_trainer(
-        cfg, model_path=base_path, data_uri=uri, datasets={"train": train_ds}, name=cfg.name, runs_root=job.runs_root(cfg),
-        callbacks=[HistoryCallback(job.history_uri(cfg), job.storage_opts(cfg))],
-    ).fit()
+    sinks = [console.TrainProgress(cfg.train.steps), tracker.log_report if tracker else None]
+    with console.ReportStream(sinks) as reports:
+        return trainer.build_trainer(
+            cfg, model_path=base_path, data_uri=uri, datasets={"train": train_ds}, name=cfg.name, runs_root=job.runs_root(cfg),
+            callbacks=[HistoryCallback(job.history_uri(cfg), job.storage_opts(cfg)), reports.callback()],
+        ).fit()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,7 +48,8 @@ def fit(cfg: Experiment, uri: str, base_path: str, counter):
 
 
 def main(cfg: Experiment) -> str:
-    """Run the whole job; returns the metrics JSON URI (also printed as the last line)."""
+    """Run the whole job; returns the metrics JSON URI (also printed as the last line). With track: on,
+    the run's tracking run is marked finished, or failed when anything raises."""
     from raytrain.data import pipeline
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -54,8 +58,23 @@ def main(cfg: Experiment) -> str:
     uri = prepare_data(cfg)
     base_path = job.model_path(cfg)
     counter = pipeline.drop_counter()
+    run = storage.run_dir(job.runs_root(cfg), cfg.name)
+    tracker = tracking.open_run(cfg, run, name=cfg.name)  # None unless track: is on
+    try:
+        out = _train_and_evaluate(cfg, uri, base_path, counter, run, tracker, t0)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish(ok=False)
+        raise
+    if tracker is not None:
+        tracker.finish(ok=True)
+    return out
 
-    result = fit(cfg, uri, base_path, counter)
+
+def _train_and_evaluate(cfg: Experiment, uri: str, base_path: str, counter, run: str, tracker, t0: float) -> str:
+    from raytrain.data import pipeline
+
+    result = fit(cfg, uri, base_path, counter, tracker)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     # the run's result: its last checkpoint, or the best by train.select_checkpoint (what `raytrain eval` picks too)
@@ -72,7 +91,6 @@ def main(cfg: Experiment) -> str:
     print(f"checkpoint: {ckpt}", flush=True)
 
     metrics, eval_dir = evaluate(cfg, uri, base_path, ckpt, counter)
-    run = storage.run_dir(job.runs_root(cfg), cfg.name)
     opts = job.storage_opts(cfg)
 
     metrics["run"] = {
@@ -93,6 +111,7 @@ def main(cfg: Experiment) -> str:
         from raytrain.eval.report import build_report
 
         print(f"report: {build_report(run, uri, storage.join(run, 'report'), opts, split=cfg.eval.split)}", flush=True)
+    tracking.log_run_outputs(tracker, cfg, run, metrics, split=cfg.eval.split, step=metrics["run"]["final_step"])
 
     print_tables(cfg, metrics)
     print(f"\nfinal step {metrics['run']['final_step']}, {metrics['run']['seconds_total']} s total")

@@ -31,6 +31,10 @@ A rerun with the same name and storage root resumes the sweep (`Tuner.restore`, 
 trials only): finished trials are kept, an interrupted trial restarts and its TorchTrainer resumes
 from that trial's latest Train checkpoint, the searcher continues where it stopped.
 
+With `track:` on, the sweep is a tracking run and every trial a child run of it (launch/tracking.py);
+without --verbose the console shows one line per validated trial report and per finished trial
+instead of Tune's status tables.
+
 Layout under `<storage.root>/tune/<name>/`: Tune's experiment state and trial dirs, `sweep.json`
 (the sweep as first started), `runs/<trial_id>/` (each trial's Train run: checkpoints,
 history.jsonl), `trials.jsonl` (one line per finished trial), `best.json`.
@@ -43,13 +47,14 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from raytrain import config as config_mod
 from raytrain import storage
 from raytrain.config import Experiment, SweepConfig
-from raytrain.launch import job, trainer
+from raytrain.launch import console, job, trainer
 from raytrain.launch.prepare import prepare_data
 from raytrain.launch.ray_runtime import init_ray
 
@@ -63,7 +68,7 @@ log = logging.getLogger("raytrain.launch.tune")
 DOMAINS = ("loguniform", "uniform", "quniform", "randint", "choice")
 # Keys a trial cannot change: the data and the model are prepared once for the whole sweep,
 # and the storage layout is the sweep's.
-FIXED_PREFIXES = ("data.", "storage.", "ray.", "tune", "name", "model.family", "model.name_or_path", "model.box_format")
+FIXED_PREFIXES = ("data.", "storage.", "ray.", "tune", "track", "name", "model.family", "model.name_or_path", "model.box_format")
 
 
 def load_job(path: str | Path, overrides: list[str] | None = None) -> tuple[Experiment, SweepConfig]:
@@ -198,12 +203,17 @@ def _forward_to_tune_cls():
     return ForwardToTune
 
 
-def run_trial(overrides: dict, *, base: dict, model_path: str, datasets: dict, metric: str) -> None:
+def run_trial(overrides: dict, *, base: dict, model_path: str, datasets: dict, metric: str, parent: dict | None = None) -> None:
     """Tune function trainable (runs in the trial's actor): fit the trial's TorchTrainer, built as
     `raytrain train` builds its own (launch/trainer.py: the recipe of the trial's strategy, the
     job's resources and placement). Its Train run is named by the trial id, so a restarted trial
-    (sweep resumed) continues from that run's latest checkpoint."""
+    (sweep resumed) continues from that run's latest checkpoint, and its tracking run (track:, a
+    child of the sweep's run `parent`) with it."""
+    import contextlib
+
     from ray import tune
+
+    from raytrain.launch import console, tracking
 
     from raytrain.training.metrics import HistoryCallback
 
@@ -211,8 +221,13 @@ def run_trial(overrides: dict, *, base: dict, model_path: str, datasets: dict, m
     trial_id = tune.get_context().get_trial_id()
     runs = trial_runs_root(cfg)
     history = HistoryCallback(storage.join(storage.run_dir(runs, trial_id), "history.jsonl"), job.storage_opts(cfg))
-    result = trainer.build_trainer(cfg, model_path=model_path, data_uri=cfg.data.uri, datasets=datasets, name=trial_id,
-                                   runs_root=runs, callbacks=[_forward_to_tune_cls()(metric), history]).fit()
+    tracker = tracking.open_run(cfg, storage.run_dir(runs, trial_id), name=trial_id, kind="trial", parent=parent, group=cfg.name)
+    callbacks = [_forward_to_tune_cls()(metric), history]
+    with console.ReportStream([tracker.log_report]) if tracker else contextlib.nullcontext() as reports:
+        result = trainer.build_trainer(cfg, model_path=model_path, data_uri=cfg.data.uri, datasets=datasets, name=trial_id,
+                                       runs_root=runs, callbacks=callbacks + ([reports.callback()] if reports else [])).fit()
+    if tracker is not None:
+        tracker.finish(ok=result.error is None)
     if metric not in (result.metrics or {}):
         raise RuntimeError(
             f"trial {trial_id} finished without reporting {metric!r}: the objective must be in the recipe's "
@@ -248,6 +263,11 @@ def _searcher(sweep: SweepConfig):
         return BasicVariantGenerator(random_state=sweep.search.seed)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
+
+    from raytrain.launch import console
+
+    if not console.verbose():
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory" and per-trial INFO lines
 
     sampler = optuna.samplers.TPESampler(seed=sweep.search.seed, n_startup_trials=sweep.search.n_startup_trials)
     return OptunaSearch(sampler=sampler)
@@ -326,11 +346,23 @@ def _sweep_callback_cls():
             rows = read_jsonl(self.uri, self.opts) + [row]
             _write_jsonl(self.uri, rows, self.opts)
 
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            log.info("trial %s step %s %s %.4g", trial.trial_id, result.get("step"), self.metric, result.get(self.metric, float("nan")))
+
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._write(trial, "TERMINATED")
+            self._close(trial, ok=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._write(trial, "ERROR")
+            self._close(trial, ok=False)
+
+        def _close(self, trial, ok: bool) -> None:
+            from raytrain.launch import tracking
+
+            log.info("trial %s %s: %s %s", trial.trial_id, "finished" if ok else "FAILED", self.metric, (trial.last_result or {}).get(self.metric))
+            # a trial that ASHA stopped was killed before it could end its own tracking run
+            tracking.close_trial(storage.run_dir(self.runs_root, trial.trial_id), self.opts, ok=ok)
 
     return SweepCallback
 
@@ -357,7 +389,7 @@ def _record_or_check_sweep(cfg: Experiment, sweep: SweepConfig, opts, resuming: 
     refuse a changed job rather than mix the two."""
     uri = storage.join(sweep_dir(cfg), "sweep.json")
     now = json.loads(json.dumps({"tune": dataclasses.asdict(sweep),
-                                 "experiment": {k: v for k, v in cfg.to_dict().items() if k not in ("ray", "tune")}}))
+                                 "experiment": {k: v for k, v in cfg.to_dict().items() if k not in ("ray", "tune", "track")}}))
     if resuming and storage.exists(uri, opts):
         if storage.read_json(uri, opts) != now:
             raise ValueError(f"sweep {cfg.name!r} under {tune_root(cfg)} was started with a different job (see {uri}); "
@@ -412,7 +444,7 @@ def tuner(cfg: Experiment, sweep: SweepConfig, trainable, opts, resuming: bool):
             storage_path=fs_path if s3 else root,
             storage_filesystem=fs if s3 else None,
             callbacks=[_sweep_callback_cls()(trials_uri(cfg), opts, sweep.metric, trial_runs_root(cfg))],
-            verbose=1,
+            verbose=1 if console.verbose() else 0,  # quiet: the sweep callback's lines instead of Tune's tables
         ),
     )
 
@@ -474,6 +506,7 @@ def main(cfg: Experiment, sweep: SweepConfig) -> str | None:
     from ray import tune
 
     from raytrain.data import pipeline
+    from raytrain.launch import tracking
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = _absolute_local(cfg)
@@ -493,19 +526,34 @@ def main(cfg: Experiment, sweep: SweepConfig) -> str | None:
     # trials read the prepared shards (validation subset included), never re-generate them
     base = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, uri=uri)).to_dict()
 
+    # the sweep's tracking run (track:), parent of every trial's run; a resumed sweep continues it
+    parent = tracking.open_run(cfg, sweep_dir(cfg), name=cfg.name, kind="sweep")
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, model_path=base_path, datasets={"train": train_ds}, metric=sweep.metric),
+        tune.with_parameters(run_trial, base=base, model_path=base_path, datasets={"train": train_ds}, metric=sweep.metric,
+                             parent=parent.parent_info() if parent else None),
         {"CPU": sweep.trial_cpus},
     )
-    grid = tuner(cfg, sweep, trainable, opts, resuming).fit()
+    try:
+        grid = tuner(cfg, sweep, trainable, opts, resuming).fit()
+    except BaseException:
+        if parent is not None:
+            parent.finish(ok=False)
+        raise
 
     done = grid.num_terminated + grid.num_errors
     if len(grid) < sweep.num_samples or done < len(grid):
         print(f"sweep {cfg.name} interrupted: {done} of {sweep.num_samples} trials finished; "
               f"rerun the same command to finish the rest ({sweep_dir(cfg)})", flush=True)
+        if parent is not None:
+            parent.finish(ok=False)
         return None
     summary = summarize(cfg, sweep, grid)
     out = storage.write_json(best_uri(cfg), summary, opts)
+    if parent is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            files = tracking.local_files({"best.json": out, "trials.jsonl": trials_uri(cfg)}, opts, tmp) if cfg.track.artifacts else None
+            parent.log_results({sweep.metric: summary["value"]}, files, prefix="best", step=summary["step"])
+        parent.finish(ok=True)
     print(json.dumps({k: summary[k] for k in ("metric", "mode", "value", "trial_id", "overrides", "checkpoint")}, indent=2))
     print(out, flush=True)
     return out
