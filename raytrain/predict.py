@@ -241,8 +241,9 @@ def predict(model, processor, fam, images: Sequence, task_names: Sequence[str], 
     `read_answer` per example. Images are what the model sees (already preprocessed)."""
     grammars = None
     if options.constrained and geometries:
-        image_hw = (geometries[0].out_h, geometries[0].out_w)
-        grammars = grammars_for(fam, processor, task_names, queries, image_hw, options.max_objects)
+        # per example: a grammar's coordinate range is its own model input's (native sizes differ)
+        grammars = [grammars_for(fam, processor, [t], [q], (g.out_h, g.out_w), options.max_objects)[0]
+                    for t, q, g in zip(task_names, queries, geometries)]
     want_lp = options.confidence or options.nms_iou > 0
     gens = decode(model, processor, fam, images, prefixes, grammars=grammars, max_new_tokens=options.max_new_tokens,
                   logprobs=want_lp, **options.generate)
@@ -320,13 +321,14 @@ def score_rows(batch: dict, predictions: Sequence[Prediction]) -> dict:
 
 def batch_geometries(batch: dict, image_hw: tuple[int, int] | None = None) -> list[Geometry]:
     """Each example's source -> model-input map; batches without `content_box` were stretched.
-    image_hw: the model input (default: the shape of the batch's images)."""
+    image_hw: the model input of every example (default: each example's own image shape, which
+    differs per example under the native resize)."""
     n = len(batch["id"])
-    image_hw = tuple(image_hw) if image_hw is not None else tuple(batch["image"].shape[1:3])
     out = []
     for i in range(n):
-        box = batch["content_box"][i] if "content_box" in batch else (0, 0, int(image_hw[1]), int(image_hw[0]))
-        out.append(Geometry.from_content_box(int(batch["width"][i]), int(batch["height"][i]), image_hw, box))
+        hw = tuple(image_hw) if image_hw is not None else tuple(np.shape(batch["image"][i])[:2])
+        box = batch["content_box"][i] if "content_box" in batch else (0, 0, int(hw[1]), int(hw[0]))
+        out.append(Geometry.from_content_box(int(batch["width"][i]), int(batch["height"][i]), hw, box))
     return out
 
 

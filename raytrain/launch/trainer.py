@@ -76,7 +76,7 @@ def train_dataset(cfg: Experiment, uri: str, base_path: str, counter):
         "train",
         tasks=cfg.data.tasks,
         model_path=base_path,
-        image_hw=fam.image_size(processor),
+        image_hw=fam.input_frame(processor, cfg.data.preprocess.resize),
         family=cfg.model.spec,
         max_len=cfg.data.max_seq_len,
         allow_convert=cfg.data.allow_convert,

@@ -261,6 +261,7 @@ class GroundingModel:
 
         try:  # requests are preprocessed as the adapter's training images were (no record: stretch)
             self._prep[adapter_id] = Preprocess.from_dict(state.get("preprocess"))
+            self.fam.input_frame(self.processor, self._prep[adapter_id].mode)  # a resize this family takes
         except ValueError as e:
             raise AdapterIncompatible(f"adapter {adapter_id!r}: unusable preprocessing record ({e})") from None
         return uri
@@ -363,7 +364,7 @@ class GroundingModel:
             await self._check_known(req["adapter"])  # AdapterNotFound before the LRU evicts anything
             await self._get_adapter(req["adapter"])  # loads on a miss (LRU); AdapterIncompatible
             prep = self._prep[req["adapter"]]
-            req["geometry"] = preprocess.geometry(prep, w, h, self.image_hw)
+            req["geometry"] = preprocess.geometry_for(self.fam, prep, self.fam.input_frame(self.processor, prep.mode), w, h)
             if w * h <= 512 * 512 and not prep.edge_blend:  # a small resize costs less than a thread hop
                 req["model_image"] = preprocess.apply(prep, req["image"], req["geometry"])
             else:

@@ -46,21 +46,30 @@ def micro_batches(session: Session, micro: int, epoch: int = 0, skip: int = 0) -
 
 
 TARGET_KEYS = ("labels", "num_place")  # per-token arrays the loss reads, never the model
+KEYS = "example_keys"  # which examples a row holds (data/pipeline.py example_keys): the data position's
+
+
+def _to(v, device):
+    return [t.to(device) for t in v] if isinstance(v, (list, tuple)) else v.to(device)
 
 
 def batch_to_model(batch: dict, fam, device: torch.device, pixel_dtype: torch.dtype) -> tuple[dict, dict]:
     """A delivered batch -> (model keywords, loss targets): on the device, the padding columns the
     whole batch shares trimmed (rows are right-padded to a fixed length, so work follows the longest
-    row), the family's layout applied (uint8 pixels normalised; Qwen: flat patches + grid), pixels
-    in the dtype the vision tower computes in. Targets: `labels` and, where the pipeline wrote
-    them, `num_place` (coordinate digits' place weights, formats/numbers.py)."""
-    inputs = {k: v.to(device) for k, v in batch.items() if k not in TARGET_KEYS}
+    row), the family's layout applied (uint8 pixels normalised; per-image arrays of the rows, ragged
+    ones as lists, joined in row order; packed rows' `position_ids`), pixels in the dtype the vision
+    tower computes in. Targets: `labels` and, where the pipeline wrote them, `num_place`
+    (coordinate digits' place weights, formats/numbers.py). `example_keys` (the data position's)
+    never reaches the model."""
+    inputs = {k: _to(v, device) for k, v in batch.items() if k not in TARGET_KEYS and k != KEYS}
     width = int(inputs["attention_mask"].sum(1).max())
     targets = {k: batch[k].to(device)[:, :width] for k in TARGET_KEYS if k in batch}
     targets["labels"] = targets["labels"].long()
     for k in fam.SEQ_KEYS:
         if k in inputs:
             inputs[k] = inputs[k][:, :width].long()
+    if "position_ids" in inputs:  # packed rows: (B, T) or (B, rows, T), trimmed like the tokens
+        inputs["position_ids"] = inputs["position_ids"][..., :width].long()
     inputs = fam.prepare_inputs(inputs)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(pixel_dtype)
