@@ -33,7 +33,7 @@ def fit(cfg: Experiment, uri: str, base_path: str, counter):
     from raytrain.training.metrics import HistoryCallback
 
     train_ds = trainer.train_dataset(cfg, uri, base_path, counter)
-    cfg = trainer.with_epoch_steps(cfg, train_ds)
+    cfg = trainer.with_epoch_steps(cfg, train_ds, base_path)
     return trainer.build_trainer(
         cfg, model_path=base_path, data_uri=uri, datasets={"train": train_ds}, name=cfg.name, runs_root=job.runs_root(cfg),
         callbacks=[HistoryCallback(job.history_uri(cfg), job.storage_opts(cfg))],
