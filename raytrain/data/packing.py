@@ -29,6 +29,7 @@ from raytrain.models import family as model_family
 log = logging.getLogger(__name__)
 
 KEYS = "example_keys"
+STAGE_CPUS = 0.25  # per epoch-stage task (see epoch_dataset)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,7 +129,9 @@ def epoch_dataset(ds, *, family: str, model_path: str, packing: int, position=No
     `position`: the run's EpochFilter (None: nothing is ever skipped, e.g. to count rows)."""
     if not packing and position is None:
         return ds
-    return ds.map_batches(epoch_stage, batch_size=None, batch_format="numpy",
+    # A light stage (a key lookup, array concatenation) that runs every epoch while the trainers
+    # hold their CPUs: a quarter CPU per task, so it fits beside them.
+    return ds.map_batches(epoch_stage, batch_size=None, batch_format="numpy", num_cpus=STAGE_CPUS,
                           fn_kwargs={"family": family, "model_path": model_path, "packing": int(packing), "position": position})
 
 
