@@ -43,6 +43,13 @@ class Preprocess:
     """Canny hysteresis low threshold, a fraction of full-scale gradient (skimage.feature.canny on [0, 1] luma)."""
     edge_high: float = 0.2
     """Canny hysteresis high threshold (>= edge_low)."""
+    min_pixels: int = 0
+    """resize=native: the fewest pixels of an image's model input (Qwen2.5-VL's smart_resize min_pixels);
+    0 = the processor's own (its preprocessor_config.json)."""
+    max_pixels: int = 0
+    """resize=native: the most pixels of an image's model input, which bounds its image tokens
+    (Qwen2.5-VL: pixels / 28^2; the released processors allow 12845056, i.e. 16384 tokens);
+    0 = the processor's own."""
 
     def __post_init__(self):
         if self.resize not in ("", *RESIZE_MODES):
@@ -63,6 +70,14 @@ class Preprocess:
         if not 0.0 <= self.edge_low <= self.edge_high <= 1.0:
             raise ValueError("need 0 <= preprocess.edge_low <= preprocess.edge_high <= 1 (fractions of full scale), "
                              f"got {self.edge_low}, {self.edge_high}")
+        for name in ("min_pixels", "max_pixels"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"preprocess.{name} must be an integer >= 0 (0 = the processor's own), got {v!r}")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError(f"preprocess.min_pixels ({self.min_pixels}) must be <= max_pixels ({self.max_pixels})")
+        if (self.min_pixels or self.max_pixels) and self.resize not in ("", "native"):
+            raise ValueError(f"preprocess.min_pixels / max_pixels size images under resize=native, not {self.resize}")
 
     @property
     def mode(self) -> str:

@@ -68,12 +68,17 @@ def geometry(prep: Preprocess, width: int, height: int, image_hw: Sequence[int])
     return Geometry(width, height, out_w, out_h, x0, y0, x0 + cw, y0 + ch)
 
 
+def frame_for(fam, processor, prep: Preprocess):
+    """The model input frame `prep` sizes images to for this family and processor (what the
+    pipeline's `image_hw` takes): `fam.input_frame` with the resize mode and native pixel bounds."""
+    return fam.input_frame(processor, prep.mode, prep.min_pixels, prep.max_pixels)
+
+
 def geometry_for(fam, prep: Preprocess, frame, width: int, height: int) -> Geometry:
-    """`geometry` of one source image under a family's input frame (`fam.input_frame(processor,
-    prep.resize)`): the model input is the family's size for this image (fixed, or native)."""
+    """`geometry` of one source image under a family's input frame (`frame_for`): the model input
+    is the family's size for this image (fixed, or native)."""
     if (prep.mode == "native") != isinstance(frame, dict):
-        raise ValueError(f"resize={prep.mode} with the model input frame {frame!r}: build the frame with the family's "
-                         f"input_frame(processor, {prep.mode!r})")
+        raise ValueError(f"resize={prep.mode} with the model input frame {frame!r}: build the frame with frame_for")
     return geometry(prep, width, height, fam.input_size(frame, width, height))
 
 

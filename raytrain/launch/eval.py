@@ -62,7 +62,7 @@ def evaluate(cfg: Experiment, uri: str, base_path: str, ckpt_uri: str | None, co
         uri,
         cfg.eval.split,
         tasks=cfg.data.tasks,
-        image_hw=fam.input_frame(processor, prep.mode),
+        image_hw=preprocess.frame_for(fam, processor, prep),
         family=cfg.model.spec,
         allow_convert=cfg.data.allow_convert,
         opts=job.storage_opts(cfg),

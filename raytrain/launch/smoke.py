@@ -215,7 +215,7 @@ def _synthetic_rows(cfg: Experiment, fam, processor, n_rows: int, seed: int) -> 
     from raytrain.formats.numbers import NumberSpan
 
     prep = cfg.data.preprocess
-    frame = fam.input_frame(processor, prep.resize)
+    frame = preprocess.frame_for(fam, processor, prep)
     images, prefixes, suffixes, numbers = [], [], [], []
     i = 0
     while len(images) < n_rows:
@@ -344,7 +344,7 @@ def _generate(cfg: Experiment, ckpt: Path, model_path: str, fam, checkpointing) 
     model, proc = checkpointing.load_for_inference(ckpt, model_path, fam)
     # as `raytrain eval` does: the checkpoint's recorded preprocessing
     prep = preprocess.resolve_recorded(checkpointing.recorded_preprocess(ckpt), cfg.data.preprocess, str(ckpt))
-    frame = fam.input_frame(proc, prep.mode)
+    frame = preprocess.frame_for(fam, proc, prep)
     images, tasks, queries, prefixes, geoms = [], [], [], [], []
     for i in range(2):
         ex = synthetic.make_example(10_000 + i, seed=11, image_size=cfg.data.image_size)

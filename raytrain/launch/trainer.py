@@ -73,7 +73,7 @@ def build_trainer(cfg: Experiment, *, model_path: str, data_uri: str, datasets: 
 def train_dataset(cfg: Experiment, uri: str, base_path: str, counter):
     """The tokenized train split (Ray Data), materialized in the object store once when
     data.cache_preprocessed (every epoch, and every Tune trial, then re-reads it)."""
-    from raytrain.data import pipeline
+    from raytrain.data import pipeline, preprocess
     from raytrain.models import family
 
     fam = family(cfg.model.spec)
@@ -83,7 +83,7 @@ def train_dataset(cfg: Experiment, uri: str, base_path: str, counter):
         "train",
         tasks=cfg.data.tasks,
         model_path=base_path,
-        image_hw=fam.input_frame(processor, cfg.data.preprocess.resize),
+        image_hw=preprocess.frame_for(fam, processor, cfg.data.preprocess),
         family=cfg.model.spec,
         max_len=cfg.data.max_seq_len,
         allow_convert=cfg.data.allow_convert,

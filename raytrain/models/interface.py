@@ -129,10 +129,11 @@ class ModelFamily(Protocol):
     """data.preprocess.resize modes the family takes (stretch | letterbox | native); the first is its
     default (what an experiment's empty resize resolves to)."""
 
-    def input_frame(self, processor, resize: str):
+    def input_frame(self, processor, resize: str, min_pixels: int = 0, max_pixels: int = 0):
         """The model input images are sized to under `resize`, as a plain (picklable) value for data
         tasks: the fixed (H, W) of `image_size` for stretch / letterbox; for "native", the family's
-        per-image sizing settings (a dict). ValueError for a mode the family does not take."""
+        per-image sizing settings (a dict; min/max_pixels > 0 replace the processor's bounds).
+        ValueError for a mode the family does not take."""
         ...
 
     def input_size(self, frame, width: int, height: int) -> tuple[int, int]:

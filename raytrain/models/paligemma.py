@@ -285,10 +285,12 @@ def prepare_inputs(inputs: dict) -> dict:
     transformers builds the mask from the restarting `position_ids` (causal, never across examples)
     together with token_type_ids (bidirectional over each example's image + prefix): each example's
     own prefix-LM mask. Anything else passes through unchanged."""
+    pv = inputs.get("pixel_values")
+    if "position_ids" not in inputs and (pv is None or "pixel_scale" not in inputs):
+        return inputs
     out = dict(inputs)
     if "position_ids" in out:
         out.pop("attention_mask", None)
-    pv = out.get("pixel_values")
     if pv is None or "pixel_scale" not in out:
         return out
     pv = join_images(pv, 4)
@@ -439,7 +441,7 @@ class PaliGemma:
     prepare_inputs = staticmethod(prepare_inputs)
     pack = staticmethod(pack)
 
-    def input_frame(self, processor, resize: str):
+    def input_frame(self, processor, resize: str, min_pixels: int = 0, max_pixels: int = 0):
         if resize not in self.RESIZE_MODES:
             raise ValueError(f"PaliGemma's vision tower takes one fixed input size: data.preprocess.resize must be "
                              f"{' | '.join(self.RESIZE_MODES)}, not {resize!r}")

@@ -495,9 +495,9 @@ class Qwen2_5_VL:
     stop_token_ids = staticmethod(stop_token_ids)
     input_size = staticmethod(qwen_batch.input_size)
 
-    def input_frame(self, processor, resize: str):
+    def input_frame(self, processor, resize: str, min_pixels: int = 0, max_pixels: int = 0):
         if resize == "native":
-            return qwen_batch.native_frame(resize_settings(processor))
+            return qwen_batch.native_frame(resize_settings(processor), min_pixels, max_pixels)
         if resize in ("stretch", "letterbox"):
             return image_size(processor)
         raise ValueError(f"Qwen2.5-VL resizes {' | '.join(self.RESIZE_MODES)}, not {resize!r}")

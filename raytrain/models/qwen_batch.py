@@ -34,9 +34,14 @@ TOKEN_PADS = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "l
 """Per-token arrays of encode_train and their pad values (input_ids: the tokenizer's pad id)."""
 
 
-def native_frame(settings: dict) -> dict:
-    """The plain value `input_frame` returns for resize=native: the processor's resize settings."""
-    return {"native": {k: int(settings[k]) for k in ("factor", "min_pixels", "max_pixels")}}
+def native_frame(settings: dict, min_pixels: int = 0, max_pixels: int = 0) -> dict:
+    """The plain value `input_frame` returns for resize=native: the processor's resize settings,
+    its pixel bounds replaced by min/max_pixels where those are > 0 (data.preprocess)."""
+    s = {k: int(settings[k]) for k in ("factor", "min_pixels", "max_pixels")}
+    s.update({k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v})
+    if s["max_pixels"] < s["factor"] ** 2 or s["min_pixels"] > s["max_pixels"]:
+        raise ValueError(f"native resize needs factor^2 <= min_pixels <= max_pixels, got {s}")
+    return {"native": s}
 
 
 def input_size(frame, width: int, height: int) -> tuple[int, int]:

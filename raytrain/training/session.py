@@ -130,13 +130,14 @@ def from_ray_train(cfg: config_mod.Experiment, loop_config: dict) -> tuple[Sessi
 
     def val_examples():
         from raytrain import storage
+        from raytrain.data import preprocess
         from raytrain.models import family as model_family
         from raytrain.training import validation
 
         fam = model_family(cfg.model.spec)
         proc = fam.load_processor(loop_config["model_path"])
         return validation.load_examples(loop_config["data_uri"], cfg.train.val_split, cfg.train.val_examples, tasks=cfg.data.tasks,
-                                        image_hw=fam.input_frame(proc, cfg.data.preprocess.resize), family=cfg.model.spec,
+                                        image_hw=preprocess.frame_for(fam, proc, cfg.data.preprocess), family=cfg.model.spec,
                                         allow_convert=cfg.data.allow_convert,
                                         preprocess=cfg.data.preprocess,
                                         opts=storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region))

@@ -43,7 +43,7 @@ def test_eval_full_split_matches_single_process_reference(tmp_path, ray_cluster,
     ckpt = metrics["run"]["checkpoint"]
     assert ckpt == launch_eval.latest_checkpoint(cfg)
     recorded = Preprocess.from_dict(checkpointing.recorded_preprocess(ckpt))
-    assert recorded == Preprocess(edge_blend=0.3)
+    assert recorded == Preprocess("stretch", edge_blend=0.3)  # the family default, resolved when the run loaded
     assert f"eval preprocessing: {recorded.to_dict()}" in capsys.readouterr().out
     rows = [json.loads(line) for line in (out.parent / "predictions_test.jsonl").read_text().splitlines()]
 

@@ -214,7 +214,7 @@ def test_record_round_trip_and_policy(caplog):
     # the same keys, so it loads, and today's records are written the same way
     old = {"resize": "letterbox", "pad_color": [114, 114, 114], "edge_blend": 0.3, "edge_sigma": 1.0, "edge_low": 0.1, "edge_high": 0.2}
     assert Preprocess.from_dict(old) == Preprocess("letterbox", (114, 114, 114), 0.3)
-    assert Preprocess.from_dict(old).to_dict() == old
+    assert Preprocess.from_dict(old).to_dict() == {**old, "min_pixels": 0, "max_pixels": 0}  # + native's pixel bounds (0: the processor's)
     with caplog.at_level(logging.WARNING, logger="raytrain.data.preprocess"):
         assert resolve_recorded(rec, Preprocess(), "ckpt") == p  # the record wins ...
     assert "using the recorded preprocessing" in caplog.text and "resize" in caplog.text  # ... loudly
