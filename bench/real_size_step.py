@@ -23,6 +23,7 @@ little above the estimate's weights + activations and not the estimate's CUDA ov
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -62,7 +63,8 @@ def build(preset: str, out: Path) -> dict:
     model.config.text_config.pad_token_id = tok.pad_token_id
     assert len(tok) <= model.config.text_config.vocab_size
     ip = SiglipImageProcessorPil(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True)
-    proc = PaliGemmaProcessor(image_processor=ip, tokenizer=tok, image_seq_length=n_img)
+    ip.image_seq_length = n_img  # what the saved processor reads back (as models/tiny_paligemma.py does)
+    proc = PaliGemmaProcessor(image_processor=ip, tokenizer=tok)
     model.save_pretrained(out, safe_serialization=True)
     proc.save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())
@@ -111,6 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="paligemma2-3b-224")
     ap.add_argument("--no-grad-ckpt", action="store_true", help="without gradient checkpointing")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "real_size_step.json"))
+    ap.add_argument("--model-dir", default="", help="keep the built random model here (reused when it is there)")
     ap.add_argument("--_build", help=argparse.SUPPRESS)
     ap.add_argument("--_step", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -124,10 +127,21 @@ def main(argv=None) -> int:
     from raytrain.models import memory
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    with tempfile.TemporaryDirectory(prefix="real-size-") as d:
-        run = lambda *args: json.loads(subprocess.run([sys.executable, __file__, "--preset", a.preset, *args], env=env, check=True,  # noqa: E731
-                                                      capture_output=True, text=True).stdout.strip().splitlines()[-1])
-        built = run("--_build", d)
+
+    def run(*args) -> dict:
+        p = subprocess.run([sys.executable, __file__, "--preset", a.preset, *args], env=env, capture_output=True, text=True)
+        if p.returncode:
+            raise SystemExit(f"{args[0]} failed ({p.returncode}):\n{p.stderr[-4000:]}")
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    with contextlib.ExitStack() as stack:
+        d = a.model_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="real-size-"))
+        record = Path(d) / "bench_build.json"
+        if record.is_file():  # --model-dir of an earlier run: the random model is already there
+            built = json.loads(record.read_text())
+        else:
+            built = run("--_build", d)
+            record.write_text(json.dumps(built))
         done = run("--_step", d, *(["--no-grad-ckpt"] if a.no_grad_ckpt else []))
     est = memory.estimate(a.preset, "lora_bf16", micro_batch=1, seq_len=done["text_tokens"], lora_r=done["lora_r"],
                           lora_targets=done["lora_targets"], grad_checkpointing=done["gradient_checkpointing"])
