@@ -258,3 +258,51 @@ def test_exact_mid_epoch_resume_with_packed_batches(tiny_model_path, one_torch_t
     assert (state["epoch"], state["batch_in_epoch"]) == (epoch, in_epoch)
     want = np.concatenate([np.concatenate([np.asarray(k) for k in b["example_keys"]]) for b in batches[:in_epoch]])
     assert sorted(keys.tolist()) == sorted(want.tolist()) and state["samples_in_epoch"] == len(want)
+
+
+# ---------------------------------------------------------------------------- both recipes
+
+
+_ZERO_WORKER = """
+import json, sys, contextlib, torch
+from raytrain import config as config_mod
+from raytrain.recipes import zero
+from raytrain.training.session import Session
+args = json.loads(sys.argv[1])
+torch.set_num_threads(1)
+batches = torch.load(args["data"], weights_only=False)
+rows = []
+session = Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=lambda m, d: rows.append(m),
+                  epoch_batches=lambda e, m: [dict(b) for b in batches])
+zero.train(config_mod.load(None, args["overrides"]), args["model_path"], session, torch.device("cpu"))
+print("FIRST_LOSS", json.dumps(rows[0]["loss"]), flush=True)
+"""
+
+
+def test_zero_recipe_trains_packed_rows_as_unpacked(tiny_model_path, tmp_path, one_torch_thread):
+    """recipes/zero.py (ZeRO-3, one rank, its own process) on packed rows: its first-step loss
+    equals the DDP recipe's on the same examples unpacked (same weights, before any update)."""
+    import json
+    import subprocess
+    import sys
+
+    enc = tokenized(synthetic_rows(6), "paligemma", tiny_model_path, ["detect", "point"], 48, "stretch")
+    proc = family("paligemma").load_processor(tiny_model_path)
+    packed = packing.pack_batch(enc, family="paligemma", length=100, pad_id=proc.tokenizer.pad_token_id)
+    n, rows = len(enc["input_ids"]), len(packed["input_ids"])
+    base = ["train.steps=1", "train.warmup_steps=0", "train.log_every=1", "train.checkpoint_every=100", "model.freeze_vision=false", *LOSS]
+
+    reports = []
+    session = Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=lambda m, d: reports.append(m),
+                      epoch_batches=lambda e, m: [collate(dict(enc))])
+    with contextlib.chdir(tmp_path):
+        ddp.train(config_mod.load(None, ["train.strategy=full", f"train.micro_batch_size={n}", *base]), tiny_model_path, session,
+                  torch.device("cpu"), wrap_ddp=lambda m: m)
+    torch.save([collate(dict(packed))], tmp_path / "packed.pt")
+    args = {"data": str(tmp_path / "packed.pt"), "model_path": tiny_model_path,
+            "overrides": ["train.strategy=zero3", f"train.micro_batch_size={rows}", *base]}
+    out = subprocess.run([sys.executable, "-c", _ZERO_WORKER, json.dumps(args)], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-4000:]
+    zero_loss = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("FIRST_LOSS")).split()[1])  # DeepSpeed logs too
+    print(f"first-step loss: ddp unpacked {reports[0]['loss']:.7f}, zero3 packed {zero_loss:.7f}")
+    assert abs(zero_loss - reports[0]["loss"]) <= 1e-4, (zero_loss, reports[0]["loss"])  # test_zero.py's tolerance across recipes
