@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,6 +28,7 @@ from raytrain.config_inference import (  # noqa: F401  (re-exported: the eval an
     ServeConfig,
 )
 from raytrain.config_ops import SchedulerConfig, SearchConfig, SweepConfig, TrackConfig  # noqa: F401  (track:, tune:)
+from raytrain.config_preprocess import RESIZE_MODES, Preprocess  # noqa: F401  (the data.preprocess section)
 from raytrain.storage import StorageOptions
 
 STRATEGIES = ("full", "lora", "zero2", "zero3")
@@ -36,7 +36,6 @@ STRATEGIES = ("full", "lora", "zero2", "zero3")
 ZERO_STAGES = {"zero2": 2, "zero3": 3}
 """DeepSpeed ZeRO stage of each ZeRO strategy (the stage comes from train.strategy)."""
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-RESIZE_MODES = ("stretch", "letterbox")
 DTYPES = ("float32", "bfloat16", "float16")
 BOX_IOU_LOSSES = ("giou", "ciou")
 PREPARE_FORMATS = ("coco", "jsonl", "pixmo_points", "visual_genome", "captions", "ms_swift", "llamafactory")
@@ -90,65 +89,6 @@ class PrepareOptions:
     caption_select: str = "all"
     """captions: all | consensus | consensus_embedding | clip (needs clip_path)."""
     clip_path: str = ""
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """What happens to an image between decoding and the model (`data.preprocess`). Components take
-    it as is; checkpoints record it (`to_dict`, state.json "preprocess") and inference rebuilds it
-    from that record (`from_dict`). Validated on construction."""
-
-    resize: str = "stretch"
-    """stretch (scale to the model input, aspect not kept) | letterbox (fit inside it keeping the
-    aspect ratio, centred, padded with pad_color; targets are rendered in the padded frame)."""
-    pad_color: tuple[int, int, int] = (0, 0, 0)
-    """Letterbox padding colour, R G B in 0..255."""
-    edge_blend: float = 0.0
-    """Weight of Canny edges blended over the image, 0..1: (1-w)*image + w*edges (seed 004: 0.3); 0 = off.
-    Needs scikit-image."""
-    edge_sigma: float = 1.0
-    """Gaussian smoothing (pixels of the model input) before Canny."""
-    edge_low: float = 0.1
-    """Canny hysteresis low threshold, a fraction of full-scale gradient (skimage.feature.canny on [0, 1] luma)."""
-    edge_high: float = 0.2
-    """Canny hysteresis high threshold (>= edge_low)."""
-
-    def __post_init__(self):
-        if self.resize not in RESIZE_MODES:
-            raise ValueError(f"preprocess.resize must be one of {list(RESIZE_MODES)}, got {self.resize!r}")
-        pad = tuple(self.pad_color) if isinstance(self.pad_color, (list, tuple)) else None
-        if pad is None or len(pad) != 3 or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in pad):
-            raise ValueError(f"preprocess.pad_color must be three integers in 0..255 (R, G, B), got {self.pad_color!r}")
-        object.__setattr__(self, "pad_color", pad)
-        for name in ("edge_blend", "edge_sigma", "edge_low", "edge_high"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"preprocess.{name} must be a finite number, got {v!r}")
-            object.__setattr__(self, name, float(v))
-        if not 0.0 <= self.edge_blend <= 1.0:
-            raise ValueError(f"preprocess.edge_blend is the weight of the edge image, 0..1 (0 = off), got {self.edge_blend}")
-        if self.edge_sigma < 0:
-            raise ValueError(f"preprocess.edge_sigma must be >= 0, got {self.edge_sigma}")
-        if not 0.0 <= self.edge_low <= self.edge_high <= 1.0:
-            raise ValueError("need 0 <= preprocess.edge_low <= preprocess.edge_high <= 1 (fractions of full scale), "
-                             f"got {self.edge_low}, {self.edge_high}")
-
-    def to_dict(self) -> dict:
-        """JSON-ready record (what state.json stores under "preprocess")."""
-        return {**dataclasses.asdict(self), "pad_color": list(self.pad_color)}
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> Preprocess:
-        """From a record; None (a checkpoint written before records existed) = the defaults, i.e.
-        stretch without edges, the only preprocessing there was. Unknown keys raise ValueError."""
-        if d is None:
-            return cls()
-        if not isinstance(d, dict):
-            raise ValueError(f"a preprocess record is a mapping, got {type(d).__name__}")
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown preprocess key(s) {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(cls)]}")
-        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -211,6 +151,9 @@ class DataConfig:
     checkpoint's state.json and applied from that record by `raytrain eval` and Serve."""
     text: TextOptions = field(default_factory=TextOptions)
     """Prompt templates, system prompt, negatives' answer, multi-label examples (recorded like preprocess)."""
+    packing: int = 0
+    """> 0: pack several training examples into each row of this many tokens (>= max_seq_len), each
+    attending only to itself (data/packing.py): fewer pad tokens computed. 0 = one example per row."""
 
     MOVED_KEYS: ClassVar[dict[str, str]] = {k: f"data.preprocess.{k}" for k in
                                             ("resize", "pad_color", "edge_blend", "edge_sigma", "edge_low", "edge_high")}
@@ -450,6 +393,16 @@ class Experiment:
         if self.track.mlflow is True and self.storage.root.startswith("s3://"):
             raise ValueError("track.mlflow=true keeps an MLflow store under storage.root, which is on S3 here: "
                              "give track.mlflow a tracking URI (an MLflow server, or sqlite:///<local path>)")
+        from raytrain.models import family
+
+        fam = family(self.model.spec)  # data.preprocess.resize "" = the family's default; checkpoints record the mode
+        self.data.preprocess = self.data.preprocess.resolved(fam.RESIZE_MODES[0])
+        if self.data.preprocess.resize not in fam.RESIZE_MODES:
+            raise ValueError(f"data.preprocess.resize={self.data.preprocess.resize!r}: model family {self.model.family!r} "
+                             f"resizes {' | '.join(fam.RESIZE_MODES)}")
+        if self.data.packing and self.data.packing < self.data.max_seq_len:
+            raise ValueError(f"data.packing={self.data.packing} must be 0 (off) or >= data.max_seq_len={self.data.max_seq_len}: "
+                             "every example that fits max_seq_len must fit a packed row")
         if self.train.new_token_warmup_steps > 0:
             if self.model.box_format != "tokens":
                 raise ValueError("train.new_token_warmup_steps > 0 warms up added tokens: it needs model.box_format=tokens, "

@@ -348,13 +348,14 @@ def score_rows(batch: dict, predictions: Sequence[Prediction]) -> dict:
 
 def batch_geometries(batch: dict, image_hw: tuple[int, int] | None = None) -> list[Geometry]:
     """Each example's source -> model-input map; batches without `content_box` were stretched.
-    image_hw: the model input (default: the shape of the batch's images)."""
+    image_hw: the model input of every example (default: each example's own image shape, which
+    differs per example under the native resize)."""
     n = len(batch["id"])
-    image_hw = tuple(image_hw) if image_hw is not None else tuple(batch["image"].shape[1:3])
     out = []
     for i in range(n):
-        box = batch["content_box"][i] if "content_box" in batch else (0, 0, int(image_hw[1]), int(image_hw[0]))
-        out.append(Geometry.from_content_box(int(batch["width"][i]), int(batch["height"][i]), image_hw, box))
+        hw = tuple(image_hw) if image_hw is not None else tuple(np.shape(batch["image"][i])[:2])
+        box = batch["content_box"][i] if "content_box" in batch else (0, 0, int(hw[1]), int(hw[0]))
+        out.append(Geometry.from_content_box(int(batch["width"][i]), int(batch["height"][i]), hw, box))
     return out
 
 

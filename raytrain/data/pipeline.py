@@ -5,11 +5,15 @@ All of it runs in CPU tasks; training workers only see ready tensors through
 in a small named actor (`DropCounter`), so a run reports what it skipped instead of losing it.
 
 Stages (each a plain function over one numpy batch, so they are testable without Ray):
-  decode_and_expand   validated image (preprocessed to the model's input: stretch or letterbox,
-                      optional edge blend; raytrain/data/preprocess.py) + one example per
-                      (task, label) with prefix/suffix text rendered from source-pixel objects
-                      in the frame of that input; `content_box` says where the source lies in it
-  tokenize            the model processor's encoding, fixed length; too-long rows are counted
+  decode_and_expand   validated image (preprocessed to the model's input: stretch, letterbox or
+                      the family's native per-image size, optional edge blend;
+                      raytrain/data/preprocess.py) + one example per (task, label) with
+                      prefix/suffix text rendered from source-pixel objects in the frame of that
+                      input; `content_box` says where the source lies in it. Images of different
+                      sizes (native) make a ragged `image` column (an object array of HxWx3 arrays)
+  tokenize            the model processor's encoding, fixed length; too-long rows are counted;
+                      `example_keys` identifies each example (`example_keys`), for the data
+                      position a checkpoint records (raytrain/data/packing.py filters it)
 
 For training both stages run as ONE generator over a whole read block (`prepare_block`), which
 Ray Data fuses with the Parquet read into a single task: no intermediate Arrow block of decoded
@@ -20,6 +24,7 @@ leaves a 0.1-0.3 s gap on a CPU slot between consecutive tasks). bench/data_pipe
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -168,6 +173,7 @@ def decode_and_expand(
     (x0, y0, x1, y1) records where the source image lies in the input, for parsing back.
     `counts` (optional): add the drop counts there and leave reporting to the caller."""
     prep = preprocess_mod.coerce(preprocess)
+    fam = model_family(family)
     report = counts is None
     counts = Counter() if counts is None else counts
     cols: dict[str, list] = {k: [] for k in ("id", "task", "query", "prefix", "suffix", "numbers", "targets", "width", "height", "image",
@@ -184,9 +190,9 @@ def decode_and_expand(
         if note:
             counts[f"converted:{note}"] += 1
         objs = objects_from_json(row["objects"]) if isinstance(row["objects"], str) else row["objects"]
-        geom = preprocess_mod.geometry(prep, checked["width"], checked["height"], image_hw)
+        geom = preprocess_mod.geometry_for(fam, prep, image_hw, checked["width"], checked["height"])
         try:
-            exs = examples_for(objs, tasks, checked["width"], checked["height"], family, image_hw, geom)
+            exs = examples_for(objs, tasks, checked["width"], checked["height"], family, (geom.out_h, geom.out_w), geom)
         except ValueError as e:
             if type(e).__name__ == "MaskCodecMissing":
                 raise  # a configuration error, not a bad row: every segment row would be dropped
@@ -212,7 +218,28 @@ def decode_and_expand(
     out["content_box"] = np.array(cols["content_box"], dtype=np.int32).reshape(-1, 4)
     out["width"] = np.array(cols["width"], dtype=np.int32)
     out["height"] = np.array(cols["height"], dtype=np.int32)
-    out["image"] = np.stack(cols["image"]) if cols["image"] else np.zeros((0, image_hw[0], image_hw[1], 3), np.uint8)
+    out["image"] = _column(cols["image"]) if cols["image"] else np.zeros((0, 1, 1, 3), np.uint8)
+    return out
+
+
+def _column(arrays: list) -> np.ndarray:
+    """Stacked when every array has one shape; else a 1-D object array (a ragged Ray Data column)."""
+    if all(a.shape == arrays[0].shape for a in arrays):
+        return np.stack(arrays)
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
+
+
+def example_keys(ids, task_names, queries) -> np.ndarray:
+    """(n,) int64 key of each example: 8 bytes of BLAKE2b over (image id, task, query), the same in
+    every process and on every run (Python's hash() is salted per process), so a checkpoint can
+    record which examples an epoch has trained on whatever the number of workers that read them."""
+    out = np.empty(len(ids), dtype=np.int64)
+    for i, (a, t, q) in enumerate(zip(ids, task_names, queries)):
+        h = hashlib.blake2b(f"{a}\x1f{t}\x1f{q}".encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(h, "little", signed=True)
     return out
 
 
@@ -238,6 +265,8 @@ def tokenize(batch: dict, *, split: str, model_path: str, max_len: int, family: 
     numbers = [[NumberSpan(*n) for n in json.loads(str(js))] for js in batch["numbers"]] if "numbers" in batch else None
     enc = model_family(family).encode_train(proc, images, list(batch["prefix"]), list(batch["suffix"]), max_len, numbers)
     fits = enc.pop("length") <= max_len
+    if "id" in batch:  # (n, 1): one example per row; packed rows hold several (data/packing.py)
+        enc["example_keys"] = example_keys(batch["id"], batch["task"], batch["query"])[:, None]
     mine = Counter({"tokenized": int(fits.sum())})
     if (~fits).any():
         mine["dropped:too_long"] += int((~fits).sum())
@@ -245,7 +274,13 @@ def tokenize(batch: dict, *, split: str, model_path: str, max_len: int, family: 
         _report(counter, split, mine)
     else:
         counts.update(mine)
-    return {k: v[fits] for k, v in enc.items()}
+    return {k: _take(v, fits) for k, v in enc.items()}
+
+
+def _take(v: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Rows of a column; a ragged column whose kept rows share a shape becomes a stacked one."""
+    v = v[keep]
+    return _column(list(v)) if v.dtype == object and len(v) else v
 
 
 def _chunks(batch: dict, size: int):
@@ -287,15 +322,25 @@ def prepare_block(block: dict, *, split: str, tasks, image_hw, model_path: str, 
             pending.append(out)
             size += sum(v.nbytes for v in out.values())
             if size >= yield_bytes:
-                yield _concat(pending)
+                yield concat_batches(pending)
                 pending, size = [], 0
     if pending:
-        yield _concat(pending)
+        yield concat_batches(pending)
     _report(counter, split, counts)
 
 
-def _concat(parts: list[dict]) -> dict:
-    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+def concat_batches(parts: list[dict]) -> dict:
+    """Batches -> one; a column ragged in any part, or shaped differently between parts, stays ragged."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for k in parts[0]:
+        cols = [p[k] for p in parts]
+        if all(c.dtype != object and c.shape[1:] == cols[0].shape[1:] for c in cols):
+            out[k] = np.concatenate(cols)
+        else:
+            out[k] = _column([row for c in cols for row in c])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,12 @@ by evaluation and Serve, so inference sees what training saw:
                           behaviour before these options existed
               "letterbox" scaled by ONE factor to fit inside the model input, centred, the rest
                           filled with `pad_color`; objects keep their shape
+              "native"    scaled to the family's own input size for THIS image (Qwen2.5-VL:
+                          smart_resize, aspect ratio about kept, a variable number of image
+                          tokens); the image fills its input, as in a stretch. The size comes from
+                          the family (`input_frame` / `input_size`, models/interface.py): callers
+                          pass the per-image size here, or use `geometry_for`
+              ""          (an experiment resolves it to its family's default) a stretch
   edge_blend  w in [0, 1]: out = (1 - w) * image + w * 255 * canny_edges (per RGB channel, rounded);
               0 = off. Seed 004 used 0.3 ("30 % edges over 70 % image").
 
@@ -46,17 +52,34 @@ RECORD_KEY = "preprocess"  # the key in a checkpoint's state.json
 
 
 def geometry(prep: Preprocess, width: int, height: int, image_hw: Sequence[int]) -> Geometry:
-    """The map from a `width` x `height` source image to the model input (image_hw = (H, W))."""
+    """The map from a `width` x `height` source image to the model input (image_hw = (H, W): this
+    image's model input size; under resize "native" the family's size for it, see `geometry_for`)."""
+    if isinstance(image_hw, dict):
+        raise ValueError("geometry needs this image's (H, W); a per-image frame is sized by the family: use geometry_for")
     out_h, out_w = int(image_hw[0]), int(image_hw[1])
     if width < 1 or height < 1 or out_w < 1 or out_h < 1:
         raise ValueError(f"sizes must be positive: source {width}x{height}, model input {out_w}x{out_h}")
-    if prep.resize == "stretch":
+    if prep.mode in ("stretch", "native"):
         return Geometry(width, height, out_w, out_h, 0, 0, out_w, out_h)
     s = min(out_w / width, out_h / height)
     cw = min(out_w, max(1, round(width * s)))
     ch = min(out_h, max(1, round(height * s)))
     x0, y0 = (out_w - cw) // 2, (out_h - ch) // 2  # centred; an odd remainder goes right/bottom
     return Geometry(width, height, out_w, out_h, x0, y0, x0 + cw, y0 + ch)
+
+
+def frame_for(fam, processor, prep: Preprocess):
+    """The model input frame `prep` sizes images to for this family and processor (what the
+    pipeline's `image_hw` takes): `fam.input_frame` with the resize mode and native pixel bounds."""
+    return fam.input_frame(processor, prep.mode, prep.min_pixels, prep.max_pixels)
+
+
+def geometry_for(fam, prep: Preprocess, frame, width: int, height: int) -> Geometry:
+    """`geometry` of one source image under a family's input frame (`frame_for`): the model input
+    is the family's size for this image (fixed, or native)."""
+    if (prep.mode == "native") != isinstance(frame, dict):
+        raise ValueError(f"resize={prep.mode} with the model input frame {frame!r}: build the frame with frame_for")
+    return geometry(prep, width, height, fam.input_size(frame, width, height))
 
 
 def apply(prep: Preprocess, image: Image.Image | np.ndarray, geom: Geometry) -> np.ndarray:

@@ -118,7 +118,6 @@ def centre_baseline(batch: dict, *, mean_box_wh: tuple[float, float] | None, fam
     from raytrain.models import family as model_family
 
     fam = model_family(family)
-    image_hw = tuple(batch["image"].shape[1:3])
     texts = []
     for i, geom in enumerate(predict.batch_geometries(batch)):
         w, h = int(batch["width"][i]), int(batch["height"][i])
@@ -134,7 +133,7 @@ def centre_baseline(batch: dict, *, mean_box_wh: tuple[float, float] | None, fam
         else:  # no blind baseline for captions / regions / masks: an empty answer (scored as invalid)
             texts.append("")
             continue
-        texts.append(fam.render_example(task, label, *geom.target_frame([obj]), image_hw)[1])  # as the model would answer
+        texts.append(fam.render_example(task, label, *geom.target_frame([obj]), (geom.out_h, geom.out_w))[1])  # as the model would answer
     return predict.texts_to_rows(fam, batch, texts)
 
 

@@ -153,7 +153,8 @@ class Inputs:
                 text = TextOptions.from_dict(state["text"])
                 log.warning("the checkpoint was trained with data.text %s; evaluating with it (the config says %s)", text, cfg.data.text)
         self.fam = cfg.model_family(text)
-        self.image_hw = self.fam.image_size(self.fam.load_processor(base_path))
+        # the model-input frame: the processor's square, or "native" (each image its own size)
+        self.image_hw = preprocess.frame_for(self.fam, self.fam.load_processor(base_path), self.prep)
         print(f"eval preprocessing: {self.prep.to_dict()}", flush=True)
         ev = cfg.eval
         self.ids = None

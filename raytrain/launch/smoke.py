@@ -213,16 +213,17 @@ def _synthetic_rows(cfg: Experiment, fam, processor, n_rows: int, seed: int) -> 
     from raytrain.data import pipeline, preprocess, synthetic
     from raytrain.formats.numbers import NumberSpan
 
-    hw = fam.image_size(processor)
     prep = cfg.data.preprocess
+    frame = preprocess.frame_for(fam, processor, prep)
     images, prefixes, suffixes, numbers = [], [], [], []
     i = 0
     while len(images) < n_rows:
         ex = synthetic.make_example(i, seed=seed, image_size=cfg.data.image_size)
         i += 1
-        geom = preprocess.geometry(prep, ex["width"], ex["height"], hw)
+        geom = preprocess.geometry_for(fam, prep, frame, ex["width"], ex["height"])
         image = Image.fromarray(preprocess.apply(prep, Image.open(io.BytesIO(ex["image"])), geom))
-        for e in pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], fam, hw, geom):
+        for e in pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], fam,
+                                       (geom.out_h, geom.out_w), geom):
             images.append(image)
             prefixes.append(e["prefix"])
             suffixes.append(e["suffix"])
@@ -338,14 +339,15 @@ def _generate(cfg: Experiment, ckpt: Path, model_path: str, fam, checkpointing) 
     from raytrain.data import pipeline, preprocess, synthetic
 
     model, proc = checkpointing.load_for_inference(ckpt, model_path, fam)
-    hw = fam.image_size(proc)
     # as `raytrain eval` does: the checkpoint's recorded preprocessing
     prep = preprocess.resolve_recorded(checkpointing.recorded_preprocess(ckpt), cfg.data.preprocess, str(ckpt))
+    frame = preprocess.frame_for(fam, proc, prep)
     images, tasks, queries, prefixes, geoms = [], [], [], [], []
     for i in range(2):
         ex = synthetic.make_example(10_000 + i, seed=11, image_size=cfg.data.image_size)
-        geom = preprocess.geometry(prep, ex["width"], ex["height"], hw)
-        e = pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], fam, hw, geom)[0]
+        geom = preprocess.geometry_for(fam, prep, frame, ex["width"], ex["height"])
+        e = pipeline.examples_for(ex["objects"], cfg.data.tasks, ex["width"], ex["height"], fam, (geom.out_h, geom.out_w),
+                                  geom)[0]
         images.append(Image.fromarray(preprocess.apply(prep, Image.open(io.BytesIO(ex["image"])), geom)))
         tasks.append(e["task"])
         queries.append(e["query"])

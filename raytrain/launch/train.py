@@ -34,7 +34,7 @@ def fit(cfg: Experiment, uri: str, base_path: str, counter, tracker: tracking.Tr
     from raytrain.training.metrics import HistoryCallback
 
     train_ds = trainer.train_dataset(cfg, uri, base_path, counter)
-    cfg = trainer.with_epoch_steps(cfg, train_ds)
+    cfg = trainer.with_epoch_steps(cfg, train_ds, base_path)
     sinks = [console.TrainProgress(cfg.train.steps), tracker.log_report if tracker else None]
     with console.ReportStream(sinks) as reports:
         return trainer.build_trainer(

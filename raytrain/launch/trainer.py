@@ -4,6 +4,7 @@
     scaling_config(scale)         workers, CPUs + custom resources per worker, placement, GPU (type)
     build_trainer(cfg, ...)       TorchTrainer(recipe, the experiment, ScalingConfig, RunConfig)
     train_dataset(cfg, ...)       the tokenized train.splits, one dataset (materialized once when configured)
+    epoch_dataset(cfg, ds, ...)   the rows of each epoch (data/packing.py: packed, resumed epochs filtered)
     with_epoch_steps(cfg, ds)     train.epochs > 0 -> train.steps
 """
 
@@ -39,16 +40,22 @@ def scaling_config(scale: ScaleConfig):
 
 def build_trainer(cfg: Experiment, *, model_path: str, data_uri: str, datasets: dict, name: str, runs_root: str, callbacks: list):
     """A TorchTrainer running cfg's recipe on cfg.scale's workers, its run `name` under `runs_root`
-    (local path or s3://; a rerun of the same name resumes from the run's latest checkpoint)."""
+    (local path or s3://; a rerun of the same name resumes from the run's latest checkpoint).
+    The train split gets this run's per-epoch stage (data/packing.py: a resumed epoch leaves out
+    what its checkpoint trained on, with this run's own EpochFilter; data.packing packs rows)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from raytrain.data import packing
+
+    position = packing.epoch_filter()
+    datasets = dict(datasets, train=epoch_dataset(cfg, datasets["train"], model_path, position))
     s3 = storage.is_s3(runs_root)
     fs, fs_path = storage.pyarrow_fs(runs_root, job.storage_opts(cfg))
     return TorchTrainer(
         # looked up at call time: a wrapper patched onto the recipe module is what runs
         recipe(cfg.train.strategy).train_fn_per_worker,
-        train_loop_config={"experiment": cfg.to_dict(), "model_path": model_path, "data_uri": data_uri},
+        train_loop_config={"experiment": cfg.to_dict(), "model_path": model_path, "data_uri": data_uri, "data_position": position},
         scaling_config=scaling_config(cfg.scale),
         run_config=ray.train.RunConfig(
             name=name,
@@ -80,7 +87,7 @@ def train_dataset(cfg: Experiment, uri: str, base_path: str, counter):
     """The tokenized examples of train.splits (Ray Data; several splits are one union dataset, seed
     003 trained on train + val), materialized in the object store once when data.cache_preprocessed
     (every epoch, and every Tune trial, then re-reads it). Drop counts stay per split."""
-    from raytrain.data import pipeline
+    from raytrain.data import pipeline, preprocess
 
     fam = cfg.model_family()
     processor = fam.load_processor(base_path)
@@ -90,7 +97,7 @@ def train_dataset(cfg: Experiment, uri: str, base_path: str, counter):
             split,
             tasks=cfg.data.tasks,
             model_path=base_path,
-            image_hw=fam.image_size(processor),
+            image_hw=preprocess.frame_for(fam, processor, cfg.data.preprocess),
             family=fam,
             max_len=cfg.data.max_seq_len,
             allow_convert=cfg.data.allow_convert,
@@ -104,13 +111,23 @@ def train_dataset(cfg: Experiment, uri: str, base_path: str, counter):
     return ds.materialize() if cfg.data.cache_preprocessed else ds
 
 
-def with_epoch_steps(cfg: Experiment, train_ds) -> Experiment:
+def epoch_dataset(cfg: Experiment, train_ds, model_path: str, position=None):
+    """The rows training iterates each epoch: the tokenized split, packed when data.packing > 0."""
+    from raytrain.data import packing
+
+    return packing.epoch_dataset(train_ds, family=cfg.model.spec, model_path=model_path, packing=cfg.data.packing, position=position)
+
+
+def with_epoch_steps(cfg: Experiment, train_ds, model_path: str = "") -> Experiment:
     """train.epochs > 0: train.steps = the optimizer steps that cover the (post-filter) training
-    examples that many times; otherwise cfg as it is."""
+    rows that many times (packed rows with data.packing, which needs `model_path`); otherwise cfg
+    as it is."""
     if cfg.train.epochs <= 0:
         return cfg
-    n_examples = train_ds.count()
+    if cfg.data.packing and not model_path:
+        raise ValueError("with_epoch_steps counts packed rows: pass the model path")
+    n_examples = epoch_dataset(cfg, train_ds, model_path).count()
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.scale.num_workers
     steps = max(1, math.ceil(n_examples * cfg.train.epochs / per_step))
-    print(f"train.epochs={cfg.train.epochs}: {n_examples} examples / {per_step} per step -> train.steps={steps}", flush=True)
+    print(f"train.epochs={cfg.train.epochs}: {n_examples} rows / {per_step} per step -> train.steps={steps}", flush=True)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))

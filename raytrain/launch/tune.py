@@ -521,7 +521,7 @@ def main(cfg: Experiment, sweep: SweepConfig) -> str | None:
     base_path = job.model_path(cfg)
     train_ds = trainer.train_dataset(cfg, uri, base_path, pipeline.drop_counter())  # tokenized once for the whole sweep
     if cfg.train.epochs > 0:
-        cfg = trainer.with_epoch_steps(cfg, train_ds)
+        cfg = trainer.with_epoch_steps(cfg, train_ds, base_path)
         check_sweep(cfg, sweep)  # the objective must still be measured at the (computed) last step
     # trials read the prepared shards (validation subset included), never re-generate them
     base = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, uri=uri)).to_dict()

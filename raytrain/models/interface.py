@@ -145,7 +145,33 @@ class ModelFamily(Protocol):
 
     # ---- encoding and generation -------------------------------------------------------------------
     def image_size(self, processor) -> tuple[int, int]:
-        """(height, width) the pipeline resizes images to for this processor."""
+        """(height, width) of the family's fixed model input for this processor (stretch / letterbox)."""
+        ...
+
+    RESIZE_MODES: ClassVar[tuple[str, ...]]
+    """data.preprocess.resize modes the family takes (stretch | letterbox | native); the first is its
+    default (what an experiment's empty resize resolves to)."""
+
+    def input_frame(self, processor, resize: str, min_pixels: int = 0, max_pixels: int = 0):
+        """The model input images are sized to under `resize`, as a plain (picklable) value for data
+        tasks: the fixed (H, W) of `image_size` for stretch / letterbox; for "native", the family's
+        per-image sizing settings (a dict; min/max_pixels > 0 replace the processor's bounds).
+        ValueError for a mode the family does not take."""
+        ...
+
+    def input_size(self, frame, width: int, height: int) -> tuple[int, int]:
+        """(H, W) of the model input of one width x height source image under `frame` (what
+        `input_frame` returned): the fixed size, or the family's own size for this image."""
+        ...
+
+    def pack(self, examples: Sequence[dict], length: int, pad_id: int) -> dict:
+        """One packed training row of `length` tokens from encoded examples (each one row of
+        `encode_train`'s output, its per-token arrays cut to the example's length): per-token arrays
+        concatenated in order and right-padded (input_ids with `pad_id`, labels ignored), per-image
+        arrays joined in order, and `position_ids` restarting at every example (and for the padding)
+        exactly as each example is positioned alone, from which `prepare_inputs` makes the model
+        attend within each example only (with the family's own mask inside it). The loss over a
+        packed batch equals the loss over the same examples unpacked."""
         ...
 
     def encode_train(self, processor, images: Sequence, prefixes: Sequence[str], suffixes: Sequence[str], max_len: int,
@@ -159,7 +185,8 @@ class ModelFamily(Protocol):
         ...
 
     def prepare_inputs(self, inputs: dict) -> dict:
-        """A delivered training batch -> `model(**inputs)` keywords (pixels normalised, layouts flattened)."""
+        """A delivered training batch -> `model(**inputs)` keywords (pixels normalised, per-image arrays
+        of the rows joined in row order, packed rows' positions in the model's layout)."""
         ...
 
     def stop_token_ids(self, tokenizer) -> list[int]:

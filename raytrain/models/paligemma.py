@@ -22,6 +22,7 @@ from raytrain.formats import paligemma as fmt
 from raytrain.formats.numbers import digit_token_ids, token_place_weights
 from raytrain.formats.paligemma import NUM_LOC, loc_token
 from raytrain.models import _quant, molmo_answers, paligemma_decoding, text_options, tiny
+from raytrain.models._batch import concat_tokens, fixed_size, join_images, restarting_positions
 from raytrain.models.tiny_paligemma import DEFAULT_IMAGE_SIZE, build_tiny_paligemma
 
 NAME = "paligemma"
@@ -313,17 +314,45 @@ def prepare_inputs(inputs: dict) -> dict:
     """Batch as Ray Data delivers it -> `model(**inputs)` keywords: uint8 `pixel_values` from
     `encode_train` become the float values the processor would have produced
     (`x * pixel_scale + pixel_offset`, per channel), on whatever device the batch already is.
-    Anything else passes through unchanged. Qwen2.5-VL flattens its per-example patches here."""
+    Packed rows (`pack`) hold several images each: their per-image arrays are joined in row order
+    (the order the model fills <image> placeholders in), and the attention_mask is dropped so that
+    transformers builds the mask from the restarting `position_ids` (causal, never across examples)
+    together with token_type_ids (bidirectional over each example's image + prefix): each example's
+    own prefix-LM mask. Anything else passes through unchanged."""
     pv = inputs.get("pixel_values")
-    if pv is None or "pixel_scale" not in inputs:
+    if "position_ids" not in inputs and (pv is None or "pixel_scale" not in inputs):
         return inputs
-    out = {k: v for k, v in inputs.items() if k not in ("pixel_scale", "pixel_offset")}
-    scale, offset = inputs["pixel_scale"][:, :, None, None], inputs["pixel_offset"][:, :, None, None]
+    out = dict(inputs)
+    if "position_ids" in out:
+        out.pop("attention_mask", None)
+    if pv is None or "pixel_scale" not in out:
+        return out
+    pv = join_images(pv, 4)
+    scale, offset = join_images(out.pop("pixel_scale"), 2), join_images(out.pop("pixel_offset"), 2)
+    scale, offset = scale[:, :, None, None], offset[:, :, None, None]
     if isinstance(pv, np.ndarray):
         out["pixel_values"] = pv.astype(np.float32) * scale + offset
     else:
         out["pixel_values"] = pv.float() * scale.float() + offset.float()
     return out
+
+
+TOKEN_PADS = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX, "num_place": 0.0}
+"""Per-token arrays of encode_train and their pad values in a packed row (input_ids: the pad id)."""
+
+
+def pack(examples: Sequence[dict], length: int, pad_id: int) -> dict:
+    """One packed row from encoded examples (each one row of `encode_train`, per-token arrays cut
+    to the example's length): per-token arrays concatenated and right-padded to `length`;
+    `position_ids` 1, 2, ... restarting per example (PaliGemma counts from 1, as its forward does
+    unpacked) and once more for the padding; pixels / pixel maps stacked (images, ...)."""
+    if not examples:
+        raise ValueError("nothing to pack")
+    row = concat_tokens(examples, dict(TOKEN_PADS, input_ids=pad_id), length)
+    row["position_ids"] = restarting_positions([len(e["input_ids"]) for e in examples], length, start=1)
+    for k in ("pixel_values", "pixel_scale", "pixel_offset"):
+        row[k] = np.stack([np.asarray(e[k]) for e in examples])
+    return row
 
 
 def encode_prompts(processor, images: Sequence, prefixes: Sequence[str]) -> dict:
@@ -415,6 +444,7 @@ class PaliGemma:
         ("language_model.model.layers.", "language"),
         ("vision_tower.vision_model.encoder.layers.", "tower"),
     )
+    RESIZE_MODES: ClassVar[tuple[str, ...]] = ("stretch", "letterbox")  # SigLIP takes one fixed size: no native
 
     def __post_init__(self):
         if self.answer_format not in self.ANSWER_FORMATS:
@@ -480,6 +510,16 @@ class PaliGemma:
     encode_train = staticmethod(encode_train)
     encode_prompts = staticmethod(encode_prompts)
     prepare_inputs = staticmethod(prepare_inputs)
+    pack = staticmethod(pack)
+
+    def input_frame(self, processor, resize: str, min_pixels: int = 0, max_pixels: int = 0):
+        if resize not in self.RESIZE_MODES:
+            raise ValueError(f"PaliGemma's vision tower takes one fixed input size: data.preprocess.resize must be "
+                             f"{' | '.join(self.RESIZE_MODES)}, not {resize!r}")
+        return image_size(processor)
+
+    def input_size(self, frame, width: int, height: int) -> tuple[int, int]:
+        return fixed_size(frame)
 
     def stop_token_ids(self, tokenizer) -> list[int]:
         return [int(tokenizer.eos_token_id)]

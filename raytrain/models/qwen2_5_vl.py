@@ -8,17 +8,23 @@ What only this family needs: the resize record (`models/qwen_resize.py`: `resize
 `init_new_token_embeddings`, `check_tokenizer`; their warm-up is `raytrain.training.new_tokens`).
 Arguments are plain values; nothing here reads the experiment config.
 
-Frames: Qwen2.5-VL answers in pixels of the image AFTER `smart_resize`. The pipeline stretches every
-image to `image_size(processor)` (a size `smart_resize` leaves unchanged), so the model frame is
-`smart_resize(image_hw)`; targets are rendered from source pixels into that frame and parsed back.
-The resize settings are recorded next to the processor files (`raytrain_resize.json`) and checked
-whenever a processor is loaded from a directory that has the record: training and inference must
-resize the same way or every coordinate means something else.
+Frames: Qwen2.5-VL answers in pixels of the image AFTER `smart_resize`. By default (data.preprocess
+resize "native", the family's first RESIZE_MODES entry) the pipeline resizes each image to its own
+`smart_resize` size under the processor's min/max pixels (`input_frame` / `input_size`,
+models/qwen_batch.py), as Qwen's own processor does; "stretch" / "letterbox" use one fixed square,
+`image_size(processor)`. Either way the processor then sees an image it does not resize again
+(`encode_train` / `encode_prompts` switch its resize off for such images), so the model frame is
+`smart_resize(image_hw)` = image_hw; targets are rendered from source pixels into that frame and
+parsed back. The resize settings are recorded next to the processor files (`raytrain_resize.json`)
+and checked whenever a processor is loaded from a directory that has the record: training and
+inference must resize the same way or every coordinate means something else.
 
-Batch layout: Qwen's processor flattens the patches of a batch into one (sum of patches, C*T*P*P)
-array plus `image_grid_thw` (images, 3). Ray Data needs one row per example, so `encode_train`
-returns `pixel_values` as (B, patches, C*T*P*P) — fixed per example because every image has the
-same size — and `prepare_inputs` flattens it back right before `model(**inputs)`.
+Batch layout (models/qwen_batch.py): Qwen's processor flattens the patches of a batch into one
+(sum of patches, C*T*P*P) array plus `image_grid_thw` (images, 3). Ray Data needs one row per
+example, so `encode_train` returns each example's own (patches, C*T*P*P) block (stacked when every
+image has the same size, a ragged column otherwise), and `prepare_inputs` joins them back in row
+order right before `model(**inputs)`. Packed rows (`pack`) carry several examples with M-RoPE
+positions restarting per example.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ from raytrain import tasks
 from raytrain.formats import molmo, qwen_grammar, text_confidence, text_grammar
 from raytrain.formats import qwen as fmt
 from raytrain.formats.numbers import digit_token_ids, token_place_weights
-from raytrain.models import _quant, molmo_answers, text_options, tiny
+from raytrain.models import _quant, molmo_answers, qwen_batch, text_options, tiny
+from raytrain.models._batch import join_images, ragged
 from raytrain.models.qwen_loc_tokens import (  # noqa: F401
     add_loc_tokens,
     add_loc_tokens_to_tokenizer,
@@ -265,24 +272,28 @@ def _chat_prompt(processor, prefix: str, system: str | None = None) -> str:
 
 
 def _encode_prompts_np(processor, images: Sequence, prefixes: Sequence[str], side: str, system: str | None = None) -> dict:
+    """The processor's encoding. Images whose sides are multiples of patch * merge are model inputs
+    the pipeline (or Serve) already sized: the processor must not resize them again (its
+    smart_resize is not idempotent for every setting); other images it resizes as it always does."""
     tok = processor.tokenizer
     old = tok.padding_side
     tok.padding_side = side
+    images = list(images)
+    extra = {"do_resize": False} if qwen_batch.ready(images, resize_settings(processor)["factor"]) else {}
     try:
-        return processor(text=[_chat_prompt(processor, p, system) for p in prefixes], images=list(images), padding="longest",
-                         return_tensors="np")
+        return processor(text=[_chat_prompt(processor, p, system) for p in prefixes], images=images, padding="longest",
+                         return_tensors="np", **extra)
     finally:
         tok.padding_side = old
 
 
-def _per_example_pixels(pixel_values: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """(sum of patches, D) -> (B, patches, D); every image must have the same grid."""
-    if not (grid == grid[:1]).all():
-        raise ValueError(
-            f"images of one batch resize to different grids {np.unique(grid, axis=0).tolist()}: "
-            "stretch them to image_size(processor) first"
-        )
-    return pixel_values.reshape(grid.shape[0], int(np.prod(grid[0])), pixel_values.shape[-1])
+def _check_frames(images: Sequence, grid: np.ndarray, patch: int) -> None:
+    """Each image reached the model at the size it has, i.e. in the frame its answer was rendered
+    for (the pipeline's own resize is the only one)."""
+    for i, (im, g) in enumerate(zip(images, grid)):
+        if (int(g[2]) * patch, int(g[1]) * patch) != tuple(im.size):
+            raise ValueError(f"image {i} is {im.size[0]}x{im.size[1]} but the processor made {int(g[2]) * patch}x{int(g[1]) * patch} "
+                             "of it: its answer was rendered for the frame it was given (resize it to input_size first)")
 
 
 def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes: Sequence[str], max_len: int,
@@ -300,6 +311,7 @@ def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes:
     at its label position, for the distance-aware number loss.
     """
     tok = processor.tokenizer
+    images = list(images)
     enc = _encode_prompts_np(processor, images, prefixes, "right", system)
     answer_enc = tok([s + IM_END for s in suffixes], add_special_tokens=False, return_offsets_mapping=numbers is not None)
     answers = answer_enc["input_ids"]
@@ -324,12 +336,14 @@ def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes:
             w = token_place_weights(suffixes[i], numbers[i] or [], answer_enc["offset_mapping"][i])
             num_place[i, p:n] = w[: n - p]
     grid = np.asarray(enc["image_grid_thw"], dtype=np.int64)
+    if qwen_batch.ready(images, resize_settings(processor)["factor"]):
+        _check_frames(images, grid, resize_settings(processor)["patch_size"])
     return {
         "input_ids": ids,
         "attention_mask": attn,
         "mm_token_type_ids": mm,
         "labels": labels,
-        "pixel_values": _per_example_pixels(np.asarray(enc["pixel_values"], dtype=np.float32), grid),
+        "pixel_values": ragged(qwen_batch.split_pixels(np.asarray(enc["pixel_values"], dtype=np.float32), grid)),
         "image_grid_thw": grid,
         "length": length,
         **({"num_place": num_place} if numbers is not None else {}),
@@ -337,17 +351,24 @@ def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes:
 
 
 def prepare_inputs(inputs: dict) -> dict:
-    """Batch as Ray Data delivers it -> what `model(**inputs)` takes: pixel_values (B, patches, D)
-    -> (B*patches, D), image_grid_thw (B, 3) as int64. Works on torch tensors and numpy arrays;
-    already-flat inputs (encode_prompts) pass through unchanged. Call it after the SEQ_KEYS trim."""
+    """Batch as Ray Data delivers it -> what `model(**inputs)` takes: each row's (patches, D)
+    pixels (one array (B, patches, D), or a list when rows differ) joined into (all patches, D),
+    image_grid_thw (B, 3) / (B, images, 3) / a list joined into (images, 3) int64. Packed rows
+    (`position_ids` (B, 4, T)): positions to the model's (4, B, T) and no attention_mask, so
+    transformers builds its causal mask from the positions, per example (models/qwen_batch.py).
+    Works on torch tensors and numpy arrays; already-flat inputs (encode_prompts) pass through
+    unchanged. Call it after the SEQ_KEYS trim."""
     out = dict(inputs)
-    pv = out.get("pixel_values")
-    if pv is not None and pv.ndim == 3:
-        out["pixel_values"] = pv.reshape(-1, pv.shape[-1])
+    if out.get("pixel_values") is not None:
+        out["pixel_values"] = join_images(out["pixel_values"], 2)
     grid = out.get("image_grid_thw")
     if grid is not None:
-        grid = grid.reshape(-1, 3)
+        grid = join_images(grid, 2).reshape(-1, 3)
         out["image_grid_thw"] = grid.long() if hasattr(grid, "long") else grid.astype(np.int64)
+    pos = out.get("position_ids")
+    if pos is not None and pos.ndim == 3 and pos.shape[1] == 4:
+        out["position_ids"] = pos.permute(1, 0, 2) if hasattr(pos, "permute") else pos.transpose(1, 0, 2)
+        out.pop("attention_mask", None)
     return out
 
 
@@ -454,6 +475,7 @@ class Qwen2_5_VL:
         ("visual.blocks.", "tower"),
         ("visual.merger.", "connector"),
     )
+    RESIZE_MODES: ClassVar[tuple[str, ...]] = ("native", "stretch", "letterbox")  # native: Qwen's own per-image size
 
     def __post_init__(self):
         if self.answer_format not in self.ANSWER_FORMATS:
@@ -546,6 +568,17 @@ class Qwen2_5_VL:
 
     prepare_inputs = staticmethod(prepare_inputs)
     stop_token_ids = staticmethod(stop_token_ids)
+    input_size = staticmethod(qwen_batch.input_size)
+
+    def input_frame(self, processor, resize: str, min_pixels: int = 0, max_pixels: int = 0):
+        if resize == "native":
+            return qwen_batch.native_frame(resize_settings(processor), min_pixels, max_pixels)
+        if resize in ("stretch", "letterbox"):
+            return image_size(processor)
+        raise ValueError(f"Qwen2.5-VL resizes {' | '.join(self.RESIZE_MODES)}, not {resize!r}")
+
+    def pack(self, examples, length: int, pad_id: int) -> dict:
+        return qwen_batch.pack(examples, length, pad_id)
 
     # constrained decoding, confidences
     def grammar(self, processor, kind: str, labels, image_hw, max_objects: int | None = None):

@@ -4,8 +4,13 @@ tokens and chat template, an image-only processor, and a random-init
 `from_pretrained` calls that load `Qwen/Qwen2.5-VL-3B-Instruct`. Nothing here touches the network.
 
 Architecture: Qwen2.5-VL's (window-attention ViT with 2-D RoPE -> 2x2 patch merger -> Qwen2.5 decoder
-with M-RoPE) at ~0.6M parameters. Images are fixed at 112x112 (min_pixels = max_pixels = 112*112):
-8x8 patches of 14 px -> 2x2 merge -> 16 image tokens per image, so every batch has the same shapes.
+with M-RoPE) at ~0.6M parameters. The default preset's processor pins min_pixels = max_pixels =
+112*112: a square image becomes 8x8 patches of 14 px -> 2x2 merge -> 16 image tokens (other aspect
+ratios still get their own size near 112*112 pixels under the native resize). `image_size=S` (a
+multiple of 28 above 112) builds a native-resolution variant instead: min_pixels = 56*56 (the released
+processors' minimum), max_pixels = S*S, so images of different sizes and aspect ratios get
+different grids and image-token counts, as with a released Qwen2.5-VL; its fixed square
+(`image_size(processor)`, stretch / letterbox) is S x S.
 
 The preset saves the image-only processor of `models/qwen_processor.py` (the stock
 `Qwen2_5_VLProcessor` cannot be built without a video processor).
@@ -128,6 +133,20 @@ def build_tokenizer(vocab_size: int = 1024, loc_tokens: bool = True):
     return fast
 
 
+MIN_NATIVE_PIXELS = 56 * 56  # the released Qwen2.5-VL processors' min_pixels
+
+
+def resize_for(image_size: int | None) -> dict:
+    """The resize record of the default preset (None or IMAGE_SIDE) or of the native-resolution variant
+    whose largest input is image_size x image_size pixels (module doc)."""
+    if image_size in (None, IMAGE_SIDE):
+        return RESIZE
+    if image_size % FACTOR or image_size < IMAGE_SIDE:
+        raise ValueError(f"tiny:qwen2_5_vl's image_size is the side of its pixel budget: a multiple of {FACTOR} above {IMAGE_SIDE}, "
+                         f"got {image_size}")
+    return dict(RESIZE, min_pixels=MIN_NATIVE_PIXELS, max_pixels=image_size * image_size)
+
+
 def build_image_processor(resize: dict = RESIZE):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -206,20 +225,20 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0, loc_tokens: bool =
     """Build tokenizer + image-only processor + random-init model and `save_pretrained` them into out_dir.
     loc_tokens=False, tie_embeddings=False: a stand-in for a released Qwen2.5-VL-7B (no <|loc|> tokens
     in the vocabulary, untied lm_head), what the `tokens` box format has to add tokens to.
-    image_size: the preset's input is fixed at IMAGE_SIDE; None or IMAGE_SIDE only."""
+    image_size: None (or IMAGE_SIDE) = the default preset; a larger multiple of 28 = the native-resolution
+    variant with that pixel budget (`resize_for`)."""
     import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
     from raytrain.models.qwen_processor import Qwen2_5_VLImageOnlyProcessor
 
-    if image_size not in (None, IMAGE_SIDE):
-        raise ValueError(f"tiny:qwen2_5_vl has a fixed input size of {IMAGE_SIDE} px; image_size={image_size} is a tiny PaliGemma option")
-
-    assert smart_resize(IMAGE_SIDE, IMAGE_SIDE, RESIZE["factor"], RESIZE["min_pixels"], RESIZE["max_pixels"]) == (IMAGE_SIDE, IMAGE_SIDE)
+    resize = resize_for(image_size)
+    side = int(image_size or IMAGE_SIDE)
+    assert smart_resize(side, side, resize["factor"], resize["min_pixels"], resize["max_pixels"]) == (side, side)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(loc_tokens=loc_tokens)
-    processor = Qwen2_5_VLImageOnlyProcessor(build_image_processor(), tokenizer, chat_template=CHAT_TEMPLATE)
+    processor = Qwen2_5_VLImageOnlyProcessor(build_image_processor(resize), tokenizer, chat_template=CHAT_TEMPLATE)
     cfg = tiny_qwen_config(tokenizer, tie_embeddings=tie_embeddings, rope_theta=rope_theta)
 
     torch.manual_seed(seed)
@@ -233,4 +252,4 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0, loc_tokens: bool =
     model.config.use_cache = True
 
     return save_preset(out_dir, model, processor,
-                       {"preset": "tiny:qwen2_5_vl", "seed": seed, "image_size": [IMAGE_SIDE, IMAGE_SIDE], "resize": RESIZE})
+                       {"preset": "tiny:qwen2_5_vl", "seed": seed, "image_size": [side, side], "resize": resize})

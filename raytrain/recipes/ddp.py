@@ -58,30 +58,34 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     scheduler = optim.build_scheduler(optimizer, warmup=cfg.train.warmup_steps, total=cfg.train.steps, kind=cfg.train.schedule)
 
     # ---- resume: weights, optimizer, scheduler, RNG and the data position ---------------------
-    step, epoch, skip_batches, resumed_from = 0, 0, 0, None
+    step, epoch, resumed_from = 0, 0, None
+    position = loop.DataPosition(session, cfg.train.micro_batch_size)
     ctx = session.checkpoint_dir()
     if ctx is not None:
         with ctx as ckpt_dir:
             state = checkpointing.load_training_state(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+            position = loop.DataPosition.restore(session, cfg.train.micro_batch_size, state, ckpt_dir)
         if "grad_scaler" in state and scaler.is_enabled():
             scaler.load_state_dict(state["grad_scaler"])
-        step, epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
+        step, epoch = state["step"], state["epoch"]
         resumed_from = step
         if session.rank == 0:
-            log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, skip_batches)
+            log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, state["batch_in_epoch"])
     model = wrap_ddp(model)
 
-    def save_and_report(metrics: dict, batch_in_epoch: int) -> None:
+    def save_and_report(metrics: dict) -> None:
+        snapshot = position.snapshot()  # every rank: the epoch's example keys are gathered to rank 0
         if session.rank != 0:
             session.report(metrics, None)
             return
         with tempfile.TemporaryDirectory(prefix="raytrain-ckpt-") as d:
-            state = loop.checkpoint_state(cfg, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, metrics=metrics)
+            state = loop.checkpoint_state(cfg, step=step, metrics=metrics, position=snapshot)
             if scaler.is_enabled():
                 state["grad_scaler"] = scaler.state_dict()  # the loss scale, so a resumed run does not re-learn it
             checkpointing.save(d, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
                                save_processor=lambda out: fam.save_inference_files(processor, out),
                                save_adapter_files=lambda out: fam.save_adapter_files(processor, out))
+            loop.save_position(d, snapshot)
             session.report(metrics, d)
 
     amp = lambda: optim.autocast(cfg.model.dtype, device)  # noqa: E731
@@ -89,7 +93,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     validate = loop.Validation(session, cfg.train, fam, processor, loss_fn=loss_fn, device=device, pixel_dtype=pixel_dtype,
                                max_len=cfg.data.max_seq_len, autocast=amp)
     window = loop.MetricsWindow(micro_batch_size=cfg.train.micro_batch_size, world_size=session.world_size,
-                                trainable_params=n_train, resumed_from=resumed_from)
+                                trainable_params=n_train, resumed_from=resumed_from, position=position)
     accum = cfg.train.grad_accum
     stop = False
     # Micro-batches of the optimizer step being accumulated. Kept across epochs (as DeepSpeed's engine
@@ -98,8 +102,8 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     # grad_accum micro-batches per worker) still makes progress instead of looping forever.
     # Checkpoints are written at step boundaries only, where it is 0.
     micro_in_step = 0
-    batches = loop.micro_batches(session, cfg.train.micro_batch_size, epoch, skip_batches) if step < cfg.train.steps else ()
-    for epoch, batch_in_epoch, batch in batches:
+    batches = position.batches() if step < cfg.train.steps else ()
+    for epoch, _, batch in batches:
         inputs, targets = loop.batch_to_model(batch, fam, device, pixel_dtype)
 
         micro_in_step += 1
@@ -138,7 +142,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
             if session.rank == 0:
                 loop.log_step(metrics)
             if due.checkpoint:
-                save_and_report(metrics, batch_in_epoch)
+                save_and_report(metrics)
             else:
                 session.report(metrics, None)
             window.reset()

@@ -195,8 +195,9 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     engine.train()
 
     # ---- resume: shards (weights + optimizer + scheduler), RNG and the data position -----------
-    step, epoch, skip_batches, resumed_from = 0, 0, 0, None
+    step, epoch, resumed_from = 0, 0, None
     micro = cfg.train.micro_batch_size
+    position = loop.DataPosition(session, micro)
     if ckpt_dir is not None:
         zero_checkpoint.load(ckpt_dir, engine, rank=session.rank, load_dir=load_dir, tag=load_tag)
         if load_dir is not None:
@@ -204,26 +205,25 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
             if converted_here:
                 zero_checkpoint.remove_universal(load_dir)
         step, epoch = state["step"], state["epoch"]
-        if load_dir is None:
-            skip_batches = state["batch_in_epoch"]  # same shards per rank: exact position
-        else:
-            # Another world size sees other shards: skip the same number of examples (approximate).
-            skip_batches = state["samples_in_epoch"] // (micro * session.world_size)
+        # the examples the epoch trained on (any world size), or its batch count (loop.DataPosition)
+        position = loop.DataPosition.restore(session, micro, state, ckpt_dir)
         resumed_from = step
         if session.rank == 0:
-            log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, skip_batches)
+            log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, state["batch_in_epoch"])
     stack.close()  # a downloaded checkpoint's temp dir goes away here
 
-    def save_and_report(metrics: dict, batch_in_epoch: int) -> None:
+    def save_and_report(metrics: dict) -> None:
         tag = zero_checkpoint.tag_for(step)
         state = None
+        snapshot = position.snapshot()  # every rank: the epoch's example keys are gathered to rank 0
         if session.rank == 0:
-            state = loop.checkpoint_state(cfg, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, metrics=metrics)
-            state.update(samples_in_epoch=batch_in_epoch * micro * session.world_size, zero_stage=stage,
-                         world_size=session.world_size, dtype=cfg.model.dtype, tag=tag)
+            state = loop.checkpoint_state(cfg, step=step, metrics=metrics, position=snapshot)
+            state.update(zero_stage=stage, world_size=session.world_size, dtype=cfg.model.dtype, tag=tag)
         # Every rank writes its own shard files and reports its own directory; Ray Train merges them.
         with tempfile.TemporaryDirectory(prefix=f"raytrain-zero-r{session.rank}-") as d:
             zero_checkpoint.save(d, engine, rank=session.rank, tag=tag, state=state)
+            if session.rank == 0:
+                loop.save_position(d, snapshot)
             session.report(metrics, d)
 
     # ZeRO-2 keeps whole parameters on every rank: rank 0 generates alone. A ZeRO-3 forward gathers
@@ -231,10 +231,10 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     validate = loop.Validation(session, cfg.train, fam, processor, on_all_ranks=stage == 3, loss_fn=loss_fn, device=device,
                                pixel_dtype=pixel_dtype, max_len=cfg.data.max_seq_len)
     window = loop.MetricsWindow(micro_batch_size=micro, world_size=session.world_size, trainable_params=n_train,
-                                resumed_from=resumed_from)
+                                resumed_from=resumed_from, position=position)
     stop = False
-    batches = loop.micro_batches(session, micro, epoch, skip_batches) if step < cfg.train.steps else ()
-    for epoch, batch_in_epoch, batch in batches:
+    batches = position.batches() if step < cfg.train.steps else ()
+    for epoch, _, batch in batches:
         inputs, targets = loop.batch_to_model(batch, fam, device, pixel_dtype)
         out = engine(**inputs, use_cache=False)
         loss, stats = loss_fn(out.logits, targets)
@@ -263,7 +263,7 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
             if session.rank == 0:
                 loop.log_step(metrics)
             if due.checkpoint:
-                save_and_report(metrics, batch_in_epoch)
+                save_and_report(metrics)
             else:
                 session.report(metrics, None)
             window.reset()

@@ -304,9 +304,11 @@ class GroundingModel:
         if state.get("base_model") and state["base_model"] != self.cfg.model:
             log.warning("adapter %s was trained on %s, served on %s", adapter_id, state["base_model"], self.cfg.model)
         from raytrain.config import Preprocess
+        from raytrain.data import preprocess
 
         try:  # requests are preprocessed as the adapter's training images were (no record: stretch)
             self._prep[adapter_id] = Preprocess.from_dict(state.get("preprocess"))
+            preprocess.frame_for(self.fam, self.processor, self._prep[adapter_id])  # a resize this family takes
         except ValueError as e:
             raise AdapterIncompatible(f"adapter {adapter_id!r}: unusable preprocessing record ({e})") from None
         return uri
@@ -414,7 +416,7 @@ class GroundingModel:
             await self._check_known(req["adapter"])  # AdapterNotFound before the LRU evicts anything
             await self._get_adapter(req["adapter"])  # loads on a miss (LRU); AdapterIncompatible
             prep = self._prep[req["adapter"]]
-            req["geometry"] = preprocess.geometry(prep, w, h, self.image_hw)
+            req["geometry"] = preprocess.geometry_for(self.fam, prep, preprocess.frame_for(self.fam, self.processor, prep), w, h)
             if w * h <= 512 * 512 and not prep.edge_blend:  # a small resize costs less than a thread hop
                 req["model_image"] = preprocess.apply(prep, req["image"], req["geometry"])
             else:

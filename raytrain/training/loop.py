@@ -1,6 +1,9 @@
 """The pieces every recipe's loop shares, so no strategy trains, reports or stops differently:
 
-    micro_batches     the epochs' micro-batches as one stream, resuming at a checkpoint's position
+    DataPosition      the epochs' micro-batches as one stream, where the run is in them (epoch,
+                      batches, the keys of the examples trained this epoch), restored from and
+                      saved with checkpoints
+    micro_batches     the same stream without a record (a plain skip of `skip` batches)
     batch_to_model    a delivered batch -> model keywords + labels, on the device
     training_loss     the objective with every `loss.*` option
     due               which of log / checkpoint / validate happen after an optimizer step
@@ -17,8 +20,10 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from raytrain import config as config_mod
@@ -34,34 +39,122 @@ def micro_batches(session: Session, micro: int, epoch: int = 0, skip: int = 0) -
     The first `skip` batches of the first epoch are drawn and dropped (a checkpoint's position:
     resuming mid-epoch). An epoch that yields no batch at all is an error (a split too small for
     micro_batch_size, or everything dropped), never an endless loop."""
-    while True:
-        n = 0
-        for batch in session.epoch_batches(epoch, micro):
-            n += 1
-            if n <= skip:
-                continue
-            yield epoch, n, batch
-        if n == 0:
-            raise RuntimeError("the training split produced no batches: check the data (drop report) and micro_batch_size")
-        epoch, skip = epoch + 1, 0
+    return DataPosition(session, micro, epoch, skip).batches()
+
+
+POSITION_FILE = "data_position.npy"
+"""Checkpoint file: int64 keys (data/pipeline.py example_keys) of every example the checkpoint's
+epoch has trained on, all ranks together, one entry per time trained (so a repeat would show)."""
+
+
+def _flat_keys(keys) -> np.ndarray:
+    if isinstance(keys, (list, tuple)):
+        return np.concatenate([np.asarray(k, dtype=np.int64).reshape(-1) for k in keys]) if keys else np.zeros(0, np.int64)
+    return np.asarray(keys, dtype=np.int64).reshape(-1)
+
+
+class DataPosition:
+    """Where a run is in its data, and the stream of micro-batches from there.
+
+    Per rank: the epoch, the batches drawn in it, and the example keys those batches held (a
+    batch's `example_keys`, taken off before it reaches the model). A checkpoint records the epoch's
+    keys of EVERY rank (`snapshot` gathers them; `save` writes POSITION_FILE). A resume hands them to
+    the runner (`Session.resume_data`): a runner that can leave those examples out of the epoch
+    (Ray: the per-epoch stage of data/packing.py, before the split) does so, and the run continues
+    with no example trained twice or skipped whatever the number of workers before and after; a
+    runner that cannot (a plain Session over a fixed batch list) skips the checkpoint's batch count
+    instead, which is exact when the batches come in the same order (the Ray-free tests)."""
+
+    def __init__(self, session: Session, micro: int, epoch: int = 0, skip: int = 0, keys: np.ndarray | None = None,
+                 batch_in_epoch: int | None = None):
+        self.session, self.micro = session, micro
+        self.epoch, self.skip = epoch, skip
+        self.batch_in_epoch = skip if batch_in_epoch is None else batch_in_epoch
+        self.resumed_epoch = epoch if (skip or keys is not None) else None  # may hold no batch: all trained before
+        # the restored keys are carried by rank 0 only, so gathering counts them once
+        self._keys: list[np.ndarray] = [keys] if keys is not None and session.rank == 0 else []
+        self.keyed = keys is not None
+        self.examples = 0  # examples drawn on this rank by this process (throughput)
+
+    @classmethod
+    def restore(cls, session: Session, micro: int, state: dict, ckpt_dir: str | Path) -> DataPosition:
+        """The position a checkpoint recorded (state.json + POSITION_FILE in `ckpt_dir`)."""
+        epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
+        f = Path(ckpt_dir) / POSITION_FILE
+        keys = np.load(f) if state.get("data_keys") and f.is_file() else None
+        if keys is not None and session.resume_data(epoch, keys):
+            return cls(session, micro, epoch, 0, keys, batch_in_epoch=batch)  # the runner leaves them out
+        skip = batch
+        if state.get("world_size", session.world_size) != session.world_size and "samples_in_epoch" in state:
+            skip = int(state["samples_in_epoch"]) // (micro * session.world_size)  # other shards per rank: approximate
+        return cls(session, micro, epoch, skip, keys)
+
+    def batches(self) -> Iterator[tuple[int, int, dict]]:
+        """(epoch, batches drawn in it, batch) without end (module doc of micro_batches)."""
+        epoch, skip = self.epoch, self.skip
+        while True:
+            self.session.begin_epoch(epoch)
+            n = 0
+            for batch in self.session.epoch_batches(epoch, self.micro):
+                n += 1
+                if n <= skip:
+                    continue
+                keys = batch.get(KEYS)
+                if keys is not None:
+                    batch = {k: v for k, v in batch.items() if k != KEYS}
+                    k = _flat_keys(keys)
+                    self._keys.append(k)
+                    self.examples += len(k)
+                    self.keyed = True
+                else:
+                    self.examples += self.micro
+                self.batch_in_epoch += 1
+                yield epoch, self.batch_in_epoch, batch
+            if n == 0 and epoch != self.resumed_epoch:
+                raise RuntimeError("the training split produced no batches: check the data (drop report) and micro_batch_size")
+            epoch, skip = epoch + 1, 0
+            self.epoch, self.batch_in_epoch, self._keys = epoch, 0, []
+
+    def snapshot(self) -> dict:
+        """The position for a checkpoint (every rank must call it: it gathers the ranks' keys)."""
+        mine = np.concatenate(self._keys) if self._keys else np.zeros(0, np.int64)
+        keys = np.concatenate([np.asarray(k, dtype=np.int64) for k in self.session.gather(mine)])
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "world_size": self.session.world_size,
+                "samples_in_epoch": int(len(keys)) if self.keyed else self.batch_in_epoch * self.micro * self.session.world_size,
+                "keys": keys if self.keyed else None}
+
+
+def save_position(ckpt_dir: str | Path, snapshot: dict) -> None:
+    """Write a snapshot's keys next to state.json (rank 0; checkpoint_state records the file)."""
+    if snapshot.get("keys") is not None:
+        np.save(Path(ckpt_dir) / POSITION_FILE, snapshot["keys"])
 
 
 TARGET_KEYS = ("labels", "num_place")  # per-token arrays the loss reads, never the model
+KEYS = "example_keys"  # which examples a row holds (data/pipeline.py example_keys): the data position's
+
+
+def _to(v, device):
+    return [t.to(device) for t in v] if isinstance(v, (list, tuple)) else v.to(device)
 
 
 def batch_to_model(batch: dict, fam, device: torch.device, pixel_dtype: torch.dtype) -> tuple[dict, dict]:
     """A delivered batch -> (model keywords, loss targets): on the device, the padding columns the
     whole batch shares trimmed (rows are right-padded to a fixed length, so work follows the longest
-    row), the family's layout applied (uint8 pixels normalised; Qwen: flat patches + grid), pixels
-    in the dtype the vision tower computes in. Targets: `labels` and, where the pipeline wrote
-    them, `num_place` (coordinate digits' place weights, formats/numbers.py)."""
-    inputs = {k: v.to(device) for k, v in batch.items() if k not in TARGET_KEYS}
+    row), the family's layout applied (uint8 pixels normalised; per-image arrays of the rows, ragged
+    ones as lists, joined in row order; packed rows' `position_ids`), pixels in the dtype the vision
+    tower computes in. Targets: `labels` and, where the pipeline wrote them, `num_place`
+    (coordinate digits' place weights, formats/numbers.py). `example_keys` (the data position's)
+    never reaches the model."""
+    inputs = {k: _to(v, device) for k, v in batch.items() if k not in TARGET_KEYS and k != KEYS}
     width = int(inputs["attention_mask"].sum(1).max())
     targets = {k: batch[k].to(device)[:, :width] for k in TARGET_KEYS if k in batch}
     targets["labels"] = targets["labels"].long()
     for k in fam.SEQ_KEYS:
         if k in inputs:
             inputs[k] = inputs[k][:, :width].long()
+    if "position_ids" in inputs:  # packed rows: (B, T) or (B, rows, T), trimmed like the tokens
+        inputs["position_ids"] = inputs["position_ids"][..., :width].long()
     inputs = fam.prepare_inputs(inputs)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(pixel_dtype)
@@ -106,15 +199,21 @@ def due(train: config_mod.TrainConfig, step: int, logged_before: bool) -> Due:
 class MetricsWindow:
     """Training loss over the micro-batches since the last report, and the report's standard keys."""
 
-    def __init__(self, *, micro_batch_size: int, world_size: int, trainable_params: int, resumed_from: int | None):
+    def __init__(self, *, micro_batch_size: int, world_size: int, trainable_params: int, resumed_from: int | None,
+                 position: DataPosition | None = None):
         self.micro, self.world, self.n_train = micro_batch_size, world_size, trainable_params
         self.resumed_from = -1 if resumed_from is None else resumed_from
+        self.position = position
         self.reported = False
         self.reset()
+
+    def _examples(self) -> int:
+        return self.position.examples if self.position is not None else 0
 
     def reset(self) -> None:
         """Start a new window (after a report: its validation and checkpoint time is not training time)."""
         self.loss, self.ce, self.num, self.n, self.t0 = 0.0, 0.0, 0.0, 0, time.perf_counter()
+        self.examples0 = self._examples()
 
     def add(self, loss: float, ce: float, num_loss: float = 0.0) -> None:
         self.loss += loss
@@ -124,10 +223,13 @@ class MetricsWindow:
 
     def metrics(self, *, step: int, epoch: int, lr: float, grad_norm: float) -> dict:
         """The report of optimizer step `step`: mean loss / CE per micro-batch of the window, samples/s
-        over all ranks, trainable parameters, and the step this run resumed from (-1: a fresh run)."""
+        (rows: packed rows count once) and examples/s (this rank's examples x ranks, an estimate when
+        packed rows hold different numbers) over all ranks, trainable parameters, and the step this
+        run resumed from (-1: a fresh run)."""
         dt = time.perf_counter() - self.t0
         self.reported = True
         return {
+            "examples_per_s": (self._examples() - self.examples0) * self.world / max(dt, 1e-9),
             "step": step,
             "epoch": epoch,
             "loss": self.loss / max(1, self.n),
@@ -218,11 +320,19 @@ class Validation:
                      step, self.metric, self.early.patience, self.early.best)
 
 
-def checkpoint_state(cfg: config_mod.Experiment, *, step: int, epoch: int, batch_in_epoch: int, metrics: dict) -> dict:
+def checkpoint_state(cfg: config_mod.Experiment, *, step: int, epoch: int | None = None, batch_in_epoch: int | None = None,
+                     metrics: dict, position: dict | None = None) -> dict:
     """state.json's common record (training/checkpointing.py): where the run is (optimizer step, epoch,
-    batches of that epoch consumed on each rank), what trained it, and the image preprocessing that
-    eval and Serve must apply as trained. Recipes add their own keys (ZeRO: stage, world size, tag)."""
+    batches of that epoch consumed on each rank; with a DataPosition snapshot also the examples the
+    epoch trained on, in POSITION_FILE), what trained it, and the image preprocessing that eval and
+    Serve must apply as trained. Recipes add their own keys (ZeRO: stage, world size, tag)."""
+    extra = {}
+    if position is not None:
+        epoch, batch_in_epoch = position["epoch"], position["batch_in_epoch"]
+        extra = {"samples_in_epoch": position["samples_in_epoch"], "world_size": position["world_size"],
+                 "data_keys": POSITION_FILE if position.get("keys") is not None else None}
     return {
+        **extra,
         "step": step,
         "epoch": epoch,
         "batch_in_epoch": batch_in_epoch,

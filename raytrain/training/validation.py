@@ -49,14 +49,15 @@ def load_examples(
     limit: int,
     *,
     tasks: Sequence[str],
-    image_hw: tuple[int, int],
+    image_hw,
     family: str,
     allow_convert: bool = True,
     opts: storage.StorageOptions | None = None,
     preprocess=None,
 ) -> Examples:
     """The first `limit` examples of `split` (shard order, then row order: the same subset on every
-    call, every rank and every trial), validated, preprocessed to `image_hw` (`preprocess`: the
+    call, every rank and every trial), validated, preprocessed to `image_hw` (the family's
+    `input_frame`: a fixed (H, W) or per-image native sizing; `preprocess`: the
     run's data.resize / data.edge_* as a Preprocess or record; None = stretch) and expanded into
     (task, label) examples exactly as the training/eval pipeline does, without Ray Data (it runs
     inside a training worker). Reads shard by shard and stops once it has `limit` examples."""
@@ -74,7 +75,7 @@ def load_examples(
         table = pq.read_table(path, filesystem=fs, columns=cols)
         for start in range(0, table.num_rows, 64):
             rows = table.slice(start, 64).to_pydict()
-            out = pipeline.decode_and_expand(rows, split=split, tasks=list(tasks), image_hw=tuple(image_hw),
+            out = pipeline.decode_and_expand(rows, split=split, tasks=list(tasks), image_hw=image_hw,
                                              family=family, allow_convert=allow_convert, preprocess=preprocess)
             if len(out["id"]):
                 parts.append(out)
@@ -85,7 +86,7 @@ def load_examples(
             break
     if not parts:
         raise ValueError(f"validation split {split!r} under {uri} has no usable examples (see the drop report)")
-    return {k: np.concatenate([p[k] for p in parts])[:limit] for k in parts[0]}
+    return {k: v[:limit] for k, v in pipeline.concat_batches(parts).items()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def test_eval_full_split_matches_single_process_reference(trained, tiny_model_pa
     ckpt = metrics["run"]["checkpoint"]
     assert ckpt == launch_eval.latest_checkpoint(cfg)
     recorded = Preprocess.from_dict(checkpointing.recorded_preprocess(ckpt))
-    assert recorded == Preprocess(edge_blend=0.3)
+    assert recorded == Preprocess("stretch", edge_blend=0.3)  # the family default, resolved when the run loaded
     assert f"eval preprocessing: {recorded.to_dict()}" in printed
     for title in ("COCO mAP @[.5:.95]", "COCO AP50", "point F1 (1:1)", "ECE (confidences)", "valid rate: detect"):
         assert title in printed, title

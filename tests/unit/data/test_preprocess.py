@@ -188,7 +188,12 @@ def test_config_section_is_the_spec_and_is_validated():
     cfg = config_mod.load(None, ["data.preprocess.resize=letterbox", "data.preprocess.edge_blend=0.3",
                                  "data.preprocess.pad_color=[114,114,114]"])
     assert cfg.data.preprocess == Preprocess("letterbox", (114, 114, 114), 0.3)
-    assert config_mod.load(None).data.preprocess == Preprocess()  # defaults: the old behaviour
+    # resize "" = the family's default, resolved on load (and so recorded as the mode itself)
+    assert config_mod.load(None).data.preprocess == Preprocess("stretch")  # PaliGemma: the old behaviour
+    assert config_mod.load(None, ["model.family=qwen2_5_vl"]).data.preprocess == Preprocess("native")
+    assert config_mod.load(None, ["model.family=qwen2_5_vl", "data.preprocess.resize=stretch"]).data.preprocess.resize == "stretch"
+    with pytest.raises(ValueError, match="resizes stretch | letterbox"):  # SigLIP has one input size
+        config_mod.load(None, ["data.preprocess.resize=native"])
     with pytest.raises(ValueError, match="preprocess.resize must be one of"):
         config_mod.load(None, ["data.preprocess.resize=crop"])
     with pytest.raises(ValueError, match="edge_blend"):
@@ -201,14 +206,15 @@ def test_record_round_trip_and_policy(caplog):
     p = Preprocess("letterbox", (1, 2, 3), 0.3, 1.5, 0.05, 0.3)
     rec = json.loads(json.dumps(p.to_dict()))
     assert Preprocess.from_dict(rec) == p
-    assert Preprocess.from_dict(None) == Preprocess()  # a checkpoint from before records: stretch
+    assert Preprocess.from_dict(None) == Preprocess("stretch")  # a checkpoint from before records: stretch
+    assert Preprocess().mode == "stretch"  # unresolved (a component called without an experiment): stretch
     with pytest.raises(ValueError, match="unknown preprocess key"):
         Preprocess.from_dict({**rec, "clahe": True})
     # a record as checkpoints written before data.preprocess existed hold it (state.json "preprocess"):
     # the same keys, so it loads, and today's records are written the same way
     old = {"resize": "letterbox", "pad_color": [114, 114, 114], "edge_blend": 0.3, "edge_sigma": 1.0, "edge_low": 0.1, "edge_high": 0.2}
     assert Preprocess.from_dict(old) == Preprocess("letterbox", (114, 114, 114), 0.3)
-    assert Preprocess.from_dict(old).to_dict() == old
+    assert Preprocess.from_dict(old).to_dict() == {**old, "min_pixels": 0, "max_pixels": 0}  # + native's pixel bounds (0: the processor's)
     with caplog.at_level(logging.WARNING, logger="raytrain.data.preprocess"):
         assert resolve_recorded(rec, Preprocess(), "ckpt") == p  # the record wins ...
     assert "using the recorded preprocessing" in caplog.text and "resize" in caplog.text  # ... loudly
