@@ -103,8 +103,40 @@ def _ensure_process_group(session: Session, device: torch.device) -> None:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     import deepspeed
 
+    if device.type == "cpu":
+        clear_stale_build_locks()  # DeepSpeed compiles its CPU shared-memory op on first use
     # Wraps the existing process group (DeepSpeed only creates one when none exists).
     deepspeed.init_distributed(dist_backend=backend)
+
+
+STALE_BUILD_LOCK_S = 1800.0
+"""A torch extension build lock older than this is left by a killed build (a build takes minutes)."""
+
+
+def clear_stale_build_locks(root: str | None = None, max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
+    """Remove torch JIT-extension build locks (`<root>/<python-cpu>/<op>/lock`) older than `max_age_s`.
+    torch takes that lock file while it compiles an op and waits, without a time limit, for it to go
+    away; a build that was killed leaves it behind, and every later ZeRO run on the machine then
+    hangs in `deepspeed.init_distributed`. Returns the locks removed (each one logged)."""
+    import glob
+    import os
+    import time
+
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = get_default_build_root()
+    removed = []
+    for lock in glob.glob(os.path.join(root, "*", "*", "lock")):
+        try:
+            age = time.time() - os.path.getmtime(lock)
+            if age > max_age_s:
+                os.remove(lock)
+                removed.append(lock)
+                log.warning("removed a stale torch extension build lock (%.0f min old, left by a killed build): %s", age / 60, lock)
+        except FileNotFoundError:
+            continue  # another process finished or removed it meanwhile
+    return removed
 
 
 def _numel(p) -> int:
