@@ -102,8 +102,8 @@ def seed_rows(seed: str, tmp: Path) -> list[dict]:
 
 SEEDS = {  # seed fixture -> the seed's job
     "000": "jobs/paligemma/2-3b_qlora_pixmo_points.yaml",
-    "001-detect": "jobs/paligemma/1-3b_lora_jsonl_detect.yaml",
-    "001-caption": "jobs/paligemma/1-3b_lora_jsonl_caption.yaml",
+    "001-detect": "jobs/paligemma/1-3b_full_jsonl_detect.yaml",
+    "001-caption": "jobs/paligemma/1-3b_full_jsonl_caption.yaml",
     "002": "jobs/qwen2_5_vl/3b_qlora_dense_captioning_visual_genome.yaml",
     "003": "jobs/paligemma/1-3b_qlora_risc_captions_conf1.yaml",
     "004": "jobs/paligemma/2-3b_full_shoulder_fracture.yaml",

@@ -174,6 +174,11 @@ class ModelConfig:
     """Train the last N vision encoder layers even when the tower is frozen (seed 004: 5)."""
     train_projector: bool = False
     """Train the multi-modal projector (frozen by default with the vision tower)."""
+    train_modules: list[str] = field(default_factory=list)
+    """Full fine-tuning of these parameters only (train.strategy full / zero2 / zero3): fnmatch
+    patterns over parameter names, everything else frozen, e.g. ["*language_model*self_attn*"]: the
+    language model's attention weights, what Google's PaliGemma notebook trains (seed 001). Empty =
+    the freeze settings above decide."""
     gradient_checkpointing: bool = False
     box_format: str = ""
     """How answers write coordinates; "" = the family's own (PaliGemma: <loc> tokens; Qwen2.5-VL:
@@ -417,6 +422,9 @@ class Experiment:
         if self.eval.split in self.train.splits:
             raise ValueError(f"eval.split={self.eval.split!r} is trained on (train.splits={self.train.splits}): the evaluation "
                              "would score examples the model has seen")
+        if self.model.train_modules and self.train.strategy == "lora":
+            raise ValueError("model.train_modules selects the fully trained parameters: it needs train.strategy full | zero2 | zero3 "
+                             "(LoRA trains adapters; lora.target_modules chooses where they go)")
         if self.quant.bits and self.train.strategy != "lora":
             raise ValueError("quant.bits needs train.strategy=lora (QLoRA): quantized weights cannot be fully fine-tuned")
         try:

@@ -215,6 +215,7 @@ class GroundingModel:
         self.image_hw = self.fam.image_size(self.processor)  # the model input adapters were trained on
         self.unavailable = unavailable_tasks(self.fam, self.image_hw)  # task -> why this replica cannot answer it
         self._prep: dict = {}  # adapter id -> preprocess.Preprocess recorded with its checkpoint
+        self._fams: dict = {}  # adapter id -> the family bound to the data.text it was trained with (prompts, answers)
         self.peft = None  # PeftModel wrapping self.base once the first adapter is loaded
         self._dormant: str | None = None  # evicted adapter kept because peft needs >= 1 adapter
         self._model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -303,7 +304,7 @@ class GroundingModel:
                 raise AdapterIncompatible(f"adapter {adapter_id!r} was trained for family {state['family']}, serving {self.fam.spec}")
         if state.get("base_model") and state["base_model"] != self.cfg.model:
             log.warning("adapter %s was trained on %s, served on %s", adapter_id, state["base_model"], self.cfg.model)
-        from raytrain.config import Preprocess
+        from raytrain.config import Preprocess, TextOptions
         from raytrain.data import preprocess
 
         try:  # requests are preprocessed as the adapter's training images were (no record: stretch)
@@ -311,6 +312,10 @@ class GroundingModel:
             preprocess.frame_for(self.fam, self.processor, self._prep[adapter_id])  # a resize this family takes
         except ValueError as e:
             raise AdapterIncompatible(f"adapter {adapter_id!r}: unusable preprocessing record ({e})") from None
+        try:  # ... and asked with the prompts it was trained on, its answers read with its "nothing found" answer
+            self._fams[adapter_id] = self.fam.with_text(**TextOptions.from_dict(state.get("text")).to_dict())
+        except (TypeError, ValueError) as e:
+            raise AdapterIncompatible(f"adapter {adapter_id!r}: unusable text record ({e})") from None
         return uri
 
     async def _load_adapter(self, adapter_id: str) -> _AdapterSlot:
@@ -406,15 +411,16 @@ class GroundingModel:
                              code="unsupported_task")
         if req["task"] in self.unavailable:
             raise ServeError(self.unavailable[req["task"]], status=501, code="task_unavailable")
-        try:
-            req["prefix"] = prompt_for(self.fam, req["task"], req["query"], w, h)
-        except ValueError as e:
-            raise BadRequest(f"prompt cannot be rendered: {e}") from None
         if req["adapter"]:
             from raytrain.data import preprocess
 
             await self._check_known(req["adapter"])  # AdapterNotFound before the LRU evicts anything
             await self._get_adapter(req["adapter"])  # loads on a miss (LRU); AdapterIncompatible
+        try:
+            req["prefix"] = prompt_for(self._family_of(req["adapter"]), req["task"], req["query"], w, h)
+        except ValueError as e:
+            raise BadRequest(f"prompt cannot be rendered: {e}") from None
+        if req["adapter"]:
             prep = self._prep[req["adapter"]]
             req["geometry"] = preprocess.geometry_for(self.fam, prep, preprocess.frame_for(self.fam, self.processor, prep), w, h)
             if w * h <= 512 * 512 and not prep.edge_blend:  # a small resize costs less than a thread hop
@@ -423,6 +429,11 @@ class GroundingModel:
                 req["model_image"] = await asyncio.to_thread(preprocess.apply, prep, req["image"], req["geometry"])
         self.counters["requests"] += 1
         return await self._predict_batch(req)
+
+    def _family_of(self, adapter: str | None):
+        """The family an adapter's requests are rendered and read with (its recorded data.text); the
+        base model's: the served family as configured."""
+        return self._fams.get(adapter, self.fam) if adapter else self.fam
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # sizes set from the config in __init__
     async def _predict_batch(self, reqs: list[dict]) -> list[dict]:
@@ -465,7 +476,7 @@ class GroundingModel:
         geoms = [r.get("geometry") or predict_path.identity_geometry(r["image"].shape[1], r["image"].shape[0]) for r in reqs]
         options = predict_path.DecodeOptions(max_new_tokens=max_new_tokens, constrained=self.cfg.constrained, confidence=True)
         with ctx:
-            preds = predict_path.predict(model, self.processor, self.fam, [Image.fromarray(r.get("model_image", r["image"])) for r in reqs],
+            preds = predict_path.predict(model, self.processor, self._family_of(adapter), [Image.fromarray(r.get("model_image", r["image"])) for r in reqs],
                                     [r["task"] for r in reqs], [r["query"] for r in reqs], [r["prefix"] for r in reqs], geoms, options)
         self.batch_sizes[len(reqs)] += 1
         results = []
@@ -474,7 +485,8 @@ class GroundingModel:
             out = answer_body(pred)
             out.update(adapter=adapter, task=r["task"], image_size=[w, h])
             if r["debug"]:
-                out["debug"] = {"replica": self.replica, "pid": os.getpid(), "batch_size": len(reqs), "device": str(self.device)}
+                out["debug"] = {"replica": self.replica, "pid": os.getpid(), "batch_size": len(reqs), "device": str(self.device),
+                                "prompt": r["prefix"]}
             results.append(out)
         return results
 

@@ -32,6 +32,8 @@ def build_model(cfg: config_mod.Experiment, model_path: str, *, strategy: str | 
     )
     if strategy == "full":
         fam.apply_freeze_policy(model, **policy)
+        if cfg.model.train_modules:
+            train_only(model, cfg.model.train_modules)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif strategy == "lora":
@@ -65,3 +67,21 @@ def build_model(cfg: config_mod.Experiment, model_path: str, *, strategy: str | 
     task_head.install(model, cfg.model.task_head_queries, processor=processor)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model, processor, n_train
+
+
+def train_only(model, patterns) -> int:
+    """Freeze every parameter but those whose name matches one of the fnmatch `patterns`
+    (model.train_modules); returns how many parameter tensors train. A pattern list that matches
+    nothing is an error (a typo would otherwise train nothing)."""
+    from fnmatch import fnmatchcase
+
+    n = 0
+    for name, p in model.named_parameters():
+        keep = any(fnmatchcase(name, pat) for pat in patterns)
+        p.requires_grad_(keep)
+        n += keep
+    if n == 0:
+        names = [name for name, _ in model.named_parameters()]
+        raise ValueError(f"model.train_modules {list(patterns)} matches no parameter; names look like {names[:3]} ... {names[-2:]}")
+    return n
+

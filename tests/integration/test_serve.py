@@ -62,6 +62,11 @@ def adapter_root(tiny_model_path, tmp_path_factory):
     # a checkpoint trained with the task attention head (model.task_head_queries): the same
     shutil.copytree(root / "a", root / "withhead")
     (root / "withhead" / "adapter" / "task_head.safetensors").write_bytes(b"")
+    # a checkpoint trained with its own prompts (data.text, recorded in state.json)
+    shutil.copytree(root / "a", root / "prompted")
+    state = json.loads((root / "prompted" / "state.json").read_text())
+    state["text"] = {"prompts": {"point": "Point at the {query}"}, "system_prompt": "", "empty_answer": "", "multi_label": False}
+    (root / "prompted" / "state.json").write_text(json.dumps(state))
     return root
 
 
@@ -177,6 +182,14 @@ def test_two_adapters_one_replica_http_and_handle(served):
 
     stats = json.loads(urllib.request.urlopen(url.rsplit("/", 1)[0] + "/stats", timeout=30).read())
     assert stats["pid"] == replicas.pop()[1] and stats["adapter_loads"] >= 3
+
+
+def test_an_adapter_is_asked_with_the_prompts_it_was_trained_on(served):
+    url, _ = served
+    image, label = _png(4)
+    assert _ask(url, image, label, adapter="prompted")["debug"]["prompt"] == f"Point at the {label}"  # its data.text
+    assert _ask(url, image, label, adapter="a")["debug"]["prompt"] == f"point to {label}"  # no record: the family's
+    assert _ask(url, image, label)["debug"]["prompt"] == f"point to {label}"  # the base model
 
 
 def test_concurrent_requests_batch_per_adapter_without_mixing(served):

@@ -199,3 +199,32 @@ def test_float16_resume_keeps_the_float32_weights_exact(tiny_model_path, val_exa
     loaded = sorted(p.detach().flatten()[:8].tolist() for p in params.values())
     assert loaded == sorted(t.flatten()[:8].tolist() for t in saved.values())
     assert any(t.flatten()[:8].to(torch.float16).to(torch.float32).tolist() != t.flatten()[:8].tolist() for t in saved.values())
+
+
+def test_train_modules_trains_only_the_language_models_attention(tiny_model_path, val_examples, tmp_path):
+    """Seed 001 (Google's notebook): full fine-tuning of the language model's attention weights,
+    everything else frozen (model.train_modules)."""
+    import glob
+
+    torch.set_num_threads(1)
+    cfg = config_mod.load(None, BASE + ['model.train_modules=["*language_model*self_attn*"]', "model.freeze_vision=false",
+                                        "train.val_every=0", "train.checkpoint_every=8"])
+    reports = _train(cfg, tiny_model_path, val_examples, keep_dir=str(tmp_path))
+    assert reports[-1]["loss"] < reports[0]["loss"]
+    (ckpt,) = glob.glob(os.path.join(tmp_path, "checkpoint_*"))
+
+    def tensors(path):
+        with safe_open(path, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    before = tensors(os.path.join(tiny_model_path, "model.safetensors"))
+    after = tensors(os.path.join(ckpt, "model", "model.safetensors"))
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k].to(before[k].dtype))}
+    attention = {k for k in before if "language_model" in k and "self_attn" in k}
+    assert attention and changed == attention  # every attention weight moved, nothing else did
+
+    with pytest.raises(ValueError, match="matches no parameter"):
+        build_model(config_mod.load(None, BASE + ['model.train_modules=["*no_such_module*"]']), tiny_model_path)
+    with pytest.raises(ValueError, match="train.strategy full"):
+        config_mod.load(None, BASE + ['model.train_modules=["*self_attn*"]', "train.strategy=lora"])
