@@ -79,7 +79,12 @@ def test_smoke_keeps_what_makes_the_job(tmp_path):
     assert s.storage.root == str(tmp_path) and cfg.storage.root != str(tmp_path)  # the job itself is untouched
     qwen = smoke_mod.smoke(_load(REPO / "jobs/qwen2_5_vl/3b_qlora_dense_captioning_visual_genome.yaml"))
     assert qwen.model.name_or_path == "tiny:qwen2_5_vl"
-    assert qwen.data.max_seq_len >= 128 and qwen.eval.max_new_tokens >= 40
+    # the budgets are measured on the smoke examples as training encodes them (the seed's system prompt included)
+    from raytrain.models import ensure_preset
+
+    longest, answer = smoke_mod.token_budget(qwen, qwen.model_family().load_processor(str(ensure_preset("tiny:qwen2_5_vl"))))
+    assert (qwen.data.max_seq_len, qwen.eval.max_new_tokens) == (longest + smoke_mod.SEQ_MARGIN, answer + smoke_mod.SEQ_MARGIN)
+    assert longest >= 100 and answer >= 12  # system + user turn + image tokens; a (phrase, [x1, y1, x2, y2]) answer
     assert qwen.quant.skip_modules == ["model.visual", "lm_head"]
 
 
