@@ -137,15 +137,8 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
         due = loop.due(cfg.train, step, window.reported)
         if due.log or due.checkpoint:
             metrics = window.metrics(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
-            if due.validate:
-                stop = validate(model, metrics)
-            if session.rank == 0:
-                loop.log_step(metrics)
-            if due.checkpoint:
-                save_and_report(metrics)
-            else:
-                session.report(metrics, None)
-            window.reset()
+            stop = loop.finish_report(session, window, due, metrics, validate=lambda m: validate(model, m),
+                                      save_and_report=save_and_report)
         if stop:
             validate.log_stop(step)
             break

@@ -262,6 +262,11 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
     # each layer from every rank, so every rank decodes the (same) subset, in step (synced_gpus).
     validate = loop.Validation(session, cfg.train, fam, processor, on_all_ranks=stage == 3, loss_fn=loss_fn, device=device,
                                pixel_dtype=pixel_dtype, max_len=cfg.data.max_seq_len)
+
+    def validate_zero(module, metrics: dict) -> bool:
+        with _hf_zero3(conf) if stage == 3 else contextlib.nullcontext():  # ZeRO-3: generate() gathers shards
+            return validate(module, metrics)
+
     window = loop.MetricsWindow(micro_batch_size=micro, world_size=session.world_size, trainable_params=n_train,
                                 resumed_from=resumed_from, position=position)
     stop = False
@@ -289,16 +294,8 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
             grad_norm = engine.get_global_grad_norm()
             metrics = window.metrics(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],
                                      grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
-            if due.validate:
-                with _hf_zero3(conf) if stage == 3 else contextlib.nullcontext():
-                    stop = validate(engine.module, metrics)
-            if session.rank == 0:
-                loop.log_step(metrics)
-            if due.checkpoint:
-                save_and_report(metrics)
-            else:
-                session.report(metrics, None)
-            window.reset()
+            stop = loop.finish_report(session, window, due, metrics, validate=lambda m: validate_zero(engine.module, m),
+                                      save_and_report=save_and_report)
         if stop:
             validate.log_stop(step)
             break

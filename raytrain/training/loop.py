@@ -248,6 +248,21 @@ def log_step(metrics: dict) -> None:
              metrics["samples_per_s"])
 
 
+def finish_report(session, window, due, metrics: dict, *, validate, save_and_report) -> bool:
+    """What every recipe does with a due report: validate when due (`validate(metrics)` adds the
+    val metrics and returns the early-stop decision), log on rank 0, report to Ray Train with a
+    checkpoint when one is due, and start a new metrics window. Returns True to stop training."""
+    stop = bool(validate(metrics)) if due.validate else False
+    if session.rank == 0:
+        log_step(metrics)
+    if due.checkpoint:
+        save_and_report(metrics)
+    else:
+        session.report(metrics, None)
+    window.reset()
+    return stop
+
+
 class EarlyStopping:
     """Stop after `patience` validations in a row without a better value (`mode` min | max)."""
 
