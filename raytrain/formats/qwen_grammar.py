@@ -70,3 +70,25 @@ def answer_grammar(
         else:
             head, sep, tail, empty = "[", ", ", "]", "[]"
     return tg.AnswerGrammar(tuple(item), head, sep, tail, empty if allow_empty else None, max_objects, forbid_duplicates)
+
+
+_COMPILED: dict[tuple, object] = {}
+_COMPILED_MAX = 256  # compiled grammars kept per process (label sets x kinds x frames)
+
+
+def compiled_grammar(tokenizer, kind: str, labels: tuple, representation: str, fw: int, fh: int, max_objects,
+                     empty_answer: str = "", end_tokens: tuple = ()):
+    """The compiled answer grammar (text_grammar.compile_grammar) of one label set, cached: every row
+    and beam of a batch and every batch with the same labels share it (it keeps no per-call state).
+    The "nothing found" answer (the empty list, or `empty_answer`) is always allowed."""
+    key = (id(tokenizer), kind, labels, representation, fw, fh, max_objects, empty_answer, end_tokens)
+    g = _COMPILED.get(key)
+    if g is None:
+        if len(_COMPILED) >= _COMPILED_MAX:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        answer = answer_grammar(kind, labels, representation, fw, fh, max_objects=max_objects, allow_empty=True)
+        if empty_answer:
+            answer = replace(answer, empty=empty_answer)
+        g = _COMPILED[key] = tg.compile_grammar(answer, tokenizer, end_tokens=list(end_tokens))
+    return g
+

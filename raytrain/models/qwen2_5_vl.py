@@ -38,7 +38,7 @@ from typing import ClassVar
 import numpy as np
 
 from raytrain import tasks
-from raytrain.formats import molmo, qwen_grammar, text_confidence, text_grammar
+from raytrain.formats import molmo, qwen_grammar, text_confidence
 from raytrain.formats import qwen as fmt
 from raytrain.formats.numbers import digit_token_ids, token_place_weights
 from raytrain.models import _quant, molmo_answers, qwen_batch, text_options, tiny
@@ -407,26 +407,6 @@ def component(param_name: str) -> str:
     return "language"
 
 
-_GRAMMARS: dict[tuple, object] = {}
-_GRAMMAR_CACHE = 256  # compiled grammars kept per process (label sets x kinds x frames)
-
-
-def _text_grammar(processor, kind: str, labels: tuple, representation: str, fw: int, fh: int, max_objects, empty_answer: str = ""):
-    """The compiled answer grammar (formats/text_grammar.py) of one label set, cached: every row and
-    beam of a batch and every batch with the same labels share it (it keeps no per-call state). The
-    "nothing found" answer (the empty list, or `empty_answer`) is always allowed."""
-    key = (id(processor.tokenizer), kind, labels, representation, fw, fh, max_objects, empty_answer)
-    g = _GRAMMARS.get(key)
-    if g is None:
-        if len(_GRAMMARS) >= _GRAMMAR_CACHE:
-            _GRAMMARS.pop(next(iter(_GRAMMARS)))
-        answer = qwen_grammar.answer_grammar(kind, labels, representation, fw, fh, max_objects=max_objects, allow_empty=True)
-        if empty_answer:
-            answer = replace(answer, empty=empty_answer)
-        g = _GRAMMARS[key] = text_grammar.compile_grammar(answer, processor.tokenizer, end_tokens=[IM_END])
-    return g
-
-
 def stop_token_ids(tokenizer) -> list[int]:
     """<|im_end|> ends an assistant turn; <|endoftext|> is the pad / end of a plain completion."""
     return [int(i) for i in tokenizer.convert_tokens_to_ids([IM_END, END_OF_TEXT]) if i is not None]
@@ -587,7 +567,8 @@ class Qwen2_5_VL:
         if kind not in fmt.KINDS or not labels:
             return None  # captions: free text
         fw, fh = _model_frame(image_hw[1], image_hw[0], image_hw, None)
-        return _text_grammar(processor, kind, tuple(labels), self._json_format, fw, fh, max_objects or None, self.empty_answer)
+        return qwen_grammar.compiled_grammar(processor.tokenizer, kind, tuple(labels), self._json_format, fw, fh, max_objects or None,
+                                             self.empty_answer, end_tokens=(IM_END,))
 
     def object_confidences(self, logprobs, token_ids, processor, kind: str, labels, image_hw) -> list[float]:
         if self.answer_format == MOLMO and kind == "point":

@@ -1,4 +1,4 @@
-"""The eval and serve config sections (raytrain/config_inference.py, re-exported by config.py):
+"""The eval and serve config sections (raytrain/config/inference.py, re-exported by config.py):
 defaults that make evaluation valid by construction, checks on the GPU pool settings, the decoding
 grid from YAML (seed 003's 12 cells), and the Serve GPU field's old name."""
 

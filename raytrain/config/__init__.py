@@ -1,15 +1,15 @@
 """Typed experiment configuration: nested dataclasses, loaded from YAML, with dotted overrides.
 
-Defaults live here and nowhere else. Each field's docstring-comment is its help text. Only recipes
+Defaults live in this package (raytrain/config/) and nowhere else. Each field's docstring-comment is its help text. Only recipes
 and launchers read an `Experiment`; components take plain arguments.
 
     cfg = load("jobs/tiny/shapes.yaml", ["train.steps=200", "scale.num_workers=1"])
 
 A job YAML is an `Experiment`. `PrepareConfig` (what `raytrain prepare` runs, derived from an
 Experiment) lives here too; the `eval` section (`EvalConfig`, its decoding grid) and `ServeConfig`
-(`raytrain serve`'s own YAML) live in raytrain/config_inference.py, the `track:` and `tune:` sections
-in raytrain/config_ops.py; both are re-exported here. The YAML machinery (type checks, dotted
-overrides, the field listing) is `raytrain.schema`.
+(`raytrain serve`'s own YAML) live in config/inference.py, the `track:` and `tune:` sections in config/ops.py, `data.preprocess`
+in config/preprocess.py; all are re-exported here. The YAML machinery (type checks, dotted overrides,
+the field listing) is `raytrain.schema`.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from raytrain import schema
-from raytrain.config_inference import (  # noqa: F401  (re-exported: the eval and serve sections live there)
+from raytrain.config.inference import (  # noqa: F401  (re-exported: the eval and serve sections live there)
     ADAPTER_ID,
     EvalConfig,
     GridConfig,
     ServeConfig,
 )
-from raytrain.config_ops import SchedulerConfig, SearchConfig, SweepConfig, TrackConfig  # noqa: F401  (track:, tune:)
-from raytrain.config_preprocess import RESIZE_MODES, Preprocess  # noqa: F401  (the data.preprocess section)
+from raytrain.config.ops import SchedulerConfig, SearchConfig, SweepConfig, TrackConfig  # noqa: F401  (track:, tune:)
+from raytrain.config.preprocess import RESIZE_MODES, Preprocess  # noqa: F401  (the data.preprocess section)
 from raytrain.storage import StorageOptions
 
 STRATEGIES = ("full", "lora", "zero2", "zero3")

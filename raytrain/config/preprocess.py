@@ -1,7 +1,7 @@
 """The `data.preprocess` section: what happens to an image between decoding and the model.
 
 Part of the configuration (`raytrain.config` re-exports `Preprocess` and `RESIZE_MODES`; its own
-module only to keep config.py under the 600-line bound). What each option DOES is
+module only to keep the package's modules under the 600-line bound). What each option DOES is
 raytrain/data/preprocess.py; which modes a model family accepts, and how it sizes an image under
 "native", is the family's (`RESIZE_MODES`, `input_frame`, `input_size` in models/interface.py).
 """

@@ -1,6 +1,6 @@
 """Config sections of what runs a trained model: `raytrain eval` (the job's `eval` section, with its
-decoding grid) and `raytrain serve` (`ServeConfig`, its own YAML). Split out of raytrain/config.py,
-which re-exports every name here; defaults live here and nowhere else, like config.py's.
+decoding grid) and `raytrain serve` (`ServeConfig`, its own YAML). Split out of raytrain/config/__init__.py,
+which re-exports every name here; defaults live here and nowhere else, like the rest of raytrain/config/.
 """
 
 from __future__ import annotations

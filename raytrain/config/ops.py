@@ -2,7 +2,7 @@
 
 Part of the typed experiment configuration (`raytrain.config` re-exports every class here, so
 `from raytrain.config import TrackConfig, SweepConfig` is the way to import them); split off only to
-keep config.py under the 600-line bound. Defaults live here as in config.py; each field's string
+keep config/__init__.py under the 600-line bound. Defaults live here as in the rest of raytrain/config/; each field's string
 literal is its help text (`raytrain config --help-fields`).
 """
 
