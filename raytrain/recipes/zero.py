@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import tempfile
 import time
 
@@ -97,10 +96,10 @@ def _ensure_process_group(session: Session, device: torch.device) -> None:
     if not dist.is_initialized():
         if session.world_size != 1:
             raise RuntimeError("recipes.zero.train needs torch.distributed initialised for world_size > 1")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        # One rank needs no rendezvous server: a file store opens no socket, where torch's TCP store
+        # listens on every interface whatever host its URL names (and stays up with the process).
+        store = os.path.join(tempfile.mkdtemp(prefix="raytrain-pg-"), "store")
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
     import deepspeed
 
     if device.type == "cpu":
