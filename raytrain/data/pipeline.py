@@ -375,6 +375,12 @@ def read_split(uri: str, split: str, opts: storage.StorageOptions | None = None)
     return ray.data.read_parquet(paths, filesystem=fs, columns=["id", "image", "width", "height", "objects"], override_num_blocks=blocks)
 
 
+def stage_frame(image_hw):
+    """The model input frame as a Ray Data stage takes it: a native frame (a dict of smart_resize
+    bounds, preprocess.frame_for) as it is, a fixed (height, width) as a tuple."""
+    return image_hw if isinstance(image_hw, dict) else tuple(image_hw)
+
+
 def examples_dataset(uri: str, split: str, *, tasks, image_hw, family: str, allow_convert=True, opts=None, counter=None, batch_size=64,
                      preprocess=None):
     """Validated, preprocessed, expanded examples of one split (no tokens): the eval input."""
@@ -383,7 +389,7 @@ def examples_dataset(uri: str, split: str, *, tasks, image_hw, family: str, allo
         decode_and_expand,
         batch_size=batch_size,
         batch_format="numpy",
-        fn_kwargs={"split": split, "tasks": list(tasks), "image_hw": image_hw if isinstance(image_hw, dict) else tuple(image_hw), "family": family,
+        fn_kwargs={"split": split, "tasks": list(tasks), "image_hw": stage_frame(image_hw), "family": family,
                    "allow_convert": allow_convert, "counter": counter, "preprocess": preprocess_mod.coerce(preprocess).to_dict()},
     )
 
@@ -396,7 +402,7 @@ def train_dataset(uri: str, split: str, *, tasks, model_path: str, image_hw, max
         prepare_block,
         batch_size=None,
         batch_format="numpy",
-        fn_kwargs={"split": split, "tasks": list(tasks), "image_hw": image_hw if isinstance(image_hw, dict) else tuple(image_hw), "model_path": model_path, "max_len": max_len,
+        fn_kwargs={"split": split, "tasks": list(tasks), "image_hw": stage_frame(image_hw), "model_path": model_path, "max_len": max_len,
                    "family": family, "allow_convert": allow_convert, "counter": counter,
                    "preprocess": preprocess_mod.coerce(preprocess).to_dict(), "batch_size": batch_size},
     )

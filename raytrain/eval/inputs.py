@@ -63,6 +63,6 @@ def examples(uri: str, split: str, *, tasks, image_hw, family: str, allow_conver
         pipeline.decode_and_expand,
         batch_size=batch_size,
         batch_format="numpy",
-        fn_kwargs={"split": split, "tasks": list(tasks), "image_hw": tuple(image_hw), "family": family,
+        fn_kwargs={"split": split, "tasks": list(tasks), "image_hw": pipeline.stage_frame(image_hw), "family": family,
                    "allow_convert": allow_convert, "counter": counter, "preprocess": preprocess_mod.coerce(preprocess).to_dict()},
     )
