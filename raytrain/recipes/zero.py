@@ -100,6 +100,7 @@ def _ensure_process_group(session: Session, device: torch.device) -> None:
         # listens on every interface whatever host its URL names (and stays up with the process).
         store = os.path.join(tempfile.mkdtemp(prefix="raytrain-pg-"), "store")
         dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+        os.environ.setdefault("LOCAL_RANK", "0")  # what a launcher sets; DeepSpeed's zero.Init reads it while the model loads
     import deepspeed
 
     if device.type == "cpu":

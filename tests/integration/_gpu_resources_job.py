@@ -57,7 +57,7 @@ def main(root: str, model_path: str) -> None:
 
     cfg = config_mod.load("jobs/tiny/shapes.yaml", [
         f"storage.root={root}", "name=gpu", f"model.name_or_path={model_path}", "data.num_images=120", "eval.baselines=false",
-        "eval.gpus_per_actor=0.5", "eval.cpus_per_actor=0.5", "eval.num_actors=2", "eval.batch_size=4", "eval.max_new_tokens=6"])
+        "eval.gpus_per_actor=0.5", "eval.cpus_per_actor=0.5", "eval.num_actors=2", "eval.batch_size=4", "eval.max_new_tokens=12"])
     uri = prepare_data(cfg)
     metrics, out_dir = launch_eval.evaluate(cfg, uri, job.model_path(cfg), None, pipeline.drop_counter())
     rows = list(read_predictions(metrics["trained"]["files"]["predictions"]))
@@ -67,7 +67,7 @@ def main(root: str, model_path: str) -> None:
     from raytrain.launch.serve import smoke_request
     from raytrain.serve import app
 
-    scfg = app.ServeConfig(model=model_path, port=_free_port(), num_cpus=0.5, gpus_per_replica=0.5, max_new_tokens=4)
+    scfg = app.ServeConfig(model=model_path, port=_free_port(), num_cpus=0.5, gpus_per_replica=0.5, max_new_tokens=8)
     url = app.run(scfg)
     answer = smoke_request(url)
     time.sleep(2)

@@ -29,7 +29,9 @@ def main(root: str, model_path: str) -> None:
     nodes = {ip: cluster.add_node(num_cpus=1, node_ip_address=ip, resources={"trainer": 1}, object_store_memory=100 * 1024**2)
              for ip in ("127.0.0.2", "127.0.0.3")}
     # joined the way `raytrain train` joins a cluster: with the job's environment
-    ray.init(address=cluster.address, log_to_driver=False, runtime_env=ray_runtime.runtime_env())
+    # the driver on the head's raylet, as `ray job submit` runs it (with every node on this machine, Ray
+    # could attach it to a trainer node's raylet, and the run's driver-side actors would die with it)
+    ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False, runtime_env=ray_runtime.runtime_env())
     cfg = config_mod.load("jobs/tiny/shapes.yaml", [
         f"storage.root={root}", "name=multinode", f"model.name_or_path={model_path}", "data.num_images=200",
         "train.steps=40", "train.micro_batch_size=8", "train.checkpoint_every=10", "train.log_every=5", "train.warmup_steps=4",

@@ -91,7 +91,7 @@ def served(ray_cluster, tiny_model_path, adapter_root, s3_server):
         endpoint_url=s3_server, region="us-east-1", port=port, app_name="raytrain-test", num_cpus=1.0,
         max_adapters_per_replica=2,  # three adapters in play: the LRU evicts and reloads
         max_batch_size=8, batch_wait_timeout_s=0.01, max_ongoing_requests=16, max_queued_requests=16,
-        max_new_tokens=4, max_new_tokens_limit=16, max_body_bytes=512 * 1024, max_image_bytes=256 * 1024,
+        max_new_tokens=8, max_new_tokens_limit=16, max_body_bytes=512 * 1024, max_image_bytes=256 * 1024,
         max_image_pixels=512 * 512, max_image_side=1024, max_query_chars=64)
     t0 = time.perf_counter()
     url = app.run(cfg)

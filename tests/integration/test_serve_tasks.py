@@ -25,7 +25,9 @@ def _lora_adapter(fam_spec: str, model_path: str, out, seed: int) -> None:
     fam = family(fam_spec)
     torch.manual_seed(seed)
     base, _ = fam.load(model_path)
-    lcfg = LoraConfig(r=4, lora_alpha=16, init_lora_weights=False, target_modules=fam.lora_target_modules(["q_proj", "v_proj"]))
+    # strong enough to move the tiny random model's greedy answers (a weak one leaves both at the empty answer)
+    lcfg = LoraConfig(r=8, lora_alpha=64, init_lora_weights=False,
+                      target_modules=fam.lora_target_modules(["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]))
     model = get_peft_model(base, lcfg)
     model.save_pretrained(str(out / "adapter"))
     fam.save_adapter_files(fam.load_processor(model_path), out / "adapter")
