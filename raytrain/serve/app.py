@@ -153,10 +153,20 @@ def unavailable_tasks(fam, image_hw) -> dict[str, str]:
     segment prompts need the mask codec weights)."""
     from raytrain import tasks
 
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    from raytrain.formats.annotations import Mask
+
+    h, w = image_hw
+    full = mask_utils.encode(np.asfortranarray(np.ones((h, w), np.uint8)))["counts"].decode()
     out = {}
     for task in fam.TASKS:
-        try:
-            prompt_for(fam, task, "" if tasks.per_image(task) else "object", image_hw[1], image_hw[0])
+        try:  # a positive example: an answer with an object (a mask needs the codec to be written or read)
+            targets = [Mask((h, w), full, "object")] if tasks.get(task).kind == "mask" else []
+            prompt_for(fam, task, "" if tasks.per_image(task) else "object", w, h)
+            if targets:
+                fam.render_example(task, "object", targets, w, h, (h, w))
         except ValueError as e:
             out[task] = f"task {task} is not available on this server: {e}"
     return out
