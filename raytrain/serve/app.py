@@ -116,6 +116,7 @@ from raytrain.serve.requests import (  # noqa: F401  (re-exported: the serve API
     BadRequest,
     Limits,
     ServeError,
+    TaskUnavailable,
     answer_body,
     decode_image,
     parse_json_body,
@@ -420,7 +421,7 @@ class GroundingModel:
             raise BadRequest(f"model family {self.fam.spec} does not answer task {req['task']}; it answers {list(self.fam.TASKS)}",
                              code="unsupported_task")
         if req["task"] in self.unavailable:
-            raise ServeError(self.unavailable[req["task"]], status=501, code="task_unavailable")
+            raise TaskUnavailable(self.unavailable[req["task"]])
         if req["adapter"]:
             from raytrain.data import preprocess
 

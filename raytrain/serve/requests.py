@@ -83,6 +83,14 @@ class AdapterIncompatible(ServeError):
     code = "incompatible_adapter"
 
 
+class TaskUnavailable(ServeError):
+    """A task of the family this server cannot answer (PaliGemma's segment without the mask codec).
+    Its status is the class's, so it survives Ray's wrapping for DeploymentHandle callers."""
+
+    status = 501
+    code = "task_unavailable"
+
+
 # ----------------------------------------------------------------------------------------------
 # request validation (shared by the HTTP ingress and handle callers; no torch here)
 
