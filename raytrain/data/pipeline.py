@@ -383,7 +383,7 @@ def examples_dataset(uri: str, split: str, *, tasks, image_hw, family: str, allo
         decode_and_expand,
         batch_size=batch_size,
         batch_format="numpy",
-        fn_kwargs={"split": split, "tasks": list(tasks), "image_hw": tuple(image_hw), "family": family,
+        fn_kwargs={"split": split, "tasks": list(tasks), "image_hw": image_hw if isinstance(image_hw, dict) else tuple(image_hw), "family": family,
                    "allow_convert": allow_convert, "counter": counter, "preprocess": preprocess_mod.coerce(preprocess).to_dict()},
     )
 
@@ -396,7 +396,7 @@ def train_dataset(uri: str, split: str, *, tasks, model_path: str, image_hw, max
         prepare_block,
         batch_size=None,
         batch_format="numpy",
-        fn_kwargs={"split": split, "tasks": list(tasks), "image_hw": tuple(image_hw), "model_path": model_path, "max_len": max_len,
+        fn_kwargs={"split": split, "tasks": list(tasks), "image_hw": image_hw if isinstance(image_hw, dict) else tuple(image_hw), "model_path": model_path, "max_len": max_len,
                    "family": family, "allow_convert": allow_convert, "counter": counter,
                    "preprocess": preprocess_mod.coerce(preprocess).to_dict(), "batch_size": batch_size},
     )
