@@ -16,7 +16,6 @@ import pytest
 from raytrain.formats import qwen3_vl as codec
 from raytrain.formats.annotations import Box, Caption, ParseResult, Point, Region
 from raytrain.models import FAMILIES, answer_formats, family, parse_family_spec
-from raytrain.models import qwen3_vl as q3
 from raytrain.models import tiny_qwen3
 
 LABELS = ["red circle", "blue square", "traffic light"]
