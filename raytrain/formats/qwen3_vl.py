@@ -28,6 +28,7 @@ from collections.abc import Collection, Sequence
 
 from raytrain.formats import qwen
 from raytrain.formats.annotations import Obj, ParseResult
+from raytrain.formats.numbers import NumberSpan
 
 SCALE = 1000  # coordinates are 0..SCALE along each side of the image
 KINDS = qwen.KINDS
@@ -44,7 +45,22 @@ def render_objects(objs: Sequence[Obj], width: int, height: int, fenced: bool = 
     writes it (a ```json fence, one object per line, when ``fenced``). No objects: the empty list.
     Coordinates outside the image are clipped to its edge. Raises ValueError / TypeError as
     ``qwen.render_objects`` does (non-finite coordinates, unrenderable labels, bad sizes)."""
-    return qwen.render_objects(objs, width, height, SCALE, SCALE, "absolute", fenced=fenced, shuffle=shuffle, seed=seed)
+    return render_objects_spans(objs, width, height, fenced=fenced, shuffle=shuffle, seed=seed)[0]
+
+
+def render_objects_spans(objs: Sequence[Obj], width: int, height: int, fenced: bool = True, shuffle: bool = False,
+                         seed: int = 0) -> tuple[str, list[NumberSpan]]:
+    """``render_objects``' text and the span of every coordinate number in it, each with range
+    ``SCALE`` (formats/numbers.py: what the distance-aware number loss weighs)."""
+    return qwen.render_objects_spans(objs, width, height, SCALE, SCALE, "absolute", fenced=fenced, shuffle=shuffle, seed=seed)
+
+
+def strip_reasoning(text: str) -> str:
+    """The answer of a Thinking model's output: the text after the last ``</think>`` (all of it when
+    there is none), as Qwen's own evaluation reads it; "" for a non-string."""
+    body = text if isinstance(text, str) else ""
+    think = body.rfind(_THINK_END)
+    return body[think + len(_THINK_END) :] if think >= 0 else body
 
 
 def parse(text: str, kind: str, width: int, height: int, allowed_labels: Collection[str] | None = None) -> ParseResult:
@@ -56,10 +72,7 @@ def parse(text: str, kind: str, width: int, height: int, allowed_labels: Collect
     ("truncated_object" for the rest), as ``qwen.parse``. Coordinates outside 0-1000 are clipped
     to the image edge, as ``qwen.parse`` does for Qwen2.5-VL. ``[]`` is a valid empty answer.
     """
-    body = text if isinstance(text, str) else ""
-    think = body.rfind(_THINK_END)
-    if think >= 0:
-        body = body[think + len(_THINK_END) :]
+    body = strip_reasoning(text)
     res = qwen.parse(body, kind, width, height, SCALE, SCALE, "absolute", allowed_labels=allowed_labels, clip=True)
     if not res.objects and [e.reason for e in res.errors] == ["empty_output"] and _EMPTY_LIST.fullmatch(body):
         return ParseResult([], [])

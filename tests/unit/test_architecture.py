@@ -189,7 +189,7 @@ def test_no_module_over_600_lines():
     assert long == {}
 
 
-@pytest.mark.parametrize("spec", ["paligemma", "qwen2_5_vl", "qwen2_5_vl+tokens"])
+@pytest.mark.parametrize("spec", ["paligemma", "qwen2_5_vl", "qwen2_5_vl+tokens", "qwen3_vl"])
 def test_every_family_implements_the_whole_interface(spec):
     import inspect
 

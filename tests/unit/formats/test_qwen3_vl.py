@@ -298,3 +298,56 @@ def test_fuzz_mutated_answers():
             s = s[:i] if rng.random() < 0.3 else s[:i] + rng.choice(pieces) + s[i:]
         for kind in ("box", "point"):
             check_invariants(parse(s, kind, 100, 100), 100, 100)
+
+
+# ---------------------------------------------------------------------------- Thinking models, number spans
+
+THINKING_OUTPUTS = [
+    # a Thinking checkpoint reasons first (with numbers and brackets of its own), then answers
+    "<think>\nThe cat sits at the lower left, about [139, 768] to [315, 954]; the dog is right of it.\n</think>\n\n"
+    '```json\n[\n\t{"bbox_2d": [139, 768, 315, 954], "label": "cat"},\n\t{"bbox_2d": [366, 679, 536, 849], "label": "dog"}\n]\n```',
+    '<think>\nOnly one car {"bbox_2d": [1, 2, 3, 4]} ... no, look again.\n</think>\n[{"bbox_2d": [12, 34, 560, 780], "label": "car"}]',
+    "<think>\nNothing of the kind.\n</think>\n\n```json\n[]\n```",
+    # cut by max_new_tokens after the reasoning: the complete objects before the cut
+    '<think>\nTwo.\n</think>\n```json\n[\n\t{"bbox_2d": [139, 768, 315, 954], "label": "cat"},\n\t{"bbox_2d": [366, 679',
+]
+
+
+@pytest.mark.parametrize("text", THINKING_OUTPUTS)
+@pytest.mark.parametrize("size", [(640, 480), (333, 1001)])
+def test_thinking_outputs_agree_with_supervision_on_the_answer(text, size):
+    """supervision reads the whole text as the answer (the reasoning's brackets confuse it); Qwen's
+    own evaluation drops everything up to the last </think> first. Our parse of the full output
+    equals supervision's parse of that answer, box for box."""
+    pytest.importorskip("supervision")
+    from raytrain.formats.qwen3_vl import strip_reasoning
+
+    w, h = size
+    answer = strip_reasoning(text)
+    assert "<think>" not in answer and "</think>" not in answer and answer.strip()
+    xyxy, names = _sv(answer, w, h)
+    mine, labels = _mine(text, w, h)
+    assert mine.shape == xyxy.shape and mine.shape[0] >= (0 if "[]" in answer else 1)
+    np.testing.assert_allclose(mine, xyxy, rtol=1e-9, atol=1e-9)
+    assert labels == names
+    assert strip_reasoning("no reasoning here") == "no reasoning here" and strip_reasoning(None) == ""
+
+
+def test_thinking_points_are_relative_too():
+    """supervision reads no points: the relative scale by hand (x = v / 1000 * width)."""
+    text = '<think>\nAt [1, 2]?\n</think>\n```json\n[\n\t{"point_2d": [250, 750], "label": "a b"},\n\t{"point_2d": [1000, 0], "label": "c"}\n]\n```'
+    res = parse(text, "point", 640, 480)
+    assert not res.errors
+    assert [(o.x, o.y, o.label) for o in res.objects] == [(160.0, 360.0, "a b"), (640.0, 0.0, "c")]
+
+
+def test_number_spans_name_every_coordinate_of_the_text():
+    from raytrain.formats.qwen3_vl import render_objects_spans
+
+    objs = [Box(10, 20, 600, 470, "red circle"), Point(320, 240, "dog")]
+    for fenced in (True, False):
+        text, spans = render_objects_spans(objs, 640, 480, fenced=fenced)
+        assert text == render_objects(objs, 640, 480, fenced=fenced)
+        numbers = [int(text[s.start:s.end]) for s in spans]
+        coords = [v for o in json.loads(text.split("```json")[-1].split("```")[0]) for v in o.get("bbox_2d", o.get("point_2d"))]
+        assert numbers == coords and all(s.range == SCALE for s in spans)

@@ -32,6 +32,7 @@ def test_registry_covers_all_sizes():
     expected = {f"paligemma-3b-{r}" for r in (224, 448, 896)}
     expected |= {f"paligemma2-{s}-{r}" for s in ("3b", "10b", "28b") for r in (224, 448, 896)}
     expected |= {f"qwen2.5-vl-{s}" for s in ("3b", "7b", "32b", "72b")}
+    expected |= {f"qwen3-vl-{s}" for s in ("2b", "4b", "8b", "32b", "30b-a3b")}  # tests/unit/models/test_presets_qwen3_vl.py
     assert set(presets.PRESETS) == expected
     assert presets.PRESETS["paligemma2-10b-448"].hub_id == "google/paligemma2-10b-pt-448"
     assert presets.PRESETS["paligemma-3b-896"].hub_id == "google/paligemma-3b-pt-896"
