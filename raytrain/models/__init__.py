@@ -2,13 +2,15 @@
 
 A family SPEC names a family and, where it can write answers several ways, the answer format:
 "paligemma" (its <loc> tokens), "qwen2_5_vl" (absolute pixels, its default), "qwen2_5_vl+tokens",
-"qwen2_5_vl+normalized", "qwen2_5_vl+pairs". `family(spec)` returns ONE immutable family object for
+"qwen2_5_vl+normalized", "qwen2_5_vl+pairs", "paligemma+molmo", "qwen3_vl" (0-1000 relative). `family(spec)` returns ONE immutable family object for
 it; the spec is what checkpoints record (state.json "family") and what eval / Serve take, so a
 checkpoint is always read in the format it was trained in. `family_spec(name, answer_format)` builds
 a spec from the config's model.family / model.box_format.
 
-Adding a family: a module here with a frozen dataclass implementing every ModelFamily member, a
-line in FAMILIES, its format codec under formats/, a tiny preset builder, tests and a job YAML.
+Adding a family: a module here declaring `MODEL_FAMILY = (name, class name)` with a frozen dataclass
+implementing every ModelFamily member (found by `_discover`, nothing to register), its format codec
+under formats/, a tiny preset builder, tests and a job YAML; no other module changes (Qwen3-VL was
+added that way: models/qwen3_vl.py, qwen3_processor.py, tiny_qwen3.py, presets_qwen3_vl.py).
 """
 
 from __future__ import annotations
