@@ -14,6 +14,8 @@ reference). `result()` is the metrics dict `raytrain eval` prints and writes:
     calibration          {"ece", "bins", "n"}: reliability diagram of the per-object confidences
     segmentation, captions (BLEU, METEOR, ROUGE-L, CIDEr, CLIPScore), dense_captions
     valid_rate_by_task   share of each task's answers that parsed to at least one object
+    image_level          object present or not per example (accuracy, precision, recall, F1,
+                         specificity), when the split holds negatives (seed 004's Normal rows)
     parse_errors, examples, warnings
 
 The same code scores `raytrain eval`, the end of `raytrain train` and in-training validation.
@@ -106,6 +108,7 @@ class Aggregator:
         self.dense_valid = self.n_dense = 0
         self.errors: Counter = Counter()
         self.by_task: dict[str, list[int]] = {}
+        self.presence: Counter = Counter()  # image level: (object present, answer names one) -> count
         self.n = 0
 
     # ------------------------------------------------------------------ one row
@@ -146,6 +149,7 @@ class Aggregator:
         kind = Point if tasks.get(task).metrics == "pointing" else Box
         pred = [(o, c) for o, c in zip(objs, confs) if isinstance(o, kind)]
         gt = [o for o in gt if isinstance(o, kind)]
+        self.presence[(bool(gt), bool(pred))] += 1
         if kind is Point:
             self.prf.add(point_prf.score_points_prf([o for o, _ in pred] if objs else None, gt, w, h))
         else:
@@ -194,6 +198,8 @@ class Aggregator:
             if out["dense_captions"].pop("warnings", None):
                 out["dense_captions"]["meteor_note"] = JAVA_MISSING
                 warnings.append(JAVA_MISSING)
+        if any(not present for present, _ in self.presence):
+            out["image_level"] = image_level(self.presence)
         out["valid_rate_by_task"] = {t: v / n for t, (n, v) in sorted(self.by_task.items())}
         out["parse_errors"] = dict(self.errors)
         out["examples"] = self.n
@@ -226,3 +232,19 @@ class Aggregator:
 def aggregate(rows: Iterable[dict], **kwargs) -> dict:
     """Every metric of a list (or any iterable) of prediction rows."""
     return Aggregator(**kwargs).add_all(rows).result()
+
+
+def image_level(presence: Counter) -> dict:
+    """Object present or not, per example (seed 004's Normal vs Fracture): a positive answer names at
+    least one object, a negative one none ("nothing found"). `presence`: (present, answered) -> count.
+    Reported when the split holds negatives."""
+    tp, fp = presence[(True, True)], presence[(False, True)]
+    fn, tn = presence[(True, False)], presence[(False, False)]
+    n = tp + fp + fn + tn
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = tp / (tp + fn) if tp + fn else None
+    f1 = 2 * precision * recall / (precision + recall) if precision and recall else (0.0 if precision == 0 or recall == 0 else None)
+    return {"n": n, "positives": tp + fn, "negatives": fp + tn, "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+            "accuracy": (tp + tn) / n if n else None, "precision": precision, "recall": recall, "f1": f1,
+            "specificity": tn / (tn + fp) if tn + fp else None}
+

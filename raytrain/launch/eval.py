@@ -40,6 +40,8 @@ HEADLINE = (  # (row title, dotted metric) of the summary table; rows no column 
     ("valid rate: segment", "valid_rate_by_task.segment"), ("valid rate: caption", "valid_rate_by_task.caption"),
     ("valid rate: dense caption", "valid_rate_by_task.dense_caption"),
     ("COCO mAP @[.5:.95]", "coco.map"), ("COCO AP50", "coco.map_50"), ("COCO AP75", "coco.map_75"), ("COCO mAR@100", "coco.mar_100"),
+    ("image-level accuracy", "image_level.accuracy"), ("image-level F1", "image_level.f1"),
+    ("image-level specificity", "image_level.specificity"),
     ("point precision (1:1)", "point_prf.precision"), ("point recall (1:1)", "point_prf.recall"), ("point F1 (1:1)", "point_prf.f1"),
     ("ECE (confidences)", "calibration.ece"), ("objects with confidence", "calibration.n"),
     ("mask mIoU", "segmentation.miou"), ("BLEU-1", "captions.bleu_1"), ("BLEU-4", "captions.bleu_4"), ("METEOR", "captions.meteor"),

@@ -137,3 +137,32 @@ def test_sample_columns_keep_late_keys():
     s.add({"b": 3.5})
     got = list(s)
     assert np.isnan(got[0]["b"]) and got[1]["a"] == 2 and np.isnan(got[2]["a"]) and got[2]["b"] == 3.5
+
+
+def test_image_level_presence_counts_negatives_like_sklearn():
+    """Seed 004: radiographs without a fracture are negatives; whether an answer names an object is
+    scored per example beside the box metrics (accuracy / precision / recall / F1 / specificity),
+    equal to scikit-learn's on the same present / answered labels."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+    rng = random.Random(3)
+    rows, truth, said = [], [], []
+    for i in range(60):
+        present, answers = rng.random() < 0.6, rng.random() < 0.55
+        gt = [Box(10, 10, 30, 30, "Fracture")] if present else []
+        pred = [Box(12, 11, 31, 29, "Fracture")] if answers else []
+        batch = {"id": np.array([f"r{i}"], dtype=object), "task": np.array(["detect"], dtype=object),
+                 "query": np.array(["Fracture"], dtype=object), "targets": np.array([objects_to_json(gt)], dtype=object),
+                 "width": np.array([64]), "height": np.array([64])}
+        out = predict.score_rows(batch, [predict.Prediction("Normal" if not pred else "t", pred, [0.9] * len(pred), [])])
+        rows.append({k: out[k][0] for k in out})
+        truth.append(present)
+        said.append(answers)
+    got = aggregate(rows)["image_level"]
+    assert (got["n"], got["positives"], got["negatives"]) == (60, sum(truth), 60 - sum(truth))
+    assert got["accuracy"] == pytest.approx(accuracy_score(truth, said))
+    assert got["precision"] == pytest.approx(precision_score(truth, said))
+    assert got["recall"] == pytest.approx(recall_score(truth, said))
+    assert got["f1"] == pytest.approx(f1_score(truth, said))
+    assert got["specificity"] == pytest.approx(recall_score(truth, said, pos_label=False))
+    assert "image_level" not in aggregate(_rows())  # no negatives in the split: not reported
