@@ -139,12 +139,35 @@ MIN_NATIVE_PIXELS = 56 * 56  # the released Qwen2.5-VL processors' min_pixels
 def resize_for(image_size: int | None) -> dict:
     """The resize record of the default preset (None or IMAGE_SIDE) or of the native-resolution variant
     whose largest input is image_size x image_size pixels (module doc)."""
-    if image_size in (None, IMAGE_SIDE):
-        return RESIZE
-    if image_size % FACTOR or image_size < IMAGE_SIDE:
-        raise ValueError(f"tiny:qwen2_5_vl's image_size is the side of its pixel budget: a multiple of {FACTOR} above {IMAGE_SIDE}, "
+    return native_resize(image_size, RESIZE, IMAGE_SIDE, MIN_NATIVE_PIXELS, "tiny:qwen2_5_vl")
+
+
+def native_resize(image_size: int | None, default: dict, side: int, min_native: int, preset: str) -> dict:
+    """A tiny Qwen-style preset's resize record: `default` (the pinned side x side square) for None or
+    `side`; else the native-resolution variant, pixels between `min_native` and image_size^2.
+    ValueError for a size that is not a multiple of the merge factor above `side`."""
+    if image_size in (None, side):
+        return default
+    factor = default["factor"]
+    if image_size % factor or image_size < side:
+        raise ValueError(f"{preset}'s image_size is the side of its pixel budget: a multiple of {factor} above {side}, "
                          f"got {image_size}")
-    return dict(RESIZE, min_pixels=MIN_NATIVE_PIXELS, max_pixels=image_size * image_size)
+    return dict(default, min_pixels=min_native, max_pixels=image_size * image_size)
+
+
+def finish_model(model, tokenizer) -> None:
+    """What every tiny Qwen-style preset does to its random-init model before saving: a wider
+    embedding init than the 0.02 default (at this width the digits, and the <|loc|> rows where they
+    exist, are otherwise nearly indistinguishable at the start), generation ending at <|im_end|> or
+    <|endoftext|>, greedy, with the KV cache."""
+    import torch
+    from transformers import GenerationConfig
+
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, 0.05)
+    im_end, eot = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    model.generation_config = GenerationConfig(eos_token_id=[im_end, eot], pad_token_id=eot, do_sample=False)
+    model.config.use_cache = True
 
 
 def build_image_processor(resize: dict = RESIZE):
@@ -228,7 +251,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0, loc_tokens: bool =
     image_size: None (or IMAGE_SIDE) = the default preset; a larger multiple of 28 = the native-resolution
     variant with that pixel budget (`resize_for`)."""
     import torch
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     from raytrain.models.qwen_processor import Qwen2_5_VLImageOnlyProcessor
 
@@ -243,13 +266,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0, loc_tokens: bool =
 
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg)
-    with torch.no_grad():
-        # Wider embedding init than the 0.02 default (as the tiny PaliGemma does): at this width the
-        # 1024 <|loc|> rows and the digits are otherwise nearly indistinguishable at the start.
-        model.get_input_embeddings().weight.normal_(0.0, 0.05)
-    im_end, eot = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    model.generation_config = GenerationConfig(eos_token_id=[im_end, eot], pad_token_id=eot, do_sample=False)
-    model.config.use_cache = True
+    finish_model(model, tokenizer)
 
     return save_preset(out_dir, model, processor,
                        {"preset": "tiny:qwen2_5_vl", "seed": seed, "image_size": [side, side], "resize": resize})

@@ -70,12 +70,7 @@ def build_tokenizer():
 def resize_for(image_size: int | None) -> dict:
     """The resize record of the default preset (None or IMAGE_SIDE) or of the native-resolution
     variant whose largest input is image_size x image_size pixels (module doc)."""
-    if image_size in (None, IMAGE_SIDE):
-        return RESIZE
-    if image_size % FACTOR or image_size < IMAGE_SIDE:
-        raise ValueError(f"tiny:qwen3_vl's image_size is the side of its pixel budget: a multiple of {FACTOR} above {IMAGE_SIDE}, "
-                         f"got {image_size}")
-    return dict(RESIZE, min_pixels=MIN_NATIVE_PIXELS, max_pixels=image_size * image_size)
+    return tiny_qwen.native_resize(image_size, RESIZE, IMAGE_SIDE, MIN_NATIVE_PIXELS, "tiny:qwen3_vl")
 
 
 def tiny_qwen3_config(tokenizer, rope_theta: float = ROPE_THETA):
@@ -131,7 +126,7 @@ def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, image_size: int | No
     out_dir. image_size: None (or IMAGE_SIDE) = the default preset; a larger multiple of 32 = the
     native-resolution variant with that pixel budget (`resize_for`)."""
     import torch
-    from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration
 
     from raytrain.models.qwen3_processor import Qwen3VLImageOnlyProcessor
 
@@ -144,12 +139,6 @@ def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, image_size: int | No
     processor = Qwen3VLImageOnlyProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(tiny_qwen3_config(tokenizer, rope_theta))
-    with torch.no_grad():
-        # wider embedding init than the 0.02 default (as the other tiny presets): the digits must be
-        # told apart from the start at this width
-        model.get_input_embeddings().weight.normal_(0.0, 0.05)
-    im_end, eot = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    model.generation_config = GenerationConfig(eos_token_id=[im_end, eot], pad_token_id=eot, do_sample=False)
-    model.config.use_cache = True
+    tiny_qwen.finish_model(model, tokenizer)
     return save_preset(Path(out_dir), model, processor,
                        {"preset": "tiny:qwen3_vl", "seed": seed, "image_size": [side, side], "resize": resize})
