@@ -115,3 +115,73 @@ def tiny_model_path(tmp_path_factory):
     from raytrain.models import ensure_preset
 
     return str(ensure_preset("tiny:paligemma", tmp_path_factory.mktemp("presets")))
+
+
+@pytest.fixture(scope="session")
+def shape_batches():
+    """Builder of tokenized PaliGemma micro-batches from the synthetic shapes (64 px, one task), as
+    the recipe loop takes them: `shape_batches(model_path, task="point", n=32, micro=8, seed=2)`."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from raytrain.data import pipeline, synthetic
+    from raytrain.models import paligemma
+
+    def build(model_path: str, task: str = "point", n: int = 32, micro: int = 8, seed: int = 2, max_len: int = 48) -> list[dict]:
+        proc = paligemma.load_processor(model_path)
+        items = []
+        for i in range(n):
+            ex = synthetic.make_example(i, seed=seed, image_size=64)
+            (e,) = pipeline.examples_for(ex["objects"], [task], 64, 64, "paligemma")
+            items.append((Image.open(io.BytesIO(ex["image"])).convert("RGB"), e["prefix"], e["suffix"]))
+        out = []
+        for i in range(0, n, micro):
+            c = items[i : i + micro]
+            enc = paligemma.encode_train(proc, [x[0] for x in c], [x[1] for x in c], [x[2] for x in c], max_len)
+            enc.pop("length")
+            out.append({k: torch.from_numpy(v) for k, v in enc.items()})
+        return out
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def run_until():
+    """`run_until(cfg, model_path, batches, resume_dir=None, stop_after=None) -> (losses by step, saved
+    checkpoint dirs)`: recipes.ddp.train without Ray on fixed batches (fresh dicts every epoch: the
+    loop takes keys off), every checkpoint copied out as Ray Train would persist it; stop_after
+    raises inside the report of that step: the "crash" after which nothing runs."""
+    import contextlib
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from raytrain.recipes import ddp
+    from raytrain.training.session import Session
+
+    class Stop(Exception):
+        pass
+
+    def run(cfg, model_path: str, batches: list[dict], resume_dir=None, stop_after: int | None = None):
+        losses, saved = {}, []
+
+        def report(metrics, ckpt_dir):
+            losses[metrics["step"]] = metrics["loss"]
+            if ckpt_dir:
+                keep = Path(tempfile.mkdtemp(prefix="ckpt-"))
+                shutil.copytree(ckpt_dir, keep, dirs_exist_ok=True)
+                saved.append(keep)
+            if stop_after is not None and metrics["step"] >= stop_after:
+                raise Stop()
+
+        session = Session(rank=0, world_size=1, report=report, epoch_batches=lambda epoch, micro: [dict(b) for b in batches],
+                          checkpoint_dir=lambda: contextlib.nullcontext(str(resume_dir)) if resume_dir else None)
+        with contextlib.suppress(Stop):
+            ddp.train(cfg, model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
+        return losses, saved
+
+    return run

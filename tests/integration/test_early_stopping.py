@@ -1,15 +1,12 @@
 """In-training validation on a fixed val subset and early stopping on a grounding metric, through
 the Ray-free loop (the same code runs on rank 0 under Ray Train, with the decision broadcast)."""
 
-import io
 
 import pytest
 import torch
-from PIL import Image
 
 from raytrain import config as config_mod
-from raytrain.data import pipeline, shards, synthetic
-from raytrain.models import paligemma
+from raytrain.data import shards
 from raytrain.recipes import ddp
 from raytrain.training.session import Session
 from raytrain.training import validation
@@ -17,23 +14,8 @@ from raytrain.training import validation
 pytestmark = pytest.mark.integration
 
 
-def _batches(model_path, n=32, micro=8):
-    proc = paligemma.load_processor(model_path)
-    out = []
-    for i in range(0, n, micro):
-        items = []
-        for j in range(i, i + micro):
-            ex = synthetic.make_example(j, seed=2, image_size=64)
-            (e,) = pipeline.examples_for(ex["objects"], ["point"], 64, 64, "paligemma")
-            items.append((Image.open(io.BytesIO(ex["image"])).convert("RGB"), e["prefix"], e["suffix"]))
-        enc = paligemma.encode_train(proc, [x[0] for x in items], [x[1] for x in items], [x[2] for x in items], 48)
-        enc.pop("length")
-        out.append({k: torch.from_numpy(v) for k, v in enc.items()})
-    return out
-
-
 @pytest.mark.parametrize("lr,patience,expect_stop", [(0.0, 1, True), (0.0, 10, False)])
-def test_early_stopping_on_validation_metric(lr, patience, expect_stop, tmp_path, tiny_model_path):
+def test_early_stopping_on_validation_metric(lr, patience, expect_stop, tmp_path, tiny_model_path, shape_batches):
     torch.set_num_threads(1)
     uri = str(tmp_path / "data")
     shards.prepare_synthetic(uri, n=80, seed=4, splits={"train": 0.5, "val": 0.5})
@@ -44,7 +26,7 @@ def test_early_stopping_on_validation_metric(lr, patience, expect_stop, tmp_path
     examples = validation.load_examples(uri, "val", 12, tasks=["point"], image_hw=(64, 64), family="paligemma")
     reports = []
     session = Session(rank=0, world_size=1, checkpoint_dir=lambda: None,
-                      report=lambda m, d: reports.append(m), epoch_batches=lambda e, m: _batches(tiny_model_path),
+                      report=lambda m, d: reports.append(m), epoch_batches=lambda e, m: shape_batches(tiny_model_path),
                       val_examples=lambda: examples)
     result = ddp.train(cfg, tiny_model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
     vals = [r for r in reports if "val_norm_distance_all" in r]

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import shutil
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,32 +205,7 @@ def _packed_batches(model_path, micro=2):
     return [collate({k: v[i:i + micro] for k, v in packed.items()}) for i in range(0, n - micro + 1, micro)]
 
 
-def _run(cfg, model_path, batches, resume_dir=None, stop_after=None):
-    losses, saved = {}, []
-
-    class Stop(Exception):
-        pass
-
-    def report(metrics, ckpt_dir):
-        losses[metrics["step"]] = metrics["loss"]
-        if ckpt_dir:
-            keep = Path(tempfile.mkdtemp(prefix="packed-"))
-            shutil.copytree(ckpt_dir, keep, dirs_exist_ok=True)
-            saved.append(keep)
-        if stop_after is not None and metrics["step"] >= stop_after:
-            raise Stop()
-
-    def epoch_batches(epoch, micro):
-        return [dict(b) for b in batches]  # the loop takes the keys off: give it fresh dicts
-
-    session = Session(rank=0, world_size=1, checkpoint_dir=lambda: contextlib.nullcontext(str(resume_dir)) if resume_dir else None,
-                      report=report, epoch_batches=epoch_batches)
-    with contextlib.suppress(Stop):
-        ddp.train(cfg, model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
-    return losses, saved
-
-
-def test_exact_mid_epoch_resume_with_packed_batches(tiny_model_path, one_torch_thread):
+def test_exact_mid_epoch_resume_with_packed_batches(tiny_model_path, one_torch_thread, run_until):
     cfg = config_mod.load(None, ["train.steps=10", "train.micro_batch_size=2", "train.grad_accum=2", "train.warmup_steps=2",
                                  "train.log_every=1", "train.checkpoint_every=4", "train.lr=3e-3", "train.strategy=lora",
                                  "lora.r=4", "lora.alpha=8", "lora.dropout=0.1", "data.packing=100"])
@@ -241,9 +213,9 @@ def test_exact_mid_epoch_resume_with_packed_batches(tiny_model_path, one_torch_t
     per_epoch = len(batches) // 2  # optimizer steps per epoch
     assert 2 <= per_epoch < 10 and all(len(k) >= 2 for b in batches for k in b["example_keys"])
 
-    full, _ = _run(cfg, tiny_model_path, batches)
-    first, saved = _run(cfg, tiny_model_path, batches, stop_after=6)
-    resumed, _ = _run(cfg, tiny_model_path, batches, resume_dir=saved[-1])
+    full, _ = run_until(cfg, tiny_model_path, batches)
+    first, saved = run_until(cfg, tiny_model_path, batches, stop_after=6)
+    resumed, _ = run_until(cfg, tiny_model_path, batches, resume_dir=saved[-1])
     assert sorted(resumed) == list(range(5, 11))
     for step in range(5, 11):
         assert abs(resumed[step] - full[step]) <= 1e-6, (step, resumed[step], full[step])

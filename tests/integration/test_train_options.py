@@ -2,7 +2,6 @@
 Train worker runs): the teacher-forced validation loss, checkpoint selection by it, SGD with
 momentum, float16 mixed precision."""
 
-import io
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from raytrain import config as config_mod
-from raytrain.data import pipeline, shards, synthetic
+from raytrain.data import shards
 from raytrain.launch import eval as launch_eval
 from raytrain.launch import job
 from raytrain.models import paligemma
@@ -29,19 +28,9 @@ BASE = ["train.steps=8", "train.micro_batch_size=8", "train.warmup_steps=1", "tr
         "train.val_every=4", "train.val_examples=12", "data.tasks=[point]", "data.max_seq_len=48"]
 
 
-def _batches(model_path, n=32, micro=8):
-    proc = paligemma.load_processor(model_path)
-    out = []
-    for i in range(0, n, micro):
-        items = []
-        for j in range(i, i + micro):
-            ex = synthetic.make_example(j, seed=2, image_size=64)
-            (e,) = pipeline.examples_for(ex["objects"], ["point"], 64, 64, "paligemma")
-            items.append((Image.open(io.BytesIO(ex["image"])).convert("RGB"), e["prefix"], e["suffix"]))
-        enc = paligemma.encode_train(proc, [x[0] for x in items], [x[1] for x in items], [x[2] for x in items], 48)
-        enc.pop("length")
-        out.append({k: torch.from_numpy(v) for k, v in enc.items()})
-    return out
+@pytest.fixture(scope="module")
+def batches(tiny_model_path, shape_batches):
+    return shape_batches(tiny_model_path)  # 4 point micro-batches of 8
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +40,7 @@ def val_examples(tmp_path_factory):
     return validation.load_examples(uri, "val", 12, tasks=["point"], image_hw=(64, 64), family="paligemma")
 
 
-def _train(cfg, model_path, examples, keep_dir=None):
+def _train(cfg, model_path, examples, batches, keep_dir=None):
     """ddp.train with a hand-made session; checkpoints copied to keep_dir/checkpoint_<n> (as Ray Train
     would persist them) when given. Returns the reports."""
     reports = []
@@ -62,16 +51,16 @@ def _train(cfg, model_path, examples, keep_dir=None):
             shutil.copytree(d, os.path.join(keep_dir, f"checkpoint_{len(reports):06d}"))
 
     session = Session(rank=0, world_size=1, checkpoint_dir=lambda: None, report=report,
-                      epoch_batches=lambda e, m: _batches(model_path), val_examples=lambda: examples)
+                      epoch_batches=lambda e, m: [dict(b) for b in batches], val_examples=lambda: examples)
     ddp.train(cfg, model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
     return reports
 
 
-def test_val_loss_is_the_training_objective_on_the_val_subset(tiny_model_path, val_examples):
+def test_val_loss_is_the_training_objective_on_the_val_subset(tiny_model_path, val_examples, batches):
     torch.set_num_threads(1)
     # lr 0: the model never changes, so every validation scores the initial model
     cfg = config_mod.load(None, BASE + ["train.lr=0.0", "model.freeze_vision=false"])
-    reports = _train(cfg, tiny_model_path, val_examples)
+    reports = _train(cfg, tiny_model_path, val_examples, batches)
     vals = [r for r in reports if "val_loss" in r]
     assert [r["step"] for r in vals] == [4, 8] and all(r["val_loss_examples"] == 12 for r in vals)
     # the same number computed here: the recipe's seeded model, eval mode, the objective on the 12 examples
@@ -96,13 +85,13 @@ def test_val_loss_is_the_training_objective_on_the_val_subset(tiny_model_path, v
     assert vals[1]["val_loss"] == pytest.approx(vals[0]["val_loss"], rel=1e-5)
 
 
-def test_checkpoint_selected_by_val_loss(tiny_model_path, val_examples, tmp_path):
+def test_checkpoint_selected_by_val_loss(tiny_model_path, val_examples, batches, tmp_path):
     torch.set_num_threads(1)
     cfg = config_mod.load(None, BASE + [f"storage.root={tmp_path}", "name=sel", "train.steps=12", "train.val_every=4",
                                         "train.lr=0.02", "model.freeze_vision=false", "train.select_checkpoint=val_loss"])
     run = os.path.join(job.runs_root(cfg), cfg.name)
     os.makedirs(run)
-    reports = _train(cfg, tiny_model_path, val_examples, keep_dir=run)
+    reports = _train(cfg, tiny_model_path, val_examples, batches, keep_dir=run)
     ckpts = [r for r in reports if "val_loss" in r]
     assert [r["step"] for r in ckpts] == [4, 8, 12] and len(os.listdir(run)) == 3  # every validation is a checkpoint
     best = min(ckpts, key=lambda r: r["val_loss"])
@@ -113,11 +102,11 @@ def test_checkpoint_selected_by_val_loss(tiny_model_path, val_examples, tmp_path
     assert checkpointing.read_state(launch_eval.latest_checkpoint(last))["step"] == 12
 
 
-def test_sgd_with_momentum_and_float16_mixed_precision(tiny_model_path, val_examples, tmp_path):
+def test_sgd_with_momentum_and_float16_mixed_precision(tiny_model_path, val_examples, batches, tmp_path):
     torch.set_num_threads(1)
     cfg = config_mod.load(None, BASE + ["model.dtype=float16", "model.freeze_vision=true", "train.optimizer=sgd",
                                         "train.momentum=0.9", "train.lr=0.05", "train.val_every=8", "train.checkpoint_every=8"])
-    reports = _train(cfg, tiny_model_path, val_examples, keep_dir=str(tmp_path))
+    reports = _train(cfg, tiny_model_path, val_examples, batches, keep_dir=str(tmp_path))
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in reports)
     assert reports[-1]["loss"] < reports[0]["loss"]
     (ckpt,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
@@ -176,13 +165,13 @@ def test_raytrain_train_on_two_splits_evaluates_the_selected_checkpoint(tmp_path
     assert launch_eval.latest_checkpoint(cfg) == choice["checkpoint"]
 
 
-def test_float16_resume_keeps_the_float32_weights_exact(tiny_model_path, val_examples, tmp_path):
+def test_float16_resume_keeps_the_float32_weights_exact(tiny_model_path, val_examples, batches, tmp_path):
     """A resumed float16 run rebuilds the model (float16 frozen, float32 trained) and loads the
     checkpoint: the trained weights come back bit-exact, not rounded through float16."""
     torch.set_num_threads(1)
     cfg = config_mod.load(None, BASE + ["model.dtype=float16", "model.freeze_vision=true", "train.val_every=0",
                                         "train.checkpoint_every=4", "train.steps=4", "train.lr=1e-3"])
-    _train(cfg, tiny_model_path, val_examples, keep_dir=str(tmp_path))
+    _train(cfg, tiny_model_path, val_examples, batches, keep_dir=str(tmp_path))
     (ckpt,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
     saved = {}
     with safe_open(os.path.join(ckpt, "model", "model.safetensors"), "pt") as f:
@@ -201,7 +190,7 @@ def test_float16_resume_keeps_the_float32_weights_exact(tiny_model_path, val_exa
     assert any(t.flatten()[:8].to(torch.float16).to(torch.float32).tolist() != t.flatten()[:8].tolist() for t in saved.values())
 
 
-def test_train_modules_trains_only_the_language_models_attention(tiny_model_path, val_examples, tmp_path):
+def test_train_modules_trains_only_the_language_models_attention(tiny_model_path, val_examples, batches, tmp_path):
     """Seed 001 (Google's notebook): full fine-tuning of the language model's attention weights,
     everything else frozen (model.train_modules)."""
     import glob
@@ -209,7 +198,7 @@ def test_train_modules_trains_only_the_language_models_attention(tiny_model_path
     torch.set_num_threads(1)
     cfg = config_mod.load(None, BASE + ['model.train_modules=["*language_model*self_attn*"]', "model.freeze_vision=false",
                                         "train.val_every=0", "train.checkpoint_every=8"])
-    reports = _train(cfg, tiny_model_path, val_examples, keep_dir=str(tmp_path))
+    reports = _train(cfg, tiny_model_path, val_examples, batches, keep_dir=str(tmp_path))
     assert reports[-1]["loss"] < reports[0]["loss"]
     (ckpt,) = glob.glob(os.path.join(tmp_path, "checkpoint_*"))
 
