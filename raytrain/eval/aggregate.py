@@ -243,7 +243,7 @@ def image_level(presence: Counter) -> dict:
     n = tp + fp + fn + tn
     precision = tp / (tp + fp) if tp + fp else None
     recall = tp / (tp + fn) if tp + fn else None
-    f1 = 2 * precision * recall / (precision + recall) if precision and recall else (0.0 if precision == 0 or recall == 0 else None)
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None  # = 2PR / (P + R); 0 when nothing positive was right
     return {"n": n, "positives": tp + fn, "negatives": fp + tn, "tp": tp, "fp": fp, "fn": fn, "tn": tn,
             "accuracy": (tp + tn) / n if n else None, "precision": precision, "recall": recall, "f1": f1,
             "specificity": tn / (tn + fp) if tn + fp else None}

@@ -84,7 +84,8 @@ def test_smoke_keeps_what_makes_the_job(tmp_path):
 
     longest, answer = smoke_mod.token_budget(qwen, qwen.model_family().load_processor(str(ensure_preset("tiny:qwen2_5_vl"))))
     assert (qwen.data.max_seq_len, qwen.eval.max_new_tokens) == (longest + smoke_mod.SEQ_MARGIN, answer + smoke_mod.SEQ_MARGIN)
-    assert longest >= 100 and answer >= 12  # system + user turn + image tokens; a (phrase, [x1, y1, x2, y2]) answer
+    # the seed's system turn (~60 tokens) + user turn + image tokens; a (phrase, [x1, y1, x2, y2]) list
+    assert longest >= 250 and answer >= 20, (longest, answer)
     assert qwen.quant.skip_modules == ["model.visual", "lm_head"]
 
 
