@@ -10,6 +10,10 @@ import uuid
 # and never send usage stats home.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Nothing is downloaded in tests, and bitsandbytes 0.50 on CPU otherwise looks up a kernel on
+# huggingface.co the first time a 4-bit layer runs (a DNS query off loopback); offline it falls
+# back to its own CPU code at once. Ray's workers inherit it from this process.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
