@@ -223,13 +223,13 @@ def test_data_workers_encode_loc_tokens_as_the_added_ids(bare):
 # ---------------------------------------------------------------------------- warm-up through the recipe
 
 
-def _run(cfg, base, batches, resume_dir=None) -> dict[int, Path]:
-    """lora.train with a plain Session; returns {step: checkpoint copy}."""
+def _run(cfg, base, batches, out: Path, resume_dir=None) -> dict[int, Path]:
+    """lora.train with a plain Session; returns {step: checkpoint copy under `out` (a test's tmp_path)}."""
     saved: dict[int, Path] = {}
 
     def report(metrics, ckpt_dir):
         if ckpt_dir:
-            keep = Path(tempfile.mkdtemp(prefix="qwen-ckpt-"))
+            keep = Path(tempfile.mkdtemp(prefix="ckpt-", dir=out))
             shutil.copytree(ckpt_dir, keep, dirs_exist_ok=True)
             saved[metrics["step"]] = keep
 
@@ -261,7 +261,7 @@ def _changed_rows(a: torch.Tensor, b: torch.Tensor) -> set[int]:
 
 
 @pytest.mark.parametrize("base_name", ["bare", "preset"])
-def test_full_warmup_moves_only_new_rows_then_everything_and_resumes_by_step(base_name, request):
+def test_full_warmup_moves_only_new_rows_then_everything_and_resumes_by_step(base_name, request, tmp_path):
     base = request.getfixturevalue(base_name)
     cfg = _cfg(base, "train.strategy=full")
     fam = family(cfg.model.spec)
@@ -269,7 +269,7 @@ def test_full_warmup_moves_only_new_rows_then_everything_and_resumes_by_step(bas
     start = fam.load(base)[0]  # the recipe's starting point: tokens added, rows initialised (deterministic)
     ref = {k: v.detach().clone() for k, v in start.state_dict().items()}
     loc = set(qw.loc_token_ids(fam.load_processor(base).tokenizer).tolist())
-    saved = _run(cfg, base, batches)
+    saved = _run(cfg, base, batches, tmp_path)
     assert sorted(saved) == [1, 2, 3, 4]
     w = {s: _full_weights(p) for s, p in saved.items()}
     emb, head = "model.language_model.embed_tokens.weight", "lm_head.weight"
@@ -290,12 +290,12 @@ def test_full_warmup_moves_only_new_rows_then_everything_and_resumes_by_step(bas
     assert _changed_rows(w[3][emb], prev[emb]) - loc  # old vocabulary rows train again (decay moves every row)
 
     # resumed inside the warm-up (after step 1): step 2 still moves only the new rows
-    r1 = _run(cfg, base, batches, resume_dir=saved[1])
+    r1 = _run(cfg, base, batches, tmp_path, resume_dir=saved[1])
     assert sorted(r1) == [2, 3, 4]
     w12 = _full_weights(r1[2])
     assert all(torch.equal(w12[k], ref[k]) for k in others)
     # resumed after it (step 2 done): the next step trains everything at once
-    r2 = _run(cfg, base, batches, resume_dir=saved[2])
+    r2 = _run(cfg, base, batches, tmp_path, resume_dir=saved[2])
     w23 = _full_weights(r2[3])
     assert len([k for k in others if not torch.equal(w23[k], prev[k])]) == len(moved)
     # the tokenizer with the added tokens is in the checkpoint: a plain load reads the same ids
@@ -304,7 +304,7 @@ def test_full_warmup_moves_only_new_rows_then_everything_and_resumes_by_step(bas
     assert json.loads((saved[4] / "state.json").read_text())["family"] == "qwen2_5_vl+tokens"
 
 
-def test_lora_trains_added_rows_through_the_adapter_and_back_to_inference(bare):
+def test_lora_trains_added_rows_through_the_adapter_and_back_to_inference(bare, tmp_path):
     cfg = _cfg(bare, "train.strategy=lora", "train.steps=3", "lora.r=4", "lora.alpha=8")
     fam = family(cfg.model.spec)
     batches = smoke.synthetic_batches(cfg, bare, 2)
@@ -312,7 +312,7 @@ def test_lora_trains_added_rows_through_the_adapter_and_back_to_inference(bare):
     ids = torch.as_tensor(qw.loc_token_ids(start_proc.tokenizer))
     init_rows = start_model.get_input_embeddings().weight[ids].detach().clone()
     init_out = start_model.get_output_embeddings().weight[ids].detach().clone()
-    saved = _run(cfg, bare, batches)
+    saved = _run(cfg, bare, batches, tmp_path)
     sd = {s: load_file(str(p / "adapter" / "adapter_model.safetensors")) for s, p in saved.items()}
     delta_in = next(k for k in sd[1] if "embed_tokens" in k and "trainable_tokens_delta" in k)
     delta_out = next(k for k in sd[1] if "lm_head" in k and "trainable_tokens_delta" in k)
