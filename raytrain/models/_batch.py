@@ -81,3 +81,44 @@ def restarting_positions(lengths: Sequence[int], length: int, start: int = 0) ->
         raise ValueError(f"examples of {sum(lengths)} tokens do not fit a packed row of {length}")
     parts.append(np.arange(pad, dtype=np.int64) + start)
     return np.concatenate(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# uint8 pixels: what the data pipeline ships, normalised on the worker
+#
+# A tokenized example carries its image as the processor's uint8 pixels (rescale and normalisation
+# off) plus the per-channel affine map that turns them into the floats the processor would have
+# produced: a quarter of float32's bytes through Ray's object store, which at native resolution
+# decides whether an epoch's examples fit in memory or are spilled to disk and read back every epoch.
+
+
+def pixel_affine(processor) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, offset), float32 (3,): the processor's `(x * rescale - mean) / std` as `x * scale + offset`."""
+    ip = processor.image_processor
+    rescale = float(ip.rescale_factor) if getattr(ip, "do_rescale", True) else 1.0
+    if getattr(ip, "do_normalize", True):
+        mean = np.broadcast_to(np.asarray(ip.image_mean, np.float64), (3,))
+        std = np.broadcast_to(np.asarray(ip.image_std, np.float64), (3,))
+    else:
+        mean, std = np.zeros(3), np.ones(3)
+    return (rescale / std).astype(np.float32), (-mean / std).astype(np.float32)
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """The processor's un-rescaled pixels (whole numbers 0..255 as floats) as uint8."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    # a processor that ignored do_rescale=False would hand back floats: refuse to guess their scale
+    if not np.array_equal(pixels, np.round(pixels)) or pixels.min() < 0 or pixels.max() > 255:
+        raise ValueError("the image processor returned rescaled pixels although asked not to rescale")
+    return pixels.astype(np.uint8)
+
+
+def apply_pixel_affine(pixels, scale, offset):
+    """float32 `pixels * scale + offset` per channel: pixels (N, 3, ...) uint8, scale / offset (N, 3);
+    numpy or torch (on the pixels' device)."""
+    extra = (1,) * (pixels.ndim - 2)
+    scale, offset = scale.reshape(*scale.shape, *extra), offset.reshape(*offset.shape, *extra)
+    if isinstance(pixels, np.ndarray):
+        return pixels.astype(np.float32) * scale + offset
+    return pixels.float() * scale.float() + offset.float()

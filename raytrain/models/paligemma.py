@@ -22,7 +22,7 @@ from raytrain.formats import paligemma as fmt
 from raytrain.formats.numbers import digit_token_ids, token_place_weights
 from raytrain.formats.paligemma import NUM_LOC, loc_token
 from raytrain.models import _quant, molmo_answers, paligemma_decoding, text_options, tiny
-from raytrain.models._batch import concat_tokens, fixed_size, join_images, restarting_positions
+from raytrain.models._batch import apply_pixel_affine, concat_tokens, fixed_size, join_images, pixel_affine, restarting_positions, to_uint8
 from raytrain.models.tiny_paligemma import DEFAULT_IMAGE_SIZE, build_tiny_paligemma
 
 NAME = "paligemma"
@@ -261,7 +261,7 @@ def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes:
         "attention_mask": fit(enc["attention_mask"].astype(np.int8), 0),
         "token_type_ids": fit(enc["token_type_ids"].astype(np.int8), 0),
         "labels": fit(enc["labels"].astype(np.int32), IGNORE_INDEX),
-        "pixel_values": _to_uint8(enc["pixel_values"]),
+        "pixel_values": to_uint8(enc["pixel_values"]),
         "pixel_scale": np.broadcast_to(scale, (len(images), 3)).copy(),
         "pixel_offset": np.broadcast_to(offset, (len(images), 3)).copy(),
         "length": length,
@@ -289,27 +289,6 @@ def _num_place(tokenizer, labels: np.ndarray, suffixes: Sequence[str], numbers: 
     return out
 
 
-def pixel_affine(processor) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, offset), float32 (3,): the processor's `(x * rescale - mean) / std` as `x * scale + offset`."""
-    ip = processor.image_processor
-    rescale = float(ip.rescale_factor) if getattr(ip, "do_rescale", True) else 1.0
-    if getattr(ip, "do_normalize", True):
-        mean = np.broadcast_to(np.asarray(ip.image_mean, np.float64), (3,))
-        std = np.broadcast_to(np.asarray(ip.image_std, np.float64), (3,))
-    else:
-        mean, std = np.zeros(3), np.ones(3)
-    return (rescale / std).astype(np.float32), (-mean / std).astype(np.float32)
-
-
-def _to_uint8(pixels: np.ndarray) -> np.ndarray:
-    if pixels.dtype == np.uint8:
-        return pixels
-    # a processor that ignored do_rescale=False would hand back floats: refuse to guess their scale
-    if not np.array_equal(pixels, np.round(pixels)) or pixels.min() < 0 or pixels.max() > 255:
-        raise ValueError("the image processor returned rescaled pixels although asked not to rescale")
-    return pixels.astype(np.uint8)
-
-
 def prepare_inputs(inputs: dict) -> dict:
     """Batch as Ray Data delivers it -> `model(**inputs)` keywords: uint8 `pixel_values` from
     `encode_train` become the float values the processor would have produced
@@ -329,11 +308,7 @@ def prepare_inputs(inputs: dict) -> dict:
         return out
     pv = join_images(pv, 4)
     scale, offset = join_images(out.pop("pixel_scale"), 2), join_images(out.pop("pixel_offset"), 2)
-    scale, offset = scale[:, :, None, None], offset[:, :, None, None]
-    if isinstance(pv, np.ndarray):
-        out["pixel_values"] = pv.astype(np.float32) * scale + offset
-    else:
-        out["pixel_values"] = pv.float() * scale.float() + offset.float()
+    out["pixel_values"] = apply_pixel_affine(pv, scale, offset)
     return out
 
 

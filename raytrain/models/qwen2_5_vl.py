@@ -19,11 +19,12 @@ parsed back. The resize settings are recorded next to the processor files (`rayt
 and checked whenever a processor is loaded from a directory that has the record: training and
 inference must resize the same way or every coordinate means something else.
 
-Batch layout (models/qwen_batch.py): Qwen's processor flattens the patches of a batch into one
-(sum of patches, C*T*P*P) array plus `image_grid_thw` (images, 3). Ray Data needs one row per
-example, so `encode_train` returns each example's own (patches, C*T*P*P) block (stacked when every
-image has the same size, a ragged column otherwise), and `prepare_inputs` joins them back in row
-order right before `model(**inputs)`. Packed rows (`pack`) carry several examples with M-RoPE
+Batch layout (models/qwen_batch.py, models/qwen_encode.py): Qwen's processor flattens the patches
+of a batch into one (sum of patches, C*T*P*P) array plus `image_grid_thw` (images, 3). Ray Data
+needs one row per example, so `encode_train` returns each example's own (patches, C*T*P*P) block
+of uint8 pixels (stacked when every image has the same size, a ragged column otherwise) with its
+per-channel normalisation, and `prepare_inputs` joins them back in row order and normalises them
+right before `model(**inputs)`. Packed rows (`pack`) carry several examples with M-RoPE
 positions restarting per example.
 """
 
@@ -35,14 +36,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
 
 from raytrain import tasks
 from raytrain.formats import molmo, qwen_grammar, text_confidence
 from raytrain.formats import qwen as fmt
-from raytrain.formats.numbers import digit_token_ids, token_place_weights
+from raytrain.formats.numbers import digit_token_ids
 from raytrain.models import _quant, molmo_answers, qwen_batch, text_options, tiny
-from raytrain.models._batch import join_images, ragged
+from raytrain.models.qwen_encode import IGNORE_INDEX, IM_END, encode_prompts, encode_train, prepare_inputs  # noqa: F401
 from raytrain.models.qwen_loc_tokens import (  # noqa: F401
     add_loc_tokens,
     add_loc_tokens_to_tokenizer,
@@ -60,7 +60,6 @@ from raytrain.models.tiny_qwen import IMAGE_SIDE, build_tiny_qwen2_5_vl
 
 NAME = "qwen2_5_vl"
 MODEL_FAMILY = (NAME, "Qwen2_5_VL")  # read by raytrain.models' registry: (family name, family class)
-IGNORE_INDEX = -100  # label value the loss skips (prompt, image and padding positions)
 # Per-token (B, T) arrays of encode_train: the recipe trims their shared padding per batch.
 # mm_token_type_ids (1 on image tokens) is what the model builds its 3-D M-RoPE positions from.
 SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
@@ -80,7 +79,6 @@ MOLMO_POINT_PROMPT = "Point to every {query} in the image."
 # What "nothing found" looks like in this family's formats: an empty JSON / Python list, Molmo's
 EMPTY_ANSWERS = ("[]", *molmo.NOTHING_FOUND_ANSWERS)
 _END_TOKENS = re.compile(r"<\|im_end\|>|<\|endoftext\|>")
-IM_END = "<|im_end|>"
 END_OF_TEXT = "<|endoftext|>"
 
 
@@ -258,133 +256,6 @@ def parse_output(
         res = fmt.parse(text, "box", width, height, rw, rh, representation)
         return ParseResult([Region(b.x1, b.y1, b.x2, b.y2, b.label) for b in res.objects], res.errors)
     return fmt.parse(text, tasks.kind(task), width, height, rw, rh, representation)
-
-
-# ----------------------------------------------------------------------------------------------
-# encoding
-
-
-def _chat_prompt(processor, prefix: str, system: str | None = None) -> str:
-    """The user turn through the processor's chat template, ending with the assistant header:
-    '<|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n<|vision_start|><|image_pad|>
-    <|vision_end|>{prefix}<|im_end|>\\n<|im_start|>assistant\\n' (the processor expands <|image_pad|>)."""
-    return processor.apply_chat_template(fmt.chat_messages(prefix, system=system or None), tokenize=False, add_generation_prompt=True)
-
-
-def _encode_prompts_np(processor, images: Sequence, prefixes: Sequence[str], side: str, system: str | None = None) -> dict:
-    """The processor's encoding. Images whose sides are multiples of patch * merge are model inputs
-    the pipeline (or Serve) already sized: the processor must not resize them again (its
-    smart_resize is not idempotent for every setting); other images it resizes as it always does."""
-    tok = processor.tokenizer
-    old = tok.padding_side
-    tok.padding_side = side
-    images = list(images)
-    extra = {"do_resize": False} if qwen_batch.ready(images, resize_settings(processor)["factor"]) else {}
-    try:
-        return processor(text=[_chat_prompt(processor, p, system) for p in prefixes], images=images, padding="longest",
-                         return_tensors="np", **extra)
-    finally:
-        tok.padding_side = old
-
-
-def _check_frames(images: Sequence, grid: np.ndarray, patch: int) -> None:
-    """Each image reached the model at the size it has, i.e. in the frame its answer was rendered
-    for (the pipeline's own resize is the only one)."""
-    for i, (im, g) in enumerate(zip(images, grid)):
-        if (int(g[2]) * patch, int(g[1]) * patch) != tuple(im.size):
-            raise ValueError(f"image {i} is {im.size[0]}x{im.size[1]} but the processor made {int(g[2]) * patch}x{int(g[1]) * patch} "
-                             "of it: its answer was rendered for the frame it was given (resize it to input_size first)")
-
-
-def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes: Sequence[str], max_len: int,
-                 numbers: Sequence | None = None, system: str | None = None) -> dict:
-    """Tokenize a batch for teacher-forced training, padded/truncated to exactly `max_len`.
-
-    Each row is the chat-templated prompt (exactly the tokens `encode_prompts` feeds generation)
-    followed by the answer and <|im_end|>. Returns numpy arrays: input_ids, attention_mask,
-    mm_token_type_ids (1 on image tokens), labels (answer + <|im_end|> ids, IGNORE_INDEX elsewhere),
-    pixel_values (B, patches, C*T*P*P) float32, image_grid_thw (B, 3) int64 (prepare_inputs flattens
-    them for the model), and `length` (untruncated tokens) so callers can count and drop examples that
-    would not fit instead of silently cutting their targets. Right padding with <|endoftext|>.
-    `numbers` (per example, the answer's coordinate NumberSpans from `render_with_numbers`): also
-    `num_place` (B, max_len) float32, each answer digit's signed place weight (formats/numbers.py)
-    at its label position, for the distance-aware number loss.
-    """
-    tok = processor.tokenizer
-    images = list(images)
-    enc = _encode_prompts_np(processor, images, prefixes, "right", system)
-    answer_enc = tok([s + IM_END for s in suffixes], add_special_tokens=False, return_offsets_mapping=numbers is not None)
-    answers = answer_enc["input_ids"]
-    prompt_len = enc["attention_mask"].sum(axis=1).astype(np.int64)
-    b = len(answers)
-    ids = np.full((b, max_len), tok.pad_token_id, dtype=np.int32)
-    attn = np.zeros((b, max_len), dtype=np.int8)
-    mm = np.zeros((b, max_len), dtype=np.int8)
-    labels = np.full((b, max_len), IGNORE_INDEX, dtype=np.int32)
-    num_place = np.zeros((b, max_len), dtype=np.float32)
-    length = np.zeros((b,), dtype=np.int32)
-    for i in range(b):
-        p = int(prompt_len[i])
-        row = np.concatenate([enc["input_ids"][i, :p], np.asarray(answers[i], dtype=np.int64)])
-        length[i] = len(row)
-        n = min(len(row), max_len)
-        ids[i, :n] = row[:n]
-        attn[i, :n] = 1
-        mm[i, : min(p, max_len)] = enc["mm_token_type_ids"][i, : min(p, max_len)]
-        labels[i, p:n] = row[p:n]
-        if numbers is not None and p < n:
-            w = token_place_weights(suffixes[i], numbers[i] or [], answer_enc["offset_mapping"][i])
-            num_place[i, p:n] = w[: n - p]
-    grid = np.asarray(enc["image_grid_thw"], dtype=np.int64)
-    if qwen_batch.ready(images, resize_settings(processor)["factor"]):
-        _check_frames(images, grid, resize_settings(processor)["patch_size"])
-    return {
-        "input_ids": ids,
-        "attention_mask": attn,
-        "mm_token_type_ids": mm,
-        "labels": labels,
-        "pixel_values": ragged(qwen_batch.split_pixels(np.asarray(enc["pixel_values"], dtype=np.float32), grid)),
-        "image_grid_thw": grid,
-        "length": length,
-        **({"num_place": num_place} if numbers is not None else {}),
-    }
-
-
-def prepare_inputs(inputs: dict) -> dict:
-    """Batch as Ray Data delivers it -> what `model(**inputs)` takes: each row's (patches, D)
-    pixels (one array (B, patches, D), or a list when rows differ) joined into (all patches, D),
-    image_grid_thw (B, 3) / (B, images, 3) / a list joined into (images, 3) int64. Packed rows
-    (`position_ids` (B, 4, T)): positions to the model's (4, B, T) and no attention_mask, so
-    transformers builds its causal mask from the positions, per example (models/qwen_batch.py).
-    Works on torch tensors and numpy arrays; already-flat inputs (encode_prompts) pass through
-    unchanged. Call it after the SEQ_KEYS trim."""
-    out = dict(inputs)
-    if out.get("pixel_values") is not None:
-        out["pixel_values"] = join_images(out["pixel_values"], 2)
-    grid = out.get("image_grid_thw")
-    if grid is not None:
-        grid = join_images(grid, 2).reshape(-1, 3)
-        out["image_grid_thw"] = grid.long() if hasattr(grid, "long") else grid.astype(np.int64)
-    pos = out.get("position_ids")
-    if pos is not None and pos.ndim == 3 and pos.shape[1] == 4:
-        out["position_ids"] = pos.permute(1, 0, 2) if hasattr(pos, "permute") else pos.transpose(1, 0, 2)
-        out.pop("attention_mask", None)
-    return out
-
-
-def encode_prompts(processor, images: Sequence, prefixes: Sequence[str], system: str | None = None) -> dict:
-    """Left-padded prompt batch for generation (torch tensors, model-ready: pixel_values flat)."""
-    import torch
-
-    enc = _encode_prompts_np(processor, images, prefixes, "left", system)
-    out = {
-        "input_ids": torch.as_tensor(enc["input_ids"], dtype=torch.long),
-        "attention_mask": torch.as_tensor(enc["attention_mask"], dtype=torch.long),
-        "mm_token_type_ids": torch.as_tensor(enc["mm_token_type_ids"], dtype=torch.long),
-        "pixel_values": torch.as_tensor(np.asarray(enc["pixel_values"], dtype=np.float32)),
-        "image_grid_thw": torch.as_tensor(np.asarray(enc["image_grid_thw"]), dtype=torch.long),
-    }
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -128,4 +128,7 @@ def pack(examples: Sequence[dict], length: int, pad_id: int, merge: int | None =
     row["position_ids"] = np.concatenate([text[None, :], np.concatenate(rope, axis=1)], axis=0)
     row["pixel_values"] = np.concatenate([np.asarray(e["pixel_values"]).reshape(-1, np.shape(e["pixel_values"])[-1]) for e in examples])
     row["image_grid_thw"] = np.concatenate(grids)
+    for k in ("pixel_scale", "pixel_offset"):  # one (3,) map per image, in the order of the grids
+        if k in examples[0]:
+            row[k] = np.concatenate([np.asarray(e[k], dtype=np.float32).reshape(-1, 3) for e in examples])
     return row

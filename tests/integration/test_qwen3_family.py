@@ -25,7 +25,7 @@ from raytrain.formats import qwen3_vl as codec
 from raytrain.formats.annotations import Box, Point, objects_to_json
 from raytrain.formats.grammar import query_labels
 from raytrain.launch import smoke as smoke_mod
-from raytrain.models import ensure_preset, family, qwen_batch
+from raytrain.models import ensure_preset, family, qwen_batch, qwen_encode
 from raytrain.models import qwen2_5_vl as qw
 from raytrain.models import qwen3_vl as q3
 from raytrain.training import loop
@@ -127,7 +127,7 @@ def test_chat_layout_and_teacher_forced_rows(loaded):
     assert "".join(digits) == "".join(str(v) for v in coords)  # the number loss weighs every coordinate digit, nothing else
     # rows are what the chat template renders for the whole conversation (minus the final newline)
     full = proc.apply_chat_template(qwen_fmt.chat_messages(prompt, answer), tokenize=False)
-    assert full == qw._chat_prompt(proc, prompt) + answer + "<|im_end|>\n"
+    assert full == qwen_encode._chat_prompt(proc, prompt) + answer + "<|im_end|>\n"
     bound = FAM.with_text(system_prompt="You locate shapes.")
     sys_text = tok.decode(bound.encode_prompts(proc, [img], [prompt])["input_ids"][0])
     assert sys_text.startswith("<|im_start|>system\nYou locate shapes.<|im_end|>\n<|im_start|>user\n")
@@ -145,7 +145,8 @@ def test_relative_answer_points_at_the_pixels_the_model_sees(loaded):
     prompt, answer = FAM.render_example("detect", box.label, [box], w, h, hw)
     enc = FAM.encode_train(proc, [src.resize((hw[1], hw[0]), Image.BILINEAR)], [prompt], [answer], max_len=128)
     grid = enc["image_grid_thw"][0]
-    chw = _unpatchify(enc["pixel_values"][0], grid)
+    model_pixels = FAM.prepare_inputs({k: enc[k] for k in ("pixel_values", "pixel_scale", "pixel_offset", "image_grid_thw")})["pixel_values"]
+    chw = _unpatchify(model_pixels, grid)
     ys, xs = np.nonzero(chw.mean(0) > 0)
     seen = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
     rel = json.loads(answer.split("```json")[1].split("```")[0])[0]["bbox_2d"]

@@ -22,7 +22,7 @@ from raytrain.formats.annotations import Box, Point
 from raytrain.models import family
 from raytrain.models import paligemma as pg
 from raytrain.models import qwen2_5_vl as qw
-from raytrain.models import qwen_loc_tokens
+from raytrain.models import qwen_encode, qwen_loc_tokens
 from raytrain.models.losses import IGNORE_INDEX, suffix_loss
 from raytrain.models import ensure_preset
 
@@ -171,7 +171,9 @@ def test_encode_train_shapes_and_labels(loaded):
     enc = qw.encode_train(proc, images, prefixes, suffixes, max_len=128)
     b = len(prefixes)
     assert enc["input_ids"].shape == enc["attention_mask"].shape == enc["mm_token_type_ids"].shape == enc["labels"].shape == (b, 128)
-    assert enc["pixel_values"].shape == (b, 64, 3 * 2 * 14 * 14) and enc["pixel_values"].dtype == np.float32
+    # uint8 patches (a quarter of float32's bytes in Ray's object store) + the processor's per-channel map
+    assert enc["pixel_values"].shape == (b, 64, 3 * 2 * 14 * 14) and enc["pixel_values"].dtype == np.uint8
+    assert enc["pixel_scale"].shape == enc["pixel_offset"].shape == (b, 3)
     assert enc["image_grid_thw"].tolist() == [[1, 8, 8]] * b
     assert (enc["length"] <= 128).all() and (enc["attention_mask"].sum(1) == enc["length"]).all()
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -187,7 +189,7 @@ def test_encode_train_shapes_and_labels(loaded):
         assert text.endswith(prefixes[i] + "<|im_end|>\n<|im_start|>assistant\n" + suffixes[i] + "<|im_end|>")
     # rows are what the chat template renders for the whole conversation (minus the final newline)
     full = proc.apply_chat_template(fmt.chat_messages(prefixes[0], suffixes[0]), tokenize=False)
-    assert full == qw._chat_prompt(proc, prefixes[0]) + suffixes[0] + "<|im_end|>\n"
+    assert full == qwen_encode._chat_prompt(proc, prefixes[0]) + suffixes[0] + "<|im_end|>\n"
     # the prompt part is exactly what generation is fed
     gen = qw.encode_prompts(proc, images[:1], prefixes[:1])
     p = gen["input_ids"].shape[1]
@@ -298,7 +300,8 @@ def test_known_box_through_render_processor_and_parse(loaded):
     assert abs(got.y1 - box.y1) <= sy and abs(got.y2 - box.y2) <= sy
 
     coords = json.loads(text.split("```json")[1].split("```")[0])[0]["bbox_2d"]
-    seen = _bright_box(_unpatchify(enc["pixel_values"][0], grid))
+    model_pixels = qw.prepare_inputs({k: enc[k] for k in ("pixel_values", "pixel_scale", "pixel_offset", "image_grid_thw")})["pixel_values"]
+    seen = _bright_box(_unpatchify(model_pixels, grid))
     assert np.allclose(seen, coords, atol=1.5), (seen, coords)
 
 
