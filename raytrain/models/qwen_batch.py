@@ -131,4 +131,6 @@ def pack(examples: Sequence[dict], length: int, pad_id: int, merge: int | None =
     for k in ("pixel_scale", "pixel_offset"):  # one (3,) map per image, in the order of the grids
         if k in examples[0]:
             row[k] = np.concatenate([np.asarray(e[k], dtype=np.float32).reshape(-1, 3) for e in examples])
+    if "pixel_repeat" in examples[0]:
+        row["pixel_repeat"] = np.asarray([int(np.max(e["pixel_repeat"])) for e in examples], dtype=np.int8)
     return row

@@ -68,10 +68,12 @@ def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes:
     Each row is the chat-templated prompt (exactly the tokens `encode_prompts` feeds generation)
     followed by the answer and <|im_end|>. Returns numpy arrays: input_ids, attention_mask,
     mm_token_type_ids (1 on image tokens), labels (answer + <|im_end|> ids, IGNORE_INDEX elsewhere),
-    pixel_values (B, patches, C*T*P*P) **uint8** with `pixel_scale` / `pixel_offset` (B, 3) float32
-    (the processor's rescale + normalisation as one per-channel affine map, applied by
-    `prepare_inputs` on the worker: a quarter of float32's bytes in Ray's object store, where a
-    native-resolution split of float32 patches was spilled to disk and read back every epoch),
+    pixel_values (B, patches, C*P*P) **uint8**, one of the processor's T identical frames of a still
+    image (`pixel_repeat` (B,) = T; all T kept, (B, patches, C*T*P*P), if they ever differ), with
+    `pixel_scale` / `pixel_offset` (B, 3) float32 (the processor's rescale + normalisation as one
+    per-channel affine map); `prepare_inputs` rebuilds the processor's float values on the worker.
+    An eighth of the float32 patches' bytes in Ray's object store, where the shapes_qwen split of
+    float32 patches was spilled to disk and read back every epoch.
     image_grid_thw (B, 3) int64 (prepare_inputs flattens them for the model), and `length`
     (untruncated tokens) so callers can count and drop examples that would not fit instead of
     silently cutting their targets. Right padding with <|endoftext|>.
@@ -106,6 +108,7 @@ def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes:
             num_place[i, p:n] = w[: n - p]
     grid = np.asarray(enc["image_grid_thw"], dtype=np.int64)
     scale, offset = pixel_affine(processor)
+    pixels, repeat = _one_frame(to_uint8(np.asarray(enc["pixel_values"])), getattr(processor.image_processor, "temporal_patch_size", 1) or 1)
     if qwen_batch.ready(images, resize_settings(processor)["factor"]):
         _check_frames(images, grid, resize_settings(processor)["patch_size"])
     return {
@@ -113,7 +116,8 @@ def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes:
         "attention_mask": attn,
         "mm_token_type_ids": mm,
         "labels": labels,
-        "pixel_values": ragged(qwen_batch.split_pixels(to_uint8(np.asarray(enc["pixel_values"])), grid)),
+        "pixel_values": ragged(qwen_batch.split_pixels(pixels, grid)),
+        "pixel_repeat": np.full((b,), repeat, dtype=np.int8),
         "pixel_scale": np.broadcast_to(scale, (b, 3)).copy(),
         "pixel_offset": np.broadcast_to(offset, (b, 3)).copy(),
         "image_grid_thw": grid,
@@ -139,8 +143,10 @@ def prepare_inputs(inputs: dict) -> dict:
         grid = join_images(grid, 2).reshape(-1, 3)
         out["image_grid_thw"] = grid.long() if hasattr(grid, "long") else grid.astype(np.int64)
     if "pixel_scale" in out:
+        repeat = out.pop("pixel_repeat", None)
         out["pixel_values"] = _normalise_patches(out["pixel_values"], join_images(out.pop("pixel_scale"), 2),
-                                                 join_images(out.pop("pixel_offset"), 2), out["image_grid_thw"])
+                                                 join_images(out.pop("pixel_offset"), 2), out["image_grid_thw"],
+                                                 _one_repeat(repeat))
     pos = out.get("position_ids")
     if pos is not None and pos.ndim == 3 and pos.shape[1] == 4:
         out["position_ids"] = pos.permute(1, 0, 2) if hasattr(pos, "permute") else pos.transpose(1, 0, 2)
@@ -148,9 +154,34 @@ def prepare_inputs(inputs: dict) -> dict:
     return out
 
 
-def _normalise_patches(pv, scale, offset, grid):
-    """(patches, C*T*P*P) uint8 -> float32 with each image's (3,) affine map: an image's patches are
-    its grid_t * grid_h * grid_w consecutive rows, each row channel-major (C blocks of T*P*P)."""
+def _one_frame(pixels: np.ndarray, t: int) -> tuple[np.ndarray, int]:
+    """(patches, C*T*P*P) -> (patches, C*P*P), T: the processor repeats a still image T times along
+    each patch's temporal axis; keep one copy. Patches whose frames differ are kept whole (T = 1)."""
+    n, d = pixels.shape
+    if t <= 1 or d % (3 * t):
+        return pixels, 1
+    frames = pixels.reshape(n, 3, t, d // (3 * t))
+    if not (frames == frames[:, :, :1]).all():
+        return pixels, 1
+    return np.ascontiguousarray(frames[:, :, 0]).reshape(n, d // t), t
+
+
+def _one_repeat(repeat) -> int:
+    """The batch's single temporal repeat (per-row values from Ray Data, any layout)."""
+    if repeat is None:
+        return 1
+    flat = join_images(repeat, 1)  # (B,) or packed rows' (B, images) / ragged lists -> one value per image
+    values = {int(v) for v in np.unique(flat.cpu().numpy() if hasattr(flat, "cpu") else np.asarray(flat))}
+    if len(values) != 1:
+        raise ValueError(f"rows of one batch repeat their frames {sorted(values)} times: encoded by different processors")
+    return values.pop()
+
+
+def _normalise_patches(pv, scale, offset, grid, repeat: int = 1):
+    """(patches, C*P*P) uint8 -> float32 (patches, C*repeat*P*P) with each image's (3,) affine map,
+    each frame repeated `repeat` times along the temporal axis as the processor lays it out: an
+    image's patches are its grid_t * grid_h * grid_w consecutive rows, each row channel-major
+    (C blocks of T*P*P)."""
     n, d = pv.shape
     if hasattr(pv, "detach"):
         import torch
@@ -162,7 +193,11 @@ def _normalise_patches(pv, scale, offset, grid):
         scale, offset = np.repeat(scale, counts, axis=0), np.repeat(offset, counts, axis=0)
     if scale.shape[0] != n:
         raise ValueError(f"{n} patches for image grids totalling {scale.shape[0]}")
-    return apply_pixel_affine(pv.reshape(n, 3, d // 3), scale, offset).reshape(n, d)
+    out = apply_pixel_affine(pv.reshape(n, 3, d // 3), scale, offset)  # (n, C, P*P [* T])
+    if repeat > 1:
+        out = out[:, :, None, :].expand(n, 3, repeat, d // 3) if hasattr(out, "expand") else \
+            np.broadcast_to(out[:, :, None, :], (n, 3, repeat, d // 3))
+    return out.reshape(n, d * repeat)
 
 
 def encode_prompts(processor, images: Sequence, prefixes: Sequence[str], system: str | None = None) -> dict:

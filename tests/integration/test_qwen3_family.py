@@ -145,7 +145,7 @@ def test_relative_answer_points_at_the_pixels_the_model_sees(loaded):
     prompt, answer = FAM.render_example("detect", box.label, [box], w, h, hw)
     enc = FAM.encode_train(proc, [src.resize((hw[1], hw[0]), Image.BILINEAR)], [prompt], [answer], max_len=128)
     grid = enc["image_grid_thw"][0]
-    model_pixels = FAM.prepare_inputs({k: enc[k] for k in ("pixel_values", "pixel_scale", "pixel_offset", "image_grid_thw")})["pixel_values"]
+    model_pixels = FAM.prepare_inputs({k: enc[k] for k in ("pixel_values", "pixel_scale", "pixel_offset", "image_grid_thw", "pixel_repeat")})["pixel_values"]
     chw = _unpatchify(model_pixels, grid)
     ys, xs = np.nonzero(chw.mean(0) > 0)
     seen = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)

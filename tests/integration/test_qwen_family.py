@@ -300,7 +300,7 @@ def test_known_box_through_render_processor_and_parse(loaded):
     assert abs(got.y1 - box.y1) <= sy and abs(got.y2 - box.y2) <= sy
 
     coords = json.loads(text.split("```json")[1].split("```")[0])[0]["bbox_2d"]
-    model_pixels = qw.prepare_inputs({k: enc[k] for k in ("pixel_values", "pixel_scale", "pixel_offset", "image_grid_thw")})["pixel_values"]
+    model_pixels = qw.prepare_inputs({k: enc[k] for k in ("pixel_values", "pixel_scale", "pixel_offset", "image_grid_thw", "pixel_repeat")})["pixel_values"]
     seen = _bright_box(_unpatchify(model_pixels, grid))
     assert np.allclose(seen, coords, atol=1.5), (seen, coords)
 

@@ -147,7 +147,7 @@ def test_every_box_format_round_trips_in_the_processor_frame(rep, preset):
         for v, want, side in pairs:
             assert abs(v - want) <= tol * side + 1e-9, (rep, task, v, want)
         if task == "detect":  # the written coordinates are where the box is in the pixels the model sees
-            seen_by_model = fam.prepare_inputs({k: enc[k] for k in ("pixel_values", "pixel_scale", "pixel_offset", "image_grid_thw")})
+            seen_by_model = fam.prepare_inputs({k: enc[k] for k in ("pixel_values", "pixel_scale", "pixel_offset", "image_grid_thw", "pixel_repeat")})
             grey = _unpatchify(seen_by_model["pixel_values"], enc["image_grid_thw"][0]).mean(0)
             ys, xs = np.nonzero(grey > 0)
             seen = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]

@@ -39,10 +39,13 @@ def test_uint8_patches_normalised_on_the_worker_equal_the_processors_floats(fam_
     ref = fam.encode_prompts(proc, images, prefixes)  # generation's encoding: the processor's own floats
     assert all(np.asarray(p).dtype == np.uint8 for p in enc["pixel_values"])
     assert enc["pixel_scale"].shape == enc["pixel_offset"].shape == (3, 3)
+    # one of the processor's two identical frames of a still image, in uint8: an eighth of its float32 bytes
+    t = proc.image_processor.temporal_patch_size
+    assert t == 2 and enc["pixel_repeat"].tolist() == [t] * 3
     float_bytes = ref["pixel_values"].numel() * 4
-    assert sum(np.asarray(p).nbytes for p in enc["pixel_values"]) * 4 == float_bytes
+    assert sum(np.asarray(p).nbytes for p in enc["pixel_values"]) * 4 * t == float_bytes
 
-    keys = ("pixel_values", "pixel_scale", "pixel_offset", "image_grid_thw")
+    keys = ("pixel_values", "pixel_scale", "pixel_offset", "image_grid_thw", "pixel_repeat")
     as_numpy = fam.prepare_inputs({k: enc[k] for k in keys})
     # Ray hands a ragged column to torch as a list of per-row tensors
     as_torch = fam.prepare_inputs({"pixel_values": [torch.from_numpy(p) for p in enc["pixel_values"]],
@@ -70,14 +73,15 @@ def test_packed_rows_keep_each_images_normalisation(fam_proc):
     # one example's map differs: the row must apply each image's own (scale, offset) to its own patches
     examples[1]["pixel_scale"] = examples[1]["pixel_scale"] * 2
     rows = [fam.pack(examples[:2], int(length[:2].sum()) + 3, proc.tokenizer.pad_token_id), fam.pack(examples[2:], int(length[2]), 0)]
-    batch = {k: ragged([r[k] for r in rows]) for k in ("pixel_values", "pixel_scale", "pixel_offset", "image_grid_thw")}
+    assert rows[0]["pixel_repeat"].tolist() == [2, 2]
+    batch = {k: ragged([r[k] for r in rows]) for k in ("pixel_values", "pixel_scale", "pixel_offset", "image_grid_thw", "pixel_repeat")}
     out = fam.prepare_inputs(batch)
     ref = fam.encode_prompts(proc, images, prefixes)["pixel_values"].numpy()
     n0 = int(np.prod(enc["image_grid_thw"][0]))
     n1 = int(np.prod(enc["image_grid_thw"][1]))
     got = out["pixel_values"]
     np.testing.assert_allclose(got[:n0], ref[:n0], atol=1e-5)
-    raw = np.asarray(examples[1]["pixel_values"], np.float32).reshape(n1, 3, -1)
-    doubled = (raw * (examples[1]["pixel_scale"] * 1)[None, :, None] + examples[1]["pixel_offset"][None, :, None]).reshape(n1, -1)
+    raw = np.asarray(examples[1]["pixel_values"], np.float32).reshape(n1, 3, 1, -1).repeat(2, axis=2)  # both frames
+    doubled = (raw * examples[1]["pixel_scale"][None, :, None, None] + examples[1]["pixel_offset"][None, :, None, None]).reshape(n1, -1)
     np.testing.assert_allclose(got[n0 : n0 + n1], doubled, atol=1e-4)
     np.testing.assert_allclose(got[n0 + n1 :], ref[n0 + n1 :], atol=1e-5)
