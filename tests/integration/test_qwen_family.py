@@ -171,8 +171,9 @@ def test_encode_train_shapes_and_labels(loaded):
     enc = qw.encode_train(proc, images, prefixes, suffixes, max_len=128)
     b = len(prefixes)
     assert enc["input_ids"].shape == enc["attention_mask"].shape == enc["mm_token_type_ids"].shape == enc["labels"].shape == (b, 128)
-    # uint8 patches (a quarter of float32's bytes in Ray's object store) + the processor's per-channel map
-    assert enc["pixel_values"].shape == (b, 64, 3 * 2 * 14 * 14) and enc["pixel_values"].dtype == np.uint8
+    # uint8 patches of one frame (an eighth of float32 bytes in Ray's object store) + the per-channel map
+    assert enc["pixel_values"].shape == (b, 64, 3 * 14 * 14) and enc["pixel_values"].dtype == np.uint8  # one of the 2 identical frames
+    assert enc["pixel_repeat"].tolist() == [2] * b
     assert enc["pixel_scale"].shape == enc["pixel_offset"].shape == (b, 3)
     assert enc["image_grid_thw"].tolist() == [[1, 8, 8]] * b
     assert (enc["length"] <= 128).all() and (enc["attention_mask"].sum(1) == enc["length"]).all()
