@@ -160,3 +160,16 @@ def test_until_exit_directories_of_a_forked_child_stay_for_the_parent(tmp_path):
         "print(d.is_dir())\n", tmpdir)
     assert out.strip() == "True"
     assert not list(tmpdir.iterdir())
+
+
+def test_removing_the_last_universal_copy_removes_the_cache_root(tmp):
+    from raytrain.training import zero_checkpoint
+
+    a, b = (zero_checkpoint.universal_root(f"/ckpt/{n}", "global_step4") for n in ("a", "b"))
+    for root in (a, b):
+        (root / "global_step4_universal").mkdir(parents=True)
+    assert a.parent == tmp / "raytrain-universal"
+    zero_checkpoint.remove_universal(str(a))
+    assert not a.exists() and b.is_dir()  # another run's copy stays, and the root with it
+    zero_checkpoint.remove_universal(str(b))
+    assert not list(tmp.iterdir())
