@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from raytrain import config as config_mod  # noqa: E402
+from raytrain import tempdirs  # noqa: E402
 from raytrain.data import pipeline, synthetic  # noqa: E402
 from raytrain.eval import batch as eval_batch  # noqa: E402
 from raytrain.formats.numbers import NumberSpan  # noqa: E402
@@ -75,8 +75,8 @@ def train(model_path: str, overrides: list[str], batches) -> tuple[Path, list[di
 
     def report(metrics, ckpt_dir):
         reports.append(metrics)
-        if ckpt_dir:
-            keep = Path(tempfile.mkdtemp(prefix="learning-"))
+        if ckpt_dir:  # kept for the later arms (a base checkpoint), removed when the bench exits
+            keep = tempdirs.until_exit("raytrain-bench-learning-")
             shutil.copytree(ckpt_dir, keep, dirs_exist_ok=True)
             saved.append(keep)
 

@@ -148,17 +148,17 @@ def _self_host(args) -> tuple[str, dict]:
     """Start Ray + the tiny app with two random LoRA adapters in a temp dir; returns (url, info)."""
     import os
     import socket
-    import tempfile
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from raytrain import tempdirs
     from raytrain.models import paligemma
     from raytrain.serve import app
 
-    root = tempfile.mkdtemp(prefix="raytrain-bench-adapters-")
+    root = str(tempdirs.until_exit("raytrain-bench-adapters-"))  # the replicas read it until the bench exits
     path = paligemma.resolve("tiny:paligemma")
     for seed, name in ((1, "a"), (2, "b")):
         torch.manual_seed(seed)

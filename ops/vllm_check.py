@@ -274,8 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         f.write(CHILD)
     # in-process engine: one process holds the model (less memory on a small machine)
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH="")
-    proc = subprocess.run([str(py), f.name, str(work), ",".join(families)], env=env, cwd=str(work))
-    os.unlink(f.name)
+    try:
+        proc = subprocess.run([str(py), f.name, str(work), ",".join(families)], env=env, cwd=str(work))
+    finally:
+        os.unlink(f.name)
     print(f"vLLM child exited {proc.returncode}", flush=True)
     return proc.returncode
 

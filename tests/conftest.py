@@ -152,15 +152,14 @@ def shape_batches():
 
 
 @pytest.fixture(scope="session")
-def run_until():
+def run_until(tmp_path_factory):
     """`run_until(cfg, model_path, batches, resume_dir=None, stop_after=None) -> (losses by step, saved
     checkpoint dirs)`: recipes.ddp.train without Ray on fixed batches (fresh dicts every epoch: the
     loop takes keys off), every checkpoint copied out as Ray Train would persist it; stop_after
-    raises inside the report of that step: the "crash" after which nothing runs."""
+    raises inside the report of that step: the "crash" after which nothing runs. The copies live
+    under pytest's temporary root (pruned by pytest), never loose in /tmp."""
     import contextlib
     import shutil
-    import tempfile
-    from pathlib import Path
 
     import torch
 
@@ -176,7 +175,7 @@ def run_until():
         def report(metrics, ckpt_dir):
             losses[metrics["step"]] = metrics["loss"]
             if ckpt_dir:
-                keep = Path(tempfile.mkdtemp(prefix="ckpt-"))
+                keep = tmp_path_factory.mktemp("ckpt")
                 shutil.copytree(ckpt_dir, keep, dirs_exist_ok=True)
                 saved.append(keep)
             if stop_after is not None and metrics["step"] >= stop_after:

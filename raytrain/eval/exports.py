@@ -40,12 +40,33 @@ def read_predictions(uri: str, opts: storage.StorageOptions | None = None) -> It
 
 class CocoFiles:
     """COCO ground-truth and results files built from `aggregate.Aggregator`'s callbacks
-    (`on_image`, `on_annotation`, `on_result`), written out by `close(categories)`."""
+    (`on_image`, `on_annotation`, `on_result`), written out by `close(categories)`.
+
+    The spool is a local temporary directory, removed by `close` (also when writing fails) or by
+    `discard`; used as a context manager, an error before `close` discards it too."""
 
     def __init__(self, gt_uri: str, results_uri: str, opts: storage.StorageOptions | None = None):
         self.gt_uri, self.results_uri, self.opts = gt_uri, results_uri, opts
         self._dir = Path(tempfile.mkdtemp(prefix="raytrain-coco-"))
-        self._files = {k: open(self._dir / f"{k}.jsonl", "w", encoding="utf-8") for k in ("images", "annotations", "results")}
+        self._files = {}
+        try:
+            for k in ("images", "annotations", "results"):
+                self._files[k] = open(self._dir / f"{k}.jsonl", "w", encoding="utf-8")
+        except BaseException:
+            self.discard()
+            raise
+
+    def __enter__(self) -> CocoFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+    def discard(self) -> None:
+        """Drop the spool without writing anything (idempotent; after `close` there is nothing left)."""
+        for f in self._files.values():
+            f.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     def on_image(self, entry: dict) -> None:
         self._files["images"].write(json.dumps(entry) + "\n")
@@ -61,9 +82,9 @@ class CocoFiles:
 
     def close(self, categories: list[dict], info: dict | None = None) -> tuple[str, str]:
         """Write both files (streamed from the spool, line by line); returns their URIs."""
-        for f in self._files.values():
-            f.close()
         try:
+            for f in self._files.values():
+                f.close()
             gt_local = self._dir / "gt.json"
             with open(gt_local, "w", encoding="utf-8") as out:
                 out.write('{"info": ' + json.dumps(info or {}) + ', "images": ')
@@ -78,7 +99,7 @@ class CocoFiles:
             _put(gt_local, self.gt_uri, self.opts)
             _put(res_local, self.results_uri, self.opts)
         finally:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self.discard()
         return self.gt_uri, self.results_uri
 
 

@@ -11,6 +11,7 @@ line of them (plus what corpus metrics need: captions), so its memory does not g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -55,25 +56,26 @@ def collect(parts: list[str], out_dir: str, split: str, column: str, opts: stora
     predictions JSONL file, and the COCO ground-truth / results files of the detect examples."""
     names = file_names(split, column, main)
     uris = {k: storage.join(out_dir, v) for k, v in names.items()}
-    coco = exports.CocoFiles(uris["coco_gt"], uris["coco_results"], opts) if coco_files else None
-    agg = Aggregator(calibration_bins=calibration_bins, **(coco.callbacks() if coco else {}))
-    out_fs = storage.fsspec_fs(uris["predictions"], opts)
-    with out_fs.open(storage.strip_scheme(uris["predictions"]), "w", encoding="utf-8") as out:
-        for part in sorted(parts):
-            for row in exports.read_predictions(part, opts):
-                agg.add(row)
-                out.write(json.dumps(row) + "\n")
-    metrics = agg.result()
-    files = {"predictions": uris["predictions"]}
-    if coco is not None:
-        if agg.n_detect:
-            files["coco_gt"], files["coco_results"] = coco.close(agg.coco.categories_json(), {"description": f"raytrain {column} {split}"})
-        else:
-            coco.close([])
-            for k in ("coco_gt", "coco_results"):  # no detect examples: no COCO files
-                fs = storage.fsspec_fs(uris[k], opts)
-                if fs.exists(storage.strip_scheme(uris[k])):
-                    fs.rm(storage.strip_scheme(uris[k]))
+    # the COCO spool (a local temp dir) goes away with close, or with the block on an error
+    with exports.CocoFiles(uris["coco_gt"], uris["coco_results"], opts) if coco_files else contextlib.nullcontext() as coco:
+        agg = Aggregator(calibration_bins=calibration_bins, **(coco.callbacks() if coco else {}))
+        out_fs = storage.fsspec_fs(uris["predictions"], opts)
+        with out_fs.open(storage.strip_scheme(uris["predictions"]), "w", encoding="utf-8") as out:
+            for part in sorted(parts):
+                for row in exports.read_predictions(part, opts):
+                    agg.add(row)
+                    out.write(json.dumps(row) + "\n")
+        metrics = agg.result()
+        files = {"predictions": uris["predictions"]}
+        if coco is not None:
+            if agg.n_detect:
+                files["coco_gt"], files["coco_results"] = coco.close(agg.coco.categories_json(), {"description": f"raytrain {column} {split}"})
+            else:
+                coco.discard()
+                for k in ("coco_gt", "coco_results"):  # no detect examples: no COCO files
+                    fs = storage.fsspec_fs(uris[k], opts)
+                    if fs.exists(storage.strip_scheme(uris[k])):
+                        fs.rm(storage.strip_scheme(uris[k]))
     metrics["files"] = files
     return metrics
 

@@ -39,14 +39,14 @@ def consolidate(checkpoint: str, out_dir: str, base_model_path: str | None = Non
     from raytrain.models import task_head
     from raytrain.training import checkpointing, zero_checkpoint
 
-    local = checkpointing.local_copy(checkpoint, opts)
-    state = zero_checkpoint.read_state(local)
-    if "zero_stage" not in state:
-        raise ValueError(f"{checkpoint} is not a ZeRO checkpoint (strategy {state.get('strategy')!r}); nothing to consolidate")
+    with checkpointing.local_checkpoint(checkpoint, opts) as local:  # an S3 download is removed once the shards are read
+        state = zero_checkpoint.read_state(local)
+        if "zero_stage" not in state:
+            raise ValueError(f"{checkpoint} is not a ZeRO checkpoint (strategy {state.get('strategy')!r}); nothing to consolidate")
+        sd = zero_checkpoint.fp32_state_dict(local)
     fam = model_family(state["family"])
     base = base_model_path or fam.resolve(state["base_model"])
 
-    sd = zero_checkpoint.fp32_state_dict(local)
     model, processor = fam.load(base, dtype="float32")
     task_head.install_from_state_dict(model, sd, processor)  # trained with model.task_head_queries
     result = model.load_state_dict(sd, strict=False)

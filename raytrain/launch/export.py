@@ -328,15 +328,13 @@ def export(checkpoint: str, out_dir: str | Path, base_model_path: str | None = N
     """Write the checkpoint as one merged Hugging Face folder at out_dir (local); see the module
     docstring. base_model_path: the base the adapter / shards belong to (default: the checkpoint's,
     resolved by its family). ExportRefused when plain transformers could not load what it trained."""
-    from raytrain import storage
     from raytrain.models import family as model_family
     from raytrain.training import checkpointing
 
     out = Path(out_dir).resolve()
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty: export writes a fresh folder")
-    local = checkpointing.local_copy(checkpoint, opts)
-    try:
+    with checkpointing.local_checkpoint(checkpoint, opts) as local:  # an S3 download is removed afterwards
         state = checkpointing.read_state(local)
         for weights in ("adapter", "model"):  # before any loading (ZeRO shards: once gathered, below)
             _refuse_task_head(checkpoint, local / weights)
@@ -353,9 +351,6 @@ def export(checkpoint: str, out_dir: str | Path, base_model_path: str | None = N
             stage.rename(out)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-    finally:
-        if storage.is_s3(checkpoint):
-            shutil.rmtree(local, ignore_errors=True)  # the downloaded copy
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     log.info("exported %s (%s, step %s, %s) -> %s", checkpoint, kind, state.get("step"), dtype, out)
     return ExportResult(out, kind, files, info)

@@ -96,10 +96,7 @@ def _ensure_process_group(session: Session, device: torch.device) -> None:
     if not dist.is_initialized():
         if session.world_size != 1:
             raise RuntimeError("recipes.zero.train needs torch.distributed initialised for world_size > 1")
-        # One rank needs no rendezvous server: a file store opens no socket, where torch's TCP store
-        # listens on every interface whatever host its URL names (and stays up with the process).
-        store = os.path.join(tempfile.mkdtemp(prefix="raytrain-pg-"), "store")
-        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+        single_rank_group(backend)
         os.environ.setdefault("LOCAL_RANK", "0")  # what a launcher sets; DeepSpeed's zero.Init reads it while the model loads
     import deepspeed
 
@@ -107,6 +104,22 @@ def _ensure_process_group(session: Session, device: torch.device) -> None:
         clear_stale_build_locks()  # DeepSpeed compiles its CPU shared-memory op on first use
     # Wraps the existing process group (DeepSpeed only creates one when none exists).
     deepspeed.init_distributed(dist_backend=backend)
+
+
+def single_rank_group(backend: str) -> None:
+    """Initialise torch.distributed as a 1-rank group of this process.
+
+    One rank needs no rendezvous server: a file store opens no socket, where torch's TCP store
+    listens on every interface whatever host its URL names (and stays up with the process). The
+    group outlives `train` (callers gather the engine's weights, then destroy it, or never do), so
+    the store's directory is removed when the process exits; torch deletes the file itself when the
+    group is destroyed."""
+    import torch.distributed as dist
+
+    from raytrain import tempdirs
+
+    store = tempdirs.until_exit("raytrain-pg-") / "store"
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
 
 
 STALE_BUILD_LOCK_S = 1800.0
@@ -184,65 +197,67 @@ def train(cfg: config_mod.Experiment, model_path: str, session: Session, device:
 
     # ---- what are we resuming from? (decides the DeepSpeed config: universal load or not) ------
     ctx = session.checkpoint_dir()
-    stack = contextlib.ExitStack()
-    ckpt_dir = stack.enter_context(ctx) if ctx is not None else None
-    state, load_dir, load_tag, converted_here = None, None, None, False
-    if ckpt_dir is not None:
-        state = zero_checkpoint.read_state(ckpt_dir)
-        if "zero_stage" not in state:
-            raise ValueError(f"checkpoint {ckpt_dir} was written by strategy {state.get('strategy')!r}; the ZeRO recipe resumes ZeRO checkpoints only")
-        if zero_checkpoint.needs_universal(state, world_size=session.world_size, stage=stage):
-            # topology changed: shards do not line up; convert (once per node) to per-parameter files
-            t = time.perf_counter()
-            load_dir, load_tag, converted_here = zero_checkpoint.universal_dir(ckpt_dir, state["tag"])
-            if session.rank == 0:
-                log.info("checkpoint from %d ranks (ZeRO-%d) -> universal for %d ranks (ZeRO-%d) in %.1f s",
-                         state["world_size"], state["zero_stage"], session.world_size, stage, time.perf_counter() - t)
-    conf = ds_config(cfg, load_universal=load_dir is not None)
+    # the checkpoint resumed from (Ray's download of it) and a universal copy converted here stay
+    # until the engine has loaded them, and go away then or on any error on the way (a retry that
+    # found a converted copy left by a failed attempt would otherwise never remove it)
+    with contextlib.ExitStack() as stack:
+        ckpt_dir = stack.enter_context(ctx) if ctx is not None else None
+        state, load_dir, load_tag, converted_here = None, None, None, False
+        if ckpt_dir is not None:
+            state = zero_checkpoint.read_state(ckpt_dir)
+            if "zero_stage" not in state:
+                raise ValueError(f"checkpoint {ckpt_dir} was written by strategy {state.get('strategy')!r}; the ZeRO recipe resumes ZeRO checkpoints only")
+            if zero_checkpoint.needs_universal(state, world_size=session.world_size, stage=stage):
+                # topology changed: shards do not line up; convert (once per node) to per-parameter files
+                t = time.perf_counter()
+                load_dir, load_tag, converted_here = zero_checkpoint.universal_dir(ckpt_dir, state["tag"])
+                if converted_here:
+                    stack.callback(zero_checkpoint.remove_universal, load_dir)
+                if session.rank == 0:
+                    log.info("checkpoint from %d ranks (ZeRO-%d) -> universal for %d ranks (ZeRO-%d) in %.1f s",
+                             state["world_size"], state["zero_stage"], session.world_size, stage, time.perf_counter() - t)
+        conf = ds_config(cfg, load_universal=load_dir is not None)
 
-    # ---- model: the full fine-tuning model, sharded by the engine below; ZeRO-3 partitions it
-    # while loading (transformers' zero.Init) -------------------------------------------------
-    with _hf_zero3(conf) if stage == 3 else contextlib.nullcontext():
-        model, processor, _ = build_model(cfg, model_path, strategy="full")
-    n_train = sum(_numel(p) for p in model.parameters() if p.requires_grad)
-    n_total = sum(_numel(p) for p in model.parameters())
-    if session.rank == 0:
-        log.info("strategy=%s world=%d trainable params %d / %d", cfg.train.strategy, session.world_size, n_train, n_total)
-    fam = cfg.model_family()
-    loc_ids = torch.as_tensor(fam.loc_token_ids(processor.tokenizer), device=device)
-    # images enter in the compute dtype (the engine runs the whole module in bf16 / fp16 when asked)
-    pixel_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.dtype, torch.float32)
-    # the same objective as the other recipes (every loss.* option); the head's rows are partitioned
-    # under ZeRO-3, so its full size comes from DeepSpeed's ds_shape
-    head_w = model.get_output_embeddings().weight
-    digits = fam.digit_token_ids(processor.tokenizer)
-    loss_fn = loop.training_loss(cfg, processor.tokenizer, loc_ids, int(getattr(head_w, "ds_shape", head_w.shape)[0]),
-                                 None if digits is None else torch.as_tensor(digits, device=device))
-
-    optimizer = build_optimizer(model, cfg)
-    scheduler = optim.build_scheduler(optimizer, warmup=cfg.train.warmup_steps, total=cfg.train.steps, kind=cfg.train.schedule)
-    # The engine steps the scheduler once per optimizer step (at the accumulation boundary) and
-    # keeps its state in the checkpoint.
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
-    engine.train()
-
-    # ---- resume: shards (weights + optimizer + scheduler), RNG and the data position -----------
-    step, epoch, resumed_from = 0, 0, None
-    micro = cfg.train.micro_batch_size
-    position = loop.DataPosition(session, micro)
-    if ckpt_dir is not None:
-        zero_checkpoint.load(ckpt_dir, engine, rank=session.rank, load_dir=load_dir, tag=load_tag)
-        if load_dir is not None:
-            torch.distributed.barrier()  # every rank on this node has read the universal copy
-            if converted_here:
-                zero_checkpoint.remove_universal(load_dir)
-        step, epoch = state["step"], state["epoch"]
-        # the examples the epoch trained on (any world size), or its batch count (loop.DataPosition)
-        position = loop.DataPosition.restore(session, micro, state, ckpt_dir)
-        resumed_from = step
+        # ---- model: the full fine-tuning model, sharded by the engine below; ZeRO-3 partitions it
+        # while loading (transformers' zero.Init) -------------------------------------------------
+        with _hf_zero3(conf) if stage == 3 else contextlib.nullcontext():
+            model, processor, _ = build_model(cfg, model_path, strategy="full")
+        n_train = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+        n_total = sum(_numel(p) for p in model.parameters())
         if session.rank == 0:
-            log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, state["batch_in_epoch"])
-    stack.close()  # a downloaded checkpoint's temp dir goes away here
+            log.info("strategy=%s world=%d trainable params %d / %d", cfg.train.strategy, session.world_size, n_train, n_total)
+        fam = cfg.model_family()
+        loc_ids = torch.as_tensor(fam.loc_token_ids(processor.tokenizer), device=device)
+        # images enter in the compute dtype (the engine runs the whole module in bf16 / fp16 when asked)
+        pixel_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.dtype, torch.float32)
+        # the same objective as the other recipes (every loss.* option); the head's rows are partitioned
+        # under ZeRO-3, so its full size comes from DeepSpeed's ds_shape
+        head_w = model.get_output_embeddings().weight
+        digits = fam.digit_token_ids(processor.tokenizer)
+        loss_fn = loop.training_loss(cfg, processor.tokenizer, loc_ids, int(getattr(head_w, "ds_shape", head_w.shape)[0]),
+                                     None if digits is None else torch.as_tensor(digits, device=device))
+
+        optimizer = build_optimizer(model, cfg)
+        scheduler = optim.build_scheduler(optimizer, warmup=cfg.train.warmup_steps, total=cfg.train.steps, kind=cfg.train.schedule)
+        # The engine steps the scheduler once per optimizer step (at the accumulation boundary) and
+        # keeps its state in the checkpoint.
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
+        engine.train()
+
+        # ---- resume: shards (weights + optimizer + scheduler), RNG and the data position -----------
+        step, epoch, resumed_from = 0, 0, None
+        micro = cfg.train.micro_batch_size
+        position = loop.DataPosition(session, micro)
+        if ckpt_dir is not None:
+            zero_checkpoint.load(ckpt_dir, engine, rank=session.rank, load_dir=load_dir, tag=load_tag)
+            if load_dir is not None:
+                torch.distributed.barrier()  # every rank on this node has read the universal copy: the converter removes it
+            step, epoch = state["step"], state["epoch"]
+            # the examples the epoch trained on (any world size), or its batch count (loop.DataPosition)
+            position = loop.DataPosition.restore(session, micro, state, ckpt_dir)
+            resumed_from = step
+            if session.rank == 0:
+                log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, state["batch_in_epoch"])
 
     def save_and_report(metrics: dict) -> None:
         tag = zero_checkpoint.tag_for(step)

@@ -17,8 +17,11 @@ written here (storage options hold endpoints only; keys come from the environmen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -182,18 +185,44 @@ def load_for_inference(ckpt_dir: str | Path, base_model_path: str, family_module
     return model, processor
 
 
-def local_copy(checkpoint_uri: str, opts=None) -> Path:
-    """A local directory holding the checkpoint (downloaded from S3 when needed)."""
+@contextlib.contextmanager
+def local_checkpoint(checkpoint_uri: str, opts=None) -> Iterator[Path]:
+    """The checkpoint as a local directory for the with-block: a local one as it is; an S3 one
+    downloaded into a temporary directory that is removed when the block ends (also on error)."""
     import tempfile
 
     from raytrain import storage
 
     if not storage.is_s3(checkpoint_uri):
+        yield Path(checkpoint_uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="raytrain-ckpt-", ignore_cleanup_errors=True) as d:
+        _download(checkpoint_uri, Path(d), opts)
+        yield Path(d)
+
+
+def local_copy(checkpoint_uri: str, opts=None) -> Path:
+    """A local directory holding the checkpoint, for a user that keeps the files as long as it lives
+    (downloaded from S3 when needed, removed when this process exits; a user that may remove it
+    sooner does). A user done with the files at a known point takes `local_checkpoint` instead."""
+    from raytrain import storage, tempdirs
+
+    if not storage.is_s3(checkpoint_uri):
         return Path(checkpoint_uri)
-    dst = Path(tempfile.mkdtemp(prefix="raytrain-ckpt-"))
+    dst = tempdirs.until_exit("raytrain-ckpt-")
+    try:
+        _download(checkpoint_uri, dst, opts)
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)  # a failed download is of no use to anyone until exit
+        raise
+    return dst
+
+
+def _download(checkpoint_uri: str, dst: Path, opts) -> None:
+    from raytrain import storage
+
     fs = storage.fsspec_fs(checkpoint_uri, opts)
     fs.get(storage.strip_scheme(checkpoint_uri).rstrip("/") + "/", str(dst), recursive=True)
-    return dst
 
 
 def _py_rng_to_json(st):

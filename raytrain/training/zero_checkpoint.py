@@ -129,7 +129,13 @@ def universal_dir(ckpt_dir: str | Path, tag: str, cache_root: str | Path | None 
     root = universal_root(ckpt_dir, tag, cache_root)
     out_tag = f"{tag}_universal"
     done = root / f"{out_tag}.done"
-    root.mkdir(parents=True, exist_ok=True)
+    for attempt in range(3):  # another run's remove_universal may take the empty cache root away meanwhile
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     converted = False
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -155,8 +161,13 @@ def universal_dir(ckpt_dir: str | Path, tag: str, cache_root: str | Path | None 
 
 
 def remove_universal(load_dir: str) -> None:
-    """Delete a universal copy made by `universal_dir` (call after every rank has loaded it)."""
+    """Delete a universal copy made by `universal_dir` (call after every rank has loaded it), and
+    the default cache root with it once no other copy is in it."""
     shutil.rmtree(load_dir, ignore_errors=True)
+    root = Path(load_dir).parent
+    if root == Path(tempfile.gettempdir()) / "raytrain-universal":
+        with contextlib.suppress(OSError):  # another run's copy is in it: that run removes it
+            root.rmdir()
 
 
 class _LogWriter:

@@ -37,7 +37,8 @@ def _batches(model_path, n=64, micro=8, task="point"):
     return out
 
 
-def _session(batches, reports, resume_dir=None):
+def _session(batches, reports, out: Path, resume_dir=None):
+    """A plain Session over `batches`; every checkpoint is copied under `out` (a test's tmp_path)."""
     def checkpoint_dir():
         return contextlib.nullcontext(str(resume_dir)) if resume_dir else None
 
@@ -46,7 +47,7 @@ def _session(batches, reports, resume_dir=None):
     def report(metrics, ckpt_dir):
         reports.append(metrics)
         if ckpt_dir:
-            keep = Path(tempfile.mkdtemp(prefix="ckpt-"))
+            keep = Path(tempfile.mkdtemp(prefix="ckpt-", dir=out))
             import shutil
 
             shutil.copytree(ckpt_dir, keep, dirs_exist_ok=True)
@@ -69,13 +70,13 @@ STRATEGIES = {
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_strategy_trains_and_checkpoints(strategy, tiny_model_path):
+def test_strategy_trains_and_checkpoints(strategy, tiny_model_path, tmp_path):
     torch.set_num_threads(1)
     cfg = config_mod.load(None, ["train.steps=24", "train.micro_batch_size=8", "train.warmup_steps=2", "train.log_every=1",
                                  "train.checkpoint_every=12", "loss.loc_sigma=60", *STRATEGIES[strategy]])
     batches = _batches(tiny_model_path, task=cfg.data.tasks[0] if cfg.data.tasks == ["detect"] else "point")
     reports = []
-    session, saved = _session(batches, reports)
+    session, saved = _session(batches, reports, tmp_path)
     ddp.train(cfg, tiny_model_path, session, torch.device("cpu"), wrap_ddp=lambda m: m)
     losses = [r["loss"] for r in reports]
     assert len(losses) == 24

@@ -51,14 +51,14 @@ def batches(tiny_model_path):
     return [{k: v[i : i + 8] for k, v in data.items()} for i in range(0, 32, 8)]
 
 
-def _train(cfg, model_path, batches, resume=None):
-    """recipes.ddp.train in this process; returns (reports, {step: checkpoint copy})."""
+def _train(cfg, model_path, batches, out: Path, resume=None):
+    """recipes.ddp.train in this process; returns (reports, {step: checkpoint copy under `out`, a test's tmp_path})."""
     reports, saved = [], {}
 
     def report(metrics, ckpt_dir):
         reports.append(metrics)
         if ckpt_dir:
-            keep = Path(tempfile.mkdtemp(prefix="head-ckpt-"))
+            keep = Path(tempfile.mkdtemp(prefix="head-ckpt-", dir=out))
             shutil.copytree(ckpt_dir, keep, dirs_exist_ok=True)
             saved[metrics["step"]] = keep
 
@@ -93,9 +93,9 @@ COMMON = ["train.steps=8", "train.micro_batch_size=8", "train.warmup_steps=1", "
           "loss.loc_sigma=60", "model.unfreeze_vision_layers=1", "model.train_projector=true"]
 
 
-def test_full_finetuning_with_the_head_trains_resumes_exactly_and_reloads(tiny_model_path, batches):
+def test_full_finetuning_with_the_head_trains_resumes_exactly_and_reloads(tiny_model_path, batches, tmp_path):
     cfg = config_mod.load(None, ["train.strategy=full", "train.lr=3e-3", *COMMON, HEAD])
-    reports, saved = _train(cfg, tiny_model_path, batches)
+    reports, saved = _train(cfg, tiny_model_path, batches, tmp_path)
     losses = {r["step"]: r["loss"] for r in reports}
     print(f"\nfull + head losses: {[round(losses[s], 4) for s in sorted(losses)]}")
     assert losses[8] < losses[1] - 1.0
@@ -111,7 +111,7 @@ def test_full_finetuning_with_the_head_trains_resumes_exactly_and_reloads(tiny_m
         assert not [k for k in f.keys() if "task_head" in k]
 
     # resume from the mid-epoch step-3 checkpoint: the same losses and the same final head
-    again, saved2 = _train(cfg, tiny_model_path, batches, resume=saved[3])
+    again, saved2 = _train(cfg, tiny_model_path, batches, tmp_path, resume=saved[3])
     resumed = {r["step"]: r["loss"] for r in again}
     assert sorted(resumed) == [4, 5, 6, 7, 8] and all(r["resumed_from"] == 3 for r in again)
     for s in resumed:
@@ -129,9 +129,9 @@ def test_full_finetuning_with_the_head_trains_resumes_exactly_and_reloads(tiny_m
         _resumed_model(no_head, tiny_model_path, final)
 
 
-def test_lora_with_the_head_saves_it_beside_the_adapter(tiny_model_path, batches):
+def test_lora_with_the_head_saves_it_beside_the_adapter(tiny_model_path, batches, tmp_path):
     cfg = config_mod.load(None, ["train.strategy=lora", "lora.r=8", "lora.alpha=16", "train.lr=5e-3", *COMMON, "train.steps=6", HEAD])
-    reports, saved = _train(cfg, tiny_model_path, batches)
+    reports, saved = _train(cfg, tiny_model_path, batches, tmp_path)
     print(f"\nlora + head losses: {[round(r['loss'], 4) for r in reports]}")
     assert reports[-1]["loss"] < reports[0]["loss"] - 0.5
     no_head = config_mod.load(None, ["train.strategy=lora", "lora.r=8", "lora.alpha=16", *COMMON])
