@@ -16,14 +16,28 @@ A job whose task the synthetic set cannot render (checked against the pipeline a
 `segment`, the shapes carry no masks; caption and dense_caption they do carry) trains on the closest
 task it can (`FALLBACK_TASK`); `smoke_plan` says which, and `smoke` logs it.
 
+On the job's own data instead (`smoke(cfg, root=..., data=PATH)`, `--data PATH`): PATH is a small
+local copy of the job's source in its own format (tests/assets/ holds one per seed: e.g.
+`--data tests/assets/seed004_fracture_jsonl`; seed 001's folder holds three sources, so name the
+file, `.../seed001_datature_jsonl/segment.jsonl`). The data section is then KEPT — converter,
+tasks (no substitution), prompts / system prompt / "nothing found" answer / multi-label grouping,
+preprocessing, answer format, source options — and only pointed at PATH, with every row in one
+split that is both trained on and decoded (see launch/smoke_fixture.py for what else changes).
+`smoke` converts PATH at once with `raytrain prepare`'s own code, Ray-free, into the run's data
+folder, and measures data.max_seq_len / eval.max_new_tokens on those examples. PixMo rows fetch
+their image URLs: the fixture's name a host that never resolves, so serve them (the test does).
+
 Two ways to run the result:
 
 * `run_local`: the recipe loop (`recipes.ddp.train`, or `recipes.zero.train` for zero2/zero3)
-  with a plain `Session` over a few batches encoded by the family's `encode_train`, no Ray; then
-  one `generate` with the job's decoding settings from the written checkpoint. This is what
-  tests/integration/test_jobs_smoke.py runs for every YAML in jobs/.
+  with a plain `Session` over batches encoded by the family's `encode_train` (synthetic: a few;
+  local data: every example, tokenized by the pipeline's `tokenize`), no Ray; then a generation
+  with the job's decoding settings from the written checkpoint, through the predict path (on
+  local data also parsed with the family's parser for the task and scored per example).
+  tests/integration/test_jobs_smoke.py runs it for jobs/tiny/ (synthetic), and
+  tests/integration/test_seed_fixture_smoke.py for every seed job on its seed's fixture.
 * `--ray`: `raytrain train` itself (`launch.train.main`) on the shrunk config: Ray Data pipeline,
-  TorchTrainer with one CPU worker, evaluation, report.
+  TorchTrainer with one CPU worker, evaluation, report (synthetic data only).
 """
 
 from __future__ import annotations
