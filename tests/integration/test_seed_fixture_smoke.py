@@ -129,7 +129,6 @@ def test_seed_job_smoke_on_its_fixture(path, tmp_path, preset_cache, pixmo_rows,
     assert len(res.predictions) == 2 and len(res.generated) == 2
     assert all(isinstance(p.text, str) and isinstance(p.errors, list) for p in res.predictions)
     assert len(res.scores["score"]) == 2 and all(isinstance(json.loads(s), dict) for s in res.scores["score"])
-    assert fam.name in ("paligemma", "qwen2_5_vl", "qwen3_vl")
 
 
 def _check_answers(path: str, job: config_mod.Experiment, ex: dict) -> None:
