@@ -42,8 +42,8 @@ def fixture_data(data: config_mod.DataConfig, path: str | os.PathLike, root: str
     path = os.path.abspath(os.fspath(path))
     if not os.path.exists(path):
         raise FileNotFoundError(f"smoke data not found: {path}")
-    notes = [f"data: {fmt} converter on {path} (the job reads {data.source}); every row in split {FIXTURE_SPLIT!r}, "
-             "trained on and decoded by the smoke evaluation"]
+    notes = [(f"data: {fmt} converter on {path} (the job reads {data.source}); every row in split {FIXTURE_SPLIT!r}, "
+              "trained on and decoded by the smoke evaluation")]
     prep = dataclasses.replace(data.prepare, use_source_split=False, cache_dir=storage.join(root, "image-cache"))
     if prep.caption_select == "clip" and not os.path.isdir(prep.clip_path):
         notes.append(f"caption selection: no CLIP weights at {prep.clip_path!r} on this machine; selecting by n-gram consensus")
