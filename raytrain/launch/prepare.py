@@ -304,12 +304,27 @@ def _remove_old(out: str, opts: StorageOptions | None) -> None:
         fs.rm(stale)
 
 
-def prepare(pc: PrepareConfig) -> dict:
-    """Run the preparation (Ray must be initialised, or Ray Data starts a local instance).
-    Returns the report dict written to ``<out>/prep_report.json`` (with ``"reused": True`` when
-    shards with the same parameters were already there)."""
+def _batch_stats(records: list[dict], pc: PrepareConfig, fn_kwargs: dict, local: bool):
+    """The per-batch stats rows of `prepare_batch` over `records`: on Ray Data, or (local) in this
+    process, batch after batch of rows_per_shard records (the smoke mode's Ray-free run; the same
+    function on the same batches, so the same shards and counts)."""
+    if local:
+        keys = list(dict.fromkeys(k for r in records for k in r))
+        for start in range(0, len(records), pc.rows_per_shard):
+            chunk = records[start:start + pc.rows_per_shard]
+            yield from ({"stats": s} for s in prepare_batch({k: [r.get(k) for r in chunk] for k in keys}, **fn_kwargs)["stats"])
+        return
     import ray
 
+    ds = ray.data.from_items(records, override_num_blocks=max(1, math.ceil(len(records) / pc.rows_per_shard)))
+    yield from ds.map_batches(prepare_batch, batch_size=pc.rows_per_shard, batch_format="numpy", fn_kwargs=fn_kwargs).iter_rows()
+
+
+def prepare(pc: PrepareConfig, *, local: bool = False) -> dict:
+    """Run the preparation (Ray must be initialised, or Ray Data starts a local instance; with
+    `local`, no Ray: the batches run one after another in this process). Returns the report dict
+    written to ``<out>/prep_report.json`` (with ``"reused": True`` when shards with the same
+    parameters were already there)."""
     params = json.loads(json.dumps(pc.params()))
     opts = pc.storage
     report_uri = storage.join(pc.out, REPORT_NAME)
@@ -343,18 +358,12 @@ def prepare(pc: PrepareConfig) -> dict:
     files: list[str] = []
     caps = caption_stats.CaptionStats()
     if records:
-        ds = ray.data.from_items(records, override_num_blocks=max(1, math.ceil(len(records) / pc.rows_per_shard)))
-        ds = ds.map_batches(
-            prepare_batch,
-            batch_size=pc.rows_per_shard,
-            batch_format="numpy",
-            fn_kwargs={
-                "to_objects": to_objects, "refine": build_refine(pc), "out": pc.out, "opts": opts,
-                "fetch": fetch, "allow_convert": pc.allow_convert, "max_side": pc.max_side,
-                "check_sha256": pc.check_sha256, "threads": pc.fetch_threads,
-            },
-        )
-        for row in ds.iter_rows():
+        fn_kwargs = {
+            "to_objects": to_objects, "refine": build_refine(pc), "out": pc.out, "opts": opts,
+            "fetch": fetch, "allow_convert": pc.allow_convert, "max_side": pc.max_side,
+            "check_sha256": pc.check_sha256, "threads": pc.fetch_threads,
+        }
+        for row in _batch_stats(records, pc, fn_kwargs, local):
             s = json.loads(row["stats"])
             for k, v in s["dropped"].items():
                 report.dropped[k] = report.dropped.get(k, 0) + v

@@ -16,14 +16,28 @@ A job whose task the synthetic set cannot render (checked against the pipeline a
 `segment`, the shapes carry no masks; caption and dense_caption they do carry) trains on the closest
 task it can (`FALLBACK_TASK`); `smoke_plan` says which, and `smoke` logs it.
 
+On the job's own data instead (`smoke(cfg, root=..., data=PATH)`, `--data PATH`): PATH is a small
+local copy of the job's source in its own format (tests/assets/ holds one per seed: e.g.
+`--data tests/assets/seed004_fracture_jsonl`; seed 001's folder holds three sources, so name the
+file, `.../seed001_datature_jsonl/segment.jsonl`). The data section is then KEPT — converter,
+tasks (no substitution), prompts / system prompt / "nothing found" answer / multi-label grouping,
+preprocessing, answer format, source options — and only pointed at PATH, with every row in one
+split that is both trained on and decoded (see launch/smoke_fixture.py for what else changes).
+`smoke` converts PATH at once with `raytrain prepare`'s own code, Ray-free, into the run's data
+folder, and measures data.max_seq_len / eval.max_new_tokens on those examples. PixMo rows fetch
+their image URLs: the fixture's name a host that never resolves, so serve them (the test does).
+
 Two ways to run the result:
 
 * `run_local`: the recipe loop (`recipes.ddp.train`, or `recipes.zero.train` for zero2/zero3)
-  with a plain `Session` over a few batches encoded by the family's `encode_train`, no Ray; then
-  one `generate` with the job's decoding settings from the written checkpoint. This is what
-  tests/integration/test_jobs_smoke.py runs for every YAML in jobs/.
+  with a plain `Session` over batches encoded by the family's `encode_train` (synthetic: a few;
+  local data: every example, tokenized by the pipeline's `tokenize`), no Ray; then a generation
+  with the job's decoding settings from the written checkpoint, through the predict path (on
+  local data also parsed with the family's parser for the task and scored per example).
+  tests/integration/test_jobs_smoke.py runs it for jobs/tiny/ (synthetic), and
+  tests/integration/test_seed_fixture_smoke.py for every seed job on its seed's fixture.
 * `--ray`: `raytrain train` itself (`launch.train.main`) on the shrunk config: Ray Data pipeline,
-  TorchTrainer with one CPU worker, evaluation, report.
+  TorchTrainer with one CPU worker, evaluation, report (synthetic data only).
 """
 
 from __future__ import annotations
@@ -42,6 +56,7 @@ from pathlib import Path
 
 from raytrain import config as config_mod
 from raytrain.config import Experiment
+from raytrain.launch import smoke_fixture
 
 log = logging.getLogger("raytrain.launch.smoke")
 
@@ -103,36 +118,50 @@ def smoke_plan(tasks: list[str], family: str) -> SmokePlan:
     return SmokePlan(kept, notes)
 
 
-def smoke(cfg: Experiment, *, steps: int = STEPS, root: str | None = None, num_images: int = NUM_IMAGES) -> Experiment:
+def smoke(cfg: Experiment, *, steps: int = STEPS, root: str | None = None, num_images: int = NUM_IMAGES,
+          data: str | Path | None = None, micro_batch: int = MICRO_BATCH) -> Experiment:
     """A copy of `cfg` shrunk to run on CPU in seconds (see the module docstring for what is kept).
 
-    root: storage root of the smoke run (default: the job's, with the run named `<name>-smoke`)."""
+    root: storage root of the smoke run (default: the job's, with the run named `<name>-smoke`).
+    data: a local copy of the job's source (file or folder, in the job's own format): the job's
+    data section is kept and pointed at it (`smoke_fixture.fixture_data`), and the copy is
+    converted at once, Ray-free, into the run's data folder (`root` is then required) so that the
+    token budgets are measured on its examples. None: the synthetic shapes."""
 
     c = copy.deepcopy(cfg)
     fam = c.model_family()
     tiny_name = f"tiny:{fam.name}"  # every family ships an offline tiny preset under this name
-    plan = smoke_plan(list(c.data.tasks), c.model.spec)
-    for note in plan.notes:
-        log.warning("smoke: %s", note)
-
     c.name = f"{cfg.name}-smoke"
     if root is not None:
         c.storage = config_mod.StorageConfig(root=str(root))
 
-    # ---- data: the synthetic shapes, a few dozen images
-    c.data = dataclasses.replace(
-        c.data,
-        source="synthetic",
-        uri="",
-        num_images=num_images,
-        image_size=64,
-        shapes_per_image=1,
-        splits={"train": 0.8, "val": 0.1, "test": 0.1},
-        tasks=plan.tasks,
-        max_seq_len=4096,  # measured below (token_budget)
-        rows_per_shard=num_images,
-        prepare=config_mod.PrepareOptions(),
-    )
+    if data is not None:
+        # ---- data: the job's own, on its local copy (every row in one split, trained and decoded)
+        if root is None:
+            raise ValueError("smoke(data=...) converts the data into the run's root: give root (a local folder)")
+        c.data, notes = smoke_fixture.fixture_data(c.data, data, str(root))
+        c.data = dataclasses.replace(c.data, max_seq_len=4096)  # measured below (token_budget)
+        c.train = dataclasses.replace(c.train, splits=[smoke_fixture.FIXTURE_SPLIT])
+        c.eval = dataclasses.replace(c.eval, split=smoke_fixture.FIXTURE_SPLIT)
+    else:
+        # ---- data: the synthetic shapes, a few dozen images
+        plan = smoke_plan(list(c.data.tasks), c.model.spec)
+        notes = plan.notes
+        c.data = dataclasses.replace(
+            c.data,
+            source="synthetic",
+            uri="",
+            num_images=num_images,
+            image_size=64,
+            shapes_per_image=1,
+            splits={"train": 0.8, "val": 0.1, "test": 0.1},
+            tasks=plan.tasks,
+            max_seq_len=4096,  # measured below (token_budget)
+            rows_per_shard=num_images,
+            prepare=config_mod.PrepareOptions(),
+        )
+    for note in notes:
+        log.warning("smoke: %s", note)
 
     # ---- model: the tiny preset of the same family, float32 on CPU; freeze policy unchanged
     # (unfreeze_vision_layers larger than the tiny tower's 2 layers unfreezes all of them)
@@ -140,6 +169,8 @@ def smoke(cfg: Experiment, *, steps: int = STEPS, root: str | None = None, num_i
     processor = fam.load_processor(tiny_name)
     if c.model.task_head_queries:  # the head outputs one token per image token: the tiny preset's count
         c.model.task_head_queries = fam.image_tokens(processor)
+    if data is not None:
+        smoke_fixture.prepare_fixture(c)
     seq_len, answer_len = token_budget(c, processor)
     c.data.max_seq_len = seq_len + SEQ_MARGIN
     if c.quant.bits:
@@ -152,7 +183,7 @@ def smoke(cfg: Experiment, *, steps: int = STEPS, root: str | None = None, num_i
         t,
         steps=steps,
         epochs=0.0,  # a job that trains by epochs: smoke's fixed step count instead
-        micro_batch_size=MICRO_BATCH,
+        micro_batch_size=micro_batch,
         grad_accum=max(1, min(t.grad_accum, MAX_ACCUM)),
         lr=LR.get(t.strategy, 2e-3),
         warmup_steps=min(t.warmup_steps, 1),
@@ -176,7 +207,7 @@ def smoke(cfg: Experiment, *, steps: int = STEPS, root: str | None = None, num_i
     # ---- eval: the job's decoding settings on a handful of examples, no baselines, one CPU predictor
     # (no GPU to wait for, no cluster-side CLIP folder)
     c.eval = dataclasses.replace(
-        c.eval, split="test", batch_size=8, num_actors=1, min_actors=0, max_actors=0, cpus_per_actor=1.0, gpus_per_actor=0.0,
+        c.eval, split=smoke_fixture.FIXTURE_SPLIT if data is not None else "test", batch_size=8, num_actors=1, min_actors=0, max_actors=0, cpus_per_actor=1.0, gpus_per_actor=0.0,
         accelerator_type=None, clip_path="", baselines=False, checkpoint="", max_new_tokens=answer_len + SEQ_MARGIN,
     )
     c.ray = config_mod.RayConfig(address=None, num_cpus=None, object_store_mb=256)
@@ -192,15 +223,34 @@ def smoke(cfg: Experiment, *, steps: int = STEPS, root: str | None = None, num_i
 
 def token_budget(cfg: Experiment, processor, n_images: int = 8, seed: int = 11) -> tuple[int, int]:
     """(longest example, longest answer) in tokens over a few smoke examples of `cfg` (its tasks,
-    preprocessing and family), encoded exactly as training encodes them."""
+    preprocessing and family; on local data every example of its prepared rows), encoded exactly
+    as training encodes them."""
     import numpy as np
 
-
     fam = cfg.model_family()
-    images, prefixes, suffixes, _ = _synthetic_rows(cfg, fam, processor, n_images, seed)
+    if is_fixture(cfg):
+        images, prefixes, suffixes, _ = _fixture_rows(smoke_fixture.fixture_examples(cfg, processor))
+    else:
+        images, prefixes, suffixes, _ = _synthetic_rows(cfg, fam, processor, n_images, seed)
     enc = fam.encode_train(processor, images, prefixes, suffixes, max_len=4096)
     answer = (np.asarray(enc["labels"]) != -100).sum(axis=1)
     return int(np.max(enc["length"])), int(np.max(answer))
+
+
+def is_fixture(cfg: Experiment) -> bool:
+    """True for a smoke run on local data (a converter source), False for the synthetic shapes."""
+    return cfg.data.source != "synthetic"
+
+
+def _fixture_rows(examples: dict) -> tuple[list, list, list, list]:
+    """(images, prefixes, suffixes, number spans) of a columnar examples batch (pipeline layout)."""
+    import json
+
+    from raytrain import predict
+    from raytrain.formats.numbers import NumberSpan
+
+    numbers = [[NumberSpan(*n) for n in json.loads(str(js))] for js in examples["numbers"]]
+    return predict.batch_images(examples), [str(p) for p in examples["prefix"]], [str(x) for x in examples["suffix"]], numbers
 
 
 def _synthetic_rows(cfg: Experiment, fam, processor, n_rows: int, seed: int) -> tuple[list, list, list, list]:
@@ -272,6 +322,27 @@ def synthetic_batches(cfg: Experiment, model_path: str, n_batches: int, seed: in
     return out
 
 
+def fixture_batches(cfg: Experiment, model_path: str) -> list[dict]:
+    """Every example of the prepared local data, tokenized by the pipeline's own `tokenize` (the
+    family's encode_train at data.max_seq_len; too-long examples are an error here, not a skip),
+    in micro-batches of train.micro_batch_size (the last one may be short)."""
+    from collections import Counter
+
+    from raytrain.data import pipeline
+    from raytrain.training.session import collate
+
+    fam = cfg.model_family()
+    examples = smoke_fixture.fixture_examples(cfg, fam.load_processor(model_path))
+    counts: Counter = Counter()
+    enc = pipeline.tokenize(examples, split=smoke_fixture.FIXTURE_SPLIT, model_path=model_path, max_len=cfg.data.max_seq_len,
+                            family=fam, counts=counts)
+    if counts.get("dropped:too_long"):
+        raise ValueError(f"{counts['dropped:too_long']} smoke examples exceed data.max_seq_len={cfg.data.max_seq_len}")
+    micro = cfg.train.micro_batch_size
+    n = len(enc["input_ids"])
+    return [collate({k: v[s:s + micro] for k, v in enc.items()}) for s in range(0, n, micro)]
+
+
 @dataclass
 class LocalResult:
     losses: list[float]
@@ -281,13 +352,20 @@ class LocalResult:
     generated: list[str]
     """Text generated from the last checkpoint with the job's eval.decoding settings."""
     model_path: str
+    examples: dict | None = None
+    """Local data: the decoded examples (columnar, pipeline layout: task, query, prefix, suffix, ...)."""
+    predictions: list = field(default_factory=list)
+    """Local data: the predict path's reading of each generated answer (`predict.Prediction`)."""
+    scores: dict | None = None
+    """Local data: `predict.score_rows` of the decoded examples (the evaluation's per-example rows)."""
 
 
 def run_local(cfg: Experiment, out_dir: str | Path, *, model_path: str | None = None, n_batches: int = 8,
-              preset_cache: str | None = None) -> LocalResult:
+              preset_cache: str | None = None, eval_examples: int = 2) -> LocalResult:
     """Run an (already shrunk) experiment through its recipe without Ray, on CPU: the loop over
-    `n_batches` synthetic micro-batches per epoch, checkpoints copied to `out_dir`, then one
-    generation from the last checkpoint with the job's decoding settings.
+    `n_batches` synthetic micro-batches per epoch (local data: every example of its prepared rows),
+    checkpoints copied to `out_dir`, then one generation of `eval_examples` examples from the last
+    checkpoint with the job's decoding settings, read back by the predict path.
     Raises SmokeUnavailable when this checkout cannot run the job's recipe yet."""
     import torch
 
@@ -299,7 +377,7 @@ def run_local(cfg: Experiment, out_dir: str | Path, *, model_path: str | None = 
         raise SmokeUnavailable(reason)
     fam = cfg.model_family()
     model_path = model_path or fam.resolve(cfg.model.name_or_path, preset_cache)
-    batches = synthetic_batches(cfg, model_path, n_batches)
+    batches = fixture_batches(cfg, model_path) if is_fixture(cfg) else synthetic_batches(cfg, model_path, n_batches)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     losses: list[float] = []
@@ -323,10 +401,40 @@ def run_local(cfg: Experiment, out_dir: str | Path, *, model_path: str | None = 
 
         ddp.train(cfg, model_path, session, device, wrap_ddp=lambda m: m)
 
-    generated: list[str] = []
+    res = LocalResult(losses, saved, [], model_path)
     if saved and (saved[-1] / "state.json").exists() and ((saved[-1] / "adapter").exists() or (saved[-1] / "model").exists()):
-        generated = _generate(cfg, saved[-1], model_path, fam, checkpointing)
-    return LocalResult(losses, saved, generated, model_path)
+        if is_fixture(cfg):
+            _evaluate_fixture(cfg, saved[-1], model_path, fam, checkpointing, eval_examples, res)
+        else:
+            res.generated = _generate(cfg, saved[-1], model_path, fam, checkpointing)
+    return res
+
+
+def _decode_options(cfg: Experiment):
+    from raytrain import predict
+
+    return predict.DecodeOptions(max_new_tokens=cfg.eval.max_new_tokens, constrained=cfg.eval.constrained,
+                                 confidence=cfg.eval.confidence, max_objects=cfg.eval.max_objects, generate=dict(cfg.eval.decoding))
+
+
+def _evaluate_fixture(cfg: Experiment, ckpt: Path, model_path: str, fam, checkpointing, n: int, res: LocalResult) -> None:
+    """The first `n` examples of the evaluated split through the predict path (decode with the
+    job's settings, parse with the family's parser for the task, map to source pixels) and scored
+    as the evaluation scores them; fills res.examples / generated / predictions / scores."""
+    from raytrain import predict
+    from raytrain.data import preprocess
+
+    model, proc = checkpointing.load_for_inference(ckpt, model_path, fam)
+    # as `raytrain eval` does: the checkpoint's recorded preprocessing
+    prep = preprocess.resolve_recorded(checkpointing.recorded_preprocess(ckpt), cfg.data.preprocess, str(ckpt))
+    examples = smoke_fixture.fixture_examples(cfg, proc, cfg.eval.split, prep=prep)
+    res.examples = examples
+    batch = {k: v[:n] for k, v in examples.items()}
+    res.predictions = predict.predict(model, proc, fam, predict.batch_images(batch), [str(t) for t in batch["task"]],
+                                      [str(q) for q in batch["query"]], [str(p) for p in batch["prefix"]],
+                                      predict.batch_geometries(batch), _decode_options(cfg))
+    res.generated = [p.text for p in res.predictions]
+    res.scores = predict.score_rows(batch, res.predictions)
 
 
 def _generate(cfg: Experiment, ckpt: Path, model_path: str, fam, checkpointing) -> list[str]:
@@ -353,9 +461,7 @@ def _generate(cfg: Experiment, ckpt: Path, model_path: str, fam, checkpointing) 
         queries.append(e["query"])
         prefixes.append(e["prefix"])
         geoms.append(geom)
-    options = predict.DecodeOptions(max_new_tokens=cfg.eval.max_new_tokens, constrained=cfg.eval.constrained,
-                                    confidence=cfg.eval.confidence, max_objects=cfg.eval.max_objects, generate=dict(cfg.eval.decoding))
-    return [p.text for p in predict.predict(model, proc, fam, images, tasks, queries, prefixes, geoms, options)]
+    return [p.text for p in predict.predict(model, proc, fam, images, tasks, queries, prefixes, geoms, _decode_options(cfg))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,12 +479,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ray", action="store_true", help="run the shrunk job through `raytrain train` (Ray) instead of the Ray-free loop")
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--root", default=None, help="storage root for the smoke run (default: a temporary directory)")
+    ap.add_argument("--data", default=None, metavar="PATH",
+                    help="a local copy of the job's source in its own format (file or folder, e.g. tests/assets/seed004_fracture_jsonl): "
+                         "the job's converter, prompts and answer format run on it instead of synthetic shapes (Ray-free run only)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides applied to the job before shrinking")
     args = ap.parse_args(argv)
+    if args.data and args.ray:
+        ap.error("--data runs Ray-free only: its one split is trained on and decoded, which `raytrain train` does not allow")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     with contextlib.ExitStack() as stack:
         root = args.root or stack.enter_context(tempfile.TemporaryDirectory(prefix="raytrain-smoke-"))
-        cfg = smoke(load_job(args.config, args.overrides), steps=args.steps, root=root)
+        cfg = smoke(load_job(args.config, args.overrides), steps=args.steps, root=root, data=args.data)
         if args.ray:
             from raytrain.launch import train as launch_train
 
@@ -392,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"losses: {[round(x, 4) for x in res.losses]}")
         print(f"checkpoints: {[str(p) for p in res.checkpoints]}")
         print(f"generated: {res.generated}")
+        for p in res.predictions:
+            print(f"parsed: {len(p.objects)} objects, {len(p.errors)} parse errors")
     return 0
 
 
