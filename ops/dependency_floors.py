@@ -20,7 +20,7 @@ package import, every tiny training of PROBE_JOBS for that package succeeds (`ra
 strategy that uses the package), and the unit tests pass (`pytest -x tests/unit`). The unit tests
 take most of a probe's time; with --skip-unit-while-bisecting the bisection uses the trainings
 only and the unit tests run at each package's floor (a floor whose unit tests fail moves up one
-minor series) and for the final set.
+minor series) and for the final set; with --unit-only-together as well, for the final set only.
 
 Results are cached in <venv>/results.json (a rerun skips the probes it has), logs in <venv>/logs/,
 the summary in <venv>/floors.json. Needs PyPI. Takes hours on 2 cores; run it niced.
@@ -240,6 +240,9 @@ def main() -> int:
     ap.add_argument("--packages", nargs="*", default=list(CHECKED))
     ap.add_argument("--apply", action="store_true", help="write the floors found to pyproject.toml")
     ap.add_argument("--skip-unit-while-bisecting", action="store_true")
+    ap.add_argument("--unit-only-together", action="store_true",
+                    help="with --skip-unit-while-bisecting: no unit run at each package's floor, one for the floors together "
+                         "(a failure there names no package: rerun without this flag to find it)")
     args = ap.parse_args()
     venv = Venv(Path(args.venv))
     print(f"venv {venv.root}: installing raytrain from {REPO}'s HEAD", flush=True)
@@ -258,7 +261,7 @@ def main() -> int:
     for pkg in args.packages:
         floor = bisect(venv, pkg, reference, unit=unit_in_bisect)
         cands = candidates(venv, pkg, reference[pkg])
-        while not probe(venv, {**reference, pkg: floor}, [pkg], unit=True, label=f"{pkg}-{floor}")["ok"]:
+        while not args.unit_only_together and not probe(venv, {**reference, pkg: floor}, [pkg], unit=True, label=f"{pkg}-{floor}")["ok"]:
             floor = cands[cands.index(floor) + 1]  # its unit tests failed: the next minor series
         floors[pkg] = floor
         print(f"{pkg} floor: {floor}", flush=True)
