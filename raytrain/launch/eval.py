@@ -35,10 +35,11 @@ log = logging.getLogger("raytrain.launch.eval")
 COLUMNS = ("trained", "untrained", "centre_baseline")
 POINT_KEYS = ["n", "valid_rate", "mean_norm_distance", "median_norm_distance", "mean_distance", "median_distance",
               "std_distance", "mse_x", "mse_y", "mae_x", "mae_y", "success_rate", "success_rate_all"]
-HEADLINE = (  # (row title, dotted metric) of the summary table; rows no column has are left out
-    ("valid rate: point", "valid_rate_by_task.point"), ("valid rate: detect", "valid_rate_by_task.detect"),
-    ("valid rate: segment", "valid_rate_by_task.segment"), ("valid rate: caption", "valid_rate_by_task.caption"),
-    ("valid rate: dense caption", "valid_rate_by_task.dense_caption"),
+HEADLINE = (  # (row title, dotted metric) of the summary table; rows no column has are left out.
+    # valid_rate_by_task counts answers that parsed to at least one object: a valid empty answer ("[]") is not one
+    ("answers with objects: point", "valid_rate_by_task.point"), ("answers with objects: detect", "valid_rate_by_task.detect"),
+    ("answers with objects: segment", "valid_rate_by_task.segment"), ("answers with objects: caption", "valid_rate_by_task.caption"),
+    ("answers with objects: dense caption", "valid_rate_by_task.dense_caption"),
     ("COCO mAP @[.5:.95]", "coco.map"), ("COCO AP50", "coco.map_50"), ("COCO AP75", "coco.map_75"), ("COCO mAR@100", "coco.mar_100"),
     ("image-level accuracy", "image_level.accuracy"), ("image-level F1", "image_level.f1"),
     ("image-level specificity", "image_level.specificity"),

@@ -68,7 +68,7 @@ def test_eval_full_split_matches_single_process_reference(trained, tiny_model_pa
     recorded = Preprocess.from_dict(checkpointing.recorded_preprocess(ckpt))
     assert recorded == Preprocess("stretch", edge_blend=0.3)  # the family default, resolved when the run loaded
     assert f"eval preprocessing: {recorded.to_dict()}" in printed
-    for title in ("COCO mAP @[.5:.95]", "COCO AP50", "point F1 (1:1)", "ECE (confidences)", "valid rate: detect"):
+    for title in ("COCO mAP @[.5:.95]", "COCO AP50", "point F1 (1:1)", "ECE (confidences)", "answers with objects: detect"):
         assert title in printed, title
     rows = [json.loads(line) for line in (out.parent / "predictions_test.jsonl").read_text().splitlines()]
     assert not (out.parent / "parts").exists()  # the streamed parts are gone once the file is whole
