@@ -87,6 +87,7 @@ class GrammarLogitsProcessor(_LogitsProcessorBase):
         self.grammars = list(grammars)
         self.prompt_len = prompt_len
         self.max_new_tokens = max_new_tokens
+        self._converted: dict[int, tuple] = {}
 
     def __call__(self, input_ids, scores):
         import torch
@@ -102,7 +103,7 @@ class GrammarLogitsProcessor(_LogitsProcessorBase):
         # mask. Rows of one grammar with the same output so far allow the same tokens: asked once
         # (every row of a label at the first step, beams that agree so far).
         memo: dict[tuple, np.ndarray] = {}
-        row_idx, col_idx, free = [], [], []
+        rows_in, cols_in, free = [], [], []
         for r in range(rows):
             g = self.grammars[min(r // per_example, len(self.grammars) - 1)]
             if g is None:
@@ -111,27 +112,42 @@ class GrammarLogitsProcessor(_LogitsProcessorBase):
             key = (id(g), tuple(generated[r]))
             cols = memo.get(key)
             if cols is None:
-                a = g.allowed(generated[r], remaining)
-                cols = np.asarray(a.tokens, dtype=np.int64)
-                if a.locs is not None:
-                    cols = np.concatenate([cols, g.loc_ids[a.locs]])
-                cols = memo[key] = cols[cols < vocab]
-            row_idx.append(np.full(len(cols), r, dtype=np.int64))
-            col_idx.append(cols)
-        if not row_idx:
+                cols = memo[key] = self._ids(g, g.allowed(generated[r], remaining), vocab)
+            rows_in.append(r)
+            cols_in.append(cols)
+        if not rows_in:
             return scores
         out = torch.full_like(scores, float("-inf"))
         if free:
             out[free] = scores[free]
-        ri = torch.from_numpy(np.concatenate(row_idx)).to(scores.device)
-        ci = torch.from_numpy(np.concatenate(col_idx)).to(scores.device)
+        ri = torch.from_numpy(np.repeat(np.asarray(rows_in, dtype=np.int64), [len(c) for c in cols_in])).to(scores.device)
+        ci = torch.from_numpy(np.concatenate(cols_in)).to(scores.device)
         vals = scores[ri, ci]
+        if bool(torch.isfinite(vals).all()):  # the usual case: no earlier processor banned anything allowed
+            out[ri, ci] = vals
+            return out
         # a row whose allowed tokens are all -inf already (an earlier processor banned them all):
         # they get -1e4 each, so the row still follows the grammar
         finite = torch.zeros(rows, dtype=scores.dtype, device=scores.device).index_add_(0, ri, torch.isfinite(vals).to(scores.dtype))
         stuck = (finite == 0)[ri]
         out[ri, ci] = torch.where(stuck, torch.tensor(-1e4, dtype=scores.dtype, device=scores.device), vals)
         return out
+
+    def _ids(self, g, a, vocab: int) -> np.ndarray:
+        """Token ids of an `Allowed` (tokens, then the allowed <loc> ids), below `vocab`. Grammars
+        that cache their answers hand the same object back for the same state: converted once per
+        generate call (the object is kept, so its id is not reused)."""
+        got = self._converted.get(id(a))
+        if got is not None:
+            return got[1]
+        cols = np.asarray(a.tokens, dtype=np.int64)
+        if a.locs is not None:
+            cols = np.concatenate([cols, g.loc_ids[a.locs]])
+        cols = cols[cols < vocab]
+        if len(self._converted) > 100_000:  # an instance reused across many calls stays bounded
+            self._converted.clear()
+        self._converted[id(a)] = (a, cols)
+        return cols
 
 
 

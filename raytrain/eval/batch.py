@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
 
 import numpy as np
 
@@ -29,13 +28,11 @@ from raytrain import predict, tasks
 from raytrain.eval.aggregate import aggregate  # noqa: F401  (re-exported: validation and benches score rows with it)
 from raytrain.eval.metrics import boxes as box_metrics
 from raytrain.eval.metrics import pointing as point_metrics
+from raytrain.eval.parts import JSON_COLUMNS, row_json, write_part  # noqa: F401  (the writer stage, light to import)
 from raytrain.formats.annotations import Box, Point
 from raytrain.predict import DecodeOptions
 
 log = logging.getLogger(__name__)
-
-JSON_COLUMNS = ("objects", "errors", "score", "targets")
-"""Row columns holding JSON text; parts and predictions JSONL store them as nested JSON."""
 
 
 class Predictor:
@@ -140,27 +137,6 @@ def centre_baseline(batch: dict, *, mean_box_wh: tuple[float, float] | None, fam
 # ---------------------------------------------------------------------------------------------- the job
 
 
-def row_json(batch: dict, i: int) -> str:
-    """Row `i` of a columnar batch as one JSONL line (JSON columns nested, numpy scalars plain)."""
-    return json.dumps({k: (json.loads(v[i]) if k in JSON_COLUMNS and isinstance(v[i], str) else _plain(v[i])) for k, v in batch.items()})
-
-
-def write_part(batch: dict, *, parts_uri: str, storage: dict | None = None) -> dict:
-    """Writer stage: one block of prediction rows -> <parts_uri>/part-<uuid>.jsonl (local or S3),
-    returning only {"part", "rows"}: predictions never travel to the driver."""
-    from raytrain import storage as storage_mod
-
-    n = len(batch["id"])
-    if n == 0:
-        return {"part": np.array([], dtype=object), "rows": np.array([], dtype=np.int64)}
-    uri = storage_mod.join(parts_uri, f"part-{uuid.uuid4().hex}.jsonl")
-    fs = storage_mod.fsspec_fs(uri, storage_mod.StorageOptions(**(storage or {})))
-    with fs.open(storage_mod.strip_scheme(uri), "w", encoding="utf-8") as f:
-        for i in range(n):
-            f.write(row_json(batch, i) + "\n")
-    return {"part": np.array([uri], dtype=object), "rows": np.array([n], dtype=np.int64)}
-
-
 def block_rows(n_examples: int | None, batch_size: int, bucket_batches: int, actors: int) -> int:
     """Rows per block handed to one predictor call: `bucket_batches` batches, but few enough that a
     split of `n_examples` still gives every actor at least two blocks (load balance on small splits)."""
@@ -219,14 +195,6 @@ def write_predictions(rows: list[dict], path_uri: str, opts=None) -> str:
         for r in rows:
             f.write(row_json({k: [v] for k, v in r.items()}, 0) + "\n")
     return path_uri
-
-
-def _plain(v):
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return v
 
 
 def mean_box_size(sizes: list[tuple[float, float]]) -> tuple[float, float] | None:

@@ -41,6 +41,7 @@ from raytrain.formats.paligemma import NUM_LOC
 N_LOCS = {"point": 2, "box": 4}  # loc tokens per object
 _BOX_PAIRS = {2: 0, 3: 1}  # box position -> position of the start bin it must not go below
 _FAR = 10**9  # "unreachable" distance in the trie
+_CACHE_ENTRIES = 50_000  # per-grammar prefix / answer caches are dropped past this many entries
 
 
 def query_labels(query: str) -> list[str]:
@@ -140,6 +141,12 @@ class DetectionGrammar:
         self._distances(0)
         # Fewest tokens of a whole label ending in <eos>: for the token budget.
         self._min_final = self._nodes[0].to_final
+        # Decoding asks `allowed` once per row per step with a prefix one token longer than the
+        # last: the state of every prefix seen is kept (so a step walks one token, not the whole
+        # prefix) and so is the answer per (state, budget). Grammars are cached per label set
+        # and live as long as the processor, so both caches are dropped past _CACHE_ENTRIES.
+        self._states: dict[tuple[int, ...], _State] = {(): _State("loc")}
+        self._answers: dict[tuple[_State, int | None], Allowed] = {}
 
     def _distances(self, n: int) -> None:
         # Trie depth is a label's token count: recursion is shallow.
@@ -155,11 +162,20 @@ class DetectionGrammar:
 
     def state(self, prefix: Sequence[int]) -> _State:
         """State after the generated ids ``prefix`` (prompt excluded)."""
-        s = _State("loc")
-        for t in prefix:
-            s = self._step(s, int(t))
-            if s.phase in ("done", "dead"):
-                break
+        key = tuple(int(t) for t in prefix)
+        s = self._states.get(key)
+        if s is not None:
+            return s
+        k = len(key)  # longest prefix whose state is known (the empty one always is)
+        while key[:k] not in self._states:
+            k -= 1
+        s = self._states[key[:k]]
+        if len(self._states) > _CACHE_ENTRIES:
+            self._states = {(): _State("loc")}
+        for i in range(k, len(key)):
+            if s.phase not in ("done", "dead"):  # done / dead absorb whatever follows
+                s = self._step(s, key[i])
+            self._states[key[: i + 1]] = s
         return s
 
     def _more(self, s: _State) -> bool:
@@ -263,6 +279,17 @@ class DetectionGrammar:
         return self.allowed_from_state(self.state(prefix), remaining)
 
     def allowed_from_state(self, s: _State, remaining: int | None = None) -> Allowed:
+        """What `allowed` answers for state ``s`` (cached: treat the returned mask as read-only)."""
+        got = self._answers.get((s, remaining))
+        if got is None:
+            if len(self._answers) > _CACHE_ENTRIES:
+                self._answers = {}
+            got = self._answers[(s, remaining)] = self._allowed_uncached(s, remaining)
+            if got.locs is not None:
+                got.locs.setflags(write=False)
+        return got
+
+    def _allowed_uncached(self, s: _State, remaining: int | None) -> Allowed:
         if s.phase in ("done", "dead"):
             return Allowed((self.eos_id,), None)
         full = self._allowed(s, None)

@@ -225,3 +225,34 @@ def test_bad_construction_raises():
         grammar(labels={"x": ([], [5])})
     with pytest.raises(ValueError, match="max_objects"):
         grammar(max_objects=0)
+
+
+# ---------------------------------------------------------------------------- caches
+
+
+def test_cached_answers_equal_a_fresh_grammars_in_any_order():
+    """The prefix-state and answer caches (one step walks one token during decoding) give the
+    answer a grammar that never saw the prefix gives, whatever order prefixes come in, with
+    budgets, dead prefixes and the cache dropped in between; cached masks are read-only."""
+    import raytrain.formats.grammar as grammar_mod
+
+    rng = np.random.default_rng(3)
+    cached = grammar("box", max_objects=3)
+    walks = [random_walk(cached, rng, budget=int(rng.integers(8, 30))) for _ in range(30)]
+    prefixes = [w[:k] for w in walks for k in range(len(w) + 1)]
+    prefixes += [w[:3] + [EOS, 5] for w in walks[:5]] + [[5, 6] + w for w in walks[:5]]  # done / dead prefixes
+    order = rng.permutation(len(prefixes))
+    limit = grammar_mod._CACHE_ENTRIES
+    try:
+        grammar_mod._CACHE_ENTRIES = 200  # forces the caches to be dropped mid-way
+        for i in order:
+            p, budget = prefixes[i], int(rng.integers(1, 30))
+            for remaining in (None, budget):
+                got, want = cached.allowed(p, remaining), grammar("box", max_objects=3).allowed(p, remaining)
+                assert got.tokens == want.tokens and allowed_ids(got) == allowed_ids(want), (p, remaining)
+                assert cached.state(p) == grammar("box", max_objects=3).state(p)
+                if got.locs is not None:
+                    with pytest.raises(ValueError):
+                        got.locs[0] = not got.locs[0]
+    finally:
+        grammar_mod._CACHE_ENTRIES = limit
