@@ -55,8 +55,9 @@ class Predictor:
         self.fam = model_family(family)
         self.device, self.dtype = predict.inference_device(dtype)
         if checkpoint_uri:
-            local = checkpointing.local_copy(checkpoint_uri, storage_mod.StorageOptions(**(storage or {})))
-            self.model, self.processor = checkpointing.load_for_inference(local, model_path, self.fam, self.dtype)
+            # an S3 checkpoint's download is removed once loaded (the weights are in memory by then)
+            with checkpointing.local_checkpoint(checkpoint_uri, storage_mod.StorageOptions(**(storage or {}))) as local:
+                self.model, self.processor = checkpointing.load_for_inference(local, model_path, self.fam, self.dtype)
         else:
             self.model, self.processor = self.fam.load(model_path, dtype=self.dtype)
         self.model.to(self.device).eval()
