@@ -164,8 +164,6 @@ def _filter_cls():
 def epoch_filter():
     """A run's EpochFilter actor, owned by the caller (the process that runs the trainer's fit) and
     placed on its node (a lost worker node must not take it down)."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from raytrain.data.pipeline import on_this_node
 
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
-    return _filter_cls().options(scheduling_strategy=here).remote()
+    return _filter_cls().options(scheduling_strategy=on_this_node()).remote()

@@ -74,11 +74,19 @@ def drop_counter():
     """A counter actor owned by the driver and placed on the driver's node (a lost worker node must
     not take the run's counts, or the data tasks reporting to it, down with it); its handle travels
     to every data task of the run."""
+    return _counter_cls().options(scheduling_strategy=on_this_node()).remote()
+
+
+def on_this_node():
+    """A scheduling strategy that places an actor on this process's node, and only there: the
+    run's driver-side actors (drop counter, epoch filter, the console's report queue) must outlive
+    any worker node. A soft affinity is not enough: with the driver's raylet busy starting workers,
+    Ray placed such actors on other nodes (seen: 3 of 6 on a worker node, which a node loss then
+    took down with the run)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
-    return _counter_cls().options(scheduling_strategy=here).remote()
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def drop_counts(counter) -> dict:

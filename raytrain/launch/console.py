@@ -243,14 +243,13 @@ class ReportStream:
         return _forward_cls()(self._queue)
 
     def __enter__(self) -> ReportStream:
-        import ray
         from ray.util.queue import Queue
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from raytrain.data.pipeline import on_this_node
 
         # on this process's node: a queue on a worker node would die with it, and the controller,
         # which reports into it, would fail the run instead of restoring it on the nodes left
-        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
-        self._queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+        self._queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": on_this_node()})
         self._thread = threading.Thread(target=self._run, name="raytrain-reports", daemon=True)
         self._thread.start()
         return self

@@ -27,8 +27,10 @@ def test_predictors_and_replicas_reserve_declared_gpus_and_run_on_cpu(tmp_path, 
     assert len(predictors) == 2, out["actors"]
     assert all(a["resources"].get("GPU") == 0.5 and a["resources"].get("CPU") == 0.5 for a in predictors), predictors
     assert replicas and all(a["resources"].get("GPU") == 0.5 for a in replicas), replicas
-    # ... and still ran on CPU: every example scored, by both actors, constrained (valid by construction)
-    assert out["eval"]["devices"] == ["cpu"] and out["eval"]["workers"] == 2 and out["eval"]["examples"] > 0
+    # ... and still ran on CPU: every example scored, constrained (valid by construction). Both actors
+    # started (above); how the split's few blocks spread over them is Ray Data's choice: since the
+    # predict path got faster, the first actor up sometimes decodes them all.
+    assert out["eval"]["devices"] == ["cpu"] and 1 <= out["eval"]["workers"] <= 2 and out["eval"]["examples"] > 0
     assert out["eval"]["valid_rate_by_task"] == {"detect": 1.0, "point": 1.0}
     assert out["serve"]["debug"]["device"] == "cpu"
 
