@@ -25,18 +25,18 @@ def fam_proc(request, tmp_path_factory):
     return request.param, fam, fam.load_processor(path)
 
 
-def _images(sizes):
+def _encoded(fam_proc, prefixes, suffixes):
+    """(family, processor, images, encode_train's batch, generation's encoding: the processor's own
+    floats) of three random images of different sizes."""
+    name, fam, proc = fam_proc
     rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES[name]]
+    return fam, proc, images, fam.encode_train(proc, images, prefixes, suffixes, max_len=200), fam.encode_prompts(proc, images, prefixes)
 
 
 def test_uint8_patches_normalised_on_the_worker_equal_the_processors_floats(fam_proc):
-    name, fam, proc = fam_proc
-    images = _images(SIZES[name])
-    prefixes = ["point to the cat", "detect dog", "Describe this image."]
-    suffixes = ['[{"point_2d": [10, 20], "label": "cat"}]', "[]", "noise"]
-    enc = fam.encode_train(proc, images, prefixes, suffixes, max_len=200)
-    ref = fam.encode_prompts(proc, images, prefixes)  # generation's encoding: the processor's own floats
+    fam, proc, _, enc, ref = _encoded(fam_proc, ["point to the cat", "detect dog", "Describe this image."],
+                                      ['[{"point_2d": [10, 20], "label": "cat"}]', "[]", "noise"])
     assert all(np.asarray(p).dtype == np.uint8 for p in enc["pixel_values"])
     assert enc["pixel_scale"].shape == enc["pixel_offset"].shape == (3, 3)
     # one of the processor's two identical frames of a still image, in uint8: an eighth of its float32 bytes
@@ -60,11 +60,7 @@ def test_uint8_patches_normalised_on_the_worker_equal_the_processors_floats(fam_
 
 
 def test_packed_rows_keep_each_images_normalisation(fam_proc):
-    name, fam, proc = fam_proc
-    images = _images(SIZES[name])
-    prefixes = ["detect cat", "detect dog", "detect bird"]
-    suffixes = ["[]", "[]", "[]"]
-    enc = fam.encode_train(proc, images, prefixes, suffixes, max_len=200)
+    fam, proc, _, enc, ref_enc = _encoded(fam_proc, ["detect cat", "detect dog", "detect bird"], ["[]", "[]", "[]"])
     length = enc.pop("length")
     examples = []
     for i in range(3):
@@ -76,7 +72,7 @@ def test_packed_rows_keep_each_images_normalisation(fam_proc):
     assert rows[0]["pixel_repeat"].tolist() == [2, 2]
     batch = {k: ragged([r[k] for r in rows]) for k in ("pixel_values", "pixel_scale", "pixel_offset", "image_grid_thw", "pixel_repeat")}
     out = fam.prepare_inputs(batch)
-    ref = fam.encode_prompts(proc, images, prefixes)["pixel_values"].numpy()
+    ref = ref_enc["pixel_values"].numpy()
     n0 = int(np.prod(enc["image_grid_thw"][0]))
     n1 = int(np.prod(enc["image_grid_thw"][1]))
     got = out["pixel_values"]
