@@ -410,19 +410,13 @@ def run_local(cfg: Experiment, out_dir: str | Path, *, model_path: str | None = 
     return res
 
 
-def _decode_options(cfg: Experiment):
-    from raytrain import predict
-
-    return predict.DecodeOptions(max_new_tokens=cfg.eval.max_new_tokens, constrained=cfg.eval.constrained,
-                                 confidence=cfg.eval.confidence, max_objects=cfg.eval.max_objects, generate=dict(cfg.eval.decoding))
-
-
 def _evaluate_fixture(cfg: Experiment, ckpt: Path, model_path: str, fam, checkpointing, n: int, res: LocalResult) -> None:
     """The first `n` examples of the evaluated split through the predict path (decode with the
     job's settings, parse with the family's parser for the task, map to source pixels) and scored
     as the evaluation scores them; fills res.examples / generated / predictions / scores."""
     from raytrain import predict
     from raytrain.data import preprocess
+    from raytrain.launch import eval as eval_launch  # the decoding options `raytrain eval` builds
 
     model, proc = checkpointing.load_for_inference(ckpt, model_path, fam)
     # as `raytrain eval` does: the checkpoint's recorded preprocessing
@@ -432,7 +426,7 @@ def _evaluate_fixture(cfg: Experiment, ckpt: Path, model_path: str, fam, checkpo
     batch = {k: v[:n] for k, v in examples.items()}
     res.predictions = predict.predict(model, proc, fam, predict.batch_images(batch), [str(t) for t in batch["task"]],
                                       [str(q) for q in batch["query"]], [str(p) for p in batch["prefix"]],
-                                      predict.batch_geometries(batch), _decode_options(cfg))
+                                      predict.batch_geometries(batch), eval_launch.decode_options(cfg))
     res.generated = [p.text for p in res.predictions]
     res.scores = predict.score_rows(batch, res.predictions)
 
@@ -445,6 +439,7 @@ def _generate(cfg: Experiment, ckpt: Path, model_path: str, fam, checkpointing) 
 
     from raytrain import predict
     from raytrain.data import pipeline, preprocess, synthetic
+    from raytrain.launch import eval as eval_launch  # the decoding options `raytrain eval` builds
 
     model, proc = checkpointing.load_for_inference(ckpt, model_path, fam)
     # as `raytrain eval` does: the checkpoint's recorded preprocessing
@@ -461,7 +456,7 @@ def _generate(cfg: Experiment, ckpt: Path, model_path: str, fam, checkpointing) 
         queries.append(e["query"])
         prefixes.append(e["prefix"])
         geoms.append(geom)
-    return [p.text for p in predict.predict(model, proc, fam, images, tasks, queries, prefixes, geoms, _decode_options(cfg))]
+    return [p.text for p in predict.predict(model, proc, fam, images, tasks, queries, prefixes, geoms, eval_launch.decode_options(cfg))]
 
 
 # ----------------------------------------------------------------------------------------------
