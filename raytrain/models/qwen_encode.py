@@ -69,12 +69,11 @@ def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes:
     followed by the answer and <|im_end|>. Returns numpy arrays: input_ids, attention_mask,
     mm_token_type_ids (1 on image tokens), labels (answer + <|im_end|> ids, IGNORE_INDEX elsewhere),
     pixel_values (B, patches, C*P*P) **uint8**, one of the processor's T identical frames of a still
-    image (`pixel_repeat` (B,) = T; all T kept, (B, patches, C*T*P*P), if they ever differ), with
-    `pixel_scale` / `pixel_offset` (B, 3) float32 (the processor's rescale + normalisation as one
-    per-channel affine map); `prepare_inputs` rebuilds the processor's float values on the worker.
-    An eighth of the float32 patches' bytes in Ray's object store, where the shapes_qwen split of
-    float32 patches was spilled to disk and read back every epoch.
-    image_grid_thw (B, 3) int64 (prepare_inputs flattens them for the model), and `length`
+    image (`pixel_repeat` (B,) = T), with `pixel_scale` / `pixel_offset` (B, 3) float32 (the
+    processor's rescale + normalisation as one per-channel affine map) — `prepare_inputs` rebuilds
+    the processor's float values on the worker; an eighth of the float32 patches' bytes in Ray's
+    object store, where the shapes_qwen split of float32 patches was spilled to disk and read back
+    every epoch —, image_grid_thw (B, 3) int64 (prepare_inputs flattens them for the model), and `length`
     (untruncated tokens) so callers can count and drop examples that would not fit instead of
     silently cutting their targets. Right padding with <|endoftext|>.
     `numbers` (per example, the answer's coordinate NumberSpans from `render_with_numbers`): also
@@ -156,13 +155,15 @@ def prepare_inputs(inputs: dict) -> dict:
 
 def _one_frame(pixels: np.ndarray, t: int) -> tuple[np.ndarray, int]:
     """(patches, C*T*P*P) -> (patches, C*P*P), T: the processor repeats a still image T times along
-    each patch's temporal axis; keep one copy. Patches whose frames differ are kept whole (T = 1)."""
+    each patch's temporal axis; keep one copy. Every row of a dataset must have the same layout (a
+    batch mixes rows of many encode calls), so frames that differ are an error, not a second layout."""
     n, d = pixels.shape
-    if t <= 1 or d % (3 * t):
+    if t <= 1:
         return pixels, 1
     frames = pixels.reshape(n, 3, t, d // (3 * t))
     if not (frames == frames[:, :, :1]).all():
-        return pixels, 1
+        raise ValueError(f"the image processor's {t} temporal frames of a still image differ: "
+                         "raytrain's Qwen batches keep one frame per patch and cannot store this processor's output")
     return np.ascontiguousarray(frames[:, :, 0]).reshape(n, d // t), t
 
 
@@ -172,7 +173,7 @@ def _one_repeat(repeat) -> int:
         return 1
     flat = join_images(repeat, 1)  # (B,) or packed rows' (B, images) / ragged lists -> one value per image
     values = {int(v) for v in np.unique(flat.cpu().numpy() if hasattr(flat, "cpu") else np.asarray(flat))}
-    if len(values) != 1:
+    if len(values) != 1:  # every encode_train call of one processor writes the same T
         raise ValueError(f"rows of one batch repeat their frames {sorted(values)} times: encoded by different processors")
     return values.pop()
 

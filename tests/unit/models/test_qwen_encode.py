@@ -81,3 +81,15 @@ def test_packed_rows_keep_each_images_normalisation(fam_proc):
     doubled = (raw * examples[1]["pixel_scale"][None, :, None, None] + examples[1]["pixel_offset"][None, :, None, None]).reshape(n1, -1)
     np.testing.assert_allclose(got[n0 : n0 + n1], doubled, atol=1e-4)
     np.testing.assert_allclose(got[n0 + n1 :], ref[n0 + n1 :], atol=1e-5)
+
+
+def test_a_processor_whose_frames_differ_is_refused_not_stored_in_a_second_layout():
+    from raytrain.models import qwen_encode
+
+    same = np.repeat(np.arange(12, dtype=np.uint8).reshape(2, 3, 1, 2), 2, axis=2).reshape(2, 12)
+    one, t = qwen_encode._one_frame(same, 2)
+    assert t == 2 and one.shape == (2, 6) and one.tolist() == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]]
+    differ = same.copy()
+    differ[1, -1] += 1  # the second frame of the last patch's last channel
+    with pytest.raises(ValueError, match="temporal frames"):
+        qwen_encode._one_frame(differ, 2)
