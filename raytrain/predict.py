@@ -19,6 +19,7 @@ number means the same thing wherever it is computed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -32,6 +33,7 @@ from raytrain import tasks as task_registry
 from raytrain.data.preprocess import Geometry
 from raytrain.formats.annotations import Box, CodedMask, Mask, ParseError, Point, nms, objects_from_json, objects_to_json
 from raytrain.formats.grammar import DetectionGrammar, query_labels
+from raytrain.step_logprobs import StepLogprobs
 
 try:  # the logits processor is a transformers class; the rest of this module imports without torch
     from transformers import LogitsProcessor as _LogitsProcessorBase
@@ -203,10 +205,18 @@ def decode(model, processor, fam, images: Sequence, prefixes: Sequence[str], *, 
         if len(grammars) != len(prefixes):
             raise ValueError(f"{len(grammars)} grammars for {len(prefixes)} examples")
         procs.append(GrammarLogitsProcessor(grammars, prompt_len, max_new_tokens))
-    with torch.inference_mode():
+    # log-probabilities: recorded step by step (one step's logits held, not all of them), except
+    # for beam search, whose reordered beams compute_transition_scores follows (step_logprobs.py)
+    beams = kwargs.get("num_beams", getattr(getattr(model, "generation_config", None), "num_beams", 1))
+    steps = StepLogprobs(model) if logprobs and int(beams or 1) == 1 else None
+    with torch.inference_mode(), steps if steps is not None else contextlib.nullcontext():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=stop,
-                             logits_processor=procs, output_logits=logprobs, return_dict_in_generate=True, **kwargs)
-    lp = token_logprobs(model, out, prompt_len) if logprobs else None
+                             logits_processor=procs, output_logits=logprobs and steps is None, return_dict_in_generate=True,
+                             **kwargs)
+    if steps is not None:
+        lp = steps.values(out.sequences, prompt_len)
+    else:
+        lp = token_logprobs(model, out, prompt_len) if logprobs else None
     gens = []
     for r, ids in enumerate(out.sequences[:, prompt_len:].tolist()):
         n = next((i + 1 for i, t in enumerate(ids) if t in stop), len(ids))
