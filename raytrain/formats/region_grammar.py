@@ -100,6 +100,9 @@ class RegionGrammar:
         if self.eos_id < len(classes):
             self._eos_mask[self.eos_id] = True
         self._masks = {c: classes == c for c in (WORD, SPACE, SEP_WORD, SEP)}
+        # phrase / gap answers by the token kinds they allow (a few dozen at most): a vocabulary mask
+        # is as long as the vocabulary (257k for PaliGemma), so it is never made per state or budget
+        self._shared: dict[tuple, Allowed] = {}
         # as DetectionGrammar: the state of every prefix seen and the answer per (state, budget)
         self._states: dict[tuple[int, ...], _State] = {(): _State("loc")}
         self._answers: dict[tuple, Allowed] = {}
@@ -194,8 +197,7 @@ class RegionGrammar:
         if remaining is None:
             return full
         fit = self._allowed(s, remaining)
-        empty = not fit.tokens and fit.locs is None and (fit.vocab is None or not fit.vocab.any())
-        return full if empty else fit
+        return full if not fit.tokens and fit.locs is None and fit.vocab is None else fit
 
     def _allowed(self, s: _State, remaining: int | None) -> Allowed:
         # after the chosen token, `left` tokens must hold the shortest completion
@@ -204,25 +206,32 @@ class RegionGrammar:
         def fits(n: int) -> bool:
             return left is None or n <= left
 
-        if s.phase in ("loc", "gap"):
+        if s.phase == "loc":
             # after a loc at position k: the other locs, one phrase token, <eos>
-            locs = self._loc_mask(s.cur) if fits(N_LOCS - len(s.cur) - 1 + 2) else None
-            tokens = ()
-            if s.phase == "gap" and s.count < MAX_GAP and fits(N_LOCS + 2):
-                return Allowed((), locs, self._masks[SPACE].copy())
-            return Allowed(tokens, locs)
-        vocab = np.zeros(len(self.classes), dtype=bool)
-        if s.count < self.max_phrase and fits(1):  # a word, then <eos>
-            vocab |= self._masks[WORD]
-        if s.count < self.max_phrase and (s.word or s.count + 1 < self.max_phrase) and fits(1 if s.word else 2):
-            vocab |= self._masks[SPACE]
-        if self._more(s) and fits(N_LOCS + 2):  # separator, a region's locs and one word, <eos>
-            vocab |= self._masks[SEP_WORD]
-            if s.word:
-                vocab |= self._masks[SEP]
-        if s.word:
-            vocab |= self._eos_mask
-        return Allowed((), None, vocab)
+            return Allowed((), self._loc_mask(s.cur) if fits(N_LOCS - len(s.cur) - 1 + 2) else None)
+        if s.phase == "gap":  # more space, or the next region's first loc
+            return self._shared_answer(space=s.count < MAX_GAP and fits(N_LOCS + 2), loc=fits(N_LOCS + 1))
+        return self._shared_answer(
+            word=s.count < self.max_phrase and fits(1),  # a word, then <eos>
+            space=s.count < self.max_phrase and (s.word or s.count + 1 < self.max_phrase) and fits(1 if s.word else 2),
+            sep_word=self._more(s) and fits(N_LOCS + 2),  # separator, a region's locs and one word, <eos>
+            sep=s.word and self._more(s) and fits(N_LOCS + 2),
+            eos=s.word,
+        )
+
+    def _shared_answer(self, word=False, space=False, sep_word=False, sep=False, eos=False, loc=False) -> Allowed:
+        key = (word, space, sep_word, sep, eos, loc)
+        got = self._shared.get(key)
+        if got is None:
+            vocab = np.zeros(len(self.classes), dtype=bool)
+            for on, c in ((word, WORD), (space, SPACE), (sep_word, SEP_WORD), (sep, SEP)):
+                if on:
+                    vocab |= self._masks[c]
+            if eos:
+                vocab |= self._eos_mask
+            locs = np.ones(NUM_LOC, dtype=bool) if loc else None
+            got = self._shared[key] = Allowed((), locs, vocab if vocab.any() else None)
+        return got
 
     def accepts(self, ids: Sequence[int]) -> bool:
         """True if ``ids`` (generated ids, <eos> included) is a complete sentence of the grammar."""

@@ -321,3 +321,40 @@ def test_untrained_tiny_paligemma_answers_validly_when_constrained(tiny_model, f
             assert all(p.objects and all(isinstance(o, Region) for o in p.objects) for p in preds)
         else:
             assert all(isinstance(o, Mask) for p in preds for o in p.objects)
+
+
+def test_phrase_answers_are_shared_objects(fam, proc):
+    """A vocabulary mask is as long as the vocabulary (257k ids in PaliGemma's): phrase answers are
+    made once per kind of answer, not per state or budget, and the logits processor converts each once."""
+    g = region_grammar(fam, proc)
+    rng = np.random.default_rng(2)
+    masks = set()
+    for budget in (None, 8, 20, 60, 200):
+        ids = walk(g, rng, budget)
+        for i in range(len(ids)):
+            a = g.allowed(ids[:i], None if budget is None else budget - i)
+            if a.vocab is not None:
+                masks.add(id(a.vocab))
+                assert not a.vocab.flags.writeable
+    assert 1 <= len(masks) <= 64
+
+
+def test_logits_processor_masks_phrase_rows_to_the_grammar(fam, proc):
+    import torch
+
+    g = region_grammar(fam, proc)
+    box = ids_of(proc, "<loc0001><loc0002><loc0003><loc0004> red")[:-1]
+    prompt = [7, 7]
+    vocab = len(proc.tokenizer) + 6  # a model's vocabulary may be larger than its tokenizer's
+    lp = predict.GrammarLogitsProcessor([g, g], prompt_len=len(prompt), max_new_tokens=40)
+    rows = torch.tensor([prompt + box, prompt + box[:3] + [box[0]] * (len(box) - 3)])
+    scores = torch.randn(2, vocab)
+    out = lp(rows, scores.clone())
+    for r in range(2):
+        want = set(choices(g, g.allowed(rows[r, len(prompt):].tolist(), 40 - len(box))))
+        got = set(torch.nonzero(torch.isfinite(out[r])).flatten().tolist())
+        assert got == want and got, r
+        assert torch.equal(out[r, sorted(got)], scores[r, sorted(got)])
+    # an earlier processor banned every allowed token: the row still follows the grammar
+    out = lp(rows[:1].repeat(2, 1), torch.full((2, vocab), float("-inf")))
+    assert set(torch.nonzero(out[0] == -1e4).flatten().tolist()) == set(choices(g, g.allowed(box, 40 - len(box))))
