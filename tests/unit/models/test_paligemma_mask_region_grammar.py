@@ -358,3 +358,14 @@ def test_logits_processor_masks_phrase_rows_to_the_grammar(fam, proc):
     # an earlier processor banned every allowed token: the row still follows the grammar
     out = lp(rows[:1].repeat(2, 1), torch.full((2, vocab), float("-inf")))
     assert set(torch.nonzero(out[0] == -1e4).flatten().tolist()) == set(choices(g, g.allowed(box, 40 - len(box))))
+
+
+@pytest.mark.parametrize("spec", ["paligemma", "paligemma+molmo"])
+def test_every_grounding_task_gets_a_grammar_in_both_answer_formats(proc, spec):
+    """Molmo's answer format changes pointing only: masks and regions keep <loc> (and their grammars);
+    dense captions have no query labels and get theirs all the same."""
+    fam = family(spec)
+    got = predict.grammars_for(fam, proc, ["segment", "dense_caption", "caption", "detect"], ["eye ; patch", "", "", "eye"], (H, W))
+    assert [type(g).__name__ if g is not None else None for g in got] == ["DetectionGrammar", "RegionGrammar", None, "DetectionGrammar"]
+    assert got[0].kind == "mask" and got[0].labels == ("eye", "patch")
+    assert fam.grammar(proc, "mask", [], (H, W)) is None  # no labels in the query: nothing to name
