@@ -104,8 +104,10 @@ class GrammarLogitsProcessor(_LogitsProcessorBase):
         # allowed (row, token) pairs as index lists: only these travel to the device, not a (rows, vocab)
         # mask. Rows of one grammar with the same output so far allow the same tokens: asked once
         # (every row of a label at the first step, beams that agree so far).
-        memo: dict[tuple, np.ndarray] = {}
-        rows_in, cols_in, free = [], [], []
+        # An answer that allows most of the vocabulary (a free phrase: Allowed.vocab) travels as a
+        # (vocab,) bool row instead, made once per answer object.
+        memo: dict[tuple, Any] = {}
+        rows_in, cols_in, free, dense_rows, dense = [], [], [], [], []
         for r in range(rows):
             g = self.grammars[min(r // per_example, len(self.grammars) - 1)]
             if g is None:
@@ -114,14 +116,27 @@ class GrammarLogitsProcessor(_LogitsProcessorBase):
             key = (id(g), tuple(generated[r]))
             cols = memo.get(key)
             if cols is None:
-                cols = memo[key] = self._ids(g, g.allowed(generated[r], remaining), vocab)
-            rows_in.append(r)
-            cols_in.append(cols)
-        if not rows_in:
+                cols = memo[key] = self._ids(g, g.allowed(generated[r], remaining), vocab, scores.device)
+            if isinstance(cols, np.ndarray):
+                rows_in.append(r)
+                cols_in.append(cols)
+            else:
+                dense_rows.append(r)
+                dense.append(cols)
+        if not rows_in and not dense_rows:
             return scores
         out = torch.full_like(scores, float("-inf"))
         if free:
             out[free] = scores[free]
+        if dense_rows:
+            mask = torch.stack(dense)
+            vals = torch.where(mask, scores[dense_rows], float("-inf"))
+            stuck = ~torch.isfinite(vals).any(dim=1)  # as below: every allowed token banned by an earlier processor
+            if bool(stuck.any()):
+                vals[stuck] = torch.where(mask[stuck], -1e4, float("-inf")).to(scores.dtype)
+            out[dense_rows] = vals
+        if not rows_in:
+            return out
         ri = torch.from_numpy(np.repeat(np.asarray(rows_in, dtype=np.int64), [len(c) for c in cols_in])).to(scores.device)
         ci = torch.from_numpy(np.concatenate(cols_in)).to(scores.device)
         vals = scores[ri, ci]
@@ -135,10 +150,11 @@ class GrammarLogitsProcessor(_LogitsProcessorBase):
         out[ri, ci] = torch.where(stuck, torch.tensor(-1e4, dtype=scores.dtype, device=scores.device), vals)
         return out
 
-    def _ids(self, g, a, vocab: int) -> np.ndarray:
-        """Token ids of an `Allowed` (tokens, then the allowed <loc> ids), below `vocab`. Grammars
-        that cache their answers hand the same object back for the same state: converted once per
-        generate call (the object is kept, so its id is not reused)."""
+    def _ids(self, g, a, vocab: int, device=None):
+        """Token ids of an `Allowed` (tokens, then the allowed <loc> ids), below `vocab`; for an
+        answer with a vocabulary mask (`Allowed.vocab`), a (vocab,) bool tensor on `device` instead.
+        Grammars that cache their answers hand the same object back for the same state: converted
+        once per generate call (the object is kept, so its id is not reused)."""
         got = self._converted.get(id(a))
         if got is not None:
             return got[1]
@@ -146,6 +162,14 @@ class GrammarLogitsProcessor(_LogitsProcessorBase):
         if a.locs is not None:
             cols = np.concatenate([cols, g.loc_ids[a.locs]])
         cols = cols[cols < vocab]
+        if a.vocab is not None:
+            import torch
+
+            row = np.zeros(vocab, dtype=bool)
+            n = min(vocab, len(a.vocab))
+            row[:n] = a.vocab[:n]
+            row[cols] = True
+            cols = torch.from_numpy(row).to(device)
         if len(self._converted) > 100_000:  # an instance reused across many calls stays bounded
             self._converted.clear()
         self._converted[id(a)] = (a, cols)

@@ -1,13 +1,14 @@
-"""Token-level grammar of PaliGemma detection / pointing output, for constrained decoding.
+"""Token-level grammar of PaliGemma detection / pointing / segmentation output, for constrained decoding.
 
 Pure state machine over token ids (no torch, no tokenizer): ``models/paligemma_decoding.py`` reads the ids
 from the real processor (``grammar_from_processor``) and masks logits with ``allowed``.
 
 Accepted sequences, with n = 2 loc tokens per object (point, ``<locY><locX>``) or 4 (box,
-``<locY1><locX1><locY2><locX2>``)::
+``<locY1><locX1><locY2><locX2>``; mask: the box's 4 then m = 16 ``<segNNN>`` codes, as
+``formats/paligemma_masks.render_segments`` writes them)::
 
     output := object ( SEP object )* <eos>        at most `max_objects` objects
-    object := <loc>{n} LABEL                      LABEL: one of the allowed labels
+    object := <loc>{n} <seg>{m} LABEL             LABEL: one of the allowed labels; m = 0 unless mask
 
 The label and the separator are not separate token sequences: a tokenizer may merge the
 end of a label with what follows (sentencepiece does not split at spaces), so each label
@@ -15,7 +16,7 @@ is stored twice, as the ids of ``" <label> ; "`` (followed by the next object's 
 of ``" <label>"`` (followed by <eos>), both read from a rendered training target. The two
 sets of sequences share one trie. On top of the syntax:
 
-* box validity: ``y2 >= y1`` and ``x2 >= x1``, by masking the bins below the start bin;
+* box validity (boxes and masks): ``y2 >= y1`` and ``x2 >= x1``, by masking the bins below the start bin;
 * no duplicate object: a loc that would complete an object whose bins equal an earlier
   object's is masked (with a look-ahead, so that no prefix is left without a valid
   completion: a box start ``(y1, x1=1023, y2)`` already used has no other ``x2``);
@@ -36,9 +37,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from raytrain.formats.paligemma import NUM_LOC
+from raytrain.formats.paligemma import NUM_LOC, NUM_SEG
 
-N_LOCS = {"point": 2, "box": 4}  # loc tokens per object
+N_LOCS = {"point": 2, "box": 4, "mask": 4}  # loc tokens per object
+N_SEGS = {"mask": 16}  # <seg> tokens after them (the mask codec's 4x4 codes); none for the others
 _BOX_PAIRS = {2: 0, 3: 1}  # box position -> position of the start bin it must not go below
 _FAR = 10**9  # "unreachable" distance in the trie
 _CACHE_ENTRIES = 50_000  # per-grammar prefix / answer caches are dropped past this many entries
@@ -56,11 +58,14 @@ def query_labels(query: str) -> list[str]:
 
 
 class Allowed(NamedTuple):
-    """What may come next: ``tokens`` (non-loc token ids) and ``locs`` (bool mask over the
-    1024 bins, or None when no loc is allowed)."""
+    """What may come next: ``tokens`` (non-loc token ids: words, <seg> codes, <eos>), ``locs``
+    (bool mask over the 1024 bins, or None when no loc is allowed) and ``vocab`` (bool mask over
+    the token ids, or None): for answers that allow most of the vocabulary (a free-text phrase),
+    where listing the ids would be slow; it adds to ``tokens`` and ``locs``."""
 
     tokens: tuple[int, ...]
     locs: np.ndarray | None
+    vocab: np.ndarray | None = None
 
 
 @dataclass
@@ -74,8 +79,8 @@ class _Node:
 
 @dataclass(frozen=True)
 class _State:
-    phase: str  # "loc" | "label" | "done" | "dead"
-    cur: tuple[int, ...] = ()  # bins of the object being read (phase "loc")
+    phase: str  # "loc" | "label" | "empty" | "done" | "dead"
+    cur: tuple[int, ...] = ()  # bins (then seg codes, masks) of the object being read (phase "loc")
     objects: tuple[tuple[int, ...], ...] = ()  # bins of every object whose locs are complete
     node: int = 0  # trie node (phase "label")
 
@@ -83,7 +88,8 @@ class _State:
 class DetectionGrammar:
     """PaliGemma ``<loc>`` output grammar for one example (one set of allowed labels).
 
-    ``loc_ids``: the 1024 ids of ``<loc0000>``..``<loc1023>`` in bin order.
+    ``loc_ids``: the 1024 ids of ``<loc0000>``..``<loc1023>`` in bin order; ``seg_ids`` (kind
+    "mask" only): the 128 ids of ``<seg000>``..``<seg127>`` in code order.
     ``label_sequences``: ``{label: (ids of " label ; ", ids of " label")}`` as the tokenizer
     writes them inside a rendered target (see ``models.paligemma_decoding.label_sequences``).
     ``max_objects``: at most this many objects (None: unlimited); then only the <eos> path.
@@ -100,6 +106,7 @@ class DetectionGrammar:
         max_objects: int | None = None,
         forbid_duplicates: bool = True,
         empty_ids: Sequence[int] | None = None,
+        seg_ids: Sequence[int] | None = None,
     ):
         if kind not in N_LOCS:
             raise ValueError(f"unknown kind {kind!r}, expected one of {tuple(N_LOCS)}")
@@ -112,6 +119,16 @@ class DetectionGrammar:
             raise ValueError(f"max_objects must be >= 1 or None, got {max_objects}")
         self.kind = kind
         self.n_locs = N_LOCS[kind]
+        self.n_segs = N_SEGS.get(kind, 0)
+        self.n_pos = self.n_locs + self.n_segs  # loc / seg tokens per object
+        seg_ids = [int(i) for i in seg_ids or ()]
+        if self.n_segs and (len(seg_ids) != NUM_SEG or len(set(seg_ids) | set(loc_ids)) != NUM_SEG + NUM_LOC):
+            raise ValueError(f"kind {kind!r} needs {NUM_SEG} distinct seg ids, apart from the loc ids")
+        self._code_of = {t: c for c, t in enumerate(seg_ids)} if self.n_segs else {}
+        self.seg_ids = tuple(seg_ids) if self.n_segs else ()
+        # the answer at a seg position that no duplicate restricts: one object, so that the logits
+        # processor converts it once per generate call
+        self._seg_answer = Allowed(self.seg_ids, None)
         self.eos_id = int(eos_id)
         self.max_objects = max_objects
         self.forbid_duplicates = forbid_duplicates
@@ -125,9 +142,9 @@ class DetectionGrammar:
                 seq = [int(t) for t in seq]
                 if not seq:
                     raise ValueError(f"label {label!r}: empty token sequence")
-                bad = [t for t in seq if t in self._bin_of or t == self.eos_id]
+                bad = [t for t in seq if t in self._bin_of or t in self._code_of or t == self.eos_id]
                 if bad:
-                    raise ValueError(f"label {label!r}: its ids contain loc / eos ids {bad}")
+                    raise ValueError(f"label {label!r}: its ids contain loc / eos / seg ids {bad}")
                 n = 0
                 for t in seq:
                     if t not in self._nodes[n].children:
@@ -191,10 +208,12 @@ class DetectionGrammar:
                     return _State("done")
                 if self.empty_ids and t == self.empty_ids[0]:
                     return _State("empty", node=1)
+            if len(s.cur) >= self.n_locs:  # a mask's seg codes
+                b = self._code_of.get(t)
             if b is None or not self._loc_ok(s.cur, s.objects, b):
                 return _State("dead")
             cur = s.cur + (b,)
-            if len(cur) == self.n_locs:
+            if len(cur) == self.n_pos:
                 return _State("label", objects=s.objects + (cur,), node=0)
             return _State("loc", cur=cur, objects=s.objects)
         if s.phase == "label":
@@ -219,9 +238,16 @@ class DetectionGrammar:
     # ------------------------------------------------------------------ loc constraints
 
     def _completions(self, p: tuple[int, ...]) -> int:
-        """Number of valid objects whose bins start with ``p`` (box order constraints)."""
+        """Number of valid objects whose bins (and codes) start with ``p`` (box order constraints)."""
         if self.kind == "point":
             return NUM_LOC ** (2 - len(p))
+        if self.n_segs:  # a mask: its box's completions times those of its codes
+            codes = max(len(p) - self.n_locs, 0)
+            return self._box_completions(p[: self.n_locs]) * NUM_SEG ** (self.n_segs - codes)
+        return self._box_completions(p)
+
+    @staticmethod
+    def _box_completions(p: tuple[int, ...]) -> int:
         k = len(p)
         if k == 4:
             return 1
@@ -235,9 +261,9 @@ class DetectionGrammar:
 
     def _loc_ok(self, cur: tuple[int, ...], objects: tuple[tuple[int, ...], ...], b: int) -> bool:
         k = len(cur)
-        if not 0 <= b < NUM_LOC or k >= self.n_locs:
+        if not 0 <= b < (NUM_LOC if k < self.n_locs else NUM_SEG) or k >= self.n_pos:
             return False
-        if self.kind == "box" and k in _BOX_PAIRS and b < cur[_BOX_PAIRS[k]]:
+        if self.n_locs == 4 and k in _BOX_PAIRS and b < cur[_BOX_PAIRS[k]]:
             return False
         if self.forbid_duplicates and objects:
             p = cur + (b,)
@@ -249,8 +275,8 @@ class DetectionGrammar:
     def _loc_mask(self, cur: tuple[int, ...], objects: tuple[tuple[int, ...], ...]) -> np.ndarray:
         """Vectorised ``_loc_ok`` over all 1024 bins (tested equal to it)."""
         k = len(cur)
-        mask = np.ones(NUM_LOC, dtype=bool)
-        if self.kind == "box" and k in _BOX_PAIRS:
+        mask = np.ones(NUM_LOC if k < self.n_locs else NUM_SEG, dtype=bool)
+        if self.n_locs == 4 and k in _BOX_PAIRS:
             mask[: cur[_BOX_PAIRS[k]]] = False
         if self.forbid_duplicates and objects:
             counts: dict[int, int] = {}
@@ -270,7 +296,7 @@ class DetectionGrammar:
         c = self._nodes[node]
         best = c.to_final + 1
         if more and c.to_sep < _FAR:
-            best = min(best, c.to_sep + self.n_locs + self._min_final + 1)
+            best = min(best, c.to_sep + self.n_pos + self._min_final + 1)
         return best
 
     def allowed(self, prefix: Sequence[int], remaining: int | None = None) -> Allowed:
@@ -312,9 +338,11 @@ class DetectionGrammar:
             if not s.cur and not s.objects and self.empty_ids is not None:
                 fits = left is None or len(self.empty_ids) <= left
                 empty = ((self.empty_ids[0],) if self.empty_ids else (self.eos_id,)) if fits else ()
-            after_loc = self.n_locs - k - 1 + self._min_final + 1
+            after_loc = self.n_pos - k - 1 + self._min_final + 1
             if left is not None and after_loc > left:
                 return Allowed(empty, None)
+            if k >= self.n_locs:  # a mask's seg codes: listed as tokens (128 ids)
+                return self._seg_allowed(s)
             return Allowed(empty, self._loc_mask(s.cur, s.objects))
         node = self._nodes[s.node]
         more = self._more(s)
@@ -330,9 +358,15 @@ class DetectionGrammar:
             tokens.append(t)
         locs = None
         # a new object's first loc, if the rest of it (n-1 locs, a label, <eos>) still fits
-        if node.sep_end and more and (left is None or self.n_locs - 1 + self._min_final + 1 <= left):
+        if node.sep_end and more and (left is None or self.n_pos - 1 + self._min_final + 1 <= left):
             locs = self._loc_mask((), s.objects)
         return Allowed(tuple(tokens), locs)
+
+    def _seg_allowed(self, s: _State) -> Allowed:
+        if not (self.forbid_duplicates and s.objects):
+            return self._seg_answer
+        mask = self._loc_mask(s.cur, s.objects)
+        return self._seg_answer if mask.all() else Allowed(tuple(t for t, ok in zip(self.seg_ids, mask) if ok), None)
 
     def accepts(self, ids: Sequence[int]) -> bool:
         """True if ``ids`` (generated ids, <eos> included) is a complete sentence of the grammar."""

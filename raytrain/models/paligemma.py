@@ -352,6 +352,7 @@ def save_inference_files(processor, out_dir: str | Path) -> None:
 # the family object (raytrain.models.interface.ModelFamily)
 
 _GRAMMARS: dict[int, paligemma_decoding.PaliGemmaGrammars] = {}
+GRAMMAR_KINDS = ("point", "box", "mask")  # kinds whose answers name labels of the query
 
 
 def _grammars(processor) -> paligemma_decoding.PaliGemmaGrammars:
@@ -503,7 +504,9 @@ class PaliGemma:
     def grammar(self, processor, kind: str, labels, image_hw, max_objects: int | None = None):
         if self.answer_format == "molmo" and kind == "point":
             return molmo_answers.grammar(processor, labels, max_objects, self.empty_answer, END_TOKEN, TEXT_LEAD)
-        if kind not in fmt.KINDS or not labels:  # masks, captions: no grammar
+        if kind == "region":  # dense captions: free phrases, no labels
+            return _grammars(processor).for_regions(max_objects or None)
+        if kind not in GRAMMAR_KINDS or not labels:  # captions: free text, no grammar
             return None
         # the "nothing found" answer is always allowed: a negative's answer is valid output
         return _grammars(processor).for_labels(kind, list(labels), max_objects or None, self.empty_answer)
@@ -511,8 +514,8 @@ class PaliGemma:
     def object_confidences(self, logprobs, token_ids, processor, kind: str, labels, image_hw) -> list[float]:
         if self.answer_format == "molmo" and kind == "point":
             return molmo_answers.confidences(logprobs, token_ids, processor, labels, image_hw, self.empty_answer, END_TOKEN, TEXT_LEAD)
-        if kind not in fmt.KINDS:
-            return []  # masks, captions: no per-object confidence
+        if kind not in GRAMMAR_KINDS + ("region",):
+            return []  # captions: no per-object confidence
         return paligemma_decoding.object_confidences(logprobs, token_ids, processor.tokenizer, kind)
 
     # checkpoints

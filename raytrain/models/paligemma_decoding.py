@@ -2,8 +2,10 @@
 
 * ``PaliGemmaGrammars`` reads the token ids of each allowed label (and of the ``" ; "``
   separator after it) from a rendered training target, through the same processor call that
-  builds training labels, and builds ``formats.grammar.DetectionGrammar``s from them: what the
-  family's ``grammar`` member returns, driven by ``raytrain.predict.GrammarLogitsProcessor``.
+  builds training labels, and builds ``formats.grammar.DetectionGrammar``s from them (points,
+  boxes, masks: ``<loc>``x4 ``<seg>``x16 label); for dense captions, whose phrases are free text,
+  ``formats.region_grammar.RegionGrammar`` from the class of every token's text. These are what
+  the family's ``grammar`` member returns, driven by ``raytrain.predict.GrammarLogitsProcessor``.
 * ``object_confidences``: one confidence per parsed object, the GEOMETRIC MEAN of the
   probabilities of its tokens (its loc tokens, then its label tokens up to, not including, the
   ``;`` separator or <eos>; whitespace-only tokens are formatting and left out), i.e.
@@ -16,14 +18,22 @@
 from __future__ import annotations
 
 import math
+import re
 import weakref
 from collections.abc import Collection, Sequence
 
+import numpy as np
+
 from raytrain.formats import paligemma as fmt
 from raytrain.formats.annotations import Obj, Point, match_in_order
-from raytrain.formats.grammar import DetectionGrammar, query_labels
+from raytrain.formats.grammar import N_LOCS, N_SEGS, DetectionGrammar, query_labels
+from raytrain.formats.region_grammar import RegionGrammar, token_classes
 
 IGNORE_INDEX = -100  # the processor's label value outside the suffix
+# Tokens of one dense-caption phrase: Visual Genome's phrases are a few words (a handful of tokens);
+# the bound stops a barely trained model from spending the whole budget on one phrase.
+MAX_PHRASE_TOKENS = 32
+_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's byte-fallback pieces
 
 # ---------------------------------------------------------------------------- token ids
 
@@ -46,28 +56,37 @@ def suffix_token_ids(processor, suffixes: Sequence[str]) -> list[list[int]]:
     return [list(tok(s + tok.eos_token, add_special_tokens=False)["input_ids"]) for s in suffixes]
 
 
-def label_sequences(processor, labels: Sequence[str]) -> dict[str, tuple[list[int], list[int]]]:
+def label_sequences(processor, labels: Sequence[str], kind: str = "point") -> dict[str, tuple[list[int], list[int]]]:
     """``{label: (ids of " label ; ", ids of " label")}`` as they appear inside a target.
 
     Each label is rendered twice, ``<loc><loc> label ; <loc><loc> label``, and read back: the
     ids between the two loc runs are the label followed by a separator, the ids after the
     second run (before <eos>) the label that ends the output. Reading them from a rendered
     target, instead of tokenizing ``" label"`` alone, keeps whatever the tokenizer does at the
-    boundaries (a leading "▁", a label end merged with the separator). Raises ValueError for a
-    label that cannot be rendered (``;``, ``<``, surrounding spaces)."""
+    boundaries (a leading "▁", a label end merged with the separator). kind "mask" renders the
+    runs as a segment target does (4 locs, 16 segs) and reads the label after them. Raises
+    ValueError for a label that cannot be rendered (``;``, ``<``, surrounding spaces)."""
     tok = getattr(processor, "tokenizer", processor)
-    loc_set = set(tok.convert_tokens_to_ids([fmt.loc_token(i) for i in range(fmt.NUM_LOC)]))
-    suffixes = [fmt.render_objects([Point(0, 0, lb), Point(0, 0, lb)], 1, 1) for lb in labels]
+    run_tokens = [fmt.loc_token(i) for i in range(fmt.NUM_LOC)]
+    n = 2
+    if kind == "mask":
+        run_tokens += [fmt.seg_token(i) for i in range(fmt.NUM_SEG)]
+        n = N_LOCS[kind] + N_SEGS[kind]
+    run_set = set(tok.convert_tokens_to_ids(run_tokens))
+    run = "".join(run_tokens[0] for _ in range(n - N_SEGS.get(kind, 0))) + fmt.seg_token(0) * N_SEGS.get(kind, 0)
+    for lb in labels:
+        fmt.render_objects([Point(0, 0, lb)], 1, 1)  # the detection renderer's label checks
+    suffixes = [f"{run} {lb} ; {run} {lb}" for lb in labels]
     out = {}
     for lb, ids in zip(labels, suffix_token_ids(processor, suffixes)):
         if ids and ids[-1] == tok.eos_token_id:
             ids = ids[:-1]
-        is_loc = [t in loc_set for t in ids]
-        # expected layout: loc loc <label ; > loc loc <label>
-        runs = [i for i in range(len(ids)) if is_loc[i] and (i == 0 or not is_loc[i - 1])]
-        if len(runs) != 2 or runs[0] != 0 or sum(is_loc) != 4:
+        is_run = [t in run_set for t in ids]
+        # expected layout: run <label ; > run <label>, each run n tokens
+        runs = [i for i in range(len(ids)) if is_run[i] and (i == 0 or not is_run[i - 1])]
+        if len(runs) != 2 or runs[0] != 0 or sum(is_run) != 2 * n:
             raise ValueError(f"label {lb!r}: unexpected target ids {ids} (loc runs at {runs})")
-        out[lb] = (ids[2 : runs[1]], ids[runs[1] + 2 :])
+        out[lb] = (ids[n : runs[1]], ids[runs[1] + n :])
         if not out[lb][0] or not out[lb][1]:
             raise ValueError(f"label {lb!r}: empty label ids in target {ids}")
     return out
@@ -81,33 +100,68 @@ class PaliGemmaGrammars:
     read from the prompt query (``"cat ; dog"`` -> cat, dog), as ``detect`` prompts list them.
     """
 
-    def __init__(self, processor, forbid_duplicates: bool = True):
+    def __init__(self, processor, forbid_duplicates: bool = True, max_phrase: int = MAX_PHRASE_TOKENS):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.loc_ids = [int(i) for i in self.tokenizer.convert_tokens_to_ids([fmt.loc_token(i) for i in range(fmt.NUM_LOC)])]
+        self.seg_ids = [int(i) for i in self.tokenizer.convert_tokens_to_ids([fmt.seg_token(i) for i in range(fmt.NUM_SEG)])]
         self.eos_id = int(self.tokenizer.eos_token_id)
         self.forbid_duplicates = forbid_duplicates
-        self._seqs: dict[str, tuple[list[int], list[int]]] = {}
-        self._grammars: dict[tuple, DetectionGrammar] = {}
+        self.max_phrase = max_phrase
+        self._seqs: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+        self._grammars: dict[tuple, DetectionGrammar | RegionGrammar] = {}
+        self._classes: np.ndarray | None = None
 
-    def _sequences(self, labels: Sequence[str]) -> dict[str, tuple[list[int], list[int]]]:
-        missing = [lb for lb in dict.fromkeys(labels) if lb not in self._seqs]
+    def _sequences(self, kind: str, labels: Sequence[str]) -> dict[str, tuple[list[int], list[int]]]:
+        # a label reads the same after a loc run of any length; after seg tokens it is read apart
+        group = "mask" if kind == "mask" else "point"
+        missing = [lb for lb in dict.fromkeys(labels) if (group, lb) not in self._seqs]
         if missing:
-            self._seqs.update(label_sequences(self.processor, missing))
-        return {lb: self._seqs[lb] for lb in labels}
+            self._seqs.update({(group, lb): v for lb, v in label_sequences(self.processor, missing, group).items()})
+        return {lb: self._seqs[(group, lb)] for lb in labels}
 
     def for_labels(self, kind: str, labels: Sequence[str], max_objects: int | None = None, empty_answer: str | None = None) -> DetectionGrammar:
-        """`empty_answer`: the "nothing found" text the grammar also accepts ("" = <eos> right away;
-        None = none)."""
+        """`kind`: "point" | "box" | "mask". `empty_answer`: the "nothing found" text the grammar
+        also accepts ("" = <eos> right away; None = none)."""
         key = (kind, tuple(labels), max_objects, empty_answer)
         if key not in self._grammars:  # grammars hold no per-call state: one per key is enough
             empty_ids = None if empty_answer is None else suffix_token_ids(self.processor, [empty_answer])[0][:-1]
-            self._grammars[key] = DetectionGrammar(self.loc_ids, self._sequences(list(labels)), self.eos_id, kind,
-                                                   max_objects, self.forbid_duplicates, empty_ids)
+            self._grammars[key] = DetectionGrammar(self.loc_ids, self._sequences(kind, list(labels)), self.eos_id, kind,
+                                                   max_objects, self.forbid_duplicates, empty_ids,
+                                                   self.seg_ids if kind == "mask" else None)
+        return self._grammars[key]
+
+    def for_regions(self, max_objects: int | None = None) -> RegionGrammar:
+        """Dense-caption grammar (``<loc>``x4 free phrase ; ...): at least one region."""
+        key = ("region", max_objects)
+        if key not in self._grammars:
+            if self._classes is None:
+                self._classes = phrase_token_classes(self.tokenizer)
+            self._grammars[key] = RegionGrammar(self.loc_ids, self.eos_id, self._classes, max_objects, self.max_phrase)
         return self._grammars[key]
 
     def for_queries(self, kind: str, queries: Sequence[str], max_objects: int | None = None) -> list[DetectionGrammar]:
         return [self.for_labels(kind, query_labels(q), max_objects) for q in queries]
+
+
+def phrase_token_classes(tokenizer) -> np.ndarray:
+    """``formats.region_grammar.token_classes`` of a sentencepiece tokenizer's vocabulary: each
+    piece's text with "▁" read as a space and a byte-fallback piece (``<0x3B>``) as its byte;
+    special and added tokens (<eos>, <image>, <loc>, <seg>, ...) never go in a phrase."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    n = len(tok)
+    texts = {}
+    for t, piece in enumerate(tok.convert_ids_to_tokens(list(range(n)))):
+        if piece is None:
+            continue
+        m = _BYTE.fullmatch(piece)
+        if m:
+            b = int(m.group(1), 16)
+            # a byte of a multi-byte character is text; an ASCII byte is that character
+            piece = chr(b) if b < 0x80 else "\ufffd"
+        texts[t] = piece.replace("\u2581", " ")
+    excluded = set(tok.all_special_ids) | {int(t) for t in tok.added_tokens_decoder}
+    return token_classes(texts, n, sorted(excluded))
 
 
 # ---------------------------------------------------------------------------- confidence
@@ -156,7 +210,9 @@ def object_confidences(
 ) -> list[float]:
     """One confidence per object of ``fmt.parse(text, w, h, kind, allowed_labels).objects``
     (same order, same length), where ``text`` is ``token_ids`` up to the first <eos> (what
-    follows is padding), decoded without special tokens, as ``Generation.text`` is.
+    follows is padding), decoded without special tokens, as ``Generation.text`` is. kind "mask":
+    the objects of ``paligemma_masks.parse_segments`` (a mask's 16 seg tokens count as its own);
+    "region": those of a dense caption (boxes whose label is the phrase).
 
     ``logprobs[i]``: log-probability of ``token_ids[i]`` (``Generation.logprobs``). Confidence =
     geometric mean of the object's token probabilities (module docstring). The ids are split
@@ -204,9 +260,18 @@ def object_confidences(
                 lps.append(logprobs[i])
         conf = float(math.exp(sum(lps) / len(lps))) if lps else float("nan")
         text = tok.decode(ids[s:e], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        for o in fmt.parse(text, 1, 1, kind, allowed_labels).objects:
+        for o in _parse(text, kind, allowed_labels):
             pieces.append((o, conf))
     full = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return match_in_order(fmt.parse(full, 1, 1, kind, allowed_labels).objects, pieces)
+    return match_in_order(_parse(full, kind, allowed_labels), pieces)
+
+
+def _parse(text: str, kind: str, allowed_labels: Collection[str] | None) -> list:
+    """Objects of an answer of `kind` on a 1x1 image (only their order and equality matter here)."""
+    if kind == "mask":  # the codes, not pixels: no mask codec needed
+        from raytrain.formats import paligemma_masks  # torch: only segment answers need it
+
+        return paligemma_masks.parse_segments(text, 1, 1, codec=False, allowed_labels=allowed_labels).objects
+    return fmt.parse(text, 1, 1, "box" if kind == "region" else kind, allowed_labels).objects
 
 

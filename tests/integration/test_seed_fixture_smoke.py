@@ -130,9 +130,9 @@ def test_seed_job_smoke_on_its_fixture(path, tmp_path, preset_cache, pixmo_rows,
     assert all(isinstance(p.text, str) and isinstance(p.errors, list) for p in res.predictions)
     scores = [json.loads(s) for s in res.scores["score"]]
     assert len(scores) == 2 and all(isinstance(s, dict) for s in scores)
-    # points and boxes are valid by construction (grammar-constrained), even from a barely trained
-    # model; masks and dense-caption regions have no grammar yet, captions are free text
-    if cfg.eval.constrained and {tasks.get(str(t)).kind for t in ex["task"]} <= {"point", "box"}:
+    # points, boxes and PaliGemma's masks (<loc>x4 <seg>x16 label) are valid by construction
+    # (grammar-constrained), even from a barely trained model; captions are free text
+    if cfg.eval.constrained and {tasks.get(str(t)).kind for t in ex["task"]} <= {"point", "box", "mask"}:
         assert all(not p.errors for p in res.predictions), [(p.text, p.errors) for p in res.predictions]
         assert all(s.get("valid") == 1 for s in scores), scores
 
