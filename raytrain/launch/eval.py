@@ -116,6 +116,13 @@ def decode_options(cfg: Experiment, decoding=None):
     else:
         gen = decoding.generate_kwargs()
         mnt, seed = gen.pop("max_new_tokens"), decoding.seed
+    if "segment" in cfg.data.tasks and ev.constrained:
+        from raytrain.formats.paligemma_masks import MIN_ANSWER_TOKENS
+
+        if mnt < MIN_ANSWER_TOKENS:  # every answer would be the grammar's empty one: all-zero metrics, silently
+            raise ValueError(f"max_new_tokens={mnt} cannot hold one mask answer (<loc> x4, <seg> x16, label, <eos>: "
+                             f">= {MIN_ANSWER_TOKENS} tokens); set eval.max_new_tokens (the seed segment job uses 256; "
+                             "`raytrain smoke` measures the answers' length)")
     return DecodeOptions(max_new_tokens=mnt, constrained=ev.constrained, confidence=ev.confidence, max_objects=ev.max_objects,
                          nms_iou=ev.nms_iou, generate=gen, seed=seed)
 

@@ -55,3 +55,16 @@ def test_serve_gpus_per_replica_and_the_old_name():
     assert cfg.gpus_per_replica == 0.5 and cfg.constrained and cfg.dtype == "auto"
     with pytest.raises(ValueError, match="num_gpus is now gpus_per_replica"):
         config_mod.load_section(config_mod.ServeConfig, None, ["num_gpus=1"])
+
+
+def test_segment_eval_refuses_a_token_budget_that_holds_no_mask():
+    """Constrained decoding cannot cut a mask answer, so below one mask's length every answer would
+    be "nothing found": refused with a message naming the setting; the seed segment job fits."""
+    from raytrain.launch.eval import decode_options
+
+    cfg = config_mod.load(None, ["data.tasks=[segment]", "eval.max_new_tokens=16"])
+    with pytest.raises(ValueError, match="eval.max_new_tokens"):
+        decode_options(cfg)
+    assert decode_options(config_mod.load(None, ["data.tasks=[segment]", "eval.max_new_tokens=22"])).max_new_tokens == 22
+    assert decode_options(config_mod.load(None, ["data.tasks=[segment]", "eval.constrained=false"])).max_new_tokens == 16
+    assert decode_options(config_mod.load("jobs/paligemma/1-3b_full_jsonl_segment.yaml")).max_new_tokens == 256
