@@ -36,6 +36,9 @@ from raytrain.formats.annotations import Box, Obj, ParseError, ParseResult, Poin
 
 NUM_LOC = 1024
 NUM_SEG = 128
+MASK_ANSWER_MIN_TOKENS = 4 + 16 + 1 + 1
+"""The shortest answer holding one mask: 4 <loc>, 16 <seg>, a one-token label, <eos>. With a smaller
+max_new_tokens constrained decoding can only answer "nothing found" (a cut answer is not valid)."""
 DIVISORS = (1023, 1024)
 KINDS = ("point", "box")
 TASKS = ("point", "detect")

@@ -76,9 +76,7 @@ NUM_CODES = fmt.NUM_SEG  # codebook entries: <seg000>..<seg127>
 CODE_DIM = 512  # codebook vector length
 NUM_TOKENS = 16  # 4x4 latent grid, row-major
 TASK = "segment"
-MIN_ANSWER_TOKENS = 4 + NUM_TOKENS + 1 + 1
-"""The shortest answer holding one mask: 4 <loc>, 16 <seg>, a one-token label, <eos>. With a smaller
-max_new_tokens constrained decoding can only answer "nothing found" (a cut answer is not valid)."""
+MIN_ANSWER_TOKENS = fmt.MASK_ANSWER_MIN_TOKENS  # one mask answer's length (eval and Serve check budgets with it)
 
 SEG_PARSE_REASONS = fmt.PARSE_REASONS + (
     "missing_mask",  # four valid locs (and a label) but no <seg> token at all: a box, not a mask

@@ -16,6 +16,7 @@ import numpy as np
 
 from raytrain import tasks as task_registry
 from raytrain.config import ADAPTER_ID  # noqa: F401  (re-exported; the config checks ids with it too)
+from raytrain.formats.paligemma import MASK_ANSWER_MIN_TOKENS
 
 TASKS = task_registry.NAMES
 """Every task of the registry; a family answers those in its TASKS (the app checks)."""
@@ -149,10 +150,16 @@ def validate_request(payload: Any, limits: Limits, adapter: str | None = None) -
         raise BadRequest(f"adapter id {adapter!r:.80} must match {ADAPTER_ID.pattern}", code="invalid_adapter_id")
 
     mnt = payload.get("max_new_tokens")
+    # a mask answer is at least MASK_ANSWER_MIN_TOKENS long and is never cut into a valid one: a
+    # segment request gets at least that budget by default, and a smaller one is refused
+    least = MASK_ANSWER_MIN_TOKENS if task == "segment" else 1
     if mnt is None:
-        mnt = limits.max_new_tokens
+        mnt = min(max(limits.max_new_tokens, least), limits.max_new_tokens_limit)
     elif isinstance(mnt, bool) or not isinstance(mnt, int) or not 1 <= mnt <= limits.max_new_tokens_limit:
         raise BadRequest(f"max_new_tokens must be an integer in 1..{limits.max_new_tokens_limit}, got {mnt!r:.40}")
+    if mnt < least:
+        raise BadRequest(f"task segment: max_new_tokens {mnt} cannot hold one mask answer (<loc> x4, <seg> x16, label, <eos>: "
+                         f">= {least} tokens; this server allows up to {limits.max_new_tokens_limit})")
 
     debug = payload.get("debug", False)
     if not isinstance(debug, bool):
