@@ -13,7 +13,9 @@ number means the same thing wherever it is computed.
 * parse: the family's parser in the model input's frame, mapped back to source pixels through the
   example's `Geometry` (data/preprocess.py: stretch or letterbox, recorded with the checkpoint).
 * confidence: the family's `object_confidences` (geometric mean of the raw probabilities of an
-  object's tokens, read before any logits processor, so constraints do not inflate them).
+  object's tokens, read before any logits processor, so constraints do not inflate them). The
+  chosen tokens' log-probabilities are recorded per decoding step (step_logprobs.py: one step's
+  logits in memory); beam search keeps generate's per-step logits, which its reordering needs.
 * score: the task registry's metric family (eval/metrics/*), against targets in source pixels.
 """
 
