@@ -93,7 +93,7 @@ class FreeTextVocab:
       one after phrase bytes, ``close_rows[i]``: (ids, phrase bytes before the quote, visible
       among them) of those tokens;
     * ``escapes``: (id, phrase bytes before the backslash, visible among them, the bytes from the
-      backslash) of tokens that hold an allowed escape after phrase bytes.
+      backslash) of tokens that hold an allowed escape (or its backslash last) after phrase bytes.
     Any other token cannot come inside a phrase."""
 
     def __init__(self, vocab, plain: frozenset, visible: frozenset, quote: int):
@@ -115,7 +115,7 @@ class FreeTextVocab:
                 self.plain_vis[list(ids)] = pvis
             elif key[k] == quote:
                 rows.setdefault(key[k + 1 :], []).extend((t, k, pvis) for t in ids)
-            elif key[k : k + 2] in (b"\\\\", bytes((BACKSLASH, quote))):
+            elif key[k:] == b"\\" or key[k : k + 2] in (b"\\\\", bytes((BACKSLASH, quote))):  # (an escape may end the token)
                 esc.extend((t, k, pvis, key[k:]) for t in ids)
         vis_rows.sort()
         ws_rows.sort()
