@@ -22,7 +22,6 @@ what follows the quote, walked from the one state after the quote) or hold an es
 
 from __future__ import annotations
 
-import re
 import weakref
 from typing import NamedTuple
 
@@ -97,32 +96,38 @@ class FreeTextVocab:
     Any other token cannot come inside a phrase."""
 
     def __init__(self, vocab, plain: frozenset, visible: frozenset, quote: int):
+        # vectorised over the sorted keys: one padded byte matrix, a lookup per byte class
+        keys = vocab.keys
+        lens = np.fromiter(map(len, keys), dtype=np.int64, count=len(keys))
+        width = int(lens.max(initial=1))
+        inside = np.arange(width) < lens[:, None]
+        mat = np.zeros((len(keys), width), dtype=np.uint8)
+        mat[inside] = np.frombuffer(b"".join(keys), dtype=np.uint8)
+        is_plain, is_vis = np.zeros(256, dtype=bool), np.zeros(256, dtype=bool)
+        is_plain[sorted(plain)], is_vis[sorted(visible)] = True, True
+        ok = is_plain[mat] | ~inside
+        stop = np.where(ok.all(axis=1), lens, ok.argmin(axis=1))  # index of the first non-phrase byte
+        pvis = (is_vis[mat] & (np.arange(width) < stop[:, None])).any(axis=1)  # a visible byte before it
+        counts = np.fromiter(map(len, vocab.key_ids), dtype=np.int64, count=len(keys))
+        ids = np.fromiter((t for ts in vocab.key_ids for t in ts), dtype=np.int64, count=int(counts.sum()))
+        row = np.repeat(np.arange(len(keys)), counts)  # the key of each id
         size = max([*vocab.pieces, *vocab.added, 0]) + 1
         self.plain_len = np.full(size, -1, dtype=np.int64)
         self.plain_vis = np.zeros(size, dtype=bool)
-        stop = re.compile(b"[^" + b"".join(re.escape(bytes((b,))) for b in sorted(plain)) + b"]")
-        hidden = bytes(sorted(set(range(256)) - visible))
+        whole = stop[row] == lens[row]
+        self.plain_len[ids[whole]], self.plain_vis[ids[whole]] = lens[row][whole], pvis[row][whole]
+        for name, sel in (("vis", whole & pvis[row]), ("ws", whole & ~pvis[row])):
+            order = np.argsort(lens[row][sel], kind="stable")
+            setattr(self, name + "_ids", ids[sel][order])
+            setattr(self, name + "_len", lens[row][sel][order])
         rows: dict[bytes, list] = {}
         esc = []
-        vis_rows, ws_rows = [], []
-        for key, ids in zip(vocab.keys, vocab.key_ids):
-            m = stop.search(key)
-            k = len(key) if m is None else m.start()
-            pvis = bool(key[:k].translate(None, hidden))
-            if m is None:
-                (vis_rows if pvis else ws_rows).extend((len(key), t) for t in ids)
-                self.plain_len[list(ids)] = len(key)
-                self.plain_vis[list(ids)] = pvis
-            elif key[k] == quote:
-                rows.setdefault(key[k + 1 :], []).extend((t, k, pvis) for t in ids)
+        for i in np.nonzero(stop < lens)[0].tolist():  # the few tokens that leave the phrase's bytes
+            key, k = keys[i], int(stop[i])
+            if key[k] == quote:
+                rows.setdefault(key[k + 1 :], []).extend((t, k, bool(pvis[i])) for t in vocab.key_ids[i])
             elif key[k:] == b"\\" or key[k : k + 2] in (b"\\\\", bytes((BACKSLASH, quote))):  # (an escape may end the token)
-                esc.extend((t, k, pvis, key[k:]) for t in ids)
-        vis_rows.sort()
-        ws_rows.sort()
-        self.vis_len = np.array([n for n, _ in vis_rows], dtype=np.int64)
-        self.vis_ids = np.array([t for _, t in vis_rows], dtype=np.int64)
-        self.ws_len = np.array([n for n, _ in ws_rows], dtype=np.int64)
-        self.ws_ids = np.array([t for _, t in ws_rows], dtype=np.int64)
+                esc.extend((t, k, bool(pvis[i]), key[k:]) for t in vocab.key_ids[i])
         self.close_keys = sorted(rows)
         self.close_rows = [tuple(np.array(c) for c in zip(*rows[k])) for k in self.close_keys]
         self.escapes = tuple(esc)
