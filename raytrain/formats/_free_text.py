@@ -22,6 +22,7 @@ what follows the quote, walked from the one state after the quote) or hold an es
 
 from __future__ import annotations
 
+import re
 import weakref
 from typing import NamedTuple
 
@@ -44,6 +45,31 @@ class TextBytes:
         self.plain = tuple(base - {q} for q in self.quotes)
         self.visible = tuple(p - {0x20} - _WS_HIGH for p in self.plain)
         self.max_bytes = part.max_bytes
+        self._stop = tuple(re.compile(b"[^" + b"".join(re.escape(bytes((b,))) for b in sorted(p)) + b"]") for p in self.plain)
+        self._hidden = tuple(bytes(sorted(set(range(256)) - v)) for v in self.visible)
+
+    def read_on(self, cfg: tuple, keys: list[bytes], lo: int, hi: int, depth: int, found, step) -> None:
+        """``found(m, state)`` for each of ``keys[lo:hi]`` whose bytes from ``depth`` on may follow the
+        phrase configuration ``cfg``: a run of phrase bytes is read at once (the byte-by-byte rule
+        holds for the run iff it holds at its end), from the first other byte on with ``step``."""
+        phase, pos, (q, n, _, vis), values, objects = cfg
+        made: dict = {}
+        for m in range(lo, hi):
+            rest = keys[m][depth:]
+            hit = self._stop[q].search(rest)
+            k = len(rest) if hit is None else hit.start()
+            v = vis or bool(rest[:k].translate(None, self._hidden[q]))
+            if n + k + (0 if v else 1) > self.max_bytes:
+                continue
+            ns = made.get((k, v))
+            if ns is None:
+                ns = made[(k, v)] = frozenset(((phase, pos, (q, n + k, False, v), values, objects),))
+            for x in rest[k:]:
+                ns = step(ns, x)
+                if not ns:
+                    break
+            if ns:
+                found(m, ns)
 
     def feed(self, partial: tuple, x: int):
         """(new partial, is content) after byte ``x``; ("close", False) when ``x`` closes the

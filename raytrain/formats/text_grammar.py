@@ -311,12 +311,11 @@ class TextGrammar:
         if len(self._succ) > _CACHE_STATES or len(self._trans) > 10 * _CACHE_STATES or self._n_prefixes > 10 * _CACHE_STATES:
             self._clear()
         states: dict = {}
-        if len(s) == 1:
+        if self._in_phrase(s):
             (c,) = s
-            if c[0] == _I and self._item[c[1]][0] == "X" and c[2][0] >= 0 and not c[2][2]:  # inside a phrase
-                closed = frozenset(x for x in self._enter(_I, c[1] + 1, c[3] + (0,), c[4]) if self._alive(x))
-                got = self._succ[s] = _Succ(*ft.phrase_successors(c, self._item[c[1]][3], self.vocab, closed, self._walk, self._step))
-                return got
+            closed = frozenset(x for x in self._enter(_I, c[1] + 1, c[3] + (0,), c[4]) if self._alive(x))
+            got = self._succ[s] = _Succ(*ft.phrase_successors(c, self._item[c[1]][3], self.vocab, closed, self._walk, self._step))
+            return got
         if any(c[0] == _F for c in s):
             for e in self.end_ids:
                 states[e] = _DONE
@@ -352,14 +351,6 @@ class TextGrammar:
         stack = [(s, b"", 0, len(keys), sorted(x for x in inputs if x < SYM))]
         while stack:
             st, prefix, lo, hi, nxt = stack.pop()
-            d = len(prefix)
-            if len(nxt) > 8:  # inside free text nearly every byte may follow: visit the keys' own
-                ok, nxt, at = set(nxt), [], lo + (lo < hi and len(keys[lo]) == d)  # (only keys[lo] can be the prefix)
-                while at < hi:
-                    b = keys[at][d]
-                    if b in ok:
-                        nxt.append(b)
-                    at = bisect_left(keys, prefix + bytes((b + 1,)), at, hi) if b < 255 else hi
             for b in nxt:
                 p2 = prefix + bytes((b,))
                 i = bisect_left(keys, p2, lo, hi)
@@ -372,9 +363,19 @@ class TextGrammar:
                 if len(keys[i]) == len(p2):
                     found(i, ns)
                     i += 1
-                if i < j:
+                if i < j and self._in_phrase(ns):  # nearly every byte may follow: read the keys' rest at once
+                    (c,) = ns
+                    self._item[c[1]][3].read_on(c, keys, i, j, len(p2), found, self._step)
+                elif i < j:
                     more = sorted(x for x in set().union(*(self._next_inputs(c) for c in ns)) if x < SYM)
                     stack.append((ns, p2, i, j, more))
+
+    def _in_phrase(self, s: frozenset) -> bool:
+        """Is ``s`` one configuration inside a phrase (opened, not in an escape)?"""
+        if len(s) != 1:
+            return False
+        (c,) = s
+        return c[0] == _I and self._item[c[1]][0] == "X" and c[2][0] >= 0 and not c[2][2]
 
     def _group_ids(self, group) -> tuple[int, ...]:
         pos, b, taken = group
