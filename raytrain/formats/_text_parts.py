@@ -50,7 +50,17 @@ class Token:
     ge: int | None = None
 
 
-Part = Lit | Num | Label | Token
+@dataclass(frozen=True)
+class Text:
+    """Free text in quotes (a dense caption's phrase): opened and closed by one of ``quotes``,
+    1..``max_bytes`` bytes between them; formats/_free_text.py says which bytes it may hold."""
+
+    quotes: tuple[str, ...] = ('"',)
+    max_bytes: int = 200
+    excluded: str = ""  # further ASCII characters it may not hold (what would break the parser)
+
+
+Part = Lit | Num | Label | Token | Text
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,9 @@ class AnswerGrammar:
                 raise ValueError(f"bad number range [{p.lo}, {p.hi}]")
             if isinstance(p, Token) and not p.texts:
                 raise ValueError("a Token slot needs at least one token")
+            if isinstance(p, Text) and (not p.quotes or any(len(q) != 1 or not q.isascii() for q in p.quotes + tuple(p.excluded))
+                                        or p.max_bytes < 2 or len(set(p.quotes)) != len(p.quotes)):
+                raise ValueError("a Text slot needs distinct one-character ASCII quotes and max_bytes >= 2")
             ge = getattr(p, "ge", None)
             if ge is not None:
                 ref = slots[ge] if 0 <= ge < j else None

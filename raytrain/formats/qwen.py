@@ -23,7 +23,8 @@ per line) and as one compact line otherwise. Objects are rendered in canonical o
 then x1; points by y, x) unless ``shuffle`` asks for a seeded random order.
 
 ``qwen_grammar.answer_grammar`` describes exactly the answers ``render_objects`` writes (``text_grammar``), for
-grammar-constrained decoding and per-object confidences.
+grammar-constrained decoding and per-object confidences; ``qwen_grammar.region_grammar`` the dense-caption
+answers (boxes labelled with free phrases).
 
 Parsing never raises on model text: ``parse`` returns every object it could read (in source pixels)
 and a ``ParseError`` with a reason from ``PARSE_REASONS`` for everything it rejected.

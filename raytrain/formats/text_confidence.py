@@ -1,8 +1,8 @@
 """Per-object confidences of answers written as text (formats/text_grammar.py grammars).
 
 Confidence of an object = geometric mean of the raw probabilities of the tokens that spell its
-VALUE characters (numbers, location tokens, label text), read through the answer's grammar; the
-same definition as PaliGemma's <loc> confidences (models/paligemma_decoding.py)."""
+VALUE characters (numbers, location tokens, label text, a region's free phrase), read through the
+answer's grammar; the same definition as PaliGemma's <loc> confidences (models/paligemma_decoding.py)."""
 
 from __future__ import annotations
 

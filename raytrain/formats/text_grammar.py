@@ -4,7 +4,7 @@ A format describes its answer as an ``AnswerGrammar`` (pure data, built next to 
 ``formats.qwen_grammar.answer_grammar``)::
 
     answer := head item (sep item)* tail  |  empty          at most `max_objects` items
-    item   := a sequence of Lit / Num / Label / Token parts (one object)
+    item   := a sequence of Lit / Num / Label / Token / Text parts (one object)
 
 * ``Lit(text)``: literal text;
 * ``Num(lo, hi, decimals, trim, ge)``: a number in ``[lo, hi]`` (integers in units of
@@ -13,10 +13,12 @@ A format describes its answer as an ``AnswerGrammar`` (pure data, built next to 
   exactly ``decimals`` digits; ``ge=j``: not below the value of the item's slot ``j`` (x2 >= x1);
 * ``Label(rendered, quote)``: one of the allowed labels, each already escaped as the format
   writes it (``'"red circle"'``), ``quote`` characters at each end being syntax;
-* ``Token(texts, ge)``: one of these added tokens (``<|loc_0123|>``), as ONE token.
+* ``Token(texts, ge)``: one of these added tokens (``<|loc_0123|>``), as ONE token;
+* ``Text(quotes, max_bytes, excluded)``: free text in quotes (a dense caption's phrase;
+  ``_free_text.py`` says which bytes, and how it stays cheap over a 150k vocabulary).
 
-Slots (Num, Label, Token parts) are numbered in item order; their values (scaled integers, label
-index, token index) make up the object, and an object equal to an earlier one is not allowed.
+Slots (all but Lit) are numbered in item order; their values (scaled integers, label index, token
+index, 0 for a Text) make up the object; with ``forbid_duplicates`` no object may repeat one.
 
 ``TextGrammar(answer, vocab, end_ids)`` compiles that against a tokenizer's vocabulary
 (``TokenVocab``: the BYTES each ordinary token spells, byte-level BPE and sentencepiece alike, and
@@ -29,10 +31,9 @@ two ways (``"```json\\n["`` starts both the empty and a non-empty answer; ``"12"
 number or the start of ``"123"``). The tokens allowed in a state are found by walking the sorted
 vocabulary like a trie, one byte at a time, only along bytes the automaton accepts (bisect on the
 sorted byte strings, no per-node memory), and are cached per state; added tokens are whole
-symbols, and the 1024 of a Token slot one group whose states are made only for the token that is
-chosen (and one stand-in for the budget check). A configuration is kept only
-if the object can still be finished without repeating an earlier one, so decoding never reaches a
-dead end. Token budget: the upper bound ``U(state)`` on the tokens needed to finish is the fewest
+symbols, and the 1024 of a Token slot (or a phrase's tokens) one group whose states are made only
+for the token that is chosen (and one stand-in for the budget check). A configuration is kept only
+if the object can still be finished without repeating an earlier one: no dead ends. Token budget: the upper bound ``U(state)`` on the tokens needed to finish is the fewest
 tokens that spell one fixed completion (the first in a fixed order over slot values), <end>
 included; with ``remaining`` tokens left only tokens after which ``U <= remaining - 1`` are allowed.
 Because the completion after a token that starts it is the rest of the same completion, a state
@@ -49,12 +50,14 @@ from typing import NamedTuple
 
 import numpy as np
 
+from raytrain.formats import _free_text as ft
 from raytrain.formats import _text_parts as tp
-from raytrain.formats._text_parts import AnswerGrammar, Label, Lit, Num, Part, Token
+from raytrain.formats._text_parts import AnswerGrammar, Label, Lit, Num, Part, Text, Token
 from raytrain.formats._token_vocab import SYM, TokenVocab, token_vocab
 from raytrain.formats.grammar import Allowed
 
-__all__ = ["AnswerGrammar", "Label", "Lit", "Num", "Part", "TextGrammar", "Token", "TokenVocab", "compile_grammar", "token_vocab"]
+__all__ = ["AnswerGrammar", "Label", "Lit", "Num", "Part", "Text", "TextGrammar", "Token", "TokenVocab", "compile_grammar",
+           "token_vocab"]
 
 # ---------------------------------------------------------------------------- engine
 
@@ -76,7 +79,8 @@ _CACHE_STATES = 20_000  # per-state caches are dropped past this many states (~3
 class _Succ(NamedTuple):
     states: dict  # token id -> state after it
     group: tuple | None  # (part, lowest index, excluded indices) of a Token slot's symbols, made lazily
-    made: dict  # token id -> state, for the group's symbols asked for so far
+    made: dict  # token id -> state, for the group's symbols (or free-text tokens) asked for so far
+    free: ft.FreeGroup | None = None  # inside a phrase: its tokens of phrase bytes only, made lazily
 
 
 class TextGrammar:
@@ -112,6 +116,8 @@ class TextGrammar:
                         raise ValueError(f"the tokenizer has no added token {t!r}")
                     syms.append(SYM + tid)
                 self._item.append(("K", p, slot, (tuple(syms), {s: i for i, s in enumerate(syms)}, tuple(x - SYM for x in syms))))
+            elif isinstance(p, Text):
+                self._item.append(("X", p, slot, ft.TextBytes(p)))
             else:
                 self._item.append(("N", p, slot, None))
             slot += 1
@@ -121,7 +127,7 @@ class TextGrammar:
         self._start = frozenset(self._enter(_H, 0, (), ()) + (self._enter(_E, 0, (), ()) if answer.empty is not None else []))
         # any state's completion is at most this many bytes: past it the budget needs no checking
         obj = sum((len(p.text) + 4 if d is None else len(d)) if k == "L" else 1 if k == "K" else max(map(len, d[0])) if k == "B"
-                  else len(str(p.hi // p.scale)) + (p.decimals + 1 if p.decimals else 0) for k, p, _, d in self._item)
+                  else 4 if k == "X" else len(str(p.hi // p.scale)) + (p.decimals + 1 if p.decimals else 0) for k, p, _, d in self._item)
         self._u_max = max(len(self._lits[_H]), len(self._lits[_S])) + obj + len(self._lits[_T])
         self._u_max = max(self._u_max, len(self._lits[_E])) + 2
         self._lenient: TextGrammar | None = None
@@ -149,7 +155,7 @@ class TextGrammar:
             kind, part, _, data = self._item[pos]
             if kind == "L" and not self._lit(data, part, len(objects)):
                 return self._enter(_I, pos + 1, values, objects)
-            return [(_I, pos, 0 if kind == "L" else b"" if kind in "NB" else None, values, objects)]
+            return [(_I, pos, 0 if kind == "L" else b"" if kind in "NB" else (-1, 0, False, False) if kind == "X" else None, values, objects)]
         if pos < len(self._lits[phase]):
             return [(phase, pos, None, (), objects)]
         if phase in (_H, _S):
@@ -192,6 +198,13 @@ class TextGrammar:
             if i is None or (b is not None and i < b):
                 return []
             return [(c, (k, slot, 0)) for c in self._enter(_I, pos + 1, values + (i,), objects)]
+        if kind == "X":  # free text: quotes are syntax, the bytes between them its value
+            got = data.feed(partial, x) if x < SYM else None
+            if got is None:
+                return []
+            if got[0] == "close":
+                return [(c, (k, None, 0)) for c in self._enter(_I, pos + 1, values + (0,), objects)]
+            return [((_I, pos, got[0], values, objects), (k, slot if got[1] else None, partial[1]))]
         out = []
         done = None
         if kind == "N":
@@ -220,6 +233,8 @@ class TextGrammar:
             return tp.num_values(part, partial, b)
         if kind == "B":
             return (i for i in data[1] if data[0][i].startswith(partial))
+        if kind == "X":
+            return iter((0,))  # a phrase is not compared: its one value
         return iter(range(0 if b is None else b, len(data[0])))
 
     def _choose(self, pos, partial, values, objects) -> tuple | None:
@@ -272,6 +287,8 @@ class TextGrammar:
         if kind == "K":
             b = self._bound(part, values) or 0
             return set(data[0][b:])
+        if kind == "X":
+            return data.next_inputs(partial)
         if kind == "N":
             out = set(tp.DIGITS) | ({46} if part.decimals else set())
             done = tp.num_complete(part, partial, self._bound(part, values))
@@ -294,30 +311,16 @@ class TextGrammar:
         if len(self._succ) > _CACHE_STATES or len(self._trans) > 10 * _CACHE_STATES or self._n_prefixes > 10 * _CACHE_STATES:
             self._clear()
         states: dict = {}
+        if self._in_phrase(s):
+            (c,) = s
+            closed = frozenset(x for x in self._enter(_I, c[1] + 1, c[3] + (0,), c[4]) if self._alive(x))
+            got = self._succ[s] = _Succ(*ft.phrase_successors(c, self._item[c[1]][3], self.vocab, closed, self._walk, self._step))
+            return got
         if any(c[0] == _F for c in s):
             for e in self.end_ids:
                 states[e] = _DONE
         inputs = set().union(*(self._next_inputs(c) for c in s))
-        keys, ids = self.vocab.keys, self.vocab.key_ids
-        stack = [(s, b"", 0, len(keys), sorted(x for x in inputs if x < SYM))]
-        while stack:  # depth-first walk of the sorted vocabulary as a byte trie
-            st, prefix, lo, hi, nxt = stack.pop()
-            for b in nxt:
-                p2 = prefix + bytes((b,))
-                i = bisect_left(keys, p2, lo, hi)
-                if i >= hi or not keys[i].startswith(p2):
-                    continue
-                j = bisect_left(keys, prefix + bytes((b + 1,)), i, hi) if b < 255 else hi
-                ns = self._step(st, b)
-                if not ns:
-                    continue
-                if len(keys[i]) == len(p2):
-                    for t in ids[i]:
-                        states[t] = ns
-                    i += 1
-                if i < j:
-                    more = sorted(x for x in set().union(*(self._next_inputs(c) for c in ns)) if x < SYM)
-                    stack.append((ns, p2, i, j, more))
+        self._walk(s, self.vocab.keys, lambda i, ns: states.update(dict.fromkeys(self.vocab.key_ids[i], ns)), inputs)
         syms = {x for x in inputs if x >= SYM}
         token_cfgs = [c for c in s if c[0] == _I and self._item[c[1]][0] == "K"]
         group = None
@@ -340,6 +343,40 @@ class TextGrammar:
         got = self._succ[s] = _Succ(states, group, {})
         return got
 
+    def _walk(self, s: frozenset, keys: list[bytes], found, inputs=None) -> None:
+        """Depth-first walk of the sorted byte strings ``keys`` as a trie from state ``s``, along the
+        bytes the grammar accepts: ``found(i, state)`` for each key read whole (keys[i] non-empty)."""
+        if inputs is None:
+            inputs = set().union(*(self._next_inputs(c) for c in s))
+        stack = [(s, b"", 0, len(keys), sorted(x for x in inputs if x < SYM))]
+        while stack:
+            st, prefix, lo, hi, nxt = stack.pop()
+            for b in nxt:
+                p2 = prefix + bytes((b,))
+                i = bisect_left(keys, p2, lo, hi)
+                if i >= hi or not keys[i].startswith(p2):
+                    continue
+                j = bisect_left(keys, prefix + bytes((b + 1,)), i, hi) if b < 255 else hi
+                ns = self._step(st, b)
+                if not ns:
+                    continue
+                if len(keys[i]) == len(p2):
+                    found(i, ns)
+                    i += 1
+                if i < j and self._in_phrase(ns):  # nearly every byte may follow: read the keys' rest at once
+                    (c,) = ns
+                    self._item[c[1]][3].read_on(c, keys, i, j, len(p2), found, self._step)
+                elif i < j:
+                    more = sorted(x for x in set().union(*(self._next_inputs(c) for c in ns)) if x < SYM)
+                    stack.append((ns, p2, i, j, more))
+
+    def _in_phrase(self, s: frozenset) -> bool:
+        """Is ``s`` one configuration inside a phrase (opened, not in an escape)?"""
+        if len(s) != 1:
+            return False
+        (c,) = s
+        return c[0] == _I and self._item[c[1]][0] == "X" and c[2][0] >= 0 and not c[2][2]
+
     def _group_ids(self, group) -> tuple[int, ...]:
         pos, b, taken = group
         tids = self._item[pos][3][2]
@@ -348,6 +385,14 @@ class TextGrammar:
     def _next_state(self, s: frozenset, succ: _Succ, t: int) -> frozenset:
         ns = succ.states.get(t)
         if ns is not None:
+            return ns
+        if succ.free is not None:
+            ns = succ.made.get(t)
+            if ns is None:
+                cfg = succ.free.next_cfg(t)
+                if cfg is None:
+                    return _DEAD
+                ns = succ.made[t] = frozenset((cfg,))
             return ns
         if succ.group is not None:
             ns = succ.made.get(t)
@@ -435,6 +480,8 @@ class TextGrammar:
                 out.extend(self._lit(data, part, len(objects))[partial if p == pos else 0:])
             elif kind == "K":
                 out.append(data[0][vals[slot]])
+            elif kind == "X":
+                out.extend(data.completion(partial if p == pos else None))
             else:
                 text = data[0][vals[slot]] if kind == "B" else part.render(vals[slot]).encode()
                 out.extend(text[len(partial) if p == pos else 0:])
@@ -481,13 +528,18 @@ class TextGrammar:
             return Allowed(self.end_ids, None)
         succ = self._successors(s)
         full = tuple(succ.states)
-        group = () if succ.group is None else self._group_ids(succ.group)
+        # lazy groups: a Token slot's symbols; a phrase's tokens with / without a visible byte (arrays)
+        groups = [g for g in ([self._group_ids(succ.group)] if succ.group else []) + list((succ.free or ())[:2]) if len(g)]
+
+        def join(ts, gs):
+            return np.concatenate([np.array(ts, dtype=np.int64), *gs]) if succ.free else ts + sum(gs, ())
+
         if remaining is None or remaining - 1 >= self._u_max or self.tokens_to_finish(s) > remaining:
-            return Allowed(full + group, None)
+            return Allowed(join(full, groups), None)
         fit = tuple(t for t in full if self.tokens_to_finish(succ.states[t]) <= remaining - 1)
-        if group and self.tokens_to_finish(self._next_state(s, succ, group[0])) <= remaining - 1:
-            fit += group
-        return Allowed(fit or full + group, None)
+        # a group's tokens all leave the same completion: one stands for all
+        fit_groups = [g for g in groups if self.tokens_to_finish(self._next_state(s, succ, int(g[0]))) <= remaining - 1]
+        return Allowed(join(fit, fit_groups) if fit or fit_groups else join(full, groups), None)
 
     # ------------------------------------------------------------------ reading an answer back
 

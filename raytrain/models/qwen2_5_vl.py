@@ -435,9 +435,11 @@ class Qwen2_5_VL:
     def grammar(self, processor, kind: str, labels, image_hw, max_objects: int | None = None):
         if self.answer_format == MOLMO and kind == "point":
             return molmo_answers.grammar(processor, labels, max_objects, self.empty_answer, IM_END)
+        fw, fh = _model_frame(image_hw[1], image_hw[0], image_hw, None)
+        if kind == "region":  # dense captions: boxes with free phrases, no labels from the query
+            return qwen_grammar.compiled_region_grammar(processor.tokenizer, self._json_format, fw, fh, max_objects or None, (IM_END,))
         if kind not in fmt.KINDS or not labels:
             return None  # captions: free text
-        fw, fh = _model_frame(image_hw[1], image_hw[0], image_hw, None)
         return qwen_grammar.compiled_grammar(processor.tokenizer, kind, tuple(labels), self._json_format, fw, fh, max_objects or None,
                                              self.empty_answer, end_tokens=(IM_END,))
 
@@ -448,9 +450,10 @@ class Qwen2_5_VL:
         if g is None:
             return []
         fw, fh = _model_frame(image_hw[1], image_hw[0], image_hw, None)
+        shape = "box" if kind == "region" else kind  # a region is read as a box labelled with its phrase
         # the same parse read_answer makes (no label filter), in frame units: objects match by order
         return text_confidence.text_object_confidences(
-            logprobs, token_ids, g, lambda text: fmt.parse(text, kind, fw, fh, fw, fh, self._json_format).objects)
+            logprobs, token_ids, g, lambda text: fmt.parse(text, shape, fw, fh, fw, fh, self._json_format).objects)
 
     # checkpoints
     save_inference_files = staticmethod(save_inference_files)

@@ -324,6 +324,9 @@ class Qwen3_VL:
 
     # constrained decoding, confidences: Qwen2.5-VL's JSON grammar in the 1000 x 1000 frame
     def grammar(self, processor, kind: str, labels, image_hw, max_objects: int | None = None):
+        if kind == "region":  # dense captions: boxes with free phrases in the 0-1000 frame
+            return qwen_grammar.compiled_region_grammar(processor.tokenizer, "absolute", SCALE, SCALE, max_objects or None,
+                                                        (qwen2_5_vl.IM_END,))
         if kind not in codec.KINDS or not labels:
             return None  # captions: free text
         return qwen_grammar.compiled_grammar(processor.tokenizer, kind, tuple(labels), "absolute", SCALE, SCALE, max_objects or None,
@@ -333,8 +336,9 @@ class Qwen3_VL:
         g = self.grammar(processor, kind, labels, image_hw)
         if g is None:
             return []
+        shape = "box" if kind == "region" else kind  # a region is read as a box labelled with its phrase
         # the same parse read_answer makes (no label filter), in frame units: objects match by order
-        return text_confidence.text_object_confidences(logprobs, token_ids, g, lambda text: codec.parse(text, kind, SCALE, SCALE).objects)
+        return text_confidence.text_object_confidences(logprobs, token_ids, g, lambda text: codec.parse(text, shape, SCALE, SCALE).objects)
 
     # checkpoints: the processor and its resize record, as Qwen2.5-VL's
     save_inference_files = staticmethod(qwen2_5_vl.save_inference_files)

@@ -135,6 +135,10 @@ def test_seed_job_smoke_on_its_fixture(path, tmp_path, preset_cache, pixmo_rows,
     if cfg.eval.constrained and {tasks.get(str(t)).kind for t in ex["task"]} <= {"point", "box", "mask"}:
         assert all(not p.errors for p in res.predictions), [(p.text, p.errors) for p in res.predictions]
         assert all(s.get("valid") == 1 for s in scores), scores
+    if cfg.eval.constrained and "visual_genome" in path:  # dense-caption regions: the region grammar (free phrases, valid boxes)
+        assert all(not p.errors and p.objects for p in res.predictions), [(p.text, p.errors) for p in res.predictions]
+        assert all(s.get("valid") == 1 for s in scores), scores
+        assert all(len(p.scores) == len(p.objects) and None not in p.scores for p in res.predictions)  # per-region confidences
 
 
 def _check_answers(path: str, job: config_mod.Experiment, ex: dict) -> None:
