@@ -65,6 +65,11 @@ class DecodeOptions:
 # ---------------------------------------------------------------------------- decoding
 
 
+DENSE_FRACTION = 4  # an answer allowing more than vocab / 4 tokens (and at least DENSE_MIN) is masked as a bool row
+DENSE_MIN = 4096  # below this many ids the index path is as cheap (a tiny model's <loc> answers stay on it)
+DENSE_CACHE = 64  # dense answers kept per generate call (each a (vocab,) bool row and its answer)
+
+
 class GrammarLogitsProcessor(_LogitsProcessorBase):
     """Masks (sets to -inf) every token the grammar does not allow next.
 
@@ -92,6 +97,7 @@ class GrammarLogitsProcessor(_LogitsProcessorBase):
         self.prompt_len = prompt_len
         self.max_new_tokens = max_new_tokens
         self._converted: dict[int, tuple] = {}
+        self._dense: dict[int, tuple] = {}
 
     def __call__(self, input_ids, scores):
         import torch
@@ -154,24 +160,32 @@ class GrammarLogitsProcessor(_LogitsProcessorBase):
 
     def _ids(self, g, a, vocab: int, device=None):
         """Token ids of an `Allowed` (tokens, then the allowed <loc> ids), below `vocab`; for an
-        answer with a vocabulary mask (`Allowed.vocab`), a (vocab,) bool tensor on `device` instead.
+        answer that allows much of the vocabulary (a vocabulary mask, `Allowed.vocab`, or a free
+        phrase's id array: ~148k of Qwen's 151k tokens), a (vocab,) bool tensor on `device` instead,
+        so that the step masks one row rather than indexing every allowed (row, token) pair.
         Grammars that cache their answers hand the same object back for the same state: converted
-        once per generate call (the object is kept, so its id is not reused)."""
-        got = self._converted.get(id(a))
+        once per generate call (the object is kept, so its id is not reused). Text grammars build a
+        fresh answer per call, so the dense conversions are kept in a small bounded cache: keeping
+        each phrase step's ~1 MB array for a whole 768-token generate would hold gigabytes."""
+        got = self._converted.get(id(a)) or self._dense.get(id(a))
         if got is not None:
             return got[1]
         cols = np.asarray(a.tokens, dtype=np.int64)
         if a.locs is not None:
             cols = np.concatenate([cols, g.loc_ids[a.locs]])
         cols = cols[cols < vocab]
-        if a.vocab is not None:
+        if a.vocab is not None or len(cols) > max(vocab // DENSE_FRACTION, DENSE_MIN):
             import torch
 
             row = np.zeros(vocab, dtype=bool)
-            n = min(vocab, len(a.vocab))
-            row[:n] = a.vocab[:n]
+            if a.vocab is not None:
+                n = min(vocab, len(a.vocab))
+                row[:n] = a.vocab[:n]
             row[cols] = True
-            cols = torch.from_numpy(row).to(device)
+            if len(self._dense) >= DENSE_CACHE:
+                self._dense.clear()
+            self._dense[id(a)] = (a, torch.from_numpy(row).to(device))
+            return self._dense[id(a)][1]
         if len(self._converted) > 100_000:  # an instance reused across many calls stays bounded
             self._converted.clear()
         self._converted[id(a)] = (a, cols)

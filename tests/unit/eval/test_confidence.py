@@ -163,3 +163,44 @@ def test_logits_processor_masks_per_row_and_maps_beams_to_examples():
     scores[:, 3] = float("-inf")
     out = proc(input_ids, scores)
     assert out[0, 3] == -1e4 and torch.isinf(out[0, :3]).all() and out[2, 5] == 0
+
+
+class _FreshAnswers:
+    """A grammar the way text grammars answer: a NEW Allowed per call (no answer cache), here
+    allowing every id but the first `banned` of a large vocabulary (a free phrase's answer)."""
+
+    loc_ids = np.zeros(0, dtype=np.int64)
+
+    def __init__(self, vocab: int, banned: int):
+        self.vocab, self.banned = vocab, banned
+
+    def allowed(self, prefix, remaining=None):
+        from raytrain.formats.grammar import Allowed
+
+        return Allowed(np.arange(self.banned + len(prefix) % 3, self.vocab, dtype=np.int64), None)
+
+
+def test_phrase_sized_answers_mask_one_row_with_the_same_result_and_a_bounded_cache():
+    import torch
+
+    from raytrain import predict
+
+    vocab = 40_000
+    proc = GrammarLogitsProcessor([_FreshAnswers(vocab, 7), None], prompt_len=1)
+    scores = torch.randn(2, vocab)
+    out = proc(torch.tensor([[0, 5], [0, 6]]), scores.clone())
+    expect = torch.full((vocab,), float("-inf"))
+    expect[8:] = scores[0, 8:]  # prefix of length 1: ids from 7 + 1 on
+    assert torch.equal(out[0], expect) and torch.equal(out[1], scores[1])  # the None row decodes freely
+    # the old index path gives the same row
+    old_min = predict.DENSE_MIN
+    try:
+        predict.DENSE_MIN = 10**9
+        sparse = GrammarLogitsProcessor([_FreshAnswers(vocab, 7), None], prompt_len=1)(torch.tensor([[0, 5], [0, 6]]), scores.clone())
+    finally:
+        predict.DENSE_MIN = old_min
+    assert torch.equal(out, sparse)
+    # every step of a long phrase builds a new answer: the processor keeps a bounded number of them
+    for step in range(3 * predict.DENSE_CACHE):
+        proc(torch.tensor([[0] + [5] * (step + 1), [0] + [6] * (step + 1)]), scores.clone())
+    assert len(proc._dense) <= predict.DENSE_CACHE and len(proc._converted) == 0
