@@ -92,6 +92,13 @@ def label_sequences(processor, labels: Sequence[str], kind: str = "point") -> di
     return out
 
 
+def _alive(ref, what: str):
+    obj = ref()
+    if obj is None:
+        raise RuntimeError(f"the {what} these grammars were built for was garbage-collected")
+    return obj
+
+
 class PaliGemmaGrammars:
     """Builds per-example ``DetectionGrammar``s for one processor, caching label ids.
 
@@ -101,8 +108,10 @@ class PaliGemmaGrammars:
     """
 
     def __init__(self, processor, forbid_duplicates: bool = True, max_phrase: int = MAX_PHRASE_TOKENS):
-        self.processor = processor
-        self.tokenizer = getattr(processor, "tokenizer", processor)
+        # weak references: models/paligemma.py keeps this builder in a module-level cache until the
+        # processor is collected; a strong reference from here would keep it (and its tokenizer) forever
+        self._processor = weakref.ref(processor)
+        self._tokenizer = weakref.ref(getattr(processor, "tokenizer", processor))
         self.loc_ids = [int(i) for i in self.tokenizer.convert_tokens_to_ids([fmt.loc_token(i) for i in range(fmt.NUM_LOC)])]
         self.seg_ids = [int(i) for i in self.tokenizer.convert_tokens_to_ids([fmt.seg_token(i) for i in range(fmt.NUM_SEG)])]
         self.eos_id = int(self.tokenizer.eos_token_id)
@@ -111,6 +120,14 @@ class PaliGemmaGrammars:
         self._seqs: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
         self._grammars: dict[tuple, DetectionGrammar | RegionGrammar] = {}
         self._classes: np.ndarray | None = None
+
+    @property
+    def processor(self):
+        return _alive(self._processor, "processor")
+
+    @property
+    def tokenizer(self):
+        return _alive(self._tokenizer, "tokenizer")
 
     def _sequences(self, kind: str, labels: Sequence[str]) -> dict[str, tuple[list[int], list[int]]]:
         # a label reads the same after a loc run of any length; after seg tokens it is read apart
