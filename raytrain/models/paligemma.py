@@ -206,6 +206,23 @@ def image_size(processor) -> tuple[int, int]:
     return int(size["height"]), int(size["width"])
 
 
+def _needs_resize(processor, images: Sequence) -> bool:
+    """False when every image (PIL or HxWxC array) is already the processor's size: the pipeline and
+    Serve resize to the model frame before encoding, and the processor's resize of an image to its own
+    size returns the same pixels (checked) at ~0.6 ms per 64-px image of CPU."""
+    want = image_size(processor)
+    return any(_height_width(im) != want for im in images)
+
+
+def _height_width(im) -> tuple[int, int] | None:
+    """(height, width) of a PIL image or an HxWxC array; None for anything else (resized to be safe)."""
+    shape = getattr(im, "shape", None)
+    if shape is not None:
+        return (int(shape[0]), int(shape[1])) if len(shape) == 3 else None
+    size = getattr(im, "size", None)
+    return (int(size[1]), int(size[0])) if isinstance(size, tuple) and len(size) == 2 else None
+
+
 def _prompt(prefix: str) -> str:
     # One <image> placeholder: the processor expands it to image_seq_length tokens and adds
     # <bos> after it and "\n" after the prefix, as big_vision's PaliGemma format does.
@@ -233,16 +250,13 @@ def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes:
     (tests/unit/models/test_paligemma_pixels.py checks them against the processor's own output).
     """
     images = list(images)
-    h, w = image_size(processor)
-    # The pipeline already stretched images to the model size; only resize what is not there.
-    resize = any(getattr(im, "size", None) != (w, h) for im in images)
     enc = processor(
         text=[_prompt(p) for p in prefixes],
         images=images,
         suffix=list(suffixes),
         padding="longest",
         return_tensors="np",
-        do_resize=resize,
+        do_resize=_needs_resize(processor, images),
         do_rescale=False,
         do_normalize=False,
     )
@@ -336,7 +350,9 @@ def encode_prompts(processor, images: Sequence, prefixes: Sequence[str]) -> dict
     side = tok.padding_side
     tok.padding_side = "left"  # generation appends on the right: pad on the left
     try:
-        enc = processor(text=[_prompt(p) for p in prefixes], images=list(images), padding="longest", return_tensors="pt")
+        images = list(images)
+        enc = processor(text=[_prompt(p) for p in prefixes], images=images, padding="longest", return_tensors="pt",
+                        do_resize=_needs_resize(processor, images))
     finally:
         tok.padding_side = side
     enc.pop("labels", None)
