@@ -36,11 +36,10 @@ def _cfg(root, workers: int, steps: int, *extra):
         "scale.max_failures=0", *extra])
 
 
-def _fit(cfg, uri, model_path, counter):
-    ds = trainer.train_dataset(cfg, uri, model_path, counter)
+def _fit(cfg, uri, model_path, ds):
     t = trainer.build_trainer(cfg, model_path=model_path, data_uri=uri, datasets={"train": ds}, name=cfg.name,
                               runs_root=str(Path(cfg.storage.root) / "runs"), callbacks=[])
-    return t.fit(), ds
+    return t.fit()
 
 
 def _checkpoints(root) -> dict[int, Path]:
@@ -53,13 +52,19 @@ def _checkpoints(root) -> dict[int, Path]:
 @pytest.mark.parametrize("workers_after", [1, 3])
 def test_resume_on_another_world_size_trains_each_example_once(workers_after, tmp_path, ray_cluster, tiny_model_path):
     uri = str(tmp_path / "data")
-    shards.prepare_synthetic(uri, n=N, seed=7, splits={"train": 1.0})
+    # two shards, one per CPU of the test cluster: a single one would be read as 8 blocks of 3 rows
+    # (data/pipeline.py read_blocks), each a Ray task in a fresh worker process, in the tokenization
+    # and in every run's epoch stage
+    shards.prepare_synthetic(uri, n=N, seed=7, splits={"train": 1.0}, rows_per_shard=N // 2)
     counter = pipeline.drop_counter()
 
     # 1) 2 workers; the step-3 checkpoint is written, then rank 0 fails at step 4 (no retries)
     first = _cfg(tmp_path, 2, 6, "train.fail_at_step=4")
+    # the tokenized split (materialized: data.cache_preprocessed), built once and fitted by both runs
+    # as a sweep's trials share it (launch/tune.py): the two configs differ in scale and steps only
+    ds = trainer.train_dataset(first, uri, tiny_model_path, counter)
     with contextlib.suppress(Exception):  # Ray Train reports the injected failure
-        _fit(first, uri, tiny_model_path, counter)
+        _fit(first, uri, tiny_model_path, ds)
     ckpts = _checkpoints(tmp_path)
     assert max(ckpts) == 3, sorted(ckpts)
     state = json.loads((ckpts[3] / "state.json").read_text())
@@ -68,7 +73,7 @@ def test_resume_on_another_world_size_trains_each_example_once(workers_after, tm
 
     # 2) the same run resumed on `workers_after` workers, to the last step of the epoch
     steps = 3 + 12 // (2 * workers_after)
-    result, ds = _fit(_cfg(tmp_path, workers_after, steps), uri, tiny_model_path, counter)
+    result = _fit(_cfg(tmp_path, workers_after, steps), uri, tiny_model_path, ds)
     assert result.metrics["resumed_from"] == 3 and result.metrics["step"] == steps and result.metrics["epoch"] == 0
     final = _checkpoints(tmp_path)[steps]
     state = json.loads((final / "state.json").read_text())
