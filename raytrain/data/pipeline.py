@@ -360,17 +360,31 @@ def concat_batches(parts: list[dict]) -> dict:
 # between consecutive tasks on a CPU slot (0.1-0.3 s) costs a few percent, short enough that a
 # lost node re-runs little and output streams to the trainer in several blocks per CPU.
 FILES_PER_TASK = 5
+MIN_ROWS_PER_BLOCK = 64  # small splits: no read block under this many rows (see read_blocks)
 
 
-def read_blocks(n_files: int, n_cpus: int) -> int:
+def read_blocks(n_files: int, n_cpus: int, n_rows: int | None = None) -> int:
     """Read blocks for `n_files` shards on `n_cpus` CPUs. With a file per CPU or more, whole files
     per block (at least one block per CPU): the read then fuses with the training stage into one
     task per block. Fewer files than CPUs (small splits): each file is split into blocks, so
-    several CPUs share the work (Ray does not fuse a split read with what follows)."""
+    several CPUs share the work (Ray does not fuse a split read with what follows), but into no
+    more blocks than `n_rows` (when known) fills at MIN_ROWS_PER_BLOCK each: every block is a Ray
+    task, often in a fresh worker process (1-2.5 CPU-s), so a 54-row split read as 4 blocks per CPU
+    paid for 8 processes on 2 CPUs and would pay for 256 on 64."""
     n_cpus = max(1, int(n_cpus))
     if n_files >= n_cpus:
         return min(n_files, max(n_cpus, math.ceil(n_files / FILES_PER_TASK)))
-    return 4 * n_cpus
+    blocks = 4 * n_cpus
+    if n_rows is not None:
+        blocks = min(blocks, max(n_files, math.ceil(n_rows / MIN_ROWS_PER_BLOCK)))
+    return blocks
+
+
+def split_rows(paths: list[str], fs) -> int:
+    """Rows of a split's shards, from their Parquet footers (no data read)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in paths)
 
 
 def read_split(uri: str, split: str, opts: storage.StorageOptions | None = None):
@@ -379,7 +393,9 @@ def read_split(uri: str, split: str, opts: storage.StorageOptions | None = None)
     paths, fs = shards.shard_source(uri, split, opts)
     if not paths:
         raise FileNotFoundError(f"no shards for split {split!r} under {uri}")
-    blocks = read_blocks(len(paths), ray.cluster_resources().get("CPU", 1))
+    cpus = ray.cluster_resources().get("CPU", 1)
+    # the row count matters only for splits of fewer files than CPUs: a few footers
+    blocks = read_blocks(len(paths), cpus, split_rows(paths, fs) if len(paths) < max(1, int(cpus)) else None)
     return ray.data.read_parquet(paths, filesystem=fs, columns=["id", "image", "width", "height", "objects"], override_num_blocks=blocks)
 
 

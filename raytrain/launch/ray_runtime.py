@@ -115,6 +115,9 @@ def init_ray(ray_cfg: RayConfig):
     if address:
         ray.init(address=address, runtime_env=env, **{"log_to_driver": True, **quiet})
     else:
+        # One machine is never drained for preemption: Ray Train's preemption watcher would be one
+        # more actor process per training run and Tune trial (started two at a time on 2 cores).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(
             address="local",  # a fresh local cluster, never silently joining another one
             num_cpus=ray_cfg.num_cpus,

@@ -21,9 +21,9 @@ from raytrain.launch import tune as launch_tune  # noqa: E402
 from raytrain.training.metrics import read_history  # noqa: E402
 
 JOB = "jobs/tiny/shapes_sweep.yaml"
-# data.rows_per_shard: the 54 train rows as 3 shards, one per CPU of the cluster; one shard would be
-# read as 4 blocks per CPU (data/pipeline.py read_blocks), i.e. 12 tokenization tasks and then 12
-# epoch-stage tasks per trial, each in a fresh worker process (most of a trial's time on 2 cores).
+# data.rows_per_shard: the 54 train rows as 3 shards, one per CPU of the cluster: whole-file read blocks
+# that fuse with the next stage (data/pipeline.py read_blocks); every read task is a worker process, and
+# process start-up is most of a trial's time on 2 cores.
 SMALL = ["data.num_images=60", "data.rows_per_shard=18", "train.steps=4", "train.micro_batch_size=4", "train.warmup_steps=0", "train.log_every=2",
          "train.checkpoint_every=4", "train.val_every=4", "train.val_examples=4", "model.freeze_vision=false",
          "scale.cpus_per_worker=0.5", "scale.max_failures=0", "scale.resources_per_worker={trainer: 1}",

@@ -154,6 +154,27 @@ def test_read_blocks(files, cpus, blocks):
     assert pipeline.read_blocks(files, cpus) == blocks
 
 
+@pytest.mark.parametrize(("files", "cpus", "rows", "blocks"), [
+    (1, 2, 54, 1),        # a tiny split: one block, not 8 tasks of 7 rows
+    (1, 2, 300, 5),       # 64+ rows per block
+    (1, 2, 10_000, 8),    # big enough: 4 blocks per CPU as before
+    (3, 64, 900, 15),     # a big cluster no longer cuts 900 rows into 256 blocks
+    (3, 64, 10, 3),       # never fewer blocks than files
+    (20, 2, 54, 4),       # a file per CPU or more: the row count does not enter
+])
+def test_small_splits_are_not_cut_into_blocks_of_a_few_rows(files, cpus, rows, blocks):
+    assert pipeline.read_blocks(files, cpus, rows) == blocks
+
+
+def test_split_rows_reads_the_footers(tmp_path):
+    from raytrain.data import shards
+
+    uri = str(tmp_path / "data")
+    shards.prepare_synthetic(uri, n=30, seed=1, splits={"train": 1.0}, rows_per_shard=12)
+    paths, fs = shards.shard_source(uri, "train")
+    assert len(paths) == 3 and pipeline.split_rows(paths, fs) == 30
+
+
 def test_lost_drop_counter_is_reported_not_raised(ray_cluster):
     """A counter that died with its node must not fail a finished run: the counts are marked lost."""
     counter = pipeline.drop_counter()

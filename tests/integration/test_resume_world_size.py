@@ -52,9 +52,8 @@ def _checkpoints(root) -> dict[int, Path]:
 @pytest.mark.parametrize("workers_after", [1, 3])
 def test_resume_on_another_world_size_trains_each_example_once(workers_after, tmp_path, ray_cluster, tiny_model_path):
     uri = str(tmp_path / "data")
-    # two shards, one per CPU of the test cluster: a single one would be read as 8 blocks of 3 rows
-    # (data/pipeline.py read_blocks), each a Ray task in a fresh worker process, in the tokenization
-    # and in every run's epoch stage
+    # two shards, one per CPU of the test cluster: whole-file read blocks that fuse with the next
+    # stage (data/pipeline.py read_blocks), one Ray task each in the tokenization and every epoch
     shards.prepare_synthetic(uri, n=N, seed=7, splits={"train": 1.0}, rows_per_shard=N // 2)
     counter = pipeline.drop_counter()
 

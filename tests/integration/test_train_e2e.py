@@ -23,9 +23,8 @@ pytestmark = pytest.mark.integration
 
 SMALL = [
     "data.num_images=200",
-    # the 180 train rows as 2 shards, one per CPU of the test cluster: a single one would be read as
-    # 8 blocks (data/pipeline.py read_blocks), each a Ray task in a fresh worker process, in the
-    # tokenization and again in every epoch's stage
+    # the 180 train rows as 2 shards, one per CPU of the test cluster: whole-file read blocks that
+    # fuse with the next stage (data/pipeline.py read_blocks), one Ray task each per epoch
     "data.rows_per_shard=90",
     "train.steps=24",
     "train.micro_batch_size=8",

@@ -35,9 +35,9 @@ JOB = "jobs/tiny/shapes_sweep.yaml"
 # as few trials as the check needs (3: one finished before the cut, one interrupted, one proposed
 # after the resume), and each trial trains ONE epoch (126 train rows >= 30 steps x 4): every epoch
 # boundary starts the next epoch's data stage in new worker processes (seconds on 2 cores). The
-# train split is written as 2 shards (one per CPU of the test cluster): a split of fewer files than
-# CPUs is read as 4 blocks per CPU (data/pipeline.py read_blocks), and every block costs one more
-# Ray task, i.e. a fresh worker process, in the tokenization and again in each trial's epoch stage.
+# train split is written as 2 shards (one per CPU of the test cluster): whole-file read blocks that
+# fuse with the next stage (data/pipeline.py read_blocks); every block is one more Ray task, often a
+# fresh worker process, in the tokenization and again in each trial's epoch stage.
 SMALL = [
     "name=sweep",
     "data.num_images=140",
