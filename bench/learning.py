@@ -75,6 +75,8 @@ def train(model_path: str, overrides: list[str], batches) -> tuple[Path, list[di
 
     def report(metrics, ckpt_dir):
         reports.append(metrics)
+        if "ce" in metrics:  # the curve as it goes (a long arm on a shared machine is otherwise silent until it ends)
+            print(f"  step {metrics.get('step')} ce {metrics['ce']:.4f} num_loss {metrics.get('num_loss', 0.0):.4f}", flush=True)
         if ckpt_dir:  # kept for the later arms (a base checkpoint), removed when the bench exits
             keep = tempdirs.until_exit("raytrain-bench-learning-")
             shutil.copytree(ckpt_dir, keep, dirs_exist_ok=True)
