@@ -75,6 +75,8 @@ def train(model_path: str, overrides: list[str], batches) -> tuple[Path, list[di
 
     def report(metrics, ckpt_dir):
         reports.append(metrics)
+        if "ce" in metrics:  # the curve as it goes (a long arm on a shared machine is otherwise silent until it ends)
+            print(f"  step {metrics.get('step')} ce {metrics['ce']:.4f} num_loss {metrics.get('num_loss', 0.0):.4f}", flush=True)
         if ckpt_dir:  # kept for the later arms (a base checkpoint), removed when the bench exits
             keep = tempdirs.until_exit("raytrain-bench-learning-")
             shutil.copytree(ckpt_dir, keep, dirs_exist_ok=True)
@@ -216,7 +218,8 @@ def main() -> None:
                     f"(centre baseline {res['centre_baseline']['mean_norm_distance']:.4f}); success {ce.get('success_rate_all')} vs {da.get('success_rate_all')}")
     elif a.mode == "digits":
         res = digits(a.steps or 2000, a.arms.split(","))
-        prev = OUT / "learning_digits.json"  # arms run separately add up in one file (same budget only)
+        # arms run separately add up in one file per budget (a --steps 4000 run must not replace the 2,000-step arms)
+        prev = OUT / (f"learning_digits_{res['steps']}steps.json" if res["steps"] != 2000 else "learning_digits.json")
         if prev.exists() and json.loads(prev.read_text()).get("steps") == res["steps"]:
             res = {**{k: v for k, v in json.loads(prev.read_text()).items() if k in DIGIT_ARMS}, **res}
         headline = "mean_norm_distance: " + ", ".join(f"{k} {res[k]['metrics'].get('mean_norm_distance')}" for k in DIGIT_ARMS if k in res) + \
@@ -226,7 +229,8 @@ def main() -> None:
         f1 = {k: res[k]["metrics"]["boxes"]["f1"] for k in ("lora", "qlora_4bit", "qlora_8bit")}
         headline = f"detection F1 after adapters {f1} vs pointing-only base {res['base_on_detect']['boxes']['f1']}"
     res.update(seconds=round(time.perf_counter() - t, 1), loadavg=os.getloadavg(), machine=f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
-    (OUT / f"learning_{a.mode}.json").write_text(json.dumps(res, indent=2, default=str))
+    path = prev if a.mode == "digits" else OUT / f"learning_{a.mode}.json"
+    path.write_text(json.dumps(res, indent=2, default=str))
     print(headline)
 
 
