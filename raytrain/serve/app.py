@@ -118,6 +118,7 @@ from raytrain.serve.requests import (  # noqa: F401  (re-exported: the serve API
     ServeError,
     TaskUnavailable,
     answer_body,
+    check_budget,
     decode_image,
     parse_json_body,
     validate_request,
@@ -422,6 +423,7 @@ class GroundingModel:
                              code="unsupported_task")
         if req["task"] in self.unavailable:
             raise TaskUnavailable(self.unavailable[req["task"]])
+        check_budget(req, self.limits)
         if req["adapter"]:
             from raytrain.data import preprocess
 

@@ -150,16 +150,10 @@ def validate_request(payload: Any, limits: Limits, adapter: str | None = None) -
         raise BadRequest(f"adapter id {adapter!r:.80} must match {ADAPTER_ID.pattern}", code="invalid_adapter_id")
 
     mnt = payload.get("max_new_tokens")
-    # a mask answer is at least MASK_ANSWER_MIN_TOKENS long and is never cut into a valid one: a
-    # segment request gets at least that budget by default, and a smaller one is refused
-    least = MASK_ANSWER_MIN_TOKENS if task == "segment" else 1
-    if mnt is None:
-        mnt = min(max(limits.max_new_tokens, least), limits.max_new_tokens_limit)
+    if mnt is None:  # a segment request gets at least one mask answer's budget (check_budget)
+        mnt = min(max(limits.max_new_tokens, _least_tokens(task)), limits.max_new_tokens_limit)
     elif isinstance(mnt, bool) or not isinstance(mnt, int) or not 1 <= mnt <= limits.max_new_tokens_limit:
         raise BadRequest(f"max_new_tokens must be an integer in 1..{limits.max_new_tokens_limit}, got {mnt!r:.40}")
-    if mnt < least:
-        raise BadRequest(f"task segment: max_new_tokens {mnt} cannot hold one mask answer (<loc> x4, <seg> x16, label, <eos>: "
-                         f">= {least} tokens; this server allows up to {limits.max_new_tokens_limit})")
 
     debug = payload.get("debug", False)
     if not isinstance(debug, bool):
@@ -169,6 +163,21 @@ def validate_request(payload: Any, limits: Limits, adapter: str | None = None) -
         raise BadRequest("missing 'image' (base64 PNG or JPEG)", code="missing_image")
     image = decode_image(payload["image"], limits)
     return {"image": image, "task": task, "query": query, "adapter": adapter, "max_new_tokens": mnt, "debug": debug}
+
+
+def _least_tokens(task: str) -> int:
+    return MASK_ANSWER_MIN_TOKENS if task == "segment" else 1
+
+
+def check_budget(req: dict, limits: Limits) -> None:
+    """A mask answer is at least MASK_ANSWER_MIN_TOKENS long and constrained decoding never cuts one
+    into a valid answer: a segment request whose budget is smaller could only ever get "nothing
+    found", so it is refused (400) instead. Called once the server knows it can answer the task
+    (a family without masks says so first, a server without the mask codec answers 501)."""
+    least = _least_tokens(req["task"])
+    if req["max_new_tokens"] < least:
+        raise BadRequest(f"task segment: max_new_tokens {req['max_new_tokens']} cannot hold one mask answer (<loc> x4, "
+                         f"<seg> x16, label, <eos>: >= {least} tokens; this server allows up to {limits.max_new_tokens_limit})")
 
 
 def _check_query(query: Any, limits: Limits) -> str:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from raytrain.formats.paligemma import MASK_ANSWER_MIN_TOKENS
-from raytrain.serve.requests import BadRequest, Limits, validate_request
+from raytrain.serve.requests import BadRequest, Limits, check_budget, validate_request
 
 IMAGE = np.zeros((32, 32, 3), dtype=np.uint8)
 
@@ -30,9 +30,16 @@ def test_segment_requests_get_a_budget_that_holds_a_mask_by_default():
 
 
 def test_segment_budget_below_one_mask_is_a_400_that_says_why():
+    """The budget check runs on the model side once the server knows it can segment (a family
+    without masks or a server without the mask codec answers that first, tests/integration/test_serve*)."""
+    small = validate_request({"image": IMAGE, "task": "segment", "prompt": "cat", "max_new_tokens": 21}, limits(12, 64))
     with pytest.raises(BadRequest, match="cannot hold one mask"):
-        validate_request({"image": IMAGE, "task": "segment", "prompt": "cat", "max_new_tokens": 21}, limits(12, 64))
+        check_budget(small, limits(12, 64))
+    capped = validate_request({"image": IMAGE, "task": "segment", "prompt": "cat"}, limits(12, 16))
+    assert capped["max_new_tokens"] == 16
     with pytest.raises(BadRequest, match="allows up to 16"):  # a server whose limit is below one mask
-        validate_request({"image": IMAGE, "task": "segment", "prompt": "cat"}, limits(12, 16))
-    got = validate_request({"image": IMAGE, "task": "point", "prompt": "cat", "max_new_tokens": 5}, limits(12, 16))
-    assert got["max_new_tokens"] == 5
+        check_budget(capped, limits(12, 16))
+    point = validate_request({"image": IMAGE, "task": "point", "prompt": "cat", "max_new_tokens": 5}, limits(12, 16))
+    check_budget(point, limits(12, 16))
+    assert point["max_new_tokens"] == 5
+    check_budget(validate_request({"image": IMAGE, "task": "segment", "prompt": "cat"}, limits(12, 64)), limits(12, 64))
