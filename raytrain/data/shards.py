@@ -357,7 +357,7 @@ def prepare_rows(
     report.stages = [(first_stage, report.rows_in), ("after validation", sum(kept.values()))]
     report.stages += [(f"split: {s}", report.rows_written[s]) for s in order]
     report.write(uri, opts)
-    log.info("prepared %s:\n%s", uri, report.format_table())
+    log.debug("prepared %s:\n%s", uri, report.format_table())  # the launcher prints the report (once)
     return report
 
 
