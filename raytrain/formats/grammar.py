@@ -85,7 +85,79 @@ class _State:
     node: int = 0  # trie node (phase "label")
 
 
-class DetectionGrammar:
+class PrefixAutomaton:
+    """What the ``<loc>`` grammars share (DetectionGrammar here, region_grammar.RegionGrammar): a
+    state per generated prefix, walked one token at a time from the longest prefix already seen,
+    and the token budget's rule for answers.
+
+    Decoding asks `allowed` once per row per step with a prefix one token longer than the last:
+    the state of every prefix seen is kept (a step walks one token, not the whole prefix), and
+    so is each answer (`_answer`). Grammars live as long as their processor, so both caches are
+    dropped past _CACHE_ENTRIES. A subclass gives `_step(state, token)`, `_allowed(state,
+    remaining)` and a start state with a ``phase`` ("done" and "dead" absorb what follows)."""
+
+    def _start_walk(self, start) -> None:
+        self._start = start
+        self._states: dict[tuple[int, ...], object] = {(): start}
+        self._answers: dict = {}
+
+    def state(self, prefix: Sequence[int]):
+        """State after the generated ids ``prefix`` (prompt excluded)."""
+        key = tuple(int(t) for t in prefix)
+        s = self._states.get(key)
+        if s is not None:
+            return s
+        k = len(key)  # longest prefix whose state is known (the empty one always is)
+        while key[:k] not in self._states:
+            k -= 1
+        s = self._states[key[:k]]
+        if len(self._states) > _CACHE_ENTRIES:
+            self._states = {(): self._start}
+        for i in range(k, len(key)):
+            if s.phase not in ("done", "dead"):  # done / dead absorb whatever follows
+                s = self._step(s, key[i])
+            self._states[key[: i + 1]] = s
+        return s
+
+    def allowed(self, prefix: Sequence[int], remaining: int | None = None) -> Allowed:
+        """Tokens allowed after ``prefix``; ``remaining``: tokens left in the budget, counting
+        the one about to be chosen (None: no budget)."""
+        return self.allowed_from_state(self.state(prefix), remaining)
+
+    def accepts(self, ids: Sequence[int]) -> bool:
+        """True if ``ids`` (generated ids, <eos> included) is a complete sentence of the grammar."""
+        return self.state(ids).phase == "done"
+
+    def _answer(self, key, s, remaining: int | None) -> Allowed:
+        """The cached answer under ``key`` (the caller's: what the answer depends on), computed
+        for state ``s`` on a miss; its masks are made read-only (answers are shared)."""
+        got = self._answers.get(key)
+        if got is None:
+            if len(self._answers) > _CACHE_ENTRIES:
+                self._answers = {}
+            got = self._answers[key] = self._within_budget(s, remaining)
+            for m in (got.locs, got.vocab):
+                if m is not None:
+                    m.setflags(write=False)
+        return got
+
+    def _within_budget(self, s, remaining: int | None) -> Allowed:
+        if s.phase in ("done", "dead"):
+            return Allowed((self.eos_id,), None)
+        full = self._allowed(s, None)
+        if remaining is None:
+            return full
+        fit = self._allowed(s, remaining)
+        if _allows_nothing(fit):
+            return full  # nothing fits any more: keep to the grammar, the output will be cut
+        return fit
+
+
+def _allows_nothing(a: Allowed) -> bool:
+    return not len(a.tokens) and (a.locs is None or not a.locs.any()) and (a.vocab is None or not a.vocab.any())
+
+
+class DetectionGrammar(PrefixAutomaton):
     """PaliGemma ``<loc>`` output grammar for one example (one set of allowed labels).
 
     ``loc_ids``: the 1024 ids of ``<loc0000>``..``<loc1023>`` in bin order; ``seg_ids`` (kind
@@ -158,12 +230,7 @@ class DetectionGrammar:
         self._distances(0)
         # Fewest tokens of a whole label ending in <eos>: for the token budget.
         self._min_final = self._nodes[0].to_final
-        # Decoding asks `allowed` once per row per step with a prefix one token longer than the
-        # last: the state of every prefix seen is kept (so a step walks one token, not the whole
-        # prefix) and so is the answer per (state, budget). Grammars are cached per label set
-        # and live as long as the processor, so both caches are dropped past _CACHE_ENTRIES.
-        self._states: dict[tuple[int, ...], _State] = {(): _State("loc")}
-        self._answers: dict[tuple[_State, int | None], Allowed] = {}
+        self._start_walk(_State("loc"))  # prefix states and answers (PrefixAutomaton)
 
     def _distances(self, n: int) -> None:
         # Trie depth is a label's token count: recursion is shallow.
@@ -176,24 +243,6 @@ class DetectionGrammar:
             node.to_final = min(node.to_final, self._nodes[c].to_final + 1)
 
     # ------------------------------------------------------------------ walking a prefix
-
-    def state(self, prefix: Sequence[int]) -> _State:
-        """State after the generated ids ``prefix`` (prompt excluded)."""
-        key = tuple(int(t) for t in prefix)
-        s = self._states.get(key)
-        if s is not None:
-            return s
-        k = len(key)  # longest prefix whose state is known (the empty one always is)
-        while key[:k] not in self._states:
-            k -= 1
-        s = self._states[key[:k]]
-        if len(self._states) > _CACHE_ENTRIES:
-            self._states = {(): _State("loc")}
-        for i in range(k, len(key)):
-            if s.phase not in ("done", "dead"):  # done / dead absorb whatever follows
-                s = self._step(s, key[i])
-            self._states[key[: i + 1]] = s
-        return s
 
     def _more(self, s: _State) -> bool:
         """May another object start after the current one? (in phase "label" the current
@@ -299,32 +348,9 @@ class DetectionGrammar:
             best = min(best, c.to_sep + self.n_pos + self._min_final + 1)
         return best
 
-    def allowed(self, prefix: Sequence[int], remaining: int | None = None) -> Allowed:
-        """Tokens allowed after ``prefix``; ``remaining``: tokens left in the budget, counting
-        the one about to be chosen (None: no budget)."""
-        return self.allowed_from_state(self.state(prefix), remaining)
-
     def allowed_from_state(self, s: _State, remaining: int | None = None) -> Allowed:
         """What `allowed` answers for state ``s`` (cached: treat the returned mask as read-only)."""
-        got = self._answers.get((s, remaining))
-        if got is None:
-            if len(self._answers) > _CACHE_ENTRIES:
-                self._answers = {}
-            got = self._answers[(s, remaining)] = self._allowed_uncached(s, remaining)
-            if got.locs is not None:
-                got.locs.setflags(write=False)
-        return got
-
-    def _allowed_uncached(self, s: _State, remaining: int | None) -> Allowed:
-        if s.phase in ("done", "dead"):
-            return Allowed((self.eos_id,), None)
-        full = self._allowed(s, None)
-        if remaining is None:
-            return full
-        fit = self._allowed(s, remaining)
-        if not fit.tokens and (fit.locs is None or not fit.locs.any()):
-            return full  # nothing fits any more: keep to the grammar, the output will be cut
-        return fit
+        return self._answer((s, remaining), s, remaining)
 
     def _allowed(self, s: _State, remaining: int | None) -> Allowed:
         # budget: after choosing a token, what is left (remaining - 1) must hold the shortest completion
@@ -367,10 +393,6 @@ class DetectionGrammar:
             return self._seg_answer
         mask = self._loc_mask(s.cur, s.objects)
         return self._seg_answer if mask.all() else Allowed(tuple(t for t, ok in zip(self.seg_ids, mask) if ok), None)
-
-    def accepts(self, ids: Sequence[int]) -> bool:
-        """True if ``ids`` (generated ids, <eos> included) is a complete sentence of the grammar."""
-        return self.state(ids).phase == "done"
 
 
 class AnyOf:

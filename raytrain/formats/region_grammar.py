@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raytrain.formats.grammar import _BOX_PAIRS, _CACHE_ENTRIES, Allowed
+from raytrain.formats.grammar import _BOX_PAIRS, Allowed, PrefixAutomaton
 from raytrain.formats.paligemma import NUM_LOC
 
 MAX_GAP = 2  # space-only tokens between a separator and the next region's first <loc>
@@ -66,7 +66,7 @@ class _State:
     word: bool = False  # the phrase has a non-space character
 
 
-class RegionGrammar:
+class RegionGrammar(PrefixAutomaton):
     """PaliGemma dense-caption grammar: ``<loc>``x4 then a free phrase, regions joined by a separator.
 
     ``loc_ids``: the 1024 ids of ``<loc0000>``..``<loc1023>`` in bin order. ``classes``: the class of
@@ -103,29 +103,9 @@ class RegionGrammar:
         # phrase / gap answers by the token kinds they allow (a few dozen at most): a vocabulary mask
         # is as long as the vocabulary (257k for PaliGemma), so it is never made per state or budget
         self._shared: dict[tuple, Allowed] = {}
-        # as DetectionGrammar: the state of every prefix seen and the answer per (state, budget)
-        self._states: dict[tuple[int, ...], _State] = {(): _State("loc")}
-        self._answers: dict[tuple, Allowed] = {}
+        self._start_walk(_State("loc"))  # prefix states and answers (PrefixAutomaton)
 
     # ------------------------------------------------------------------ walking a prefix
-
-    def state(self, prefix: Sequence[int]) -> _State:
-        """State after the generated ids ``prefix`` (prompt excluded)."""
-        key = tuple(int(t) for t in prefix)
-        s = self._states.get(key)
-        if s is not None:
-            return s
-        k = len(key)
-        while key[:k] not in self._states:
-            k -= 1
-        s = self._states[key[:k]]
-        if len(self._states) > _CACHE_ENTRIES:
-            self._states = {(): _State("loc")}
-        for i in range(k, len(key)):
-            if s.phase not in ("done", "dead"):
-                s = self._step(s, key[i])
-            self._states[key[: i + 1]] = s
-        return s
 
     def _more(self, s: _State) -> bool:
         return self.max_objects is None or s.regions < self.max_objects
@@ -163,11 +143,6 @@ class RegionGrammar:
 
     # ------------------------------------------------------------------ what may come next
 
-    def allowed(self, prefix: Sequence[int], remaining: int | None = None) -> Allowed:
-        """Tokens allowed after ``prefix``; ``remaining``: tokens left in the budget, counting
-        the one about to be chosen (None: no budget)."""
-        return self.allowed_from_state(self.state(prefix), remaining)
-
     def allowed_from_state(self, s: _State, remaining: int | None = None) -> Allowed:
         """What `allowed` answers for ``s`` (cached: treat the returned masks as read-only). Phrase
         answers depend on a few flags only, so they are shared objects across states: the logits
@@ -180,24 +155,7 @@ class RegionGrammar:
             key = ("phrase", s.word, word_ok, space_ok, self._more(s), remaining)
         else:
             key = (s.phase, s.cur[:2], len(s.cur), s.count < MAX_GAP, remaining)
-        got = self._answers.get(key)
-        if got is None:
-            if len(self._answers) > _CACHE_ENTRIES:
-                self._answers = {}
-            got = self._answers[key] = self._allowed_uncached(s, remaining)
-            for m in (got.locs, got.vocab):
-                if m is not None:
-                    m.setflags(write=False)
-        return got
-
-    def _allowed_uncached(self, s: _State, remaining: int | None) -> Allowed:
-        if s.phase in ("done", "dead"):
-            return Allowed((self.eos_id,), None)
-        full = self._allowed(s, None)
-        if remaining is None:
-            return full
-        fit = self._allowed(s, remaining)
-        return full if not fit.tokens and fit.locs is None and fit.vocab is None else fit
+        return self._answer(key, s, remaining)
 
     def _allowed(self, s: _State, remaining: int | None) -> Allowed:
         # after the chosen token, `left` tokens must hold the shortest completion
@@ -232,7 +190,3 @@ class RegionGrammar:
             locs = np.ones(NUM_LOC, dtype=bool) if loc else None
             got = self._shared[key] = Allowed((), locs, vocab if vocab.any() else None)
         return got
-
-    def accepts(self, ids: Sequence[int]) -> bool:
-        """True if ``ids`` (generated ids, <eos> included) is a complete sentence of the grammar."""
-        return self.state(ids).phase == "done"
