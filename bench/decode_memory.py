@@ -87,6 +87,7 @@ def main() -> None:
 
     from raytrain.models import family
 
+    load_start = C.loadavg()
     with tempfile.TemporaryDirectory(prefix="raytrain-bench-decode-") as tmp:
         fam = family("paligemma")
         model, processor = fam.load(C.tiny_model_path(), dtype="float32")
@@ -104,7 +105,8 @@ def main() -> None:
     ratio = runs["reference"]["peak_growth_mb"] / max(runs["steps"]["peak_growth_mb"], 1.0)
     result = {"params": {"batch": args.batch, "steps": args.steps, "vocab": VOCAB}, "runs": runs, "same_tokens": same_tokens,
               "max_logprob_diff": max_diff, "ratio_reference_over_steps": round(ratio, 1),
-              "logits_bytes_per_step": args.batch * VOCAB * 4, "machine": C.machine()}
+              "logits_bytes_per_step": args.batch * VOCAB * 4, "machine": C.machine(),
+              "loadavg_start": load_start, "loadavg_end": C.loadavg()}
     path = C.write_result("decode_memory", result)
     print(f"wrote {path}")
     print(f"decode_memory: peak growth reference {runs['reference']['peak_growth_mb']:.0f} MB vs step-by-step "
