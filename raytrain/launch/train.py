@@ -20,7 +20,7 @@ from raytrain import config as config_mod
 from raytrain import storage
 from raytrain.config import ZERO_STAGES, Experiment
 from raytrain.launch import console, job, trainer, tracking
-from raytrain.launch.eval import checkpoint_choice, evaluate, print_tables
+from raytrain.launch.eval import checkpoint_choice, decode_options, evaluate, print_tables
 from raytrain.launch.prepare import prepare_data
 from raytrain.launch.ray_runtime import init_ray
 
@@ -54,6 +54,7 @@ def main(cfg: Experiment) -> str:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     t0 = time.perf_counter()
+    decode_options(cfg)  # the evaluation after training decodes with these: a bad setting fails now, not hours later
     init_ray(cfg.ray)
     uri = prepare_data(cfg)
     base_path = job.model_path(cfg)

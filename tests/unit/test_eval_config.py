@@ -68,3 +68,17 @@ def test_segment_eval_refuses_a_token_budget_that_holds_no_mask():
     assert decode_options(config_mod.load(None, ["data.tasks=[segment]", "eval.max_new_tokens=22"])).max_new_tokens == 22
     assert decode_options(config_mod.load(None, ["data.tasks=[segment]", "eval.constrained=false"])).max_new_tokens == 16
     assert decode_options(config_mod.load("jobs/paligemma/1-3b_full_jsonl_segment.yaml")).max_new_tokens == 256
+
+
+def test_train_refuses_a_segment_eval_budget_before_it_trains(tmp_path, monkeypatch):
+    """`raytrain train` evaluates after training: its decoding settings are checked before Ray
+    starts or any data is prepared, not after hours of training."""
+    from raytrain.launch import train
+
+    def started(*_a, **_k):
+        raise AssertionError("Ray started before the eval settings were checked")
+
+    monkeypatch.setattr(train, "init_ray", started)
+    cfg = config_mod.load(None, ["data.tasks=[segment]", "eval.max_new_tokens=16", f"storage.root={tmp_path}"])
+    with pytest.raises(ValueError, match="eval.max_new_tokens"):
+        train.main(cfg)
