@@ -127,6 +127,17 @@ def tiny_model_path(tmp_path_factory):
     return str(ensure_preset("tiny:paligemma", tmp_path_factory.mktemp("presets")))
 
 
+@pytest.fixture(scope="module")
+def tiny_paligemma(tiny_model_path, one_torch_thread):
+    """(model, processor) of the tiny PaliGemma preset in eval mode, one per test module, decoding on
+    one torch thread (restored after the module)."""
+    from raytrain.models import paligemma as pg
+
+    model, processor = pg.load(tiny_model_path)
+    model.eval()
+    return model, processor
+
+
 @pytest.fixture(scope="session")
 def shape_batches():
     """Builder of tokenized PaliGemma micro-batches from the synthetic shapes (64 px, one task), as

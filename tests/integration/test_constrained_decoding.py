@@ -22,15 +22,8 @@ MAX_NEW = 40
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_path):
-    import torch
-
-    from raytrain.models import paligemma as pg
-
-    torch.set_num_threads(1)
-    model, processor = pg.load(tiny_model_path)
-    model.eval()
-    return model, processor
+def tiny(tiny_paligemma):
+    return tiny_paligemma
 
 
 @pytest.fixture(scope="module")

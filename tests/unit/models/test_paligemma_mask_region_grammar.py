@@ -275,18 +275,6 @@ def test_confidences_are_the_geometric_mean_of_each_objects_tokens(fam, proc, ta
 # ---------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_model_path):
-    import torch
-
-    from raytrain.models import paligemma as pg
-
-    torch.set_num_threads(1)
-    model, processor = pg.load(tiny_model_path)
-    model.eval()
-    return model, processor
-
-
 def images(n: int) -> list:
     rng = np.random.default_rng(5)
     return [Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)) for _ in range(n)]
@@ -294,13 +282,13 @@ def images(n: int) -> list:
 
 @pytest.mark.parametrize("task,queries", [("segment", ["eye", "quokka ; eye ; patch", "patch", "eye ; patch"]),
                                           ("dense_caption", ["", "", "", ""])])
-def test_untrained_tiny_paligemma_answers_validly_when_constrained(tiny_model, fam, task, queries, tmp_path, monkeypatch):
+def test_untrained_tiny_paligemma_answers_validly_when_constrained(tiny_paligemma, fam, task, queries, tmp_path, monkeypatch):
     """Random weights: free decoding does not give valid answers, constrained decoding always does,
     each object with a confidence."""
     codec = tmp_path / "vae-oid.npz"
     np.savez(codec, **{k: v.detach().numpy() for k, v in pm.MaskCodec.random(0).state_dict().items()})
     monkeypatch.setenv(pm.ENV_VAR, str(codec))  # segment answers decode to pixel masks
-    model, processor = tiny_model
+    model, processor = tiny_paligemma
     prefixes = [fam.render_example(task, q, [], W, H)[0] for q in queries]
     geoms = [predict.identity_geometry(W, H)] * len(queries)
     tasks_ = [task] * len(queries)
