@@ -247,7 +247,8 @@ def encode_train(processor, images: Sequence, prefixes: Sequence[str], suffixes:
 
     Ray's object store and skips the per-pixel float work on the CPU data stage (measured:
     0.43 -> 0.19 ms per example at 64 px; bench/README.md); the model sees the same values
-    (tests/integration/test_tiny_preset.py and tests/unit/models/test_paligemma_encode.py check them against the processor's own output).
+    (tests/integration/test_tiny_preset.py and tests/unit/models/test_paligemma_encode.py check them
+    against the processor's own output).
     """
     images = list(images)
     enc = processor(
